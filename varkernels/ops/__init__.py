@@ -1,0 +1,1 @@
+"""Ops of varkernels: one module per op (token op, weights, VAR loss)."""

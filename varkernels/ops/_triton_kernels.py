@@ -1,0 +1,168 @@
+"""Triton kernels of varkernels (SPEC §3). Importing this module imports triton.
+
+Two kernels:
+
+* ``_var_weights_kernel`` — one program per row i of the B×B weight-logit matrix
+  A[i, j] = R[i, j]/β + Q[i, j]: stable row logsumexp, log Ẑ_i = lse − log B and
+  log w_i (posterior: A[i, i] − log Ẑ_i; importance: R[i, i]/β − log Ẑ_i), w_i = exp(log w_i).
+  The shared-context (B,) form is the same kernel with a row stride of 0.
+
+* ``_var_token_kernel`` — one program per token row n of the logits ([B, T, V] with any strides):
+
+      z      = transform(x[n, :])                # softcap c·tanh(x/c), then /τ   (fp32)
+      lse[n] = logsumexp(z)                      # sweep 1: online max / sum, exp2 with log2(e)
+      lp[n]  = z[y] − lse[n]
+      g[n,:] = coef[n] · (softmax(z) − onehot(y)) · dz/dx      # sweep 2, only when HAS_GRAD
+
+  In PyTorch: ``lp = z.log_softmax(-1).gather(-1, y)``; ``g = coef * -d lp / dx``.
+  With HAS_LSE_IN the saved logsumexp is loaded and sweep 1 skipped: this is the backward of
+  the generic log-prob mode (coef = −grad_lp). Ignored rows (y == ignore_index) return early
+  with lp = 0 and a zero gradient row. Loads and stores per row: one read of x for sweep 1, one
+  read of x and one write of g for sweep 2 — the traffic floor of a two-sweep kernel.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+MAX_FUSED_SIZE = 4096  # BLOCK_V cap: 16 fp32 values per thread at num_warps=8, no spills (see tests/test_compile.py)
+TOKEN_NUM_WARPS = 8
+MAX_WEIGHTS_BLOCK = 16384  # B above this would need a tiled row sweep; far beyond any micro-batch
+
+
+@triton.jit
+def _tanh(u):
+    # tanh(u) = sign(u)·(1 − e^{−2|u|}) / (1 + e^{−2|u|}): no overflow for large |u|. For |u| < 0.1
+    # the subtraction 1 − e loses up to ~5 ulp, so use the odd Taylor series there (truncation
+    # error 62/2835·u^9 < 3e-10 relative). Written out because the interpreter lacks libdevice.tanh.
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    t = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    t_small = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0))))
+    t = tl.where(a < 0.1, t_small, t)
+    return tl.where(u < 0, -t, t)
+
+
+@triton.heuristics(
+    {
+        "HAS_GRAD": lambda args: args["grad_ptr"] is not None,
+        "HAS_LSE_IN": lambda args: args["lse_in_ptr"] is not None,
+        "HAS_SOFTCAP": lambda args: args["softcap"] is not None,
+    }
+)
+@triton.jit
+def _var_token_kernel(
+    x_ptr, grad_ptr, labels_ptr, coef_ptr, lse_in_ptr,  # inputs (grad_ptr may alias x_ptr)
+    lp_ptr, lse_ptr,  # outputs: [N] fp32 each
+    T, V,  # shapes: N = B·T rows of V logits
+    stride_xb, stride_xt, stride_xv,  # strides of x [B, T, V]
+    stride_gb, stride_gt, stride_gv,  # strides of grad [B, T, V]
+    softcap, inv_temperature, ignore_index,  # scalars
+    BLOCK_V: tl.constexpr,
+    HAS_GRAD: tl.constexpr, HAS_LSE_IN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    i_n = tl.program_id(0).to(tl.int64)
+    i_b = i_n // T
+    i_t = i_n % T
+    y = tl.load(labels_ptr + i_n).to(tl.int64)
+    p_x = x_ptr + i_b * stride_xb + i_t * stride_xt
+    o_v = tl.arange(0, BLOCK_V)
+
+    if y == ignore_index:
+        tl.store(lp_ptr + i_n, 0.0)
+        tl.store(lse_ptr + i_n, 0.0)
+        if HAS_GRAD:
+            p_g = grad_ptr + i_b * stride_gb + i_t * stride_gt
+            for v0 in range(0, V, BLOCK_V):
+                o = v0 + o_v
+                tl.store(p_g + o * stride_gv, tl.zeros([BLOCK_V], dtype=tl.float32), mask=o < V)
+        return
+
+    # target logit, transformed like every other logit
+    b_xy = tl.load(p_x + y * stride_xv).to(tl.float32)
+    if HAS_SOFTCAP:
+        b_xy = softcap * _tanh(b_xy / softcap)
+    b_zy = b_xy * inv_temperature
+
+    if HAS_LSE_IN:
+        b_lse = tl.load(lse_in_ptr + i_n)
+    else:
+        # sweep 1: online logsumexp in base 2 (running max m, running sum s of 2^(z·log2e − m))
+        b_m = float("-inf")
+        b_s = 0.0
+        for v0 in range(0, V, BLOCK_V):
+            o = v0 + o_v
+            m_v = o < V
+            b_x = tl.load(p_x + o * stride_xv, mask=m_v, other=float("-inf")).to(tl.float32)
+            if HAS_SOFTCAP:
+                # softcap maps the padding −inf to −c: mask again so padding adds nothing
+                b_x = tl.where(m_v, softcap * _tanh(b_x / softcap), float("-inf"))
+            b_z2 = b_x * (inv_temperature * LOG2E)
+            b_m_new = tl.maximum(b_m, tl.max(b_z2, axis=0))
+            b_s = b_s * tl.exp2(b_m - b_m_new) + tl.sum(tl.exp2(b_z2 - b_m_new), axis=0)
+            b_m = b_m_new
+        b_lse = (b_m + tl.log2(b_s)) / LOG2E
+    tl.store(lp_ptr + i_n, b_zy - b_lse)
+    tl.store(lse_ptr + i_n, b_lse)
+
+    if HAS_GRAD:
+        # sweep 2: g = coef · (softmax − onehot) · dz/dx, all in fp32, cast on store
+        b_coef = tl.load(coef_ptr + i_n)
+        b_lse2 = b_lse * LOG2E
+        p_g = grad_ptr + i_b * stride_gb + i_t * stride_gt
+        for v0 in range(0, V, BLOCK_V):
+            o = v0 + o_v
+            m_v = o < V
+            b_x = tl.load(p_x + o * stride_xv, mask=m_v, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                b_t = _tanh(b_x / softcap)
+                b_dz = (1.0 - b_t * b_t) * inv_temperature
+                b_z2 = softcap * b_t * (inv_temperature * LOG2E)
+            else:
+                b_dz = inv_temperature
+                b_z2 = b_x * (inv_temperature * LOG2E)
+            b_p = tl.exp2(b_z2 - b_lse2)
+            b_p = tl.where(o == y, b_p - 1.0, b_p)
+            b_g = b_coef * b_p * b_dz
+            tl.store(p_g + o * stride_gv, b_g.to(grad_ptr.dtype.element_ty), mask=m_v)
+
+
+@triton.jit
+def _var_weights_kernel(
+    r_ptr, q_ptr,  # inputs: R, Q as [B, B] (row stride 0 for the (B,) form)
+    w_ptr, log_z_ptr,  # outputs: [B] fp32 each
+    B,  # shape
+    stride_rr, stride_rc, stride_qr, stride_qc,  # strides
+    inv_beta, log_b,  # scalars: 1/β, log B
+    BLOCK_B: tl.constexpr, IS_POSTERIOR: tl.constexpr,
+):
+    i_r = tl.program_id(0).to(tl.int64)
+    o_b = tl.arange(0, BLOCK_B)
+    m_b = o_b < B
+    b_r = tl.load(r_ptr + i_r * stride_rr + o_b * stride_rc, mask=m_b, other=0.0).to(tl.float32)
+    b_q = tl.load(q_ptr + i_r * stride_qr + o_b * stride_qc, mask=m_b, other=float("-inf")).to(tl.float32)
+    b_a = tl.where(m_b, b_r * inv_beta + b_q, float("-inf"))
+    b_max = tl.max(b_a, axis=0)
+    b_log_z = b_max + tl.log(tl.sum(tl.exp(b_a - b_max), axis=0)) - log_b
+    m_diag = o_b == i_r
+    if IS_POSTERIOR:
+        b_num = tl.sum(tl.where(m_diag, b_a, 0.0), axis=0)
+    else:
+        b_num = tl.sum(tl.where(m_diag, b_r, 0.0), axis=0) * inv_beta
+    tl.store(w_ptr + i_r, tl.exp(b_num - b_log_z))
+    tl.store(log_z_ptr + i_r, b_log_z)
+
+
+@triton.jit
+def _scale_kernel(g_ptr, s_ptr, N, BLOCK: tl.constexpr):
+    """g *= s[0] in place, a no-op (no loads or stores of g) when s[0] == 1: no host sync."""
+    b_s = tl.load(s_ptr).to(tl.float32)
+    if b_s == 1.0:
+        return
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < N
+    b_g = tl.load(g_ptr + o, mask=m, other=0.0).to(tl.float32)
+    tl.store(g_ptr + o, (b_g * b_s).to(g_ptr.dtype.element_ty), mask=m)

@@ -1,0 +1,186 @@
+"""Plain PyTorch VAR loss: SPEC §1 written out, readable first, used as the ground truth.
+
+Every kernel in varkernels is tested against these functions. They materialise the full
+[B, T, V] log-softmax, so they are meant for checking and for small shapes, not for training
+(``backend="torch"`` of the public ops is the memory-light PyTorch path).
+
+Computation runs in float32, or in float64 when the inputs are float64 (the tests' ground truth).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ._common import VAROutput, shifted_labels
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def transform_logits(
+    logits: torch.Tensor, softcap: Optional[float] = None, temperature: float = 1.0
+) -> torch.Tensor:
+    """SPEC §1.1: ``softcap`` c → c·tanh(ℓ/c), then ``temperature`` τ → ℓ/τ."""
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits
+
+
+def token_logps_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    shift_labels: bool = False,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs lp[i, t] = ℓ[i, t, y] − logsumexp_v ℓ[i, t, v] (SPEC §1.2).
+
+    Args:
+        logits: [B, T, V]. labels: [B, T] int.
+    Returns:
+        (lp [B, T] in the compute dtype with 0 at ignored positions, mask [B, T] bool).
+    """
+    if shift_labels:
+        labels = shifted_labels(labels, ignore_index)
+    mask = labels != ignore_index
+    x = transform_logits(logits.to(_compute_dtype(logits)), softcap, temperature)
+    logp = torch.log_softmax(x, dim=-1)
+    safe = torch.where(mask, labels, torch.zeros_like(labels)).long()
+    lp = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, lp, torch.zeros_like(lp)), mask
+
+
+def sequence_logps_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    shift_labels: bool = False,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Sequence log-probs (SPEC §1.3): [B] for "sum"/"mean", [B, T] for "none".
+
+    "mean" divides by the number n_i of non-ignored tokens; a row with n_i = 0 gives 0.
+    """
+    lp, mask = token_logps_reference(
+        logits, labels, ignore_index=ignore_index, shift_labels=shift_labels,
+        softcap=softcap, temperature=temperature,
+    )
+    if reduction == "none":
+        return lp
+    s = lp.sum(-1)
+    if reduction == "mean":
+        s = s / mask.sum(-1).clamp(min=1).to(s.dtype)
+    return s
+
+
+def var_weights_reference(
+    rewards: torch.Tensor, ref_logps: torch.Tensor, *, beta: float = 1.0, weighting: str = "posterior"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC §1.4-1.5: (weights [B], log_z [B]) from rewards/ref_logps, each [B, B] or [B].
+
+    A[i, j] = R[i, j]/β + Q[i, j];  log Ẑ_i = logsumexp_j A[i, j] − log B;
+    posterior:  log w_i = A[i, i] − log Ẑ_i;   importance: log w_i = R[i, i]/β − log Ẑ_i.
+    The (B,) shared-context form stands for the matrix whose every row is the vector.
+    """
+    dtype = _compute_dtype(rewards, ref_logps)
+    R, Q = rewards.detach().to(dtype), ref_logps.detach().to(dtype)
+    B = R.shape[0]
+    if R.dim() == 1:
+        R, Q = R.unsqueeze(0).expand(B, B), Q.unsqueeze(0).expand(B, B)
+    A = R / beta + Q
+    log_z = torch.logsumexp(A, dim=-1) - math.log(B)
+    if weighting == "posterior":
+        log_w = A.diagonal() - log_z
+    elif weighting == "importance":
+        log_w = R.diagonal() / beta - log_z
+    else:
+        raise ValueError(f"weighting must be one of ['posterior', 'importance'], got {weighting!r}")
+    w = torch.exp(log_w)
+    if not torch.isfinite(w).all():
+        raise FloatingPointError(importance_overflow_message(weighting))
+    return w, log_z
+
+
+def importance_overflow_message(weighting: str) -> str:
+    return (
+        f"VAR weights are not finite (weighting={weighting!r}): exp(R[i,i]/beta - log Z_i) "
+        "overflowed float32. With sequence-summed ref log-probs log Z_i is very negative, so "
+        "importance weights are unbounded. Use logp_reduction='mean' for ref_logps and the "
+        "policy, weighting='posterior' (bounded by B), or a larger beta."
+    )
+
+
+def ess(weights: torch.Tensor) -> torch.Tensor:
+    """Effective sample size (Σw)² / Σw² of [B] weights."""
+    return weights.sum() ** 2 / (weights * weights).sum()
+
+
+def var_loss_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    rewards: torch.Tensor,
+    ref_logps: torch.Tensor,
+    *,
+    beta: float = 1.0,
+    weighting: str = "posterior",
+    logp_reduction: str = "mean",
+    ignore_index: int = -100,
+    shift_labels: bool = False,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+    return_aux: bool = False,
+):
+    """VAR loss of SPEC §1: loss = −(1/B)·Σ_i w_i·s_i, with stop-gradient weights.
+
+    Args:
+        logits: [B, T, V] policy logits. labels: [B, T].
+        rewards: [B, B] (R[i, j] = r(x_i, y_j)) or [B]. ref_logps: same shape as rewards.
+    Returns:
+        scalar loss (float32, or float64 for float64 inputs), or a ``VAROutput``.
+    """
+    s = sequence_logps_reference(
+        logits, labels, reduction=logp_reduction, ignore_index=ignore_index,
+        shift_labels=shift_labels, softcap=softcap, temperature=temperature,
+    )
+    w, log_z = var_weights_reference(rewards, ref_logps, beta=beta, weighting=weighting)
+    loss = -(w.to(s.dtype) * s).sum() / s.shape[0]
+    if not return_aux:
+        return loss
+    return VAROutput(loss, w, log_z, s.detach(), ess(w))
+
+
+def linear_var_loss_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    rewards: torch.Tensor,
+    ref_logps: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    **kwargs,
+):
+    """VAR loss from hidden states [B, T, H] and an lm_head weight [V, H] (+ bias [V])."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return var_loss_reference(logits, labels, rewards, ref_logps, **kwargs)
+
+
+def linear_sequence_logps_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias=None, **kwargs
+) -> torch.Tensor:
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return sequence_logps_reference(logits, labels, **kwargs)
