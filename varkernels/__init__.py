@@ -1,9 +1,28 @@
-"""varkernels: fused kernels for the VAR (Variational Alignment with Re-weighting) loss."""
+"""varkernels: fused kernels for the VAR (Variational Alignment with Re-weighting) loss.
+
+Public API (SPEC §2):
+    fused_var_loss(logits [B,T,V], labels [B,T], rewards, ref_logps, ...)         -> loss | VAROutput
+    fused_linear_var_loss(hidden [B,T,H], weight [V,H], labels, rewards, ref_logps, ...)
+    sequence_logps(logits, labels, reduction=...)          differentiable, [B] or [B,T] fp32
+    linear_sequence_logps(hidden, weight, labels, ...)     differentiable, [B] or [B,T] fp32
+    var_loss_reference(...)                                plain PyTorch, the spec in code
+"""
 
 from ._common import VAROutput
+from .ops.fused_linear import fused_linear_var_loss, linear_sequence_logps
+from .ops.logps import sequence_logps
 from .ops.var_loss import VARLoss, fused_var_loss
 from .reference import var_loss_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["VAROutput", "VARLoss", "fused_var_loss", "var_loss_reference", "__version__"]
+__all__ = [
+    "VAROutput",
+    "VARLoss",
+    "fused_var_loss",
+    "fused_linear_var_loss",
+    "sequence_logps",
+    "linear_sequence_logps",
+    "var_loss_reference",
+    "__version__",
+]
