@@ -45,6 +45,19 @@ def _tanh(u):
     return tl.where(u < 0, -t, t)
 
 
+@triton.jit
+def _cast_out(b_x, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
+    """fp32 → ``dtype`` for a store. GPUs round fp32 → bf16 to nearest even; the Triton
+    interpreter (3.9) truncates. With RNE_BF16 (set by the launchers only under the interpreter)
+    the rounding is done by hand so that parity tests see the values a GPU writes."""
+    if RNE_BF16:
+        b_bits = b_x.to(tl.uint32, bitcast=True)
+        b_bits = b_bits + 0x7FFF + ((b_bits >> 16) & 1)
+        return (b_bits & 0xFFFF0000).to(tl.float32, bitcast=True).to(dtype)
+    else:
+        return b_x.to(dtype)
+
+
 @triton.heuristics(
     {
         "HAS_GRAD": lambda args: args["grad_ptr"] is not None,
@@ -60,7 +73,7 @@ def _var_token_kernel(
     stride_xb, stride_xt, stride_xv,  # strides of x [B, T, V]
     stride_gb, stride_gt, stride_gv,  # strides of grad [B, T, V]
     softcap, inv_temperature, ignore_index,  # scalars
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, RNE_BF16: tl.constexpr,
     HAS_GRAD: tl.constexpr, HAS_LSE_IN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -127,7 +140,7 @@ def _var_token_kernel(
             b_p = tl.exp2(b_z2 - b_lse2)
             b_p = tl.where(o == y, b_p - 1.0, b_p)
             b_g = b_coef * b_p * b_dz
-            tl.store(p_g + o * stride_gv, b_g.to(grad_ptr.dtype.element_ty), mask=m_v)
+            tl.store(p_g + o * stride_gv, _cast_out(b_g, grad_ptr.dtype.element_ty, RNE_BF16), mask=m_v)
 
 
 @triton.jit
@@ -157,7 +170,7 @@ def _var_weights_kernel(
 
 
 @triton.jit
-def _scale_kernel(g_ptr, s_ptr, N, BLOCK: tl.constexpr):
+def _scale_kernel(g_ptr, s_ptr, N, BLOCK: tl.constexpr, RNE_BF16: tl.constexpr):
     """g *= s[0] in place, a no-op (no loads or stores of g) when s[0] == 1: no host sync."""
     b_s = tl.load(s_ptr).to(tl.float32)
     if b_s == 1.0:
@@ -165,4 +178,4 @@ def _scale_kernel(g_ptr, s_ptr, N, BLOCK: tl.constexpr):
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = o < N
     b_g = tl.load(g_ptr + o, mask=m, other=0.0).to(tl.float32)
-    tl.store(g_ptr + o, (b_g * b_s).to(g_ptr.dtype.element_ty), mask=m)
+    tl.store(g_ptr + o, _cast_out(b_g * b_s, g_ptr.dtype.element_ty, RNE_BF16), mask=m)

@@ -123,8 +123,10 @@ class FusedLinearVARLossFunction(torch.autograd.Function):
         )
         s = lp.view(B, T).sum(dim=1) * seq_coef
         loss = -(weights * s).sum() / B
-        ctx.grads = (gh, gw.to(weight.dtype) if gw is not None else None,
-                     gb.to(bias.dtype) if gb is not None else None)
+        # grad_weight / grad_bias stay in their fp32 accumulators until backward, so the upstream
+        # scale is applied before the single rounding to the parameter dtype.
+        ctx.grads = (gh, gw, gb)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.backend, ctx.used = backend, False
         ctx.mark_non_differentiable(s)
         return loss, s
@@ -138,7 +140,10 @@ class FusedLinearVARLossFunction(torch.autograd.Function):
             )
         ctx.used = True
         grads, ctx.grads = ctx.grads, None
-        gh, gw, gb = (scale_grad_(g, grad_loss, ctx.backend) if g is not None else None for g in grads)
+        gh, gw, gb = (
+            scale_grad_(g, grad_loss, ctx.backend).to(dt) if g is not None else None
+            for g, dt in zip(grads, ctx.dtypes)
+        )
         return gh, gw, gb, None, None, None, None, None, None, None, None
 
 

@@ -18,6 +18,14 @@ import torch
 CHUNK_BYTES = 16 * 2**20  # fp32 bytes per chunk buffer of the PyTorch path; ~3 such buffers are alive
 
 
+def rne_bf16(out) -> bool:
+    """True when a Triton kernel must round fp32 → bf16 by hand: only in the interpreter,
+    which truncates where GPUs round to nearest even (see ``_triton_kernels._cast_out``)."""
+    from .._backend import triton_interpret
+
+    return out is not None and out.dtype == torch.bfloat16 and out.device.type != "cuda" and triton_interpret()
+
+
 def token_triton(x, labels, coef, grad, lse_in, *, softcap, temperature, ignore_index):
     import triton
 
@@ -36,6 +44,7 @@ def token_triton(x, labels, coef, grad, lse_in, *, softcap, temperature, ignore_
         stride_gb=gs[0], stride_gt=gs[1], stride_gv=gs[2],
         softcap=softcap, inv_temperature=1.0 / temperature, ignore_index=ignore_index,
         BLOCK_V=min(triton.next_power_of_2(V), MAX_FUSED_SIZE),
+        RNE_BF16=rne_bf16(grad),
         num_warps=TOKEN_NUM_WARPS,
     )
     return lp, lse

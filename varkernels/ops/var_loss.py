@@ -28,7 +28,7 @@ from .._common import (
     shifted_labels,
 )
 from ..reference import ess
-from .token import token_op
+from .token import rne_bf16, token_op
 from .weights import var_weights
 
 
@@ -41,7 +41,9 @@ def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) -> 
 
         n = grad.numel()
         block = 4096
-        _scale_kernel[(triton.cdiv(n, block),)](g_ptr=grad, s_ptr=grad_output, N=n, BLOCK=block)
+        _scale_kernel[(triton.cdiv(n, block),)](
+            g_ptr=grad, s_ptr=grad_output, N=n, BLOCK=block, RNE_BF16=rne_bf16(grad)
+        )
     elif grad_output.device.type == "cpu":
         if grad_output.item() != 1.0:
             grad.mul_(grad_output)

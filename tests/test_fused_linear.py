@@ -1,0 +1,194 @@
+"""fused_linear_var_loss and linear_sequence_logps against the reference (SPEC §1, §3 driver)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _tolerance import check_against_truth
+
+from varkernels import fused_linear_var_loss, linear_sequence_logps
+from varkernels._backend import cpu_extension_available
+from varkernels.reference import linear_sequence_logps_reference, linear_var_loss_reference
+
+BACKENDS = ["triton", "torch", "cpu"]
+
+
+def _backend(name):
+    if name == "cpu" and not cpu_extension_available():
+        pytest.skip("C++ CPU extension not built on this machine")
+    return name
+
+
+def make(B, T, H, V, *, bias=True, pairs="matrix", reduction="mean", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    W = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5 * 2
+    b = torch.randn(V, generator=g, dtype=torch.float64) * 0.5 if bias else None
+    y = torch.randint(0, V, (B, T), generator=g)
+    y[:, : T // 3] = -100  # prompt
+    if B > 2:
+        y[B - 1] = -100  # an all-ignored row
+    shape = (B, B) if pairs == "matrix" else (B,)
+    R = torch.randn(*shape, generator=g)
+    Q = -torch.rand(*shape, generator=g) * (3 if reduction == "mean" else 3 * T)
+    return h, W, b, y, R, Q
+
+
+def run_loss(fn, h, W, b, y, R, Q, dtype, upstream=1.0, **kw):
+    ts = [t.detach().to(dtype).clone().requires_grad_() if t is not None else None for t in (h, W, b)]
+    out = fn(ts[0], ts[1], y, R, Q, bias=ts[2], return_aux=True, **kw)
+    (upstream * out.loss).backward()
+    grads = [t.grad if t is not None else None for t in ts]
+    return out, grads
+
+
+CASES = [
+    dict(),
+    dict(chunk_size=1),
+    dict(chunk_size=5),  # boundaries in the middle of sequences
+    dict(shift_labels=True, chunk_size=4),
+    dict(logp_reduction="sum", weighting="importance", chunk_size=3),
+    dict(softcap=2.5, temperature=0.8),
+    dict(pairs="vector"),
+    dict(bias=False),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_fused_linear_parity(backend, dtype, case):
+    backend = _backend(backend)
+    case = dict(case)
+    pairs, bias = case.pop("pairs", "matrix"), case.pop("bias", True)
+    h, W, b, y, R, Q = make(3, 11, 33, 1001, bias=bias, pairs=pairs, reduction=case.get("logp_reduction", "mean"))
+    ref_kw = {k: v for k, v in case.items() if k != "chunk_size"}
+    # The gradient is computed in the forward, before the upstream scale is known: in bf16 it is
+    # rounded once before the scale and once after (README "Numerics"), where autograd rounds
+    # once. So the upstream scale is exercised in fp32 here; bf16 runs with an upstream of 1.
+    up = 3.0 if dtype == torch.float32 else 1.0
+    truth, tg = run_loss(linear_var_loss_reference, h, W, b, y, R, Q, torch.float64, upstream=up, **ref_kw)
+    same, sg = run_loss(linear_var_loss_reference, h, W, b, y, R, Q, dtype, upstream=up, **ref_kw)
+    out, og = run_loss(fused_linear_var_loss, h, W, b, y, R, Q, dtype, upstream=up, backend=backend, **case)
+    assert out.loss.dtype == torch.float32
+    check_against_truth("loss", out.loss, truth.loss, same.loss)
+    check_against_truth("policy_logps", out.policy_logps, truth.policy_logps, same.policy_logps)
+    check_against_truth("weights", out.weights, truth.weights, same.weights)
+    for name, o, t, s in zip(("grad_hidden", "grad_weight", "grad_bias"), og, tg, sg):
+        if t is None:
+            assert o is None
+            continue
+        assert o.dtype == dtype, f"{name} dtype {o.dtype}, expected {dtype}"
+        check_against_truth(name, o, t, s)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_deterministic_and_hidden_untouched(backend):
+    backend = _backend(backend)
+    h, W, b, y, R, Q = make(2, 9, 16, 257)
+    h, W, b = h.float(), W.float(), b.float()
+    h0 = h.clone()
+    runs = []
+    for _ in range(2):
+        hh, WW, bb = (t.clone().requires_grad_() for t in (h, W, b))
+        loss = fused_linear_var_loss(hh, WW, y, R, Q, bias=bb, chunk_size=4, backend=backend)
+        loss.backward()
+        runs.append((loss, hh.grad, WW.grad, bb.grad))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+    assert torch.equal(h, h0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_noncontiguous_hidden(backend):
+    backend = _backend(backend)
+    h, W, b, y, R, Q = make(3, 8, 20, 301)
+    h_t = h.float().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # [B,T,H] view, strided
+    assert not h_t.is_contiguous()
+    loss = fused_linear_var_loss(h_t, W.float(), y, R, Q, bias=b.float(), backend=backend)
+    loss.backward()
+    h_r = h.clone().requires_grad_()
+    ref = linear_var_loss_reference(h_r, W, y, R, Q, bias=b)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h_t.grad.double(), h_r.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_sequence_logps_parity(backend, reduction):
+    backend = _backend(backend)
+    h, W, b, y, R, Q = make(3, 10, 24, 517)
+    kw = dict(reduction=reduction, shift_labels=True)
+
+    def run(fn, dtype, **extra):
+        ts = [t.detach().to(dtype).clone().requires_grad_() for t in (h, W, b)]
+        out = fn(ts[0], ts[1], y, bias=ts[2], **kw, **extra)
+        probe = torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view_as(out)  # a non-uniform upstream grad
+        (out * probe).sum().backward()
+        return out, [t.grad for t in ts]
+
+    truth, tg = run(linear_sequence_logps_reference, torch.float64)
+    same, sg = run(linear_sequence_logps_reference, torch.float32)
+    out, og = run(linear_sequence_logps, torch.float32, backend=backend, chunk_size=7)
+    assert out.dtype == torch.float32 and out.shape == truth.shape
+    check_against_truth("logps", out, truth, same)
+    for name, o, t, s in zip(("grad_hidden", "grad_weight", "grad_bias"), og, tg, sg):
+        check_against_truth(name, o, t, s)
+
+
+def test_linear_sequence_logps_no_grad_saves_nothing():
+    h, W, b, y, R, Q = make(2, 6, 8, 50)
+    h, W = h.float().requires_grad_(), W.float().requires_grad_()
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        with torch.no_grad():
+            out = linear_sequence_logps(h, W, y, backend="torch")
+        assert out.grad_fn is None and packed == []
+        out = linear_sequence_logps(h, W, y, backend="torch")
+        assert out.grad_fn is not None and len(packed) > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dpo_on_linear_sequence_logps(backend):
+    """DPO's sigmoid loss built on linear_sequence_logps matches a plain PyTorch DPO."""
+    backend = _backend(backend)
+    g = torch.Generator().manual_seed(1)
+    B, T, H, V, beta = 4, 12, 16, 211, 0.1
+    h = torch.randn(2 * B, T, H, generator=g, dtype=torch.float64)  # chosen rows, then rejected rows
+    W = torch.randn(V, H, generator=g, dtype=torch.float64) / 4
+    y = torch.randint(0, V, (2 * B, T), generator=g)
+    y[:, :4] = -100
+    ref_chosen, ref_rejected = -torch.rand(B, generator=g, dtype=torch.float64) * 40, -torch.rand(B, generator=g, dtype=torch.float64) * 40
+
+    def dpo(logps):
+        chosen, rejected = logps[:B], logps[B:]
+        margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+        return -F.logsigmoid(margin).mean()
+
+    hp, Wp = h.clone().requires_grad_(), W.clone().requires_grad_()
+    logits = hp @ Wp.t()
+    lp = torch.log_softmax(logits, -1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    plain = dpo((lp * (y != -100)).sum(-1))
+    plain.backward()
+
+    hk, Wk = h.float().requires_grad_(), W.float().requires_grad_()
+    ours = dpo(linear_sequence_logps(hk, Wk, y, reduction="sum", backend=backend, chunk_size=9).double())
+    ours.backward()
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hk.grad.double(), hp.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(Wk.grad.double(), Wp.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_linear_bad_inputs_name_the_argument():
+    h, W, b, y, R, Q = make(2, 5, 8, 40)
+    h, W, b = h.float(), W.float(), b.float()
+    with pytest.raises(ValueError, match="hidden must have shape"):
+        fused_linear_var_loss(h[..., :7], W, y, R, Q)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        fused_linear_var_loss(h, W, y, R, Q, bias=b[:5])
+    with pytest.raises(TypeError, match="weight must have the dtype of hidden"):
+        fused_linear_var_loss(h, W.double(), y, R, Q)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_linear_var_loss(h, W, y, R, Q, chunk_size=0)
+    with pytest.raises(ValueError, match="labels must be in"):
+        fused_linear_var_loss(h, W, y.clamp(min=0) + 40, R, Q)
