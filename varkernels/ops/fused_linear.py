@@ -25,13 +25,18 @@ from .token import token_op
 from .var_loss import prepare_policy_call, scale_grad_, sequence_coefficients
 from .weights import var_weights
 
-CHUNK_BUDGET_BYTES = 64 * 2**20  # fp32 bytes of one [chunk, V] logits block (default chunk size)
+# Memory budget of one [chunk, V] logits block, counted in fp32 bytes. CPU: 32 MiB keeps the
+# extra memory of the loss at ~0.2x naive's at B=4, T=512, V=32000 (benchmarks/bench_fused_linear.py)
+# while a 262-row matmul still runs at full speed. CUDA: 256 MiB, so the three matmuls stay large
+# enough for the tensor cores (e.g. 523 rows at V = 128256).
+CHUNK_BUDGET_BYTES = {"cpu": 32 * 2**20, "cuda": 256 * 2**20}
+MIN_CHUNK_ROWS = 16
 
 
-def default_chunk_size(vocab_size: int) -> int:
-    """Rows per chunk so that one fp32 [chunk, V] block fits in ``CHUNK_BUDGET_BYTES`` (64 MiB):
-    524 rows at V = 32000, 130 at V = 128256 — large enough for efficient matmuls."""
-    return max(1, CHUNK_BUDGET_BYTES // (4 * vocab_size))
+def default_chunk_size(vocab_size: int, device_type: str = "cpu") -> int:
+    """Rows per chunk from ``CHUNK_BUDGET_BYTES``: 262 rows at V = 32000 on CPU, 523 at V = 128256 on CUDA."""
+    budget = CHUNK_BUDGET_BYTES.get(device_type, CHUNK_BUDGET_BYTES["cpu"])
+    return max(MIN_CHUNK_ROWS, budget // (4 * vocab_size))
 
 
 def _check_linear(hidden, weight, bias, chunk_size):
@@ -79,7 +84,7 @@ def linear_token_pass(
     gw = torch.zeros(V, H, dtype=torch.float32, device=dev) if has_grad and want[1] else None
     gb = torch.zeros(V, dtype=torch.float32, device=dev) if has_grad and want[2] and bias is not None else None
     idx = torch.nonzero(labels_flat != ignore_index).squeeze(1)  # compacted rows (one host sync)
-    chunk = chunk_size or default_chunk_size(V)
+    chunk = chunk_size or default_chunk_size(V, dev.type)
     w_t = weight.t()
     for c0 in range(0, idx.numel(), chunk):
         i_c = idx[c0 : c0 + chunk]
@@ -173,7 +178,8 @@ def fused_linear_var_loss(
         hidden: [B, T, H] float32/bfloat16/float16, any strides (never copied, also with shift_labels).
         weight: [V, H] as ``lm_head.weight``, dtype of hidden. bias: [V] or None.
         labels, rewards, ref_logps and the keywords: as in :func:`fused_var_loss`.
-        chunk_size: token rows per chunk; default ``default_chunk_size(V)`` (64 MiB fp32 logits block).
+        chunk_size: token rows per chunk; default ``default_chunk_size(V, device)`` (a 32 MiB fp32
+            logits block on CPU, 256 MiB on CUDA).
         inplace: accepted for API symmetry; the logits chunks are always overwritten in place here.
     Returns:
         float32 scalar loss or ``VAROutput``. Gradients of hidden, weight and bias are computed in the
