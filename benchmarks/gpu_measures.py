@@ -1,0 +1,181 @@
+"""What can be measured of the GPU path without a GPU (SPEC §4.2-4.3), for the VAR loss.
+
+    python benchmarks/gpu_measures.py                          # V ∈ {32000, 128256}, bf16 and fp32
+    python benchmarks/gpu_measures.py --V 256000 --dtypes float16
+
+For B=8, T=512 (forward + backward, upstream gradient 1, every token a target):
+
+* bytes moved — Triton kernels counted in the interpreter (loads + stores of active lanes), plus
+  the aten glue around them; naive eager (benchmarks/naive.py) counted as bytes in + out of every
+  aten op. Both are COUNTED at B=8, T=2 and T=4 and EXTRAPOLATED linearly in T to T=512: every
+  count is affine in T (per-token work plus per-batch B×B work), so the extrapolation is exact
+  for these programs (checked: T=2,4 → 16 equals a direct count at T=16, V=4099, fp32 and bf16);
+  running the interpreter at T=512 would take many minutes for the same numbers.
+* cubin resources of the kernels at their default launch (registers, shared memory, local
+  memory = spills) for sm_80 and sm_90, compiled ahead of time, and an occupancy ESTIMATE.
+* a roofline time ESTIMATE = bytes / peak DRAM bandwidth (A100 2.0 TB/s for sm_80, H100 SXM
+  3.35 TB/s for sm_90). It is a lower bound that ignores launch overhead, latency and the gap
+  between achieved and peak bandwidth. No GPU was used; nothing here is a measured GPU time.
+
+Rows are appended to benchmarks/results/gpu_measures.csv with the machine and versions.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on CPU tensors
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import argparse  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import RESULTS, append_csv, machine_info, machine_line  # noqa: E402
+from naive import naive_var_loss  # noqa: E402
+
+from varkernels import fused_var_loss  # noqa: E402
+from varkernels.ops import _triton_kernels  # noqa: E402
+from varkernels.ops.token import token_triton  # noqa: E402
+from varkernels.ops.var_loss import scale_grad_  # noqa: E402
+from varkernels.ops.weights import weights_triton  # noqa: E402
+from varkernels.testing import aot  # noqa: E402
+from varkernels.testing.traffic import count_aten_traffic, count_triton_traffic  # noqa: E402
+
+GPUS = {"sm_80": ("A100", 2.0e12), "sm_90": ("H100 SXM", 3.35e12)}  # assumed GPU, peak DRAM bytes/s
+COUNT_T = (2, 4)  # sequence lengths actually run in the interpreter
+
+
+def git_revision() -> str:
+    """The commit the numbers belong to ("-dirty" when the working tree has changes)."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "-"
+
+
+def make_inputs(B, T, V, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(B, T, V, generator=g) * 2).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (B, T), generator=g)  # dense: every position is a target
+    rewards = torch.randn(B, B, generator=g)
+    ref_logps = -2 - torch.rand(B, B, generator=g)
+    return logits, labels, rewards, ref_logps
+
+
+def count_bytes(B, T, V, dtype) -> dict:
+    """Bytes of one forward + backward, counted at this exact shape."""
+    logits, labels, rewards, ref_logps = make_inputs(B, T, V, dtype)
+    with count_triton_traffic() as kernels, count_aten_traffic() as glue:
+        fused_var_loss(logits, labels, rewards, ref_logps, backend="triton").backward()
+    logits.grad = None
+    with count_aten_traffic() as naive:
+        naive_var_loss(logits, labels, rewards, ref_logps).backward()
+    return {"fused_kernel_bytes": kernels.total, "fused_glue_bytes": glue.total, "naive_bytes": naive.total}
+
+
+def extrapolated_bytes(B, T, V, dtype) -> dict:
+    """Counts at T = COUNT_T, extrapolated linearly in T to T."""
+    (t1, t2) = COUNT_T
+    c1, c2 = count_bytes(B, t1, V, dtype), count_bytes(B, t2, V, dtype)
+    return {k: round(c1[k] + (c2[k] - c1[k]) / (t2 - t1) * (T - t1)) for k in c1}
+
+
+def kernel_specs(B, T, V, dtype) -> dict:
+    """The specialisations the launchers of the loss use at this shape (captured, nothing runs)."""
+    N = B * T
+    x = torch.empty(B, T, V, dtype=dtype, device="meta")
+    f32 = dict(dtype=torch.float32, device="meta")
+    r = torch.empty(B, B, **f32)
+    with aot.capture_launches(_triton_kernels, "_var_token_kernel", "_var_weights_kernel", "_scale_kernel") as ls:
+        weights_triton(r, torch.empty_like(r), 1.0, "posterior")
+        token_triton(x, torch.empty(N, dtype=torch.int64, device="meta"), torch.empty(N, **f32),
+                     torch.empty_like(x), None, softcap=None, temperature=1.0, ignore_index=-100)
+        scale_grad_(torch.empty_like(x), torch.empty((), **f32), "triton")
+    names = {"_var_weights_kernel": "weights", "_var_token_kernel": "token", "_scale_kernel": "scale"}
+    return {names[launch.name]: aot.launch_spec(launch.kernel, launch.kwargs) for launch in ls}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--B", type=int, default=8)
+    p.add_argument("--T", type=int, default=512)
+    p.add_argument("--V", type=int, nargs="+", default=[32000, 128256])
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
+                   choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--csv", default=str(RESULTS / "gpu_measures.csv"))
+    args = p.parse_args(argv)
+    B, T = args.B, args.T
+    have_cuobjdump = aot.cuobjdump_path() is not None
+
+    revision = git_revision()
+    print(machine_line() + f" | varkernels {revision}")
+    print(f"config: B={B} T={T}, fused_var_loss(backend='triton') forward+backward vs naive eager "
+          f"(benchmarks/naive.py), dense labels, upstream gradient 1")
+    print(f"bytes: COUNTED at B={B}, T={COUNT_T[0]} and T={COUNT_T[1]} in the Triton interpreter / a "
+          f"TorchDispatchMode, EXTRAPOLATED linearly in T to T={T}")
+    print("times: ROOFLINE ESTIMATES = bytes / peak DRAM bandwidth "
+          + ", ".join(f"{a} → {g} {bw / 1e12:.2f} TB/s" for a, (g, bw) in GPUS.items())
+          + "; no GPU was used")
+    if not have_cuobjdump:
+        print("cuobjdump not found: cubin resources are left empty")
+
+    cases = [(V, getattr(torch, d)) for V in args.V for d in args.dtypes]
+    specs = {case: kernel_specs(B, T, *case) for case in cases}
+    resources = {}
+    if have_cuobjdump:
+        resources = aot.compile_specs(list(dict.fromkeys(s for sp in specs.values() for s in sp.values())),
+                                      archs=GPUS, workers=2)
+
+    rows = []
+    header = (f"{'V':>7s} {'dtype':>9s} {'fused MB':>9s} {'naive MB':>9s} {'naive/fused':>11s} "
+              f"{'fused/floor':>11s} {'arch':>6s} {'token regs/smem/spill':>21s} {'occ est':>7s} "
+              f"{'scale regs/spill':>16s} {'est fused us':>12s} {'est naive us':>12s}")
+    print(header)
+    for V, dtype in cases:
+        b = extrapolated_bytes(B, T, V, dtype)
+        esize = torch.empty((), dtype=dtype).element_size()
+        floor = 2 * B * T * V * esize  # SPEC §4.3 floor: one read of the logits, one write of the gradient
+        fused = b["fused_kernel_bytes"] + b["fused_glue_bytes"]
+        for arch, (gpu, bandwidth) in GPUS.items():
+            tok = resources.get((specs[(V, dtype)]["token"], arch), {})
+            sca = resources.get((specs[(V, dtype)]["scale"], arch), {})
+            wei = resources.get((specs[(V, dtype)]["weights"], arch), {})
+            row = {
+                **machine_info(), "git": revision, "B": B, "T": T, "V": V, "dtype": str(dtype).replace("torch.", ""),
+                "bytes_method": f"counted at T={COUNT_T[0]},{COUNT_T[1]}; linear in T", **b,
+                "fused_bytes": fused, "naive_over_fused": b["naive_bytes"] / fused,
+                "floor_bytes": floor, "fused_over_floor": fused / floor,
+                "arch": arch, "assumed_gpu": gpu, "assumed_bandwidth_Bps": bandwidth,
+                "token_num_warps": specs[(V, dtype)]["token"].num_warps,
+                "token_block_v": dict(specs[(V, dtype)]["token"].constexprs)["BLOCK_V"],
+                "token_regs": tok.get("regs"), "token_shared": tok.get("shared"),
+                "token_dynamic_shared": tok.get("dynamic_shared"), "token_local": tok.get("local"),
+                "token_est_occupancy": tok.get("est_occupancy"), "token_est_limiter": tok.get("est_limiter"),
+                "scale_regs": sca.get("regs"), "scale_local": sca.get("local"),
+                "weights_regs": wei.get("regs"), "weights_local": wei.get("local"),
+                "est_fused_us": fused / bandwidth * 1e6, "est_naive_us": b["naive_bytes"] / bandwidth * 1e6,
+                "est_note": "roofline ESTIMATE bytes/peak bandwidth, not measured",
+            }
+            rows.append(row)
+            res = (f"{tok.get('regs')}/{(tok.get('shared') or 0) + (tok.get('dynamic_shared') or 0)}B/"
+                   f"{tok.get('local')}B") if tok else "-"
+            occ = f"{tok['est_occupancy']:.2f}" if tok else "-"
+            scale_res = f"{sca.get('regs')}/{sca.get('local')}B" if sca else "-"
+            print(f"{V:7d} {row['dtype']:>9s} {fused / 1e6:9.1f} {b['naive_bytes'] / 1e6:9.1f} "
+                  f"{row['naive_over_fused']:10.2f}x {row['fused_over_floor']:10.3f}x {arch:>6s} {res:>21s} "
+                  f"{occ:>7s} {scale_res:>16s} {row['est_fused_us']:12.0f} {row['est_naive_us']:12.0f}")
+    append_csv(Path(args.csv), rows)
+    print("floor = one read of the logits + one write of the gradient (SPEC §4.3); the fused loss reads "
+          "the logits twice (two sweeps), so ~1.5x floor is its design point")
+    print(f"rows appended to {args.csv}")
+
+
+if __name__ == "__main__":
+    main()
