@@ -16,6 +16,24 @@ from .reference import var_loss_reference
 
 __version__ = "0.1.0"
 
+# Training-side names are imported lazily so that `import varkernels` does not import transformers.
+_LAZY = {
+    "VARTrainer": "trainer",
+    "VARConfig": "trainer",
+    "compute_var_loss": "trainer",
+    "VARDataset": "data",
+    "cross_pair_logps": "pairs",
+    "cross_pair_rewards": "pairs",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'varkernels' has no attribute {name!r}")
+
 __all__ = [
     "VAROutput",
     "VARLoss",
@@ -25,4 +43,5 @@ __all__ = [
     "linear_sequence_logps",
     "var_loss_reference",
     "__version__",
+    *_LAZY,
 ]

@@ -101,9 +101,13 @@ def _var_token_kernel(
     b_zy = b_xy * inv_temperature
 
     if HAS_LSE_IN:
-        b_lse = tl.load(lse_in_ptr + i_n)
+        b_m = tl.load(lse_in_ptr + i_n)  # lse = m + log s with m = lse, log s = 0
+        b_log_s = 0.0
     else:
-        # sweep 1: online logsumexp in base 2 (running max m, running sum s of 2^(z·log2e − m))
+        # sweep 1: online logsumexp (running max m of z, running sum s of e^(z − m) = 2^((z − m)·log2e)).
+        # The max stays in natural units and log2e scales the small difference z − m: scaling z
+        # itself first (z·log2e − m·log2e) rounds at the magnitude of z, ~1e-6 absolute for |z| ≈ 20,
+        # which made p = softmax(z)[y] near 1 (and its gradient p − 1) ~10× less accurate than PyTorch.
         b_m = float("-inf")
         b_s = 0.0
         for v0 in range(0, V, BLOCK_V):
@@ -113,18 +117,21 @@ def _var_token_kernel(
             if HAS_SOFTCAP:
                 # softcap maps the padding −inf to −c: mask again so padding adds nothing
                 b_x = tl.where(m_v, softcap * _tanh(b_x / softcap), float("-inf"))
-            b_z2 = b_x * (inv_temperature * LOG2E)
-            b_m_new = tl.maximum(b_m, tl.max(b_z2, axis=0))
-            b_s = b_s * tl.exp2(b_m - b_m_new) + tl.sum(tl.exp2(b_z2 - b_m_new), axis=0)
+            b_z = b_x * inv_temperature
+            b_m_new = tl.maximum(b_m, tl.max(b_z, axis=0))
+            # a tile of only −inf logits (masked vocabulary) so far: shift by 0, not by −inf (−inf − −inf = NaN)
+            b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+            b_s = b_s * tl.exp2((b_m - b_shift) * LOG2E) + tl.sum(tl.exp2((b_z - b_shift) * LOG2E), axis=0)
             b_m = b_m_new
-        b_lse = (b_m + tl.log2(b_s)) / LOG2E
-    tl.store(lp_ptr + i_n, b_zy - b_lse)
-    tl.store(lse_ptr + i_n, b_lse)
+        b_log_s = tl.log(b_s)
+    # lp = (z_y − m) − log s, not z_y − lse: lse is rounded at the magnitude of m (~1e-6 for |m| ≈ 20)
+    # while a confident token has lp ≈ 0; PyTorch's log_softmax subtracts in this order too.
+    tl.store(lp_ptr + i_n, (b_zy - b_m) - b_log_s)
+    tl.store(lse_ptr + i_n, b_m + b_log_s)
 
     if HAS_GRAD:
         # sweep 2: g = coef · (softmax − onehot) · dz/dx, all in fp32, cast on store
         b_coef = tl.load(coef_ptr + i_n)
-        b_lse2 = b_lse * LOG2E
         p_g = grad_ptr + i_b * stride_gb + i_t * stride_gt
         for v0 in range(0, V, BLOCK_V):
             o = v0 + o_v
@@ -133,11 +140,11 @@ def _var_token_kernel(
             if HAS_SOFTCAP:
                 b_t = _tanh(b_x / softcap)
                 b_dz = (1.0 - b_t * b_t) * inv_temperature
-                b_z2 = softcap * b_t * (inv_temperature * LOG2E)
+                b_z = softcap * b_t * inv_temperature
             else:
                 b_dz = inv_temperature
-                b_z2 = b_x * (inv_temperature * LOG2E)
-            b_p = tl.exp2(b_z2 - b_lse2)
+                b_z = b_x * inv_temperature
+            b_p = tl.exp2(((b_z - b_m) - b_log_s) * LOG2E)  # softmax, shifted like lp above
             b_p = tl.where(o == y, b_p - 1.0, b_p)
             b_g = b_coef * b_p * b_dz
             tl.store(p_g + o * stride_gv, _cast_out(b_g, grad_ptr.dtype.element_ty, RNE_BF16), mask=m_v)

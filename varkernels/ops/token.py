@@ -81,16 +81,24 @@ def token_torch(x, labels, coef, grad, lse_in, *, softcap, temperature, ignore_i
                 continue
             ys = torch.where(valid, y, 0).unsqueeze(1)
             z, dz = _transform(x[b, t0:t1], softcap, temperature)
+            # Shift by the row max m first, then lp = (z_y − m) − log s and p = exp((z − m) − log s):
+            # z_y − lse would carry the rounding of lse (~1e-6 for |z| ≈ 20) into a confident token's lp ≈ 0.
             if lse_in is None:
-                c_lse = torch.logsumexp(z, dim=1)
+                m = z.amax(dim=1, keepdim=True)
+                m = torch.where(torch.isinf(m), 0.0, m)  # an all −inf row: shift by 0, not −inf
+                zm = torch.sub(z, m)  # fresh buffer (z may be the caller's x)
+                log_s = torch.logsumexp(zm, dim=1, keepdim=True)
+                c_lse = (m + log_s).squeeze(1)
             else:
+                log_s = lse_in[n0:n1].unsqueeze(1)
+                zm = torch.sub(z, 0.0)
                 c_lse = lse_in[n0:n1]
-            c_lp = z.gather(1, ys).squeeze(1) - c_lse
+            c_lp = zm.gather(1, ys).squeeze(1) - log_s.squeeze(1)
             lp[n0:n1] = torch.where(valid, c_lp, 0.0)
             lse[n0:n1] = torch.where(valid, c_lse, 0.0)
             if grad is None:
                 continue
-            p = torch.sub(z, c_lse.unsqueeze(1)).exp_()  # softmax in a fresh buffer (z may be x)
+            p = zm.sub_(log_s).exp_()  # softmax, in zm's buffer
             p.scatter_add_(1, ys, torch.full_like(c_lse, -1.0).unsqueeze(1))
             p.mul_(torch.where(valid, coef[n0:n1], 0.0).unsqueeze(1))
             if not isinstance(dz, float) or dz != 1.0:

@@ -75,6 +75,10 @@ class FusedVARLossFunction(torch.autograd.Function):
             backend, logits.detach(), labels_flat, row_coef, grad,
             softcap=softcap, temperature=temperature, ignore_index=ignore_index,
         )
+        if need_grad and inplace:
+            # The kernels write through raw pointers: tell autograd that logits changed, so a node
+            # that saved them (e.g. tanh's output) raises instead of using the gradient as logits.
+            torch.autograd.graph.increment_version(logits)
         s = lp.view(B, T).sum(dim=1) * seq_coef
         loss = -(weights * s).sum() / B
         ctx.grad, ctx.backend, ctx.used = grad, backend, False
@@ -158,6 +162,12 @@ def fused_var_loss(
         logp_reduction=logp_reduction, ignore_index=ignore_index, shift_labels=shift_labels,
         softcap=softcap, temperature=temperature, backend=backend,
     )
+    if inplace and any(st == 0 and n > 1 for st, n in zip(logits.stride(), logits.shape)):
+        raise ValueError(
+            "inplace=True needs logits whose elements do not share memory; got strides "
+            f"{tuple(logits.stride())} for shape {tuple(logits.shape)} (an expand()ed view): pass "
+            "logits.contiguous() or use inplace=False"
+        )
     weights, log_z = var_weights(rewards, ref_logps, beta=beta, weighting=weighting, backend=backend)
     seq_coef = sequence_coefficients(labels_eff, ignore_index, logp_reduction)
     loss, s = FusedVARLossFunction.apply(

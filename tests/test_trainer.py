@@ -1,0 +1,257 @@
+"""VARTrainer / compute_var_loss: reference parity, gradient accumulation, DDP, smoke, bad inputs."""
+
+import socket
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+
+from varkernels.data import VARCollator, VARDataset  # noqa: E402
+from varkernels.reference import linear_var_loss_reference  # noqa: E402
+from varkernels.trainer import VARConfig, VARTrainer, compute_var_loss  # noqa: E402
+
+V = 40
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one torch thread is as fast when idle, and >10x faster when the 2 cores are
+    shared (spinning OpenMP workers); restored afterwards for the other test modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def parity_reward(prompts, responses):
+    return [float(((y % 2) == (x[0] % 2)).float().mean()) for x, y in zip(prompts, responses)]
+
+
+def make_dataset(n=8, group_size=4, seed=0, cross_pairs=True, ref=None):
+    g = torch.Generator().manual_seed(100 + seed)
+    prompts = [torch.randint(0, V, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g) for _ in range(n)]
+    responses = [torch.randint(0, V, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g) for _ in range(n)]
+    ref = ref if ref is not None else tiny_llama(seed=7).eval()
+    if cross_pairs:
+        return VARDataset.build(prompts, responses, ref_model=ref, reward=parity_reward, group_size=group_size)
+    rewards = parity_reward(prompts, responses)
+    return VARDataset.build(prompts, responses, ref_model=ref, example_rewards=rewards, group_size=group_size)
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close(actual, expected, atol=1e-6, rtol=1e-5, name=""):
+    err = (actual.double() - expected.double()).abs()
+    tol = atol + rtol * expected.double().abs()
+    worst = int(err.argmax())
+    assert bool((err <= tol).all()), f"{name}: max abs err {err.max().item():.3g} at flat index {worst}"
+
+
+def config(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+        disable_tqdm=True, seed=0, data_seed=0,
+    )
+    return VARConfig(**{**base, **kw})
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+@pytest.mark.parametrize("cross_pairs", [True, False])
+def test_compute_var_loss_matches_reference_per_group(cross_pairs):
+    ds = make_dataset(cross_pairs=cross_pairs)
+    batch = VARCollator()([ds[0], ds[1]])
+    model = tiny_llama()
+    out = compute_var_loss(model, batch, beta=0.5)
+    out.loss.backward()
+    g_fused = grads(model)
+
+    model.zero_grad()
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    ref_losses = [
+        linear_var_loss_reference(
+            hidden[4 * k : 4 * k + 4], model.lm_head.weight, batch["labels"][4 * k : 4 * k + 4],
+            batch["rewards"][k], batch["ref_logps"][k], beta=0.5, shift_labels=True,
+        )
+        for k in range(2)
+    ]
+    ref_loss = torch.stack(ref_losses).mean()
+    ref_loss.backward()
+    assert_close(out.loss, ref_loss, name="loss")
+    for n, g in grads(model).items():
+        assert_close(g_fused[n], g, atol=1e-6, rtol=1e-4, name=n)
+    assert out.weights.shape == (8,) and out.policy_logps.shape == (8,) and out.log_z.shape == (8,)
+
+    model.zero_grad()
+    logits_out = compute_var_loss(model, batch, beta=0.5, use_fused_linear=False)
+    logits_out.loss.backward()
+    assert_close(logits_out.loss, out.loss, name="logits-path loss")
+    for n, g in grads(model).items():
+        assert_close(g, g_fused[n], atol=1e-6, rtol=1e-4, name=n)
+
+
+def test_compute_var_loss_under_bf16_autocast():
+    """Trainer(bf16=True) runs the loss under autocast: lm_head operands go to bf16, grads stay fp32."""
+    ds = make_dataset()
+    batch = VARCollator()([ds[0], ds[1]])
+    model = tiny_llama()
+    ref = compute_var_loss(model, batch)
+    ref.loss.backward()
+    g32 = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = compute_var_loss(model, batch)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and model.lm_head.weight.grad.dtype == torch.float32
+    assert abs(out.loss.item() - ref.loss.item()) < 2e-2 * abs(ref.loss.item())
+    assert (model.lm_head.weight.grad - g32).abs().max() < 2e-2 * g32.abs().max()
+
+
+def test_k_groups_in_one_batch_equal_the_mean_of_single_groups():
+    ds = make_dataset()
+    model = tiny_llama()
+    both = compute_var_loss(model, VARCollator()([ds[0], ds[1]]))
+    both.loss.backward()
+    g_both = grads(model)
+    model.zero_grad()
+    singles = [compute_var_loss(model, VARCollator()([ds[k]])) for k in range(2)]
+    (sum(s.loss for s in singles) / 2).backward()
+    assert_close(both.loss, (singles[0].loss + singles[1].loss) / 2, name="loss")
+    for n, g in grads(model).items():
+        assert_close(g_both[n], g, name=n)
+
+
+def sgd_step_with_trainer(tmp_path, ds, batch_size, accumulation):
+    model = tiny_llama()
+    args = config(
+        tmp_path, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, max_steps=1,
+        learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=0.0,
+    )
+    VARTrainer(model=model, args=args, train_dataset=ds).train()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_gradient_accumulation_equals_whole_batch(tmp_path):
+    """Two groups as one batch == two accumulation steps of one group == SGD on the mean loss."""
+    ds = make_dataset()
+    whole = sgd_step_with_trainer(tmp_path, ds, batch_size=2, accumulation=1)
+    accumulated = sgd_step_with_trainer(tmp_path, ds, batch_size=1, accumulation=2)
+    model = tiny_llama()
+    compute_var_loss(model, VARCollator()([ds[0], ds[1]])).loss.backward()
+    manual = {n: (p - 0.5 * p.grad).detach() for n, p in model.named_parameters()}
+    moved = 0.0
+    for n in manual:
+        assert_close(accumulated[n], whole[n], name=n)
+        assert_close(whole[n], manual[n], name=n)
+        moved = max(moved, (manual[n] - dict(model.named_parameters())[n]).abs().max().item())
+    assert moved > 1e-4  # the step did change the weights
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, ds, out_path):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        model = tiny_llama()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        # each rank: its own group, its own Ẑ. backend="torch": the test is about DDP, and it
+        # keeps the workers from building the C++ kernel.
+        out = compute_var_loss(ddp, VARCollator()([ds[rank]]), backend="torch")
+        out.loss.backward()
+        if rank == 0:
+            torch.save(grads(model), out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    ds = make_dataset()
+    out_path = str(tmp_path / "ddp_grads.pt")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), ds, out_path), nprocs=2, join=True)
+    ddp_grads = torch.load(out_path)
+    model = tiny_llama()
+    compute_var_loss(model, VARCollator()([ds[0], ds[1]]), backend="torch").loss.backward()
+    single = grads(model)
+    assert set(ddp_grads) == set(single)
+    for n, g in single.items():
+        assert_close(ddp_grads[n], g, name=n)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+@pytest.mark.parametrize("cross_pairs", [True, False])
+def test_trainer_smoke_logs_var_metrics(tmp_path, cross_pairs):
+    ds = make_dataset(n=12, group_size=4, cross_pairs=cross_pairs)
+    args = config(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2, num_train_epochs=2,
+                  learning_rate=1e-3, eval_strategy="epoch", per_device_eval_batch_size=2)
+    trainer = VARTrainer(model=tiny_llama(), args=args, train_dataset=ds, eval_dataset=ds)
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    eval_logs = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(train_logs) == trainer.state.global_step == 4 and len(eval_logs) == 2
+    for key in ("weights_mean", "weights_min", "weights_max", "ess", "log_z", "policy_logps", "ref_logps"):
+        assert f"var/{key}" in train_logs[-1] and f"eval_var/{key}" in eval_logs[-1]
+    log = train_logs[-1]
+    assert 0 < log["var/weights_min"] <= log["var/weights_mean"] <= log["var/weights_max"] <= 4
+    assert 1 <= log["var/ess"] <= 4
+
+
+def test_config_and_trainer_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="beta must be a number > 0"):
+        config(tmp_path, beta=0.0)
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        config(tmp_path, weighting="uniform")
+    with pytest.raises(ValueError, match="logp_reduction must be one of"):
+        config(tmp_path, logp_reduction="none")
+    with pytest.raises(ValueError, match="remove_unused_columns must be False"):
+        config(tmp_path, remove_unused_columns=True)
+    ds = make_dataset()
+    with pytest.raises(ValueError, match="scored with reduction='mean' but args.logp_reduction='sum'"):
+        VARTrainer(model=tiny_llama(), args=config(tmp_path, logp_reduction="sum"), train_dataset=ds)
+    with pytest.raises(TypeError, match="args must be a varkernels.trainer.VARConfig"):
+        VARTrainer(model=tiny_llama(), args=transformers.TrainingArguments(output_dir=str(tmp_path)),
+                   train_dataset=ds)
+    batch = VARCollator()([ds[0]])
+    with pytest.raises(ValueError, match="batch is missing 'rewards'"):
+        compute_var_loss(tiny_llama(), {k: v for k, v in batch.items() if k != "rewards"})
+    with pytest.raises(ValueError, match=r"rewards must have shape \[k, B, B\] or \[k, B\]"):
+        compute_var_loss(tiny_llama(), {**batch, "rewards": batch["rewards"][:, :3, :3],
+                                        "ref_logps": batch["ref_logps"][:, :3, :3]})
+
+
+def test_peft_lora_policy_trains(tmp_path):
+    peft = pytest.importorskip("peft", reason="optional extra: pip install peft")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ds = make_dataset()
+    trainer = VARTrainer(model=model, args=config(tmp_path, max_steps=2, learning_rate=1e-2), train_dataset=ds)
+    trainer.train()
+    assert "var/ess" in trainer.state.log_history[0]

@@ -1,0 +1,403 @@
+"""Dataset preparation for VAR training: fixed groups, scored once, cached, shuffled as wholes.
+
+SPEC §5. The VAR weights of a micro-batch are normalised inside that micro-batch, so the
+micro-batch is a unit of the data, not of the loader:
+
+1. ``make_groups``: the N examples are split once into fixed groups of B (seeded permutation).
+2. ``VARDataset.build``: per group, R = cross_pair_rewards and Q = cross_pair_logps (B×B each),
+   or, with ``cross_pairs=False`` / per-example rewards only, the (B,) shared-context form
+   R[j] = r(x_j, y_j), Q[j] = log π_ref(y_j | x_j). The result is cached on disk under a key made
+   of the data, reference-model and reward fingerprints and the scoring options, so a second run
+   (or the other ranks of a DDP job) loads it instead of scoring again.
+3. One dataset item is one whole group. Any sampler over items (the ``Trainer``'s, or
+   ``GroupShuffleSampler`` in a plain loop) shuffles whole groups each epoch; ``VARCollator``
+   stacks k groups into one batch without mixing them.
+
+Sequences are x_i ⊕ y_i, right-padded; ``labels`` holds the response tokens and ``ignore_index``
+on prompt and padding, in the Hugging Face convention (the loss uses ``shift_labels=True``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .pairs import (
+    check_token_lists,
+    cross_pair_logps,
+    cross_pair_rewards,
+    paired_logps,
+    paired_rewards,
+    unwrap_model,
+)
+
+CACHE_FORMAT = 1
+
+
+def make_groups(num_examples: int, group_size: int, *, seed: int = 0, drop_last: bool = True) -> list[list[int]]:
+    """Split example indices 0..N-1 into fixed groups of ``group_size`` (a seeded permutation).
+
+    The same (N, group_size, seed) always gives the same groups. With ``drop_last=True`` the
+    N mod B examples left over are dropped (every micro-batch has the same B, which the
+    gradient-accumulation and DDP equivalences need); otherwise the last group is smaller.
+    """
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if not isinstance(num_examples, int) or num_examples < group_size:
+        raise ValueError(
+            f"num_examples must be an int >= group_size = {group_size} (at least one full group), got {num_examples!r}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(num_examples, generator=gen).tolist()
+    n = (num_examples // group_size) * group_size if drop_last else num_examples
+    return [perm[k : k + group_size] for k in range(0, n, group_size)]
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def _hash_tensor(h, t: torch.Tensor) -> None:
+    t = t.detach().to("cpu").contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+
+
+def fingerprint_tokens(prompts: Sequence[torch.Tensor], responses: Sequence[torch.Tensor]) -> str:
+    """sha256 of the token ids of every prompt and response (order included)."""
+    h = hashlib.sha256()
+    for name, seqs in (("prompts", prompts), ("responses", responses)):
+        h.update(f"{name}:{len(seqs)}".encode())
+        for s in seqs:
+            _hash_tensor(h, s.long())
+    return h.hexdigest()
+
+
+def fingerprint_model(model: torch.nn.Module) -> str:
+    """sha256 of a model's class, config and every parameter and buffer (reads all weights once).
+
+    For very large models pass a cheaper identity (e.g. hub name + revision) as
+    ``model_fingerprint=`` to :meth:`VARDataset.build` instead.
+    """
+    lm = unwrap_model(model)
+    h = hashlib.sha256(type(lm).__qualname__.encode())
+    config = getattr(lm, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        h.update(config.to_json_string(use_diff=False).encode())
+    for name, t in lm.state_dict().items():
+        h.update(name.encode())
+        _hash_tensor(h, t)
+    return h.hexdigest()
+
+
+def fingerprint_reward(reward) -> str:
+    """Fingerprint of a reward model (its weights) or callable (qualified name and source text).
+
+    A callable's source does not capture state it closes over (a lookup table, a threshold):
+    pass ``reward_fingerprint=`` to :meth:`VARDataset.build` when that state can change.
+    """
+    if reward is None:
+        return "none"
+    if isinstance(reward, torch.nn.Module):
+        return fingerprint_model(reward)
+    name = f"{getattr(reward, '__module__', '')}.{getattr(reward, '__qualname__', type(reward).__qualname__)}"
+    try:
+        src = inspect.getsource(reward)
+    except (OSError, TypeError):
+        src = repr(reward)
+    return hashlib.sha256((name + "\n" + src).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+class VARDataset(torch.utils.data.Dataset):
+    """Fixed VAR groups with their reward and reference log-prob matrices; one item per group.
+
+    Args:
+        prompts, responses: N 1-D integer tensors each (unpadded, non-empty).
+        groups: G lists of example indices (usually from :func:`make_groups`).
+        rewards: [G, B, B] (R[g, i, j] = r(x_i, y_j) within group g) or [G, B] (shared context).
+        ref_logps: same shape as ``rewards``.
+        pad_token_id: id used to pad ``input_ids`` (masked out by ``attention_mask``).
+        ignore_index: label of prompt and padding positions.
+        reduction: how ``ref_logps`` were reduced ("mean" / "sum"), if known; ``VARTrainer``
+            checks it against its ``logp_reduction``.
+
+    Item g is a dict of ``input_ids`` / ``attention_mask`` / ``labels`` [B, T_g] and
+    ``rewards`` / ``ref_logps`` [B, B] or [B]. Use :meth:`build` to score and cache.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[torch.Tensor],
+        responses: Sequence[torch.Tensor],
+        groups: Sequence[Sequence[int]],
+        rewards: torch.Tensor,
+        ref_logps: torch.Tensor,
+        *,
+        pad_token_id: int = 0,
+        ignore_index: int = -100,
+        reduction: Optional[str] = None,
+    ):
+        check_token_lists(prompts, responses, same_length=True)
+        self.prompts, self.responses = list(prompts), list(responses)
+        self.groups = [list(map(int, g)) for g in groups]
+        if len(self.groups) == 0:
+            raise ValueError("groups must hold at least one group, got none")
+        sizes = {len(g) for g in self.groups}
+        for g in self.groups:
+            bad = [k for k in g if not 0 <= k < len(self.prompts)]
+            if bad:
+                raise ValueError(f"groups holds example index {bad[0]} outside [0, {len(self.prompts)})")
+        for name, t in (("rewards", rewards), ("ref_logps", ref_logps)):
+            if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3) or t.shape[0] != len(self.groups):
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must have shape [G, B, B] or [G, B] with G = {len(self.groups)}, got {got}")
+        if rewards.shape != ref_logps.shape:
+            raise ValueError(
+                "rewards and ref_logps must have the same shape, "
+                f"got {tuple(rewards.shape)} and {tuple(ref_logps.shape)}"
+            )
+        if len(sizes) != 1 or rewards.shape[1] != next(iter(sizes)):
+            raise ValueError(
+                f"every group must have B = rewards.shape[1] = {rewards.shape[1]} examples, "
+                f"got group sizes {sorted(sizes)}"
+            )
+        self.rewards, self.ref_logps = rewards.float(), ref_logps.float()
+        self.pad_token_id, self.ignore_index = int(pad_token_id), int(ignore_index)
+        self.reduction = reduction
+
+    @property
+    def group_size(self) -> int:
+        return len(self.groups[0])
+
+    @property
+    def cross_pairs(self) -> bool:
+        return self.rewards.dim() == 3
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, g: int) -> dict:
+        idx = self.groups[g]
+        seqs = [torch.cat([self.prompts[k].long(), self.responses[k].long()]) for k in idx]
+        T = max(s.numel() for s in seqs)
+        B = len(idx)
+        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, T), dtype=torch.long)
+        labels = torch.full((B, T), self.ignore_index, dtype=torch.long)
+        for r, (k, s) in enumerate(zip(idx, seqs)):
+            P = self.prompts[k].numel()
+            input_ids[r, : s.numel()] = s
+            attention_mask[r, : s.numel()] = 1
+            labels[r, P : s.numel()] = s[P:]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "rewards": self.rewards[g],
+            "ref_logps": self.ref_logps[g],
+        }
+
+    @classmethod
+    def build(
+        cls,
+        prompts: Sequence[torch.Tensor],
+        responses: Sequence[torch.Tensor],
+        *,
+        ref_model: torch.nn.Module,
+        reward=None,
+        example_rewards: Optional[Sequence[float]] = None,
+        group_size: int = 8,
+        seed: int = 0,
+        cross_pairs: Optional[bool] = None,
+        reduction: str = "mean",
+        share_prefix: bool = True,
+        batch_size: Optional[int] = None,
+        cache_dir: Optional[Union[str, os.PathLike]] = None,
+        model_fingerprint: Optional[str] = None,
+        reward_fingerprint: Optional[str] = None,
+        pad_token_id: int = 0,
+        ignore_index: int = -100,
+        progress: Optional[bool] = None,
+    ) -> VARDataset:
+        """Group, score and cache a VAR training set.
+
+        Args:
+            prompts, responses: N 1-D integer tensors each; example k is (prompts[k], responses[k]).
+            ref_model: the frozen reference causal LM (Q comes from it, no gradients).
+            reward: a sequence-classification reward model or a callable ``fn(prompts, responses)``
+                (see :func:`varkernels.pairs.cross_pair_rewards`).
+            example_rewards: N precomputed per-example rewards r(x_k, y_k) instead of ``reward``;
+                implies the (B,) shared-context form.
+            group_size: B, examples per micro-batch. seed: of the grouping (:func:`make_groups`);
+                the N mod B examples left over are dropped, so every micro-batch has the same B.
+            cross_pairs: True → R and Q are [B, B] per group (B² scorings); False → the (B,)
+                shared-context form (B scorings). Default True, False with ``example_rewards``.
+            reduction: "mean" or "sum" for Q; must equal the trainer's ``logp_reduction``.
+            share_prefix, batch_size: passed to :func:`cross_pair_logps`.
+            cache_dir: where the scores are cached (None: no cache). Under DDP build the
+                dataset inside ``training_args.main_process_first()`` so one rank scores.
+            model_fingerprint, reward_fingerprint: identities to use instead of hashing the
+                weights / the callable's source.
+            progress: a tqdm bar over groups; None shows it for ≥ 256 scored pairs.
+        """
+        if reward is None and example_rewards is None:
+            raise ValueError("pass reward (a model or callable) or example_rewards (one float per example)")
+        if reward is not None and example_rewards is not None:
+            raise ValueError("pass either reward or example_rewards, not both")
+        if cross_pairs is None:
+            cross_pairs = example_rewards is None
+        if cross_pairs and example_rewards is not None:
+            raise ValueError(
+                "cross_pairs=True needs r(x_i, y_j) for every pair, but example_rewards gives only r(x_k, y_k); "
+                "use cross_pairs=False (the (B,) shared-context form) or pass a reward model/callable"
+            )
+        check_token_lists(prompts, responses, same_length=True)
+        N = len(prompts)
+        if example_rewards is not None:
+            example_rewards = torch.as_tensor(example_rewards, dtype=torch.float32).reshape(-1)
+            if example_rewards.numel() != N:
+                raise ValueError(
+                    f"example_rewards must have one reward per example (len(prompts) = {N}), "
+                    f"got {example_rewards.numel()}"
+                )
+            if not torch.isfinite(example_rewards).all():
+                raise ValueError("example_rewards must be finite; got NaN or ±inf")
+        groups = make_groups(N, group_size, seed=seed, drop_last=True)
+
+        key = None
+        path = None
+        if cache_dir is not None:
+            if reward_fingerprint is not None:
+                rew_fp = reward_fingerprint
+            elif reward is not None:
+                rew_fp = fingerprint_reward(reward)
+            else:
+                h = hashlib.sha256(b"example_rewards")
+                _hash_tensor(h, example_rewards)
+                rew_fp = h.hexdigest()
+            parts = {
+                "format": CACHE_FORMAT,
+                "data": fingerprint_tokens(prompts, responses),
+                "model": model_fingerprint or fingerprint_model(ref_model),
+                "reward": rew_fp,
+                "group_size": group_size, "seed": seed,
+                "cross_pairs": bool(cross_pairs), "reduction": reduction,
+            }
+            key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+            path = Path(cache_dir) / f"var-scores-{key[:20]}.pt"
+            if path.exists():
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+                if blob.get("key") == key and blob["groups"].tolist() == groups:
+                    return cls(prompts, responses, groups, blob["rewards"], blob["ref_logps"],
+                               pad_token_id=pad_token_id, ignore_index=ignore_index, reduction=reduction)
+
+        R, Q = _score_groups(
+            groups, prompts, responses, ref_model=ref_model, reward=reward, example_rewards=example_rewards,
+            cross_pairs=cross_pairs, reduction=reduction, share_prefix=share_prefix, batch_size=batch_size,
+            progress=progress,
+        )
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            blob = {"key": key, "groups": torch.tensor(groups), "rewards": R, "ref_logps": Q}
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            os.close(fd)
+            torch.save(blob, tmp)
+            os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+        return cls(prompts, responses, groups, R, Q, pad_token_id=pad_token_id, ignore_index=ignore_index,
+                   reduction=reduction)
+
+
+def _score_groups(
+    groups, prompts, responses, *, ref_model, reward, example_rewards, cross_pairs, reduction,
+    share_prefix, batch_size, progress,
+):
+    B = len(groups[0])
+    pairs_total = len(groups) * (B * B if cross_pairs else B)
+    show = pairs_total >= 256 if progress is None else bool(progress)
+    bar = None
+    if show:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(groups), desc="scoring VAR groups", unit="group")
+        except ImportError:
+            bar = None
+    R, Q = [], []
+    for idx in groups:
+        xs = [prompts[k] for k in idx]
+        ys = [responses[k] for k in idx]
+        if cross_pairs:
+            Q.append(cross_pair_logps(ref_model, xs, ys, reduction=reduction, share_prefix=share_prefix,
+                                      batch_size=batch_size, progress=False))
+            R.append(cross_pair_rewards(reward, xs, ys, batch_size=batch_size, progress=False))
+        else:
+            Q.append(paired_logps(ref_model, xs, ys, reduction=reduction, batch_size=batch_size, progress=False))
+            if example_rewards is not None:
+                R.append(example_rewards[torch.tensor(idx)])
+            else:
+                R.append(paired_rewards(reward, xs, ys, batch_size=batch_size, progress=False))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return torch.stack(R).float(), torch.stack(Q).float()
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+class VARCollator:
+    """Stacks k whole groups into one batch: [k·B, T] sequences, [k, B, B] or [k, B] scores.
+
+    Groups are padded to a common length T with ``pad_token_id`` / ``ignore_index``; they are
+    never mixed: the loss normalises each group separately (see ``varkernels.trainer``).
+    """
+
+    def __init__(self, pad_token_id: int = 0, ignore_index: int = -100):
+        self.pad_token_id, self.ignore_index = pad_token_id, ignore_index
+
+    def __call__(self, features: Sequence[dict]) -> dict:
+        T = max(f["input_ids"].shape[1] for f in features)
+
+        def pad(t, value):
+            return torch.nn.functional.pad(t, (0, T - t.shape[1]), value=value)
+
+        return {
+            "input_ids": torch.cat([pad(f["input_ids"], self.pad_token_id) for f in features]),
+            "attention_mask": torch.cat([pad(f["attention_mask"], 0) for f in features]),
+            "labels": torch.cat([pad(f["labels"], self.ignore_index) for f in features]),
+            "rewards": torch.stack([f["rewards"] for f in features]),
+            "ref_logps": torch.stack([f["ref_logps"] for f in features]),
+        }
+
+
+class GroupShuffleSampler(torch.utils.data.Sampler):
+    """Group order for a plain PyTorch loop: a fresh seeded permutation of whole groups per epoch.
+
+    Call ``set_epoch(e)`` at the start of each epoch (as with ``DistributedSampler``); the order
+    depends only on (seed, epoch). ``transformers.Trainer`` does the same with its own sampler.
+    """
+
+    def __init__(self, num_groups: int, seed: int = 0):
+        self.num_groups, self.seed, self.epoch = num_groups, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.num_groups, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.num_groups

@@ -1,0 +1,520 @@
+"""Cross-pair scoring: the B×B matrices R[i, j] = r(x_i, y_j) and Q[i, j] = log π_ref(y_j | x_i).
+
+SPEC §5. Every VAR micro-batch of B (prompt, response) examples needs B² reward scores and B²
+reference log-probs. This module computes them:
+
+    cross_pair_logps(model, prompts, responses)   -> Q  [B, B] float32 (no-grad log-prob path)
+    cross_pair_rewards(reward, prompts, responses) -> R  [B, B] float32
+    paired_logps / paired_rewards                 -> the diagonals [N] (shared-context form)
+
+Prompts and responses are lists of 1-D integer tensors of token ids (no padding; the response
+holds exactly the tokens that are scored, EOS included if it is part of the response).
+
+Prefix sharing (``share_prefix=True``, default): the prompts run once, batched and left-padded,
+with a KV cache. Each batch of (prompt, response) continuations then takes a deep copy of that
+cache (``DynamicCache.update`` concatenates new keys onto the layer's tensors, so every
+continuation batch needs its own cache object), keeps one cache row per pair with
+``batch_select_indices`` and runs the responses on top of it, with position ids |x_i| + t and the
+prompt padding masked. The first response token is scored from the prompt's last hidden state.
+This costs B·|x| + B²·|y| token positions instead of B²·(|x| + |y|) for scoring every pair
+separately (``share_prefix=False``); both give the same values up to float rounding.
+
+Log-probs never materialise [B², T, V]: for a standard causal LM (``lm_head`` is an
+``nn.Linear``) the decoder's last hidden states (captured by a forward hook; the model runs with
+``logits_to_keep=1``) go through :func:`varkernels.linear_sequence_logps`
+in chunks; otherwise the model's logits go through :func:`varkernels.sequence_logps`, one
+continuation batch at a time. Gemma-style ``final_logit_softcapping`` is passed on as ``softcap``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Sequence
+from typing import Callable, Optional, Union
+
+import torch
+
+RewardFn = Callable[[list, list], Union[Sequence, torch.Tensor]]
+
+# Scoring runs of at least this many pairs show a progress bar when ``progress=None``.
+PROGRESS_MIN_PAIRS = 256
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check_token_lists(
+    prompts, responses, *, vocab_size: Optional[int] = None, same_length: bool = False
+) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the argument for malformed prompt/response lists.
+
+    Each must be a non-empty list of non-empty 1-D integer tensors with ids in [0, vocab_size).
+    ``same_length=True`` also requires ``len(prompts) == len(responses)``.
+    """
+    for name, seqs in (("prompts", prompts), ("responses", responses)):
+        if isinstance(seqs, torch.Tensor) or not isinstance(seqs, Sequence):
+            raise TypeError(
+                f"{name} must be a list of 1-D LongTensors of token ids, got {type(seqs).__name__}"
+            )
+        if len(seqs) == 0:
+            raise ValueError(f"{name} must be a non-empty list, got an empty one")
+        for k, s in enumerate(seqs):
+            if not isinstance(s, torch.Tensor):
+                raise TypeError(f"{name}[{k}] must be a 1-D torch.Tensor of token ids, got {type(s).__name__}")
+            if s.dim() != 1:
+                raise ValueError(f"{name}[{k}] must be 1-D (unpadded token ids), got shape {tuple(s.shape)}")
+            if s.dtype.is_floating_point or s.dtype.is_complex or s.dtype == torch.bool:
+                raise TypeError(f"{name}[{k}] must hold integer token ids, got dtype {s.dtype}")
+            if s.numel() == 0:
+                what = (
+                    "a prompt needs at least one token (e.g. BOS) to predict the first response token"
+                    if name == "prompts"
+                    else "an empty response has no tokens to score; drop the example or append EOS"
+                )
+                raise ValueError(f"{name}[{k}] is empty: {what}")
+            if vocab_size is not None:
+                lo, hi = int(s.min()), int(s.max())
+                if lo < 0 or hi >= vocab_size:
+                    bad = lo if lo < 0 else hi
+                    raise ValueError(f"{name}[{k}] has token id {bad} outside [0, vocab_size) = [0, {vocab_size})")
+    if same_length and len(prompts) != len(responses):
+        raise ValueError(
+            f"prompts and responses must have the same length (one response per prompt), "
+            f"got len(prompts)={len(prompts)} and len(responses)={len(responses)}"
+        )
+
+
+def _check_batch_size(batch_size) -> None:
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+
+
+# ----------------------------------------------------------------------------- model access
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM inside DDP / accelerate / PEFT wrappers (for reading ``lm_head`` and config)."""
+    for _ in range(8):  # wrappers nest a few levels at most (accelerate → DDP → PEFT)
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP, DataParallel
+            model = model.module
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
+            model = model.get_base_model()
+        else:
+            break
+    return model
+
+
+class LMHead:
+    """How to turn a causal LM's last hidden states into log-probs without [.., T, V] logits.
+
+    ``fused`` is True for a standard causal LM: ``lm_head`` is a plain ``nn.Linear`` (not a LoRA
+    layer), the forward accepts ``logits_to_keep``, the decoder (``get_decoder()`` or the
+    ``base_model_prefix`` attribute) is found, and no logit transform other than a softcap is
+    configured. Then the decoder's output (the final-norm hidden states the head reads) is
+    captured by a forward hook while the whole model runs with ``logits_to_keep=1``, and
+    ``weight``/``bias``/``softcap`` feed the fused-linear ops. Otherwise the model's logits are used.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        lm = unwrap_model(model)
+        config = getattr(lm, "config", None)
+        self.softcap = getattr(config, "final_logit_softcapping", None) if config is not None else None
+        head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+        params = inspect.signature(lm.forward).parameters
+        self.keep_arg = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in params), None)
+        self.decoder = _decoder(lm)
+        unsupported_scale = config is not None and any(
+            getattr(config, a, None) not in (None, 1.0) for a in ("logit_scale", "logits_scaling")
+        )
+        self.fused = (
+            type(head) is torch.nn.Linear
+            and self.keep_arg is not None
+            and self.decoder is not None
+            and not unsupported_scale
+        )
+        self.weight = head.weight if self.fused else None
+        self.bias = head.bias if self.fused else None
+        self.vocab_size = _vocab_size(lm)
+
+    def forward(self, model, **inputs):
+        """Run ``model`` (through any wrapper, so DDP hooks fire); return (features, outputs).
+
+        features: [N, L, H] last hidden states when ``fused``, else [N, L, V] logits.
+        """
+        if not self.fused:
+            out = model(**inputs)
+            return out.logits, out
+        captured = []
+
+        def hook(module, args, output):
+            captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+        handle = self.decoder.register_forward_hook(hook)
+        try:
+            out = model(**inputs, **{self.keep_arg: 1})
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise RuntimeError(f"expected one call of the decoder {type(self.decoder).__name__}, got {len(captured)}")
+        return captured[0], out
+
+    def logps(self, features, labels, *, reduction, shift_labels=False, chunk_size=None, backend="auto"):
+        import varkernels
+
+        opts = dict(reduction=reduction, shift_labels=shift_labels, softcap=self.softcap, backend=backend)
+        if self.fused:
+            return varkernels.linear_sequence_logps(
+                features, self.weight, labels, bias=self.bias, chunk_size=chunk_size, **opts
+            )
+        return varkernels.sequence_logps(features, labels, **opts)
+
+
+def _decoder(lm) -> Optional[torch.nn.Module]:
+    dec = None
+    if hasattr(lm, "get_decoder"):
+        try:
+            dec = lm.get_decoder()
+        except (AttributeError, NotImplementedError):
+            dec = None
+    if dec is None or dec is lm:
+        dec = getattr(lm, getattr(lm, "base_model_prefix", "") or "model", None)
+    return dec if isinstance(dec, torch.nn.Module) and dec is not lm else None
+
+
+def _vocab_size(lm) -> Optional[int]:
+    emb = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
+    if emb is not None and hasattr(emb, "num_embeddings"):
+        return int(emb.num_embeddings)
+    return getattr(getattr(lm, "config", None), "vocab_size", None)
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _progress(total: int, desc: str, progress: Optional[bool]):
+    """A tqdm bar counting pairs when asked (or when ``progress=None`` and the run is long)."""
+    show = total >= PROGRESS_MIN_PAIRS if progress is None else bool(progress)
+    if show:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc=desc, unit="pair", leave=False)
+        except ImportError:
+            pass
+    return _NullBar()
+
+
+class _NullBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def pad_left(seqs: Sequence[torch.Tensor], value: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad 1-D tensors to [N, max_len]; returns (padded int64, mask bool)."""
+    n, L = len(seqs), max(int(s.numel()) for s in seqs)
+    out = torch.full((n, L), value, dtype=torch.long, device=device)
+    mask = torch.zeros((n, L), dtype=torch.bool, device=device)
+    for k, s in enumerate(seqs):
+        out[k, L - s.numel() :] = s.to(device=device, dtype=torch.long)
+        mask[k, L - s.numel() :] = True
+    return out, mask
+
+
+def pad_right(seqs: Sequence[torch.Tensor], value: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D tensors to [N, max_len]; returns (padded int64, mask bool)."""
+    n, L = len(seqs), max(int(s.numel()) for s in seqs)
+    out = torch.full((n, L), value, dtype=torch.long, device=device)
+    mask = torch.zeros((n, L), dtype=torch.bool, device=device)
+    for k, s in enumerate(seqs):
+        out[k, : s.numel()] = s.to(device=device, dtype=torch.long)
+        mask[k, : s.numel()] = True
+    return out, mask
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def _pair_logps_separately(model, head, pairs, prompts, responses, reduction, batch_size, bar, ignore_index=-100):
+    """log π(y_j | x_i) for each (i, j) in ``pairs``: one forward of x_i ⊕ y_j per pair, batched."""
+    device = _model_device(model)
+    out = torch.empty(len(pairs), dtype=torch.float32)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        seqs = [torch.cat([prompts[i].long(), responses[j].long()]) for i, j in chunk]
+        ids, mask = pad_right(seqs, 0, device)
+        labels = torch.full_like(ids, ignore_index)
+        for k, (i, j) in enumerate(chunk):
+            p, r = prompts[i].numel(), responses[j].numel()
+            labels[k, p : p + r] = ids[k, p : p + r]
+        feats, _ = head.forward(model, input_ids=ids, attention_mask=mask.long(), use_cache=False)
+        lp = head.logps(feats, labels, reduction=reduction, shift_labels=True)
+        out[start : start + len(chunk)] = lp.float().cpu()
+        bar.update(len(chunk))
+    return out
+
+
+def _pair_logps_shared(model, head, pairs, prompts, responses, reduction, batch_size, bar, ignore_index=-100):
+    """log π(y_j | x_i) for each (i, j) in ``pairs`` (sorted by i), each prompt run once.
+
+    Prompts go through the model in left-padded batches of ``batch_size`` with a KV cache (left
+    padding, as in generation, keeps each prompt's tokens next to its continuation, so index
+    distances equal position distances and sliding-window attention stays exact). Each
+    continuation batch takes a deep copy of its prompt batch's cache, selects one cache row per
+    pair (``batch_select_indices``) and runs the responses on top of it with position ids
+    |x_i| + t; the prompt padding stays masked by the attention mask.
+    """
+    device = _model_device(model)
+    out = torch.empty(len(pairs), dtype=torch.float32)
+    prompt_ids = sorted({i for i, _ in pairs})
+    for c in range(0, len(prompt_ids), batch_size):
+        chunk_prompts = prompt_ids[c : c + batch_size]
+        row_of = {i: r for r, i in enumerate(chunk_prompts)}
+        x, x_mask = pad_left([prompts[i] for i in chunk_prompts], 0, device)
+        lens = x_mask.sum(1)
+        x_pos = (x_mask.long().cumsum(1) - 1).clamp(min=0)
+        feats, outputs = head.forward(
+            model, input_ids=x, attention_mask=x_mask.long(), position_ids=x_pos, use_cache=True
+        )
+        cache = outputs.past_key_values
+        if cache is None or not hasattr(cache, "batch_select_indices"):
+            raise RuntimeError(
+                f"{type(unwrap_model(model)).__name__} returned no transformers Cache with use_cache=True; "
+                "use share_prefix=False for this model"
+            )
+        last = feats[:, -1:]  # [n, 1, H or V]: left padding puts every prompt's last token at the end
+        chunk_pairs = [(k, i, j) for k, (i, j) in enumerate(pairs) if i in row_of]
+        for start in range(0, len(chunk_pairs), batch_size):
+            batch = chunk_pairs[start : start + batch_size]
+            rows = torch.tensor([row_of[i] for _, i, _ in batch], device=device)
+            ids, mask = pad_right([responses[j] for _, _, j in batch], 0, device)
+            L = ids.shape[1]
+            past = copy.deepcopy(cache)
+            past.batch_select_indices(rows)
+            attn = torch.cat([x_mask[rows], mask], dim=1).long()
+            pos = lens[rows].unsqueeze(1) + torch.arange(L, device=device)
+            cont, _ = head.forward(
+                model, input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True
+            )
+            # Position t of [last, cont[:, :-1]] predicts response token t: no shift needed.
+            feats_r = torch.cat([last[rows], cont[:, :-1]], dim=1)
+            labels = torch.where(mask, ids, torch.full_like(ids, ignore_index))
+            lp = head.logps(feats_r, labels, reduction=reduction)
+            out[torch.tensor([k for k, _, _ in batch])] = lp.float().cpu()
+            bar.update(len(batch))
+            del past, cont
+    return out
+
+
+def _check_reduction(reduction) -> None:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be one of ['mean', 'sum'], got {reduction!r}")
+
+
+@torch.no_grad()
+def cross_pair_logps(
+    model: torch.nn.Module,
+    prompts: Sequence[torch.Tensor],
+    responses: Sequence[torch.Tensor],
+    *,
+    reduction: str = "mean",
+    share_prefix: bool = True,
+    batch_size: Optional[int] = None,
+    progress: Optional[bool] = None,
+) -> torch.Tensor:
+    """Reference log-probs of every response under every prompt: Q[i, j] = log π(y_j | x_i).
+
+    Args:
+        model: a causal LM (``transformers`` ``*ForCausalLM``, possibly PEFT/DDP-wrapped), in eval mode.
+        prompts: B 1-D integer tensors x_i (unpadded, non-empty).
+        responses: B 1-D integer tensors y_j (unpadded, non-empty): response j belongs to prompt j.
+        reduction: "mean" (per response token, the VAR default) or "sum"; must match the
+            ``logp_reduction`` of the loss.
+        share_prefix: run each prompt once and reuse its KV cache for all continuations
+            (needs a model returning a ``transformers`` ``Cache`` with ``batch_select_indices``).
+            False scores every concatenated pair separately (same values up to float rounding).
+        batch_size: sequences per forward: prompts, then (prompt, response) continuations when
+            sharing the prefix; whole concatenated pairs otherwise. Default B (one row of Q).
+        progress: tqdm bar over pairs; ``None`` shows one from 256 pairs on.
+    Returns:
+        float32 [B, B] on CPU; row i = prompt i, column j = response j.
+    """
+    _check_reduction(reduction)
+    _check_batch_size(batch_size)
+    head = LMHead(model)
+    check_token_lists(prompts, responses, vocab_size=head.vocab_size, same_length=True)
+    B, Bp = len(prompts), len(responses)
+    bs = batch_size or Bp
+    was_training = model.training
+    model.eval()
+    try:
+        pairs = [(i, j) for i in range(B) for j in range(Bp)]
+        bar = _progress(len(pairs), "cross-pair log-probs", progress)
+        score = _pair_logps_shared if share_prefix else _pair_logps_separately
+        q = score(model, head, pairs, prompts, responses, reduction, bs, bar)
+        bar.close()
+        return q.view(B, Bp)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def paired_logps(
+    model: torch.nn.Module,
+    prompts: Sequence[torch.Tensor],
+    responses: Sequence[torch.Tensor],
+    *,
+    reduction: str = "mean",
+    batch_size: Optional[int] = None,
+    progress: Optional[bool] = None,
+) -> torch.Tensor:
+    """log π(y_i | x_i) for matched lists (the diagonal of Q; the (B,) shared-context form).
+
+    Returns float32 [N] on CPU. ``batch_size`` sequences per forward (default 8).
+    """
+    _check_reduction(reduction)
+    _check_batch_size(batch_size)
+    head = LMHead(model)
+    check_token_lists(prompts, responses, vocab_size=head.vocab_size, same_length=True)
+    bs = batch_size or 8
+    pairs = [(i, i) for i in range(len(prompts))]
+    was_training = model.training
+    model.eval()
+    try:
+        bar = _progress(len(pairs), "log-probs", progress)
+        out = _pair_logps_separately(model, head, pairs, prompts, responses, reduction, bs, bar)
+        bar.close()
+        return out
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------- rewards
+
+
+def _is_model(reward) -> bool:
+    return isinstance(reward, torch.nn.Module)
+
+
+def _score_reward_pairs(reward, pairs, prompts, responses, batch_size, bar, pad_token_id) -> torch.Tensor:
+    out = torch.empty(len(pairs), dtype=torch.float32)
+    if not _is_model(reward):
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            vals = reward([prompts[i] for i, _ in chunk], [responses[j] for _, j in chunk])
+            vals = torch.as_tensor(vals, dtype=torch.float32).reshape(-1).cpu()
+            if vals.numel() != len(chunk):
+                raise ValueError(
+                    f"reward callable must return one score per (prompt, response) pair: got "
+                    f"{vals.numel()} scores for {len(chunk)} pairs"
+                )
+            out[start : start + len(chunk)] = vals
+            bar.update(len(chunk))
+    else:
+        lm = unwrap_model(reward)
+        config = getattr(lm, "config", None)
+        pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
+        device = _model_device(reward)
+        # Sorting by length keeps padding small. transformers' sequence classifiers find the
+        # score position from pad_token_id and refuse batches > 1 without one: score one by one then.
+        bs = batch_size if pad is not None else 1
+        lengths = [prompts[i].numel() + responses[j].numel() for i, j in pairs]
+        order = sorted(range(len(pairs)), key=lambda k: lengths[k])
+        batches = [order[k : k + bs] for k in range(0, len(order), bs)]
+        was_training = reward.training
+        reward.eval()
+        try:
+            for batch in batches:
+                seqs = [torch.cat([prompts[pairs[k][0]].long(), responses[pairs[k][1]].long()]) for k in batch]
+                ids, mask = pad_right(seqs, pad if pad is not None else 0, device)
+                logits = reward(input_ids=ids, attention_mask=mask.long()).logits
+                if logits.dim() != 2 or logits.shape[1] != 1:
+                    raise ValueError(
+                        "reward model must output one score per sequence (num_labels=1, logits [N, 1]), "
+                        f"got logits of shape {tuple(logits.shape)}"
+                    )
+                out[torch.tensor(batch)] = logits[:, 0].float().cpu()
+                bar.update(len(batch))
+        finally:
+            reward.train(was_training)
+    if not torch.isfinite(out).all():
+        k = int((~torch.isfinite(out)).nonzero()[0])
+        raise ValueError(f"reward returned a non-finite score {out[k].item()} for pair {pairs[k]} (prompt, response)")
+    return out
+
+
+def _check_reward(reward) -> None:
+    if not (_is_model(reward) or callable(reward)):
+        raise TypeError(
+            "reward must be a transformers sequence-classification model (num_labels=1) or a callable "
+            f"fn(prompts, responses) -> scores, got {type(reward).__name__}"
+        )
+
+
+@torch.no_grad()
+def cross_pair_rewards(
+    reward: Union[torch.nn.Module, RewardFn],
+    prompts: Sequence[torch.Tensor],
+    responses: Sequence[torch.Tensor],
+    *,
+    batch_size: Optional[int] = None,
+    pad_token_id: Optional[int] = None,
+    progress: Optional[bool] = None,
+) -> torch.Tensor:
+    """Rewards of every response under every prompt: R[i, j] = r(x_i, y_j).
+
+    Args:
+        reward: either
+            - a ``transformers`` sequence-classification model with ``num_labels=1`` that reads
+              the token ids x_i ⊕ y_j (same tokenizer as the policy). Sequences are right-padded
+              with ``pad_token_id`` (default ``reward.config.pad_token_id``); if there is none,
+              pairs are scored one at a time; or
+            - a callable ``fn(prompts: list[Tensor], responses: list[Tensor]) -> scores`` scoring
+              the pairs position by position (a list, array or tensor of len(prompts) floats).
+        prompts, responses: lists of 1-D integer tensors (non-empty).
+        batch_size: pairs per reward call (default B, one row of the matrix).
+        progress: tqdm bar over pairs; ``None`` shows one from 256 pairs on.
+    Returns:
+        float32 [B, B] on CPU.
+    """
+    _check_reward(reward)
+    _check_batch_size(batch_size)
+    vocab = _vocab_size(unwrap_model(reward)) if _is_model(reward) else None
+    check_token_lists(prompts, responses, vocab_size=vocab, same_length=True)
+    B, Bp = len(prompts), len(responses)
+    bs = batch_size or Bp
+    pairs = [(i, j) for i in range(B) for j in range(Bp)]
+    bar = _progress(len(pairs), "cross-pair rewards", progress)
+    r = _score_reward_pairs(reward, pairs, prompts, responses, bs, bar, pad_token_id)
+    bar.close()
+    return r.view(B, Bp)
+
+
+@torch.no_grad()
+def paired_rewards(
+    reward: Union[torch.nn.Module, RewardFn],
+    prompts: Sequence[torch.Tensor],
+    responses: Sequence[torch.Tensor],
+    *,
+    batch_size: Optional[int] = None,
+    pad_token_id: Optional[int] = None,
+    progress: Optional[bool] = None,
+) -> torch.Tensor:
+    """r(x_i, y_i) for matched lists (the diagonal of R). Returns float32 [N] on CPU."""
+    _check_reward(reward)
+    _check_batch_size(batch_size)
+    vocab = _vocab_size(unwrap_model(reward)) if _is_model(reward) else None
+    check_token_lists(prompts, responses, vocab_size=vocab, same_length=True)
+    bs = batch_size or 8
+    pairs = [(i, i) for i in range(len(prompts))]
+    bar = _progress(len(pairs), "rewards", progress)
+    r = _score_reward_pairs(reward, pairs, prompts, responses, bs, bar, pad_token_id)
+    bar.close()
+    return r
