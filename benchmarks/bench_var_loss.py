@@ -77,7 +77,8 @@ def main(argv=None):
                      "dtype": args.dtype, "device": device, **t, "peak_extra_bytes": mem,
                      "peak_extra_x_logits": mem / logits_bytes})
     base = next((r for r in rows if r["provider"] == "naive"), None)
-    print(f"{'provider':32s} {'median ms':>10s} {'p20':>8s} {'p80':>8s} {'speedup':>8s} {'peak extra':>12s} {'x logits':>9s}")
+    head = ("provider", "median ms", "p20", "p80", "speedup", "peak extra", "x logits")
+    print(f"{head[0]:32s} {head[1]:>10s} {head[2]:>8s} {head[3]:>8s} {head[4]:>8s} {head[5]:>12s} {head[6]:>9s}")
     for r in rows:
         sp = base["median_s"] / r["median_s"] if base else float("nan")
         print(f"{labels_of[r['provider']]:32s} {r['median_s']*1e3:10.1f} {r['p20_s']*1e3:8.1f} {r['p80_s']*1e3:8.1f} "

@@ -158,7 +158,8 @@ def test_dpo_on_linear_sequence_logps(backend):
     W = torch.randn(V, H, generator=g, dtype=torch.float64) / 4
     y = torch.randint(0, V, (2 * B, T), generator=g)
     y[:, :4] = -100
-    ref_chosen, ref_rejected = -torch.rand(B, generator=g, dtype=torch.float64) * 40, -torch.rand(B, generator=g, dtype=torch.float64) * 40
+    ref_chosen = -torch.rand(B, generator=g, dtype=torch.float64) * 40
+    ref_rejected = -torch.rand(B, generator=g, dtype=torch.float64) * 40
 
     def dpo(logps):
         chosen, rejected = logps[:B], logps[B:]
