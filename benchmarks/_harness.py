@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import datetime
 import gc
-import os
 import platform
 import statistics
 import time
@@ -120,3 +119,127 @@ def machine_line() -> str:
     m = machine_info()
     return (f"machine: {m['cpu']} | {m['threads']} threads | torch {m['torch']} | triton {m['triton']} "
             f"| gpu {m['gpu']} | {m['date']}")
+
+
+def measure(fn: Callable[[], object], device: str = "cpu", reps: int = 3,
+            setup: Callable[[], object] = lambda: None) -> dict:
+    """Time and peak memory of ``fn``: ``time_fn``'s percentiles, ``peak_extra_bytes`` and
+    ``first_call_s`` (the wall time of the first, warm-up call: compilation included).
+
+    ``setup`` runs before every call, untimed and before the resident memory is read (reset the
+    gradients there, so that the previous call's gradient is not counted as resident and the new
+    one is counted in the peak). On CPU: one warm-up call, then ``reps`` timed calls, the first of
+    which also gives ``peak_extra_bytes`` (``peak_memory_bytes``; see ``fix_mmap_threshold``). On
+    CUDA: the peak from one call, the time from ``triton.testing.do_bench`` (its own warm-up, L2
+    flush between calls, median / 20th / 80th percentiles over as many calls as fit in a second)."""
+    times = []
+
+    def timed():
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+
+    setup()
+    timed()  # warm-up: JIT builds, torch.compile, allocator
+    first = times.pop()
+    setup()
+    mem = peak_memory_bytes(timed, device)
+    if device == "cuda":
+        import triton.testing
+
+        def call():
+            setup()
+            fn()
+
+        med, p20, p80 = triton.testing.do_bench(call, rep=1000, quantiles=[0.5, 0.2, 0.8])
+        t = {"median_s": med / 1e3, "p20_s": p20 / 1e3, "p80_s": p80 / 1e3, "reps": "do_bench(rep=1000ms)"}
+    else:
+        for _ in range(reps - 1):
+            setup()
+            timed()
+        t = summarize(times)
+    return {**t, "peak_extra_bytes": mem, "first_call_s": first}
+
+
+def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Make glibc serve every allocation of ``nbytes`` or more by its own mmap, so that CPU peak
+    memory counts live tensors.
+
+    glibc raises its mmap threshold dynamically (up to 32 MiB) after large blocks are freed; later
+    blocks below it come from the heap, where a freed block stays resident and is reused without
+    growing the resident set, and ``peak_memory_bytes`` then misses it (or, with fragmentation,
+    counts blocks that are free). ``mallopt(M_MMAP_THRESHOLD, n)`` fixes the threshold (and turns the
+    dynamic rule off): every tensor of ``nbytes`` or more is mapped on allocation and unmapped on
+    free, and VmHWM − VmRSS is the peak of live tensors, as ``torch.cuda.max_memory_allocated`` is
+    on a GPU. Cost: page faults on every such allocation (glibc already maps tensors above 32 MiB
+    this way). Call it once, before all measurements, so every provider runs under the same policy.
+    Returns False where glibc is absent."""
+    import ctypes
+    import ctypes.util
+
+    M_MMAP_THRESHOLD = -3  # malloc.h
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
+    except (OSError, AttributeError):
+        return False
+
+
+def measure_interleaved(calls: dict, device: str = "cpu", reps: int = 3) -> dict:
+    """``measure`` for several functions of one config, with the timed calls interleaved.
+
+    ``calls`` maps a name to ``(fn, setup)``. Each function gets its warm-up call and its peak-memory
+    call in turn; then the ``reps`` timed calls go round-robin (round 1 of every function, then
+    round 2, ...), so that a change of load on a shared machine during the config hits every
+    function alike and their ratios stay comparable. On CUDA each function is ``measure``-d in turn
+    (``do_bench`` is not disturbed by other users of the host). Returns name → ``measure``'s dict,
+    or name → the exception its warm-up or a timed call raised."""
+    if device == "cuda":
+        out = {}
+        for name, (fn, setup) in calls.items():
+            try:
+                out[name] = measure(fn, device, reps, setup)
+            except Exception as e:  # noqa: BLE001 - reported per function by the caller
+                out[name] = e
+        return out
+    out, times = {}, {name: [] for name in calls}
+    for name, (fn, setup) in calls.items():
+        try:
+            setup()
+            t0 = time.perf_counter()
+            fn()
+            first = time.perf_counter() - t0
+            setup()
+            box = []
+            mem = peak_memory_bytes(lambda: box.append(_timed_call(fn)), device)
+            times[name] += box
+            out[name] = {"peak_extra_bytes": mem, "first_call_s": first}
+        except Exception as e:  # noqa: BLE001
+            out[name] = e
+        finally:
+            setup()
+    for _ in range(reps - 1):
+        for name, (fn, setup) in calls.items():
+            if isinstance(out[name], Exception):
+                continue
+            try:
+                setup()
+                times[name].append(_timed_call(fn))
+            except Exception as e:  # noqa: BLE001
+                out[name] = e
+            finally:
+                setup()
+    for name, result in out.items():
+        if not isinstance(result, Exception):
+            result.update(summarize(times[name]))
+    return out
+
+
+def _timed_call(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0

@@ -1,0 +1,192 @@
+"""Plots drawn from the benchmark CSVs into benchmarks/results/*.png.
+
+    python benchmarks/plot.py                 # the last run of peers.csv, and the other CSVs present
+    python benchmarks/plot.py --run 20261123T153000
+
+peers.csv (benchmarks/bench_peers.py), one run:
+    peers_time.png     forward + backward wall time per provider (median, p20–p80 bars), log scale
+    peers_memory.png   peak memory beyond the inputs per provider
+    peers_traffic.png  counted bytes of the logits-input loss (naive, varkernels[triton], liger[ce])
+                       against the floor (one read of the logits + one write of the gradient)
+var_loss.csv / fused_linear.csv (bench_var_loss.py / bench_fused_linear.py): the latest row of
+    each provider and config → var_loss.png, fused_linear.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import RESULTS  # noqa: E402
+
+# one colour per provider, stable across figures
+COLOURS = {
+    "naive": "#7f7f7f", "torch.compile(naive)": "#bcbd22", "varkernels[cpu]": "#1f77b4",
+    "varkernels[torch]": "#aec7e8", "varkernels[triton]": "#08306b", "liger[ce]": "#d62728",
+    "liger[flce]": "#d62728", "liger[chunked]": "#ff9896", "cce[cce]": "#2ca02c", "cce[torch_compile]": "#98df8a",
+}
+
+
+LEGEND = dict(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0))  # outside the axes, right
+
+
+def read(path: Path) -> list:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def shape_label(r: dict) -> str:
+    dt = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(r["dtype"], r["dtype"])
+    return f"T={r['T']}\nV={int(r['V']) // 1000}k {dt}"
+
+
+def grouped_bars(ax, rows: list, value, err=None, log=False, ylabel=""):
+    """Bars grouped by shape (x) with one bar per provider; ``value(row)`` gives the height."""
+    shapes = list(dict.fromkeys(shape_label(r) for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    width = 0.8 / max(len(providers), 1)
+    for k, name in enumerate(providers):
+        xs, ys, lo, hi = [], [], [], []
+        for r in rows:
+            if r["provider"] != name:
+                continue
+            x = shapes.index(shape_label(r)) + (k - (len(providers) - 1) / 2) * width
+            y = value(r)
+            xs.append(x)
+            ys.append(y)
+            if err:
+                a, b = err(r)
+                lo.append(y - a)
+                hi.append(b - y)
+        ax.bar(xs, ys, width, label=name, color=COLOURS.get(name), edgecolor="black", linewidth=0.3,
+               yerr=[lo, hi] if err else None, capsize=2)
+    ax.set_xticks(range(len(shapes)))
+    ax.set_xticklabels(shapes, fontsize=8)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(axis="y", alpha=0.3, which="both")
+
+
+def caption(rows: list) -> str:
+    r = rows[0]
+    return (f"run {r['run']} | {r['cpu']}, {r['threads']} threads | torch {r['torch']}, triton {r['triton']}, "
+            f"liger-kernel {r['liger_kernel']}, cut-cross-entropy {r['cut_cross_entropy']} | gpu {r['gpu']} | "
+            f"{r['date'][:10]}")
+
+
+def plot_peers(rows: list, out: Path) -> list:
+    written = []
+    timed = [r for r in rows if r["part"] == "time" and r["status"] == "ok"]
+    forms = [f for f in ("logits", "linear") if any(r["form"] == f for r in timed)]
+    for what, fname in (("time", "peers_time.png"), ("memory", "peers_memory.png")):
+        if not forms:
+            break
+        fig, axes = plt.subplots(len(forms), 1, figsize=(14, 4.2 * len(forms)), squeeze=False)
+        for ax, form in zip(axes[:, 0], forms):
+            fr = [r for r in timed if r["form"] == form]
+            B, H = fr[0]["B"], fr[0]["H"]
+            title = f"form {form}: B={B}" + (f", H={H}" if H else "") + ", forward + backward"
+            if what == "time":
+                grouped_bars(ax, fr, lambda r: float(r["median_s"]) * 1e3,
+                             err=lambda r: (float(r["p20_s"]) * 1e3, float(r["p80_s"]) * 1e3), log=True,
+                             ylabel=f"wall time, ms ({fr[0]['device']}; median, p20–p80)")
+            else:
+                grouped_bars(ax, fr, lambda r: max(float(r["peak_extra_bytes"]), 0) / 2**20,
+                             ylabel="peak memory beyond inputs, MiB")
+            ax.set_title(title, fontsize=10)
+            ax.legend(**LEGEND)
+        fig.suptitle(caption(rows), fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        written.append(out / fname)
+
+    traffic = [r for r in rows if r["part"] == "traffic" and r["status"] == "ok"]
+    if traffic:
+        fig, ax = plt.subplots(figsize=(14, 4.8))
+        grouped_bars(ax, traffic, lambda r: float(r["counted_bytes"]) / 1e6, log=True,
+                     ylabel="bytes moved, MB (counted, no GPU)")
+        shapes = list(dict.fromkeys(shape_label(r) for r in traffic))
+        for r in traffic:
+            if r["provider"] == "naive":
+                i = shapes.index(shape_label(r))
+                ax.hlines(float(r["floor_bytes"]) / 1e6, i - 0.42, i + 0.42, colors="black", linestyles="--",
+                          label="floor: 1 read + 1 write" if i == 0 else None)
+        for r in traffic:
+            if r["provider"] != "naive":
+                i = shapes.index(shape_label(r))
+                k = list(dict.fromkeys(t["provider"] for t in traffic)).index(r["provider"])
+                n = len(set(t["provider"] for t in traffic))
+                x = i + (k - (n - 1) / 2) * 0.8 / n
+                ax.annotate(f"{float(r['bytes_x_naive']):.2f}×", (x, float(r["counted_bytes"]) / 1e6),
+                            ha="center", va="bottom", fontsize=7)
+        B = traffic[0]["B"]
+        ax.set_title(f"logits-input VAR loss, B={B}, forward + backward: bytes loaded + stored (Triton kernels "
+                     f"counted in the interpreter, aten ops by a TorchDispatchMode; labels: × naive eager)\n"
+                     f"{traffic[0]['bytes_method']}", fontsize=9)
+        ax.legend(**LEGEND)
+        fig.suptitle(caption(rows), fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "peers_traffic.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "peers_traffic.png")
+    return written
+
+
+def plot_latest(rows: list, out: Path, fname: str, title: str, config_keys: tuple) -> list:
+    """The latest row of each (provider, config) of a lead's CSV: time and peak memory side by side."""
+    if not rows:
+        return []
+    latest = {}
+    for r in rows:
+        latest[(r["provider"], *(r.get(k, "") for k in config_keys))] = r
+    rows = list(latest.values())
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 4))
+    grouped_bars(a, rows, lambda r: float(r["median_s"]) * 1e3,
+                 err=lambda r: (float(r["p20_s"]) * 1e3, float(r["p80_s"]) * 1e3),
+                 ylabel="wall time, ms (median, p20–p80)")
+    grouped_bars(b, rows, lambda r: max(float(r["peak_extra_bytes"]), 0) / 2**20, ylabel="peak extra memory, MiB")
+    b.legend(**LEGEND)
+    r0 = rows[-1]
+    fig.suptitle(f"{title} | latest rows | {r0['cpu']}, {r0['threads']} threads, torch {r0['torch']} | "
+                 f"{r0['date'][:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / fname, dpi=110)
+    plt.close(fig)
+    return [out / fname]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--run", default=None, help="run id of peers.csv (default: the last one)")
+    args = p.parse_args(argv)
+    out = Path(args.results)
+    written = []
+    peers = read(out / "peers.csv")
+    if peers:
+        run = args.run or peers[-1]["run"]
+        written += plot_peers([r for r in peers if r["run"] == run], out)
+    written += plot_latest(read(out / "var_loss.csv"), out, "var_loss.png",
+                           "bench_var_loss.py: logits-input loss", ("B", "T", "V", "dtype", "device"))
+    written += plot_latest(read(out / "fused_linear.csv"), out, "fused_linear.png",
+                           "bench_fused_linear.py: fused-linear loss", ("B", "T", "H", "V", "dtype", "device"))
+    for w in written:
+        print(f"wrote {w}")
+    if not written:
+        print(f"no CSV with rows under {out}")
+
+
+if __name__ == "__main__":
+    main()
