@@ -1,7 +1,222 @@
-"""Loader of the C++ CPU kernel (csrc/). Placeholder until the CPU backend lands."""
+"""Loader of the C++ CPU kernel of csrc/ (the extension module ``varkernels_cpu``).
+
+``load_extension(required=False)`` returns the module (its ``token_op`` is described in
+csrc/var_cpu.cpp) or ``None``; the first call decides and the answer is kept for the process.
+
+1. ``VARKERNELS_DISABLE_CPP=1``: no extension (``backend="auto"`` then takes the PyTorch path).
+2. The ahead-of-time build, ``varkernels.varkernels_cpu``, made by ``setup.py`` at install time.
+   In a source checkout it is used only while it matches csrc/ (a hash of the sources is compiled
+   into it), so an edited kernel is never silently replaced by a stale binary.
+3. Otherwise a JIT build with ``torch.utils.cpp_extension.load`` (ninja) into a cache directory,
+   ``$VARKERNELS_CACHE_DIR`` or ``~/.cache/varkernels`` (``$XDG_CACHE_HOME`` honoured), one
+   sub-directory per torch version, Python version and machine. The build happens once; an
+   exclusive file lock keeps two processes from building at the same time (the second waits,
+   then loads the first one's result).
+4. No compiler / ninja / Python headers, or a failed build: ONE warning naming the cause and
+   ``None`` (``required=False``), or a ``RuntimeError`` with the same message (``required=True``,
+   i.e. ``backend="cpu"``).
+
+Compiler flags are ``-O3`` (and ``-fopenmp`` on Linux, for ``at::parallel_for``), nothing
+machine-specific: the AVX2 and AVX-512 kernels are compiled side by side (csrc/var_cpu_isa_*.cpp,
+with target pragmas) and chosen at run time from ATen's CPU capability, so a cached or prebuilt
+binary moved to another x86-64 machine still runs (and ``ATEN_CPU_CAPABILITY=avx2|default``
+selects the lower kernels, as for PyTorch's own).
+
+This module imports only the standard library at import time: setup.py loads it by path to
+share ``SOURCES`` and ``extra_cflags()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+MODULE_NAME = "varkernels_cpu"
+AOT_MODULE = "varkernels." + MODULE_NAME
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# Link order matters: the baseline unit comes before the AVX units, so an inline function that
+# several units emit out of line is resolved to its baseline copy (see csrc/var_cpu_isa_prelude.h).
+SOURCES = ("var_cpu.cpp", "var_cpu_isa_default.cpp", "var_cpu_isa_avx2.cpp", "var_cpu_isa_avx512.cpp")
+CFLAGS = ("-O3", "-Wno-psabi")  # -Wno-psabi: GCC notes on the AVX-512 argument ABI, as in PyTorch's build
+# at::parallel_for is a header template: with PyTorch's OpenMP backend it only runs in parallel
+# when the extension itself is compiled with OpenMP (it then uses the libgomp torch has loaded).
+OPENMP_FLAGS = ("-fopenmp",) if sys.platform.startswith("linux") else ()
+
+log = logging.getLogger("varkernels")
+
+_lock = threading.Lock()
+_state: dict = {}  # "module": the loaded module or None; "error": why it is None
+
+
+def source_hash(csrc: Path = CSRC) -> str | None:
+    """Hash of every file of csrc/ (None when the sources are not shipped, e.g. a wheel install)."""
+    if not csrc.is_dir():
+        return None
+    h = hashlib.sha256()
+    for p in sorted(csrc.iterdir()):
+        if p.suffix in (".cpp", ".h") and p.is_file():
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def extra_cflags(csrc: Path = CSRC) -> list:
+    """Compiler flags shared by the ahead-of-time (setup.py) and JIT builds."""
+    return [*CFLAGS, *OPENMP_FLAGS, f"-DVARKERNELS_SOURCE_HASH={source_hash(csrc) or 'none'}"]
+
+
+def extra_ldflags() -> list:
+    """Linker flags shared by the ahead-of-time (setup.py) and JIT builds."""
+    return list(OPENMP_FLAGS)
+
+
+def cache_dir() -> Path:
+    """Build directory of the JIT extension for this torch / Python / machine."""
+    import torch
+
+    root = os.environ.get("VARKERNELS_CACHE_DIR")
+    if root:
+        base = Path(root).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "varkernels"
+    tag = f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}"
+    return base / tag.replace("+", "_")
+
+
+def _missing_toolchain() -> str | None:
+    """Why a JIT build cannot even start, or None."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import is_ninja_available
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx.split()[0]) is None:
+        return f"no C++ compiler found (looked for {cxx!r}; set CXX or install g++/clang++)"
+    if not is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    include = sysconfig.get_paths().get("include")
+    if not include or not (Path(include) / "Python.h").exists():
+        return f"the Python development headers are missing (no Python.h in {include})"
+    if not all((CSRC / s).is_file() for s in SOURCES):
+        return f"the C++ sources are not available (expected {', '.join(SOURCES)} in {CSRC})"
+    return None
+
+
+def _load_aot():
+    """The module built by setup.py, if present and built from the current csrc/."""
+    try:
+        mod = importlib.import_module(AOT_MODULE)
+    except (ImportError, OSError) as e:  # not built (VARKERNELS_SKIP_CPP_BUILD=1), or built for another torch
+        log.debug("varkernels: no ahead-of-time CPU extension (%s)", e)
+        return None
+    current = source_hash()
+    if current is not None and getattr(mod, "source_hash", None) != current:
+        log.info("varkernels: the prebuilt CPU extension is older than csrc/; using a JIT build instead")
+        return None
+    return mod
+
+
+class _FileLock:
+    """Exclusive lock on a file (fcntl.flock: released by the OS if the holder dies)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # Windows: torch's own FileBaton still serialises the build
+            return self
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _build_jit(verbose: bool = False):
+    from torch.utils.cpp_extension import load
+
+    build_dir = cache_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with _FileLock(build_dir / ".varkernels-build.lock"):
+        # torch's FileBaton ("lock") is left behind if a build is killed, and then every later
+        # build waits on it forever; under our lock no other varkernels build can own it.
+        stale = build_dir / "lock"
+        if stale.exists():
+            stale.unlink()
+        log.info("varkernels: JIT-loading the C++ CPU kernel in %s (the first build takes 1-2 min)", build_dir)
+        return load(
+            name=MODULE_NAME,
+            sources=[str(CSRC / s) for s in SOURCES],
+            extra_cflags=extra_cflags(),
+            extra_ldflags=extra_ldflags(),
+            build_directory=str(build_dir),
+            verbose=verbose,
+        )
+
+
+def _load():
+    if os.environ.get("VARKERNELS_DISABLE_CPP", "0") == "1":
+        return None, "disabled by VARKERNELS_DISABLE_CPP=1"
+    mod = _load_aot()
+    if mod is not None:
+        return mod, None
+    missing = _missing_toolchain()
+    if missing is not None:
+        return None, missing
+    try:
+        return _build_jit(verbose=os.environ.get("VARKERNELS_VERBOSE_BUILD", "0") == "1"), None
+    except Exception as e:  # compiler errors come back as RuntimeError / subprocess errors
+        lines = str(e).strip().splitlines()
+        tail = "\n".join(lines[-15:])
+        hint = "set VARKERNELS_VERBOSE_BUILD=1 for the full log"
+        return None, f"the JIT build failed ({type(e).__name__}); {hint}:\n{tail}"
 
 
 def load_extension(required: bool = False):
-    if required:
-        raise RuntimeError("backend='cpu': the C++ CPU kernel is not available in this build")
-    return None
+    """The ``varkernels_cpu`` module, or None when it cannot be had (see the module docstring).
+
+    Args:
+        required: raise ``RuntimeError`` instead of returning None (``backend="cpu"``).
+    """
+    with _lock:
+        if "module" not in _state:
+            mod, error = _load()
+            _state["module"], _state["error"] = mod, error
+            if mod is None and not required and not error.startswith("disabled"):
+                warnings.warn(
+                    f"varkernels: the C++ CPU kernel is unavailable: {error}. "
+                    "backend='auto' uses the PyTorch path on CPU (correct, slower).",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+    mod = _state["module"]
+    if mod is None and required:
+        raise RuntimeError(
+            f"backend='cpu' needs the C++ CPU kernel of varkernels, which is unavailable: {_state['error']}. "
+            "Use backend='torch' (or 'auto') instead."
+        )
+    return mod
+
+
+def _reset_for_tests() -> None:
+    """Forget the cached decision (tests of the loader only)."""
+    with _lock:
+        _state.clear()

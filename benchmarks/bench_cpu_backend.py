@@ -1,0 +1,249 @@
+"""C++ CPU backend vs the PyTorch alternatives: forward+backward of the VAR loss on logits.
+
+    python benchmarks/bench_cpu_backend.py                      # B=8 T=512 V=32000 and B=2 T=512 V=128256, fp32
+    python benchmarks/bench_cpu_backend.py --configs 8x512x32000 --reps 11 --plot
+
+Providers (each a full forward + backward, gradient left in ``logits.grad``):
+    fused_cpu          fused_var_loss(backend="cpu")                the C++ kernel of csrc/
+    fused_cpu_inplace  fused_var_loss(backend="cpu", inplace=True)  gradient written over the logits
+    fused_torch        fused_var_loss(backend="torch")              the chunked PyTorch path
+    naive_eager        benchmarks/naive.py: log_softmax + gather + masked mean + weights, autograd
+    naive_compile      torch.compile(naive_var_loss) (skipped, with the reason, if it fails)
+
+Timing (_harness.measure_interleaved): one warm-up call per provider, then every rep runs every
+provider once, in turn ("alternating runs", so a slow phase of a shared machine hits all of them
+alike); median and 20th/80th percentiles of wall time, default torch threads. The in-place
+provider gets fresh logits copied in before each call, outside the timed region.
+
+Peak memory: extra resident memory of one call beyond what is resident before it (VmHWM after
+resetting it through /proc/self/clear_refs, see _harness.peak_memory_bytes), gradient included;
+glibc's mmap threshold is fixed first (_harness.fix_mmap_threshold) so freed tensors leave RSS.
+
+Floor of this machine, for the same logits: the sum of the medians of one max sweep
+(``x.amax(-1)``: one read), one exp sweep (``torch.exp(x, out=buf)``: read + write, ``buf``
+already faulted in) and one scale sweep (``buf.mul_(s)``: read + write in place), timed in the
+same alternating rounds as the providers. Each provider's median is printed as a multiple of it.
+
+Rows (machine, versions, load average, config, provider, times, memory, ratios) are appended to
+benchmarks/results/cpu_backend.csv; ``--plot`` draws benchmarks/results/cpu_backend.png from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import (  # noqa: E402
+    RESULTS,
+    append_csv,
+    fix_mmap_threshold,
+    fmt_bytes,
+    machine_info,
+    machine_line,
+    measure_interleaved,
+)
+from bench_var_loss import make_inputs  # noqa: E402
+from naive import naive_var_loss  # noqa: E402
+
+from varkernels import fused_var_loss  # noqa: E402
+from varkernels.csrc_loader import load_extension  # noqa: E402
+
+PROVIDERS = ("fused_cpu", "fused_cpu_inplace", "fused_torch", "naive_eager", "naive_compile")
+LABELS = {
+    "fused_cpu": "fused, backend=cpu",
+    "fused_cpu_inplace": "fused, backend=cpu, inplace",
+    "fused_torch": "fused, backend=torch",
+    "naive_eager": "naive eager",
+    "naive_compile": "torch.compile(naive)",
+}
+# Targets of the CPU-backend issue at B=8, T=512, V=32000 fp32: (provider, compared with, min speedup)
+TARGETS = (
+    ("fused_cpu", "naive_eager", 3.0),
+    ("fused_cpu_inplace", "naive_eager", 4.0),
+    ("fused_cpu", "naive_compile", 1.0),
+)
+MAX_FLOOR_RATIO = 2.0
+
+
+def build_providers(logits, labels, rewards, ref_logps, names):
+    """name -> (prepare, step): prepare() runs untimed before each timed step()."""
+    work = logits.detach().clone().requires_grad_(True)  # the in-place provider's logits, refilled per rep
+
+    def clear():
+        logits.grad = None
+
+    def refill():
+        with torch.no_grad():
+            work.copy_(logits)
+        work.grad = None
+
+    out, skipped = {}, {}
+    for name in names:
+        if name == "fused_cpu":
+            out[name] = (clear, lambda: fused_var_loss(logits, labels, rewards, ref_logps, backend="cpu").backward())
+        elif name == "fused_cpu_inplace":
+            out[name] = (refill, lambda: fused_var_loss(
+                work, labels, rewards, ref_logps, backend="cpu", inplace=True).backward())
+        elif name == "fused_torch":
+            out[name] = (clear, lambda: fused_var_loss(logits, labels, rewards, ref_logps, backend="torch").backward())
+        elif name == "naive_eager":
+            out[name] = (clear, lambda: naive_var_loss(logits, labels, rewards, ref_logps).backward())
+        elif name == "naive_compile":
+            compiled = torch.compile(naive_var_loss)
+            try:
+                t0 = time.perf_counter()
+                clear()
+                compiled(logits, labels, rewards, ref_logps).backward()
+                print(f"  torch.compile(naive): compiled and ran once in {time.perf_counter() - t0:.1f} s")
+            except Exception as e:  # no compiler for inductor, unsupported op, ...
+                skipped[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                continue
+            out[name] = (clear, lambda: compiled(logits, labels, rewards, ref_logps).backward())
+        else:
+            raise ValueError(f"unknown provider {name!r}; choose from {PROVIDERS}")
+    return out, skipped
+
+
+def floor_sweeps(logits):
+    """The three sweeps of the floor over the logits, as (step, setup) pairs for the harness."""
+    x = logits.detach()
+    buf = torch.empty_like(x)
+    buf.fill_(1.0)  # fault the pages in: the floor is the sweeps, not the allocator
+    nothing = lambda: None  # noqa: E731
+    return {
+        "sweep_max": (lambda: x.amax(dim=-1), nothing),          # one read
+        "sweep_exp": (lambda: torch.exp(x, out=buf), nothing),   # one read, one write, exp
+        "sweep_scale": (lambda: buf.mul_(1.0000001), nothing),   # one read, one write
+    }
+
+
+def run_config(B, T, V, dtype, names, reps, csv_path):
+    logits, labels, rewards, ref_logps = make_inputs(B, T, V, dtype, "cpu")
+    logits_bytes = logits.numel() * logits.element_size()
+    print(f"\nconfig: B={B} T={T} V={V} {str(dtype).replace('torch.', '')}; logits {fmt_bytes(logits_bytes)}; "
+          f"forward+backward; {reps} alternating reps")
+    providers, skipped = build_providers(logits, labels, rewards, ref_logps, names)
+    for name, why in skipped.items():
+        print(f"  {LABELS[name]}: skipped ({why})")
+
+    # warm-up, peak memory, then reps rounds of one timed call per provider and per floor sweep
+    calls = {name: (step, prepare) for name, (prepare, step) in providers.items()}
+    calls.update(floor_sweeps(logits))
+    results = measure_interleaved(calls, reps=reps)
+    floor = {k.replace("sweep_", ""): results.pop(k)["median_s"] for k in ("sweep_max", "sweep_exp", "sweep_scale")}
+    floor_s = sum(floor.values())
+    for name, r in list(results.items()):
+        if isinstance(r, Exception):
+            skipped[name] = f"{type(r).__name__}: {str(r).splitlines()[0][:200]}"
+            print(f"  {LABELS[name]}: failed ({skipped[name]})")
+            del results[name]
+    stats = {name: {k: r[k] for k in ("median_s", "p20_s", "p80_s", "reps")} for name, r in results.items()}
+    peaks = {name: r["peak_extra_bytes"] for name, r in results.items()}
+
+    print(f"  floor: max sweep {floor['max'] * 1e3:.1f} ms + exp sweep {floor['exp'] * 1e3:.1f} ms + "
+          f"scale sweep {floor['scale'] * 1e3:.1f} ms = {floor_s * 1e3:.1f} ms")
+    base = stats.get("naive_eager")
+    print(f"  {'provider':30s} {'median ms':>10s} {'p20':>8s} {'p80':>8s} {'x floor':>8s} {'vs naive':>9s} "
+          f"{'peak extra':>11s} {'x logits':>9s}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    rows = []
+    for name, st in stats.items():
+        speedup = base["median_s"] / st["median_s"] if base else float("nan")
+        print(f"  {LABELS[name]:30s} {st['median_s'] * 1e3:10.1f} {st['p20_s'] * 1e3:8.1f} {st['p80_s'] * 1e3:8.1f} "
+              f"{st['median_s'] / floor_s:7.2f}x {speedup:8.2f}x {fmt_bytes(peaks[name]):>11s} "
+              f"{peaks[name] / logits_bytes:8.2f}x")
+        rows.append({**machine_info(), "load_avg_1min": round(load, 2), "provider": name, "B": B, "T": T, "V": V,
+                     "dtype": str(dtype).replace("torch.", ""), **st, "peak_extra_bytes": peaks[name],
+                     "peak_extra_x_logits": peaks[name] / logits_bytes, "floor_s": floor_s,
+                     "x_floor": st["median_s"] / floor_s, "speedup_vs_naive_eager": speedup,
+                     "cpu_kernel_isa": load_extension().capability()})
+    for name in skipped:
+        rows.append({**machine_info(), "load_avg_1min": round(load, 2), "provider": name, "B": B, "T": T, "V": V,
+                     "dtype": str(dtype).replace("torch.", ""), "median_s": "", "p20_s": "", "p80_s": "",
+                     "reps": 0, "peak_extra_bytes": "", "peak_extra_x_logits": "", "floor_s": floor_s,
+                     "x_floor": "", "speedup_vs_naive_eager": "", "cpu_kernel_isa": f"skipped: {skipped[name]}"})
+    append_csv(csv_path, rows)
+    return stats, floor_s
+
+
+def check_targets(stats, floor_s):
+    print("  targets (issue: B=8 T=512 V=32000 fp32):")
+    for name, other, factor in TARGETS:
+        if name in stats and other in stats:
+            s = stats[other]["median_s"] / stats[name]["median_s"]
+            ok = "PASS" if s >= factor else "FAIL"
+            print(f"    {ok}  {LABELS[name]} is {s:.2f}x faster than {LABELS[other]} (target >= {factor:g}x)")
+    if "fused_cpu" in stats:
+        r = stats["fused_cpu"]["median_s"] / floor_s
+        print(f"    {'PASS' if r <= MAX_FLOOR_RATIO else 'FAIL'}  {LABELS['fused_cpu']} is {r:.2f}x the floor "
+              f"(target <= {MAX_FLOOR_RATIO:g}x)")
+
+
+def plot(csv_path: Path, out: Path) -> None:
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path) as f:
+        rows = [r for r in csv.DictReader(f) if r["median_s"]]
+    latest = {}
+    for r in rows:  # the last measurement of each (config, provider)
+        latest[(int(r["B"]), int(r["T"]), int(r["V"]), r["dtype"], r["provider"])] = r
+    configs = sorted({k[:4] for k in latest})
+    fig, axes = plt.subplots(1, len(configs), figsize=(6 * len(configs), 4), squeeze=False)
+    for ax, cfg in zip(axes[0], configs):
+        names = [p for p in PROVIDERS if cfg + (p,) in latest]
+        r = [latest[cfg + (p,)] for p in names]
+        med = [float(x["median_s"]) * 1e3 for x in r]
+        err = [[m - float(x["p20_s"]) * 1e3 for m, x in zip(med, r)],
+               [float(x["p80_s"]) * 1e3 - m for m, x in zip(med, r)]]
+        ax.bar(range(len(names)), med, yerr=err, color=["C0", "C0", "C1", "C3", "C2"][: len(names)])
+        ax.axhline(float(r[0]["floor_s"]) * 1e3, color="k", ls="--", lw=1, label="floor (max + exp + scale sweeps)")
+        ax.set_xticks(range(len(names)), [LABELS[p] for p in names], rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("forward+backward, ms (median, p20-p80)")
+        ax.set_title(f"B={cfg[0]} T={cfg[1]} V={cfg[2]} {cfg[3]}")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"VAR loss on CPU: {r[0]['cpu']}, {r[0]['threads']} threads", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"plot written to {out}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="8x512x32000,2x512x128256",
+                   help="comma-separated BxTxV (default: the issue's size and V=128256 at the same logits size)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--providers", default=",".join(PROVIDERS))
+    p.add_argument("--csv", default=str(RESULTS / "cpu_backend.csv"))
+    p.add_argument("--plot", action="store_true", help="draw benchmarks/results/cpu_backend.png from the CSV")
+    args = p.parse_args(argv)
+
+    ext = load_extension(required=True)
+    fix_mmap_threshold()
+    print(machine_line())
+    print(f"C++ kernel: {ext.capability()}; load average {os.getloadavg() if hasattr(os, 'getloadavg') else '-'}")
+    dtype = getattr(torch, args.dtype)
+    names = [n for n in args.providers.split(",") if n]
+    for cfg in args.configs.split(","):
+        B, T, V = (int(v) for v in cfg.lower().split("x"))
+        stats, floor_s = run_config(B, T, V, dtype, names, args.reps, Path(args.csv))
+        if (B, T, V, args.dtype) == (8, 512, 32000, "float32"):
+            check_targets(stats, floor_s)
+    print(f"\nload average after: {os.getloadavg() if hasattr(os, 'getloadavg') else '-'}; rows appended to {args.csv}")
+    if args.plot:
+        plot(Path(args.csv), Path(args.csv).with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
