@@ -19,7 +19,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import RESULTS, append_csv, fmt_bytes, machine_info, machine_line, peak_memory_bytes, time_fn  # noqa: E402
+from _harness import (  # noqa: E402
+    RESULTS,
+    append_csv,
+    fix_mmap_threshold,
+    fmt_bytes,
+    machine_info,
+    machine_line,
+    peak_memory_bytes,
+    time_fn,
+)
 from naive import naive_linear_var_loss  # noqa: E402
 
 from varkernels import fused_linear_var_loss  # noqa: E402
@@ -39,6 +48,7 @@ def main(argv=None):
     p.add_argument("--csv", default=str(RESULTS / "fused_linear.csv"))
     a = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    fix_mmap_threshold()  # every tensor >= 1 MiB is mmap-ed: peak RSS counts live tensors
     dtype = getattr(torch, a.dtype)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(a.B, a.T, a.H, generator=g).to(device, dtype).requires_grad_()

@@ -17,7 +17,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import RESULTS, append_csv, fmt_bytes, machine_info, machine_line, peak_memory_bytes, time_fn  # noqa: E402
+from _harness import (  # noqa: E402
+    RESULTS,
+    append_csv,
+    fix_mmap_threshold,
+    fmt_bytes,
+    machine_info,
+    machine_line,
+    peak_memory_bytes,
+    time_fn,
+)
 from naive import naive_var_loss  # noqa: E402
 
 from varkernels import fused_var_loss  # noqa: E402
@@ -45,6 +54,7 @@ def main(argv=None):
     p.add_argument("--csv", default=str(RESULTS / "var_loss.csv"))
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    fix_mmap_threshold()  # every tensor >= 1 MiB is mmap-ed: peak RSS counts live tensors
     dtype = getattr(torch, args.dtype)
     logits, labels, rewards, ref_logps = make_inputs(args.B, args.T, args.V, dtype, device)
     logits_bytes = logits.numel() * logits.element_size()
