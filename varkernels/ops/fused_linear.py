@@ -22,7 +22,13 @@ from .._common import FLOAT_DTYPES, VAROutput, check_same_device, check_values, 
 from ..reference import ess
 from .logps import _check_logps_options, reduce_token_logps
 from .token import token_op
-from .var_loss import prepare_policy_call, scale_grad_, sequence_coefficients
+from .var_loss import (
+    pop_stored_grads,
+    prepare_policy_call,
+    scale_grad_,
+    sequence_coefficients,
+    weighted_sequence_loss,
+)
 from .weights import var_weights
 
 # Memory budget of one [chunk, V] logits block, counted in fp32 bytes. CPU: 32 MiB keeps the
@@ -126,25 +132,18 @@ class FusedLinearVARLossFunction(torch.autograd.Function):
             coef=coef, want=want, backend=backend, softcap=softcap, temperature=temperature,
             ignore_index=ignore_index, chunk_size=chunk_size,
         )
-        s = lp.view(B, T).sum(dim=1) * seq_coef
-        loss = -(weights * s).sum() / B
+        loss, s = weighted_sequence_loss(lp, seq_coef, weights)
         # grad_weight / grad_bias stay in their fp32 accumulators until backward, so the upstream
         # scale is applied before the single rounding to the parameter dtype.
         ctx.grads = (gh, gw, gb)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        ctx.backend, ctx.used = backend, False
+        ctx.backend = backend
         ctx.mark_non_differentiable(s)
         return loss, s
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_s):
-        if ctx.used:
-            raise RuntimeError(
-                "fused-linear VAR loss: backward was called twice on one graph; compute the loss again "
-                "instead of retain_graph=True"
-            )
-        ctx.used = True
-        grads, ctx.grads = ctx.grads, None
+        grads = pop_stored_grads(ctx, "fused-linear VAR loss")
         gh, gw, gb = (
             scale_grad_(g, grad_loss, ctx.backend).to(dt) if g is not None else None
             for g, dt in zip(grads, ctx.dtypes)

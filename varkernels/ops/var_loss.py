@@ -60,6 +60,25 @@ def sequence_coefficients(labels: torch.Tensor, ignore_index: int, reduction: st
     return 1.0 / n.to(torch.float32)
 
 
+def weighted_sequence_loss(lp: torch.Tensor, seq_coef: torch.Tensor, weights: torch.Tensor):
+    """s_i = c_i·Σ_t lp[i, t] from token log-probs [B·T]; loss = −(1/B)·Σ_i w_i·s_i. Returns (loss, s)."""
+    B = weights.shape[0]
+    s = lp.view(B, -1).sum(dim=1) * seq_coef
+    return -(weights * s).sum() / B, s
+
+
+def pop_stored_grads(ctx, op_name: str) -> tuple:
+    """The gradients computed in forward, handed out once: a second backward through the same
+    graph raises instead of rescaling them twice."""
+    if ctx.grads is None:
+        raise RuntimeError(
+            f"{op_name}: backward was called twice on one graph; the gradient is computed in the forward "
+            "and rescaled in place, so compute the loss again instead of retain_graph=True"
+        )
+    grads, ctx.grads = ctx.grads, None
+    return grads
+
+
 class FusedVARLossFunction(torch.autograd.Function):
     """loss = −(1/B)·Σ_i w_i·c_i·Σ_t lp[i, t]; the logits gradient is computed in forward."""
 
@@ -79,21 +98,14 @@ class FusedVARLossFunction(torch.autograd.Function):
             # The kernels write through raw pointers: tell autograd that logits changed, so a node
             # that saved them (e.g. tanh's output) raises instead of using the gradient as logits.
             torch.autograd.graph.increment_version(logits)
-        s = lp.view(B, T).sum(dim=1) * seq_coef
-        loss = -(weights * s).sum() / B
-        ctx.grad, ctx.backend, ctx.used = grad, backend, False
+        loss, s = weighted_sequence_loss(lp, seq_coef, weights)
+        ctx.grads, ctx.backend = (grad,), backend
         ctx.mark_non_differentiable(s)
         return loss, s
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_s):
-        if ctx.used:
-            raise RuntimeError(
-                "fused VAR loss: backward was called twice on one graph; the logits gradient is "
-                "stored once and rescaled in place, so compute the loss again instead of retain_graph=True"
-            )
-        ctx.used = True
-        grad, ctx.grad = ctx.grad, None
+        (grad,) = pop_stored_grads(ctx, "fused VAR loss")
         grad = scale_grad_(grad, grad_loss, ctx.backend)
         return grad, None, None, None, None, None, None, None, None
 
