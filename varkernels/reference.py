@@ -94,22 +94,25 @@ def var_weights_reference(
     The (B,) shared-context form stands for the matrix whose every row is the vector.
     """
     dtype = _compute_dtype(rewards, ref_logps)
-    R, Q = rewards.detach().to(dtype), ref_logps.detach().to(dtype)
+    log_w, log_z = var_log_weights(rewards.detach().to(dtype), ref_logps.detach().to(dtype), beta, weighting)
+    w = torch.exp(log_w)
+    if not torch.isfinite(w).all():
+        raise FloatingPointError(importance_overflow_message(weighting))
+    return w, log_z
+
+
+def var_log_weights(R: torch.Tensor, Q: torch.Tensor, beta: float, weighting: str):
+    """(log w [B], log Ẑ [B]) in the dtype of R and Q, no checks: the maths of SPEC §1.4-1.5."""
     B = R.shape[0]
     if R.dim() == 1:
         R, Q = R.unsqueeze(0).expand(B, B), Q.unsqueeze(0).expand(B, B)
     A = R / beta + Q
     log_z = torch.logsumexp(A, dim=-1) - math.log(B)
     if weighting == "posterior":
-        log_w = A.diagonal() - log_z
-    elif weighting == "importance":
-        log_w = R.diagonal() / beta - log_z
-    else:
-        raise ValueError(f"weighting must be one of ['posterior', 'importance'], got {weighting!r}")
-    w = torch.exp(log_w)
-    if not torch.isfinite(w).all():
-        raise FloatingPointError(importance_overflow_message(weighting))
-    return w, log_z
+        return A.diagonal() - log_z, log_z
+    if weighting == "importance":
+        return R.diagonal() / beta - log_z, log_z
+    raise ValueError(f"weighting must be one of ['posterior', 'importance'], got {weighting!r}")
 
 
 def importance_overflow_message(weighting: str) -> str:

@@ -18,10 +18,10 @@ from typing import Optional
 
 import torch
 
-from .._common import FLOAT_DTYPES, VAROutput, check_same_device, check_values, shifted_labels
+from .._common import FLOAT_DTYPES, LOGP_REDUCTIONS, VAROutput, check_option, check_same_device
 from ..reference import ess
-from .logps import _check_logps_options, reduce_token_logps
-from .token import token_op
+from .logps import reduce_token_logps
+from .token import prepare_token_call, token_op
 from .var_loss import (
     pop_stored_grads,
     prepare_policy_call,
@@ -250,17 +250,12 @@ def linear_sequence_logps(
     logsumexp, the backward recomputes each logits chunk. Under ``torch.no_grad()`` nothing is
     saved (reference scoring). Returns float32 [B] ("mean"/"sum") or [B, T] ("none").
     """
-    from .._backend import resolve_backend
-    from .._common import check_policy_inputs
-
-    _check_logps_options(reduction, softcap, temperature)
+    check_option("reduction", reduction, LOGP_REDUCTIONS)
     _check_linear(hidden, weight, bias, chunk_size)
-    V = weight.shape[0]
-    check_policy_inputs("hidden", hidden, labels, V)
-    check_same_device(hidden=hidden, labels=labels)
-    backend = resolve_backend(backend, hidden.device)
-    check_values(labels, V, ignore_index)
-    labels_eff = shifted_labels(labels, ignore_index) if shift_labels else labels
+    backend, labels_eff = prepare_token_call(
+        "hidden", hidden, labels, weight.shape[0], ignore_index=ignore_index, shift_labels=shift_labels,
+        softcap=softcap, temperature=temperature, backend=backend,
+    )
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )

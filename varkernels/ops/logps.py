@@ -16,17 +16,8 @@ from typing import Optional
 
 import torch
 
-from .._backend import resolve_backend
-from .._common import (
-    LOGP_REDUCTIONS,
-    check_option,
-    check_policy_inputs,
-    check_positive,
-    check_same_device,
-    check_values,
-    shifted_labels,
-)
-from .token import token_op
+from .._common import LOGP_REDUCTIONS, check_option
+from .token import prepare_token_call, token_op
 
 
 class TokenLogpsFunction(torch.autograd.Function):
@@ -67,10 +58,6 @@ def reduce_token_logps(lp: torch.Tensor, labels: torch.Tensor, ignore_index: int
     return s
 
 
-def _check_logps_options(reduction, softcap, temperature):
-    check_option("reduction", reduction, LOGP_REDUCTIONS)
-    check_positive("temperature", temperature)
-    check_positive("softcap", softcap, allow_none=True)
 
 
 def sequence_logps(
@@ -92,13 +79,12 @@ def sequence_logps(
     Returns:
         float32 [B] ("mean"/"sum") or [B, T] ("none", 0 at ignored positions).
     """
-    _check_logps_options(reduction, softcap, temperature)
+    check_option("reduction", reduction, LOGP_REDUCTIONS)
     V = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() == 3 else 0
-    check_policy_inputs("logits", logits, labels, V)
-    check_same_device(logits=logits, labels=labels)
-    backend = resolve_backend(backend, logits.device)
-    check_values(labels, V, ignore_index)
-    labels_eff = shifted_labels(labels, ignore_index) if shift_labels else labels
+    backend, labels_eff = prepare_token_call(
+        "logits", logits, labels, V, ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap,
+        temperature=temperature, backend=backend,
+    )
     save = torch.is_grad_enabled() and logits.requires_grad
     lp = TokenLogpsFunction.apply(
         logits, labels_eff.reshape(-1).contiguous(), backend, softcap, float(temperature), ignore_index, save

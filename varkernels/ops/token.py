@@ -15,6 +15,16 @@ from typing import Optional
 
 import torch
 
+from .._backend import resolve_backend
+from .._common import (
+    check_pair_inputs,
+    check_policy_inputs,
+    check_positive,
+    check_same_device,
+    check_values,
+    shifted_labels,
+)
+
 CHUNK_BYTES = 16 * 2**20  # fp32 bytes per chunk buffer of the PyTorch path; ~3 such buffers are alive
 
 
@@ -80,7 +90,8 @@ def token_torch(x, labels, coef, grad, lse_in, *, softcap, temperature, ignore_i
                     grad[b, t0:t1].zero_()
                 continue
             ys = torch.where(valid, y, 0).unsqueeze(1)
-            z, dz = _transform(x[b, t0:t1], softcap, temperature)
+            x_c = x[b, t0:t1]
+            z, dz = _transform(x_c, softcap, temperature)
             # Shift by the row max m first, then lp = (z_y − m) − log s and p = exp((z − m) − log s):
             # z_y − lse would carry the rounding of lse (~1e-6 for |z| ≈ 20) into a confident token's lp ≈ 0.
             if lse_in is None:
@@ -90,8 +101,8 @@ def token_torch(x, labels, coef, grad, lse_in, *, softcap, temperature, ignore_i
                 log_s = torch.logsumexp(zm, dim=1, keepdim=True)
                 c_lse = (m + log_s).squeeze(1)
             else:
-                log_s = lse_in[n0:n1].unsqueeze(1)
-                zm = torch.sub(z, 0.0)
+                log_s = lse_in[n0:n1].unsqueeze(1)  # m = 0: z − m is z, copied only when it is the caller's x
+                zm = z.clone() if z is x_c else z
                 c_lse = lse_in[n0:n1]
             c_lp = zm.gather(1, ys).squeeze(1) - log_s.squeeze(1)
             lp[n0:n1] = torch.where(valid, c_lp, 0.0)
@@ -134,3 +145,25 @@ def token_op(
     return _TOKEN_OPS[backend](
         x, labels, coef, grad, lse_in, softcap=softcap, temperature=temperature, ignore_index=ignore_index
     )
+
+
+def prepare_token_call(
+    name, x, labels, vocab_size, *, ignore_index, shift_labels, softcap, temperature, backend,
+    rewards=None, ref_logps=None,
+):
+    """Validation shared by every public op (SPEC §2), run before any kernel touches memory.
+
+    Checks the logit transforms, x ([B, T, *]) against labels, rewards/ref_logps when given,
+    devices and the data-dependent values (one host sync). Returns (backend, labels_eff), where
+    labels_eff carries the Hugging Face shift when ``shift_labels``.
+    """
+    check_positive("temperature", temperature)
+    check_positive("softcap", softcap, allow_none=True)
+    check_policy_inputs(name, x, labels, vocab_size)
+    if rewards is not None or ref_logps is not None:
+        check_pair_inputs(rewards, ref_logps, x.shape[0])
+    check_same_device(**{name: x, "labels": labels, "rewards": rewards, "ref_logps": ref_logps})
+    backend = resolve_backend(backend, x.device)
+    check_values(labels, vocab_size, ignore_index, rewards, ref_logps)
+    labels_eff = shifted_labels(labels, ignore_index) if shift_labels else labels
+    return backend, labels_eff

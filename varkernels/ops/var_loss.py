@@ -14,21 +14,15 @@ from typing import Optional
 
 import torch
 
-from .._backend import resolve_backend
 from .._common import (
     REDUCTIONS,
     WEIGHTINGS,
     VAROutput,
     check_option,
-    check_pair_inputs,
-    check_policy_inputs,
     check_positive,
-    check_same_device,
-    check_values,
-    shifted_labels,
 )
 from ..reference import ess
-from .token import rne_bf16, token_op
+from .token import prepare_token_call, rne_bf16, token_op
 from .weights import var_weights
 
 
@@ -118,15 +112,10 @@ def prepare_policy_call(
     check_option("weighting", weighting, WEIGHTINGS)
     check_option("logp_reduction", logp_reduction, REDUCTIONS)
     check_positive("beta", beta)
-    check_positive("temperature", temperature)
-    check_positive("softcap", softcap, allow_none=True)
-    check_policy_inputs(name, x, labels, vocab_size)
-    check_pair_inputs(rewards, ref_logps, x.shape[0])
-    check_same_device(**{name: x, "labels": labels, "rewards": rewards, "ref_logps": ref_logps})
-    backend = resolve_backend(backend, x.device)
-    check_values(labels, vocab_size, ignore_index, rewards, ref_logps)
-    labels_eff = shifted_labels(labels, ignore_index) if shift_labels else labels
-    return backend, labels_eff
+    return prepare_token_call(
+        name, x, labels, vocab_size, ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap,
+        temperature=temperature, backend=backend, rewards=rewards, ref_logps=ref_logps,
+    )
 
 
 def fused_var_loss(

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ..reference import importance_overflow_message
+from ..reference import importance_overflow_message, var_log_weights
 
 
 def _as_matrix_strides(t: torch.Tensor):
@@ -45,14 +45,8 @@ def weights_triton(rewards, ref_logps, beta, weighting):
 
 
 def weights_torch(rewards, ref_logps, beta, weighting):
-    B = rewards.shape[0]
-    R, Q = rewards.detach().float(), ref_logps.detach().float()
-    if R.dim() == 1:
-        R, Q = R.expand(B, B), Q.expand(B, B)
-    A = R / beta + Q
-    log_z = torch.logsumexp(A, dim=1) - math.log(B)
-    num = A.diagonal() if weighting == "posterior" else R.diagonal() / beta
-    return torch.exp(num - log_z), log_z
+    log_w, log_z = var_log_weights(rewards.detach().float(), ref_logps.detach().float(), beta, weighting)
+    return torch.exp(log_w), log_z
 
 
 def var_weights(rewards, ref_logps, *, beta: float, weighting: str, backend: str):
