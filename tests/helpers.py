@@ -107,6 +107,16 @@ def assert_close(
         raise AssertionError(_describe(name, actual, ref, truth, bound, dtype))
 
 
+def require_backend(backend: str) -> None:
+    """Skip (with the reason) a case on the C++ backend where it cannot be built here."""
+    from varkernels._backend import cpu_extension_available
+
+    if backend == "cpu" and not cpu_extension_available():
+        import pytest
+
+        pytest.skip("C++ CPU extension not built on this machine")
+
+
 # --------------------------------------------------------------------------------------------
 # Input builders
 # --------------------------------------------------------------------------------------------

@@ -3,19 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from _tolerance import check_against_truth
+from helpers import assert_close, require_backend
 
 from varkernels import fused_linear_var_loss, linear_sequence_logps
-from varkernels._backend import cpu_extension_available
 from varkernels.reference import linear_sequence_logps_reference, linear_var_loss_reference
 
 BACKENDS = ["triton", "torch", "cpu"]
-
-
-def _backend(name):
-    if name == "cpu" and not cpu_extension_available():
-        pytest.skip("C++ CPU extension not built on this machine")
-    return name
 
 
 def make(B, T, H, V, *, bias=True, pairs="matrix", reduction="mean", seed=0):
@@ -57,7 +50,7 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
 def test_fused_linear_parity(backend, dtype, case):
-    backend = _backend(backend)
+    require_backend(backend)
     case = dict(case)
     pairs, bias = case.pop("pairs", "matrix"), case.pop("bias", True)
     h, W, b, y, R, Q = make(3, 11, 33, 1001, bias=bias, pairs=pairs, reduction=case.get("logp_reduction", "mean"))
@@ -70,20 +63,20 @@ def test_fused_linear_parity(backend, dtype, case):
     same, sg = run_loss(linear_var_loss_reference, h, W, b, y, R, Q, dtype, upstream=up, **ref_kw)
     out, og = run_loss(fused_linear_var_loss, h, W, b, y, R, Q, dtype, upstream=up, backend=backend, **case)
     assert out.loss.dtype == torch.float32
-    check_against_truth("loss", out.loss, truth.loss, same.loss)
-    check_against_truth("policy_logps", out.policy_logps, truth.policy_logps, same.policy_logps)
-    check_against_truth("weights", out.weights, truth.weights, same.weights)
+    assert_close(out.loss, same.loss, truth.loss, name="loss")
+    assert_close(out.policy_logps, same.policy_logps, truth.policy_logps, name="policy_logps")
+    assert_close(out.weights, same.weights, truth.weights, name="weights")
     for name, o, t, s in zip(("grad_hidden", "grad_weight", "grad_bias"), og, tg, sg):
         if t is None:
             assert o is None
             continue
         assert o.dtype == dtype, f"{name} dtype {o.dtype}, expected {dtype}"
-        check_against_truth(name, o, t, s)
+        assert_close(o, s, t, name=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_linear_deterministic_and_hidden_untouched(backend):
-    backend = _backend(backend)
+    require_backend(backend)
     h, W, b, y, R, Q = make(2, 9, 16, 257)
     h, W, b = h.float(), W.float(), b.float()
     h0 = h.clone()
@@ -100,7 +93,7 @@ def test_fused_linear_deterministic_and_hidden_untouched(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_linear_noncontiguous_hidden(backend):
-    backend = _backend(backend)
+    require_backend(backend)
     h, W, b, y, R, Q = make(3, 8, 20, 301)
     h_t = h.float().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # [B,T,H] view, strided
     assert not h_t.is_contiguous()
@@ -116,7 +109,7 @@ def test_fused_linear_noncontiguous_hidden(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_linear_sequence_logps_parity(backend, reduction):
-    backend = _backend(backend)
+    require_backend(backend)
     h, W, b, y, R, Q = make(3, 10, 24, 517)
     kw = dict(reduction=reduction, shift_labels=True)
 
@@ -131,9 +124,9 @@ def test_linear_sequence_logps_parity(backend, reduction):
     same, sg = run(linear_sequence_logps_reference, torch.float32)
     out, og = run(linear_sequence_logps, torch.float32, backend=backend, chunk_size=7)
     assert out.dtype == torch.float32 and out.shape == truth.shape
-    check_against_truth("logps", out, truth, same)
+    assert_close(out, same, truth, name="logps")
     for name, o, t, s in zip(("grad_hidden", "grad_weight", "grad_bias"), og, tg, sg):
-        check_against_truth(name, o, t, s)
+        assert_close(o, s, t, name=name)
 
 
 def test_linear_sequence_logps_no_grad_saves_nothing():
@@ -151,7 +144,7 @@ def test_linear_sequence_logps_no_grad_saves_nothing():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dpo_on_linear_sequence_logps(backend):
     """DPO's sigmoid loss built on linear_sequence_logps matches a plain PyTorch DPO."""
-    backend = _backend(backend)
+    require_backend(backend)
     g = torch.Generator().manual_seed(1)
     B, T, H, V, beta = 4, 12, 16, 211, 0.1
     h = torch.randn(2 * B, T, H, generator=g, dtype=torch.float64)  # chosen rows, then rejected rows
