@@ -49,20 +49,22 @@ def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
     return (_status_kib("VmHWM") - before) * 1024
 
 
+def wall_time(fn: Callable[[], object], device: str = "cpu") -> float:
+    """Seconds of one call of ``fn``; on CUDA, synchronised before and after."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def time_fn(fn: Callable[[], object], warmup: int = 1, reps: int = 5, device: str = "cpu") -> dict:
     """Median, 20th and 80th percentile of wall time (seconds) over ``reps`` calls."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return summarize(times)
+    return summarize([wall_time(fn, device) for _ in range(reps)])
 
 
 def summarize(times: list) -> dict:
@@ -135,13 +137,7 @@ def measure(fn: Callable[[], object], device: str = "cpu", reps: int = 3,
     times = []
 
     def timed():
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(wall_time(fn, device))
 
     setup()
     timed()  # warm-up: JIT builds, torch.compile, allocator
@@ -210,12 +206,10 @@ def measure_interleaved(calls: dict, device: str = "cpu", reps: int = 3) -> dict
     for name, (fn, setup) in calls.items():
         try:
             setup()
-            t0 = time.perf_counter()
-            fn()
-            first = time.perf_counter() - t0
+            first = wall_time(fn, device)
             setup()
             box = []
-            mem = peak_memory_bytes(lambda: box.append(_timed_call(fn)), device)
+            mem = peak_memory_bytes(lambda: box.append(wall_time(fn, device)), device)
             times[name] += box
             out[name] = {"peak_extra_bytes": mem, "first_call_s": first}
         except Exception as e:  # noqa: BLE001
@@ -228,7 +222,7 @@ def measure_interleaved(calls: dict, device: str = "cpu", reps: int = 3) -> dict
                 continue
             try:
                 setup()
-                times[name].append(_timed_call(fn))
+                times[name].append(wall_time(fn, device))
             except Exception as e:  # noqa: BLE001
                 out[name] = e
             finally:
@@ -238,8 +232,3 @@ def measure_interleaved(calls: dict, device: str = "cpu", reps: int = 3) -> dict
             result.update(summarize(times[name]))
     return out
 
-
-def _timed_call(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
