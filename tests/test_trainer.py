@@ -17,14 +17,8 @@ from varkernels.trainer import VARConfig, VARTrainer, compute_var_loss  # noqa: 
 V = 40
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one torch thread is as fast when idle, and >10x faster when the 2 cores are
-    shared (spinning OpenMP workers); restored afterwards for the other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models: see the one_torch_thread fixture in conftest.py
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_llama(seed=0):
