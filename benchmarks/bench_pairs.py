@@ -37,7 +37,7 @@ from _harness import (  # noqa: E402
     measure_interleaved,
 )
 
-from varkernels.pairs import cross_pair_logps  # noqa: E402
+from varkernels.training.pairs import cross_pair_logps  # noqa: E402
 
 
 def build_model(args):

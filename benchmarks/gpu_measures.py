@@ -39,7 +39,7 @@ from _harness import RESULTS, append_csv, machine_info, machine_line  # noqa: E4
 from naive import naive_var_loss  # noqa: E402
 
 from varkernels import fused_var_loss  # noqa: E402
-from varkernels.ops import _triton_kernels  # noqa: E402
+from varkernels.core import _triton_kernels  # noqa: E402
 from varkernels.ops.token import token_triton  # noqa: E402
 from varkernels.ops.var_loss import scale_grad_  # noqa: E402
 from varkernels.ops.weights import weights_triton  # noqa: E402

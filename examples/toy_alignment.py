@@ -31,8 +31,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import transformers  # noqa: E402
 
-from varkernels.data import VARDataset  # noqa: E402
-from varkernels.trainer import VARConfig, VARTrainer  # noqa: E402
+from varkernels.training.data import VARDataset  # noqa: E402
+from varkernels.training.trainer import VARConfig, VARTrainer  # noqa: E402
 
 PAD, BOS, EOS, SEP = 0, 1, 2, 3
 N_COLORS = 4

@@ -25,7 +25,7 @@ import math
 import pytest
 import torch
 
-from varkernels.ops import _triton_kernels
+from varkernels.core import _triton_kernels
 from varkernels.ops.token import token_triton
 from varkernels.ops.var_loss import scale_grad_
 from varkernels.ops.weights import weights_triton

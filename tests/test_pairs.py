@@ -1,18 +1,18 @@
-"""Cross-pair scoring (varkernels.pairs) and VAR dataset preparation (varkernels.data)."""
+"""Cross-pair scoring (varkernels.training.pairs) and VAR dataset preparation (varkernels.training.data)."""
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from varkernels.data import (  # noqa: E402
+from varkernels.training.data import (  # noqa: E402
     GroupShuffleSampler,
     VARCollator,
     VARDataset,
     fingerprint_model,
     make_groups,
 )
-from varkernels.pairs import (  # noqa: E402
+from varkernels.training.pairs import (  # noqa: E402
     cross_pair_logps,
     cross_pair_rewards,
     paired_logps,
@@ -269,7 +269,7 @@ def test_dataset_build_cache_and_items(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("var-scores-*.pt"))) == 1
 
     # a second build with the same data, model and reward reads the cache: no scoring at all
-    import varkernels.data as data_mod
+    import varkernels.training.data as data_mod
 
     def fail(*a, **k):
         raise AssertionError("scored again despite the cache")

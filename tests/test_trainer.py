@@ -10,9 +10,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
 
-from varkernels.data import VARCollator, VARDataset  # noqa: E402
+from varkernels.training.data import VARCollator, VARDataset  # noqa: E402
 from varkernels.reference import linear_var_loss_reference  # noqa: E402
-from varkernels.trainer import VARConfig, VARTrainer, compute_var_loss  # noqa: E402
+from varkernels.training.trainer import VARConfig, VARTrainer, compute_var_loss  # noqa: E402
 
 V = 40
 
@@ -245,7 +245,7 @@ def test_config_and_trainer_bad_inputs(tmp_path):
     ds = make_dataset()
     with pytest.raises(ValueError, match="scored with reduction='mean' but args.logp_reduction='sum'"):
         VARTrainer(model=tiny_llama(), args=config(tmp_path, logp_reduction="sum"), train_dataset=ds)
-    with pytest.raises(TypeError, match="args must be a varkernels.trainer.VARConfig"):
+    with pytest.raises(TypeError, match="args must be a varkernels.training.VARConfig"):
         VARTrainer(model=tiny_llama(), args=transformers.TrainingArguments(output_dir=str(tmp_path)),
                    train_dataset=ds)
     batch = VARCollator()([ds[0]])

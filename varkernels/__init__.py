@@ -18,12 +18,13 @@ __version__ = "0.1.0"
 
 # Training-side names are imported lazily so that `import varkernels` does not import transformers.
 _LAZY = {
-    "VARTrainer": "trainer",
-    "VARConfig": "trainer",
-    "compute_var_loss": "trainer",
-    "VARDataset": "data",
-    "cross_pair_logps": "pairs",
-    "cross_pair_rewards": "pairs",
+    "VARTrainer": "training.trainer",
+    "VARConfig": "training.trainer",
+    "compute_var_loss": "training.trainer",
+    "VARDataset": "training.data",
+    "VARCollator": "training.data",
+    "cross_pair_logps": "training.pairs",
+    "cross_pair_rewards": "training.pairs",
 }
 
 

@@ -39,7 +39,7 @@ def rne_bf16(out) -> bool:
 def token_triton(x, labels, coef, grad, lse_in, *, softcap, temperature, ignore_index):
     import triton
 
-    from ._triton_kernels import MAX_FUSED_SIZE, TOKEN_NUM_WARPS, _var_token_kernel
+    from ..core._triton_kernels import MAX_FUSED_SIZE, TOKEN_NUM_WARPS, _var_token_kernel
 
     B, T, V = x.shape
     N = B * T

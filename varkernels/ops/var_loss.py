@@ -31,7 +31,7 @@ def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) -> 
     if backend == "triton" and grad.is_contiguous():
         import triton
 
-        from ._triton_kernels import _scale_kernel
+        from ..core._triton_kernels import _scale_kernel
 
         n = grad.numel()
         block = 4096

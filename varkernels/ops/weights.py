@@ -25,7 +25,7 @@ def _as_matrix_strides(t: torch.Tensor):
 def weights_triton(rewards, ref_logps, beta, weighting):
     import triton
 
-    from ._triton_kernels import MAX_WEIGHTS_BLOCK, _var_weights_kernel
+    from ..core._triton_kernels import MAX_WEIGHTS_BLOCK, _var_weights_kernel
 
     B = rewards.shape[0]
     if B > MAX_WEIGHTS_BLOCK:

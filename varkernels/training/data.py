@@ -30,13 +30,13 @@ from typing import Optional, Union
 
 import torch
 
+from .lm_head import unwrap_model
 from .pairs import (
     check_token_lists,
     cross_pair_logps,
     cross_pair_rewards,
     paired_logps,
     paired_rewards,
-    unwrap_model,
 )
 
 CACHE_FORMAT = 1
@@ -236,7 +236,7 @@ class VARDataset(torch.utils.data.Dataset):
             prompts, responses: N 1-D integer tensors each; example k is (prompts[k], responses[k]).
             ref_model: the frozen reference causal LM (Q comes from it, no gradients).
             reward: a sequence-classification reward model or a callable ``fn(prompts, responses)``
-                (see :func:`varkernels.pairs.cross_pair_rewards`).
+                (see :func:`varkernels.training.pairs.cross_pair_rewards`).
             example_rewards: N precomputed per-example rewards r(x_k, y_k) instead of ``reward``;
                 implies the (B,) shared-context form.
             group_size: B, examples per micro-batch. seed: of the grouping (:func:`make_groups`);
@@ -361,7 +361,7 @@ class VARCollator:
     """Stacks k whole groups into one batch: [k·B, T] sequences, [k, B, B] or [k, B] scores.
 
     Groups are padded to a common length T with ``pad_token_id`` / ``ignore_index``; they are
-    never mixed: the loss normalises each group separately (see ``varkernels.trainer``).
+    never mixed: the loss normalises each group separately (see ``varkernels.training.trainer``).
     """
 
     def __init__(self, pad_token_id: int = 0, ignore_index: int = -100):

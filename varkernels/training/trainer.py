@@ -1,7 +1,7 @@
 """VAR training with ``transformers``: ``VARConfig``, ``VARTrainer`` and ``compute_var_loss``.
 
 SPEC §5. One training batch is k whole VAR groups (``per_device_train_batch_size = k`` items of a
-:class:`varkernels.data.VARDataset`), stacked by :class:`varkernels.data.VARCollator`:
+:class:`varkernels.training.data.VARDataset`), stacked by :class:`varkernels.training.data.VARCollator`:
 
     input_ids, attention_mask, labels: [k·B, T]      rewards, ref_logps: [k, B, B] or [k, B]
 
@@ -26,9 +26,9 @@ from typing import Optional
 import torch
 from transformers import Trainer, TrainingArguments
 
-from ._common import LOGP_REDUCTIONS, WEIGHTINGS, VAROutput
+from .._common import LOGP_REDUCTIONS, WEIGHTINGS, VAROutput
 from .data import VARCollator, VARDataset
-from .pairs import LMHead
+from .lm_head import LMHead
 
 _LOSS_BACKENDS = ("auto", "triton", "cpu", "torch")
 
@@ -43,7 +43,7 @@ def split_groups(batch: dict) -> tuple[int, int, bool]:
         if name not in batch:
             raise ValueError(
                 f"batch is missing {name!r}: expected input_ids/attention_mask/labels [k*B, T] and "
-                "rewards/ref_logps [k, B, B] or [k, B] (see varkernels.data.VARCollator)"
+                "rewards/ref_logps [k, B, B] or [k, B] (see varkernels.training.data.VARCollator)"
             )
     N = batch["input_ids"].shape[0]
     R, Q = batch["rewards"], batch["ref_logps"]
@@ -203,7 +203,7 @@ class VARTrainer(Trainer):
         if args is None:
             args = VARConfig(output_dir="var_output")
         if not isinstance(args, VARConfig):
-            raise TypeError(f"args must be a varkernels.trainer.VARConfig, got {type(args).__name__}")
+            raise TypeError(f"args must be a varkernels.training.VARConfig, got {type(args).__name__}")
         for name, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             reduction = getattr(ds, "reduction", None)
             if reduction is not None and reduction != args.logp_reduction:

@@ -1,0 +1,28 @@
+"""Training side of varkernels (needs the ``train`` extra: ``pip install "varkernels[train]"``).
+
+    pairs.py     cross-pair scoring: R[i, j] = r(x_i, y_j), Q[i, j] = log π_ref(y_j | x_i)
+    data.py      fixed groups of B, scored once, cached; VARCollator stacks k groups
+    lm_head.py   the causal LM's output head for the fused-linear ops
+    trainer.py   VARConfig / VARTrainer (a transformers.Trainer) and compute_var_loss
+"""
+
+from .data import GroupShuffleSampler, VARCollator, VARDataset, make_groups
+from .lm_head import LMHead, unwrap_model
+from .pairs import cross_pair_logps, cross_pair_rewards, paired_logps, paired_rewards
+
+_TRAINER = ("VARConfig", "VARTrainer", "compute_var_loss", "split_groups")
+
+
+def __getattr__(name):
+    # trainer.py imports transformers; the scoring and data modules do not.
+    if name in _TRAINER:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'varkernels.training' has no attribute {name!r}")
+
+
+__all__ = [
+    "GroupShuffleSampler", "VARCollator", "VARDataset", "make_groups", "LMHead", "unwrap_model",
+    "cross_pair_logps", "cross_pair_rewards", "paired_logps", "paired_rewards", *_TRAINER,
+]
