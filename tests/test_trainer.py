@@ -10,8 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
 
-from varkernels.training.data import VARCollator, VARDataset  # noqa: E402
 from varkernels.reference import linear_var_loss_reference  # noqa: E402
+from varkernels.training.data import VARCollator, VARDataset  # noqa: E402
 from varkernels.training.trainer import VARConfig, VARTrainer, compute_var_loss  # noqa: E402
 
 V = 40
