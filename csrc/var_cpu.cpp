@@ -1,9 +1,15 @@
-// Python binding of the CPU token kernel (module varkernels_cpu; see var_cpu_kernel.h for the maths).
+// The CPU token kernel as a PyTorch operator (see var_cpu_kernel.h for the maths):
 //
-//   token_op(x [B,T,V] f32/bf16/f16 any strides, labels [B·T] int64/int32 contiguous,
-//            coef [B·T] f32 | None, grad [B,T,V] | None (may be x itself), lse_in [B·T] f32 | None,
-//            softcap: float | None, inv_temperature: float, ignore_index: int)
-//       -> (lp [B·T] f32, lse [B·T] f32)
+//   torch.ops.varkernels.token_cpu(
+//       x [B,T,V] f32/bf16/f16 any strides, labels [B·T] int64/int32 contiguous,
+//       coef [B·T] f32 | None, grad [B,T,V] | None (written; may be x itself), lse_in [B·T] f32 | None,
+//       softcap: float | None, inv_temperature: float, ignore_index: int)
+//     -> (lp [B·T] f32, lse [B·T] f32)
+//
+// Registered with TORCH_LIBRARY_FRAGMENT (schema + CPU kernel), so torch.compile, export and fake
+// tensors see an operator with a schema (its fake implementation is registered in Python, in
+// varkernels/core/token.py). The pybind module only carries the instruction-set controls and the
+// source hash the loader checks.
 //
 // The kernel for the CPU's instruction set (AVX512 / AVX2 / baseline, compiled side by side in
 // var_cpu_isa_*.cpp) is picked at run time from ATen's CPU capability, so it honours
@@ -177,12 +183,16 @@ std::tuple<at::Tensor, at::Tensor> token_op(const at::Tensor& x, const at::Tenso
 
 }  // namespace varkernels
 
+TORCH_LIBRARY_FRAGMENT(varkernels, m) {
+  m.def(
+      "token_cpu(Tensor x, Tensor labels, Tensor? coef, Tensor(a!)? grad, Tensor? lse_in, float? softcap, "
+      "float inv_temperature, int ignore_index) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(varkernels, CPU, m) { m.impl("token_cpu", &varkernels::token_op); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "varkernels C++ CPU kernels (csrc/): the fused token op of the VAR loss";
-  m.def("token_op", &varkernels::token_op, pybind11::arg("x"), pybind11::arg("labels"), pybind11::arg("coef"),
-        pybind11::arg("grad"), pybind11::arg("lse_in"), pybind11::arg("softcap"), pybind11::arg("inv_temperature"),
-        pybind11::arg("ignore_index"), pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "Per-row logsumexp, target log-prob and (optionally) the gradient coef*(softmax - onehot)*dz/dx.");
+  m.doc() = "varkernels C++ CPU kernels (csrc/): controls of the token operator torch.ops.varkernels.token_cpu";
   m.def(
       "capability", []() { return std::string(varkernels::rank_name(varkernels::active_rank())); },
       "Instruction set of the kernel in use: AVX512, AVX2 or DEFAULT.");

@@ -4,8 +4,8 @@ No GPU is needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap,
 the cubin on the CPU and ``cuobjdump --dump-resource-usage`` reads its REG / SHARED / LOCAL.
 LOCAL > 0 means registers spilled to local memory.
 
-What is compiled is what the launchers launch: each launcher (``token_triton``,
-``weights_triton``, ``scale_grad_``) is called with ``meta`` tensors of the production shape while
+What is compiled is what the launchers launch: each launcher (``token_triton_launch``,
+``var_weights_triton_launch``, ``scale_triton_launch``) is called with ``meta`` tensors of the production shape while
 its kernel is replaced by a recorder, and ``launch_spec`` specialises the recorded arguments as
 ``JITFunction.run`` would on a GPU (BLOCK_V, num_warps, ``None`` pointers → constexpr, unit
 strides → constexpr 1, 16-divisible pointers and integers).
@@ -26,10 +26,11 @@ import pytest
 import torch
 
 from varkernels.core import _triton_kernels
-from varkernels.ops.token import token_triton
-from varkernels.ops.var_loss import scale_grad_
-from varkernels.ops.weights import weights_triton
+from varkernels.core.autograd import scale_triton_launch
+from varkernels.core.token import token_triton_launch
 from varkernels.testing import aot
+from varkernels.var import _weights_kernel
+from varkernels.var.weights import var_weights_triton_launch
 
 ARCHS = ("sm_80", "sm_90")
 VOCABS = (32000, 128256, 256000)
@@ -68,22 +69,22 @@ def token_spec(variant: str, dtype: str, V: int, labels_dtype=torch.int64) -> ao
     labels = torch.empty(N, dtype=labels_dtype, device="meta")
     f32 = dict(dtype=torch.float32, device="meta")
     with aot.capture_launches(_triton_kernels, "_var_token_kernel") as launches:
-        token_triton(
+        token_triton_launch(
             x, labels,
             torch.empty(N, **f32) if has_grad else None,  # coef
             torch.empty_like(x) if has_grad else None,  # grad
             torch.empty(N, **f32) if has_lse_in else None,  # lse_in
-            softcap=softcap, temperature=1.0, ignore_index=-100,
+            softcap, 1.0, -100,  # softcap, inv_temperature, ignore_index
         )
     return _only(launches)
 
 
 @functools.cache
 def weights_spec(batch: int, weighting: str, form: str, dtype: str) -> aot.KernelSpec:
-    shape = (batch, batch) if form == "matrix" else (batch,)
+    shape = (1, batch, batch) if form == "matrix" else (1, batch)
     r = torch.empty(shape, dtype=DTYPES[dtype], device="meta")
-    with aot.capture_launches(_triton_kernels, "_var_weights_kernel") as launches:
-        weights_triton(r, torch.empty_like(r), 1.0, weighting)
+    with aot.capture_launches(_weights_kernel, "_var_weights_kernel") as launches:
+        var_weights_triton_launch(r, torch.empty_like(r), 1.0, weighting == "posterior")
     return _only(launches)
 
 
@@ -91,7 +92,7 @@ def weights_spec(batch: int, weighting: str, form: str, dtype: str) -> aot.Kerne
 def scale_spec(dtype: str, V: int) -> aot.KernelSpec:
     grad = torch.empty(B, T, V, dtype=DTYPES[dtype], device="meta")
     with aot.capture_launches(_triton_kernels, "_scale_kernel") as launches:
-        scale_grad_(grad, torch.empty((), dtype=torch.float32, device="meta"), "triton")
+        scale_triton_launch(grad, torch.empty((), dtype=torch.float32, device="meta"))
     return _only(launches)
 
 

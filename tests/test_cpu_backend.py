@@ -21,8 +21,14 @@ import torch
 from helpers import IGNORE_INDEX, assert_close, make_labels, make_logits, make_pairs, reference_run
 
 from varkernels import csrc_loader, fused_var_loss, sequence_logps
-from varkernels.ops.token import token_op
+from varkernels.core.token import token_op as _token_op
 from varkernels.reference import sequence_logps_reference
+
+
+def token_op(backend, x, labels, coef=None, grad=None, lse_in=None, *, temperature=1.0, **opts):
+    """The core token op with the public ``temperature`` keyword (the op takes 1/τ)."""
+    return _token_op(backend, x, labels, coef, grad, lse_in, inv_temperature=1.0 / temperature, **opts)
+
 
 EXT = csrc_loader.load_extension(required=False)
 if EXT is None:
@@ -231,7 +237,7 @@ def test_token_op_errors():
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         token_op("cpu", x.double(), labels)
     with pytest.raises(RuntimeError, match="coef is required"):
-        EXT.token_op(x, labels, None, torch.empty_like(x), None, None, 1.0, IGNORE_INDEX)
+        torch.ops.varkernels.token_cpu(x, labels, None, torch.empty_like(x), None, None, 1.0, IGNORE_INDEX)
     with pytest.raises(RuntimeError, match="contiguous"):
         token_op("cpu", x, torch.stack([labels, labels], 1)[:, 0])
     with pytest.raises(RuntimeError, match="grad must be x itself"):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from varkernels import fused_var_loss, var_loss_reference
-from varkernels.ops.var_loss import scale_grad_
+from varkernels.core.autograd import scale_grad_
 from varkernels.testing.traffic import count_aten_traffic, count_triton_traffic, tensor_bytes
 
 B, T, V = 2, 8, 4099  # V = 4096 + 3: one full BLOCK_V tile and a masked tail of 3 lanes

@@ -8,11 +8,10 @@ Public API (SPEC §2):
     var_loss_reference(...)                                plain PyTorch, the spec in code
 """
 
-from ._common import VAROutput
-from .ops.fused_linear import fused_linear_var_loss, linear_sequence_logps
-from .ops.logps import sequence_logps
-from .ops.var_loss import VARLoss, fused_var_loss
-from .reference import var_loss_reference
+from ._validation import VAROutput
+from .logps import linear_sequence_logps, sequence_logps
+from .reference import linear_var_loss_reference, var_loss_reference
+from .var import VARLoss, fused_linear_var_loss, fused_var_loss
 
 __version__ = "0.1.0"
 
@@ -43,6 +42,7 @@ __all__ = [
     "sequence_logps",
     "linear_sequence_logps",
     "var_loss_reference",
+    "linear_var_loss_reference",
     "__version__",
     *_LAZY,
 ]

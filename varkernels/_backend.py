@@ -1,8 +1,12 @@
-"""Backend selection (SPEC §2 ``backend=``).
+"""Backend selection (``backend=`` of every public op).
 
 ``"auto"``: CUDA tensors → Triton; CPU tensors → the C++ kernel of csrc/ when it is built,
 else the chunked PyTorch path. ``"triton"`` on CPU tensors needs ``TRITON_INTERPRET=1`` (set
 before triton is imported). ``"cpu"`` forces the C++ kernel; ``"torch"`` the PyTorch path.
+
+Both probes below are ``torch.compiler.assume_constant_result``: under ``torch.compile`` they run
+once at trace time and their answer is a constant of the graph (no graph break on the loader's
+lock or on the environment).
 """
 
 from __future__ import annotations
@@ -12,22 +16,28 @@ import os
 
 import torch
 
-from ._common import BACKENDS, check_option
+from ._validation import BACKENDS, check_option
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+@torch.compiler.assume_constant_result
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@torch.compiler.assume_constant_result
 def cpu_extension_available() -> bool:
-    """True when the C++ CPU kernel is built (or can be JIT-built) on this machine."""
-    try:
-        from .csrc_loader import load_extension
-    except ImportError:
-        return False
+    """True when the C++ CPU kernel is built (or can be JIT-built) on this machine; loads it."""
+    from .csrc_loader import load_extension
+
     return load_extension(required=False) is not None
+
+
+def _require_cpu_extension() -> None:
+    from .csrc_loader import load_extension
+
+    load_extension(required=True)  # raises RuntimeError naming the cause
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -50,7 +60,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     elif backend == "cpu":
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
-        from .csrc_loader import load_extension
-
-        load_extension(required=True)
+        if not cpu_extension_available():
+            _require_cpu_extension()
     return backend

@@ -1,7 +1,9 @@
 """Loader of the C++ CPU kernel of csrc/ (the extension module ``varkernels_cpu``).
 
-``load_extension(required=False)`` returns the module (its ``token_op`` is described in
-csrc/var_cpu.cpp) or ``None``; the first call decides and the answer is kept for the process.
+``load_extension(required=False)`` returns the module or ``None``; the first call decides and the
+answer is kept for the process. Loading it registers the operator ``torch.ops.varkernels.token_cpu``
+(described in csrc/var_cpu.cpp); the module itself only carries ``capability``/``set_capability``
+and the source hash.
 
 1. ``VARKERNELS_DISABLE_CPP=1``: no extension (``backend="auto"`` then takes the PyTorch path).
 2. The ahead-of-time build, ``varkernels.varkernels_cpu``, made by ``setup.py`` at install time.
@@ -208,6 +210,10 @@ def load_extension(required: bool = False):
                     stacklevel=3,
                 )
     mod = _state["module"]
+    if mod is not None:
+        from .core.token import register_cpu_fake  # the operator's schema exists from here on
+
+        register_cpu_fake()
     if mod is None and required:
         raise RuntimeError(
             f"backend='cpu' needs the C++ CPU kernel of varkernels, which is unavailable: {_state['error']}. "

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ._common import VAROutput, shifted_labels
+from ._validation import VAROutput, shifted_labels
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -129,6 +129,18 @@ def ess(weights: torch.Tensor) -> torch.Tensor:
     return weights.sum() ** 2 / (weights * weights).sum()
 
 
+def _groups(rewards: torch.Tensor, rows: int) -> tuple[int, int, bool]:
+    """(k, B, cross_pairs) of rewards for ``rows`` policy rows: [B, B] / [B] is one group,
+    [k, B, B] / [k, B] is k groups of B."""
+    if rewards.dim() == 3:
+        return rewards.shape[0], rewards.shape[1], True
+    if rewards.dim() == 2 and tuple(rewards.shape) == (rows, rows):
+        return 1, rows, True
+    if rewards.dim() == 2:
+        return rewards.shape[0], rewards.shape[1], False
+    return 1, rows, False
+
+
 def var_loss_reference(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -144,23 +156,36 @@ def var_loss_reference(
     temperature: float = 1.0,
     return_aux: bool = False,
 ):
-    """VAR loss of SPEC §1: loss = −(1/B)·Σ_i w_i·s_i, with stop-gradient weights.
+    """VAR loss of SPEC §1: loss = −(1/B)·Σ_i w_i·s_i per group, with stop-gradient weights;
+    for k groups the mean of the k group losses.
 
     Args:
-        logits: [B, T, V] policy logits. labels: [B, T].
-        rewards: [B, B] (R[i, j] = r(x_i, y_j)) or [B]. ref_logps: same shape as rewards.
+        logits: [k·B, T, V] policy logits. labels: [k·B, T].
+        rewards: [B, B] (R[i, j] = r(x_i, y_j)) or [B]; for k groups [k, B, B] or [k, B].
+        ref_logps: same shape as rewards.
     Returns:
-        scalar loss (float32, or float64 for float64 inputs), or a ``VAROutput``.
+        scalar loss (float32, or float64 for float64 inputs), or a ``VAROutput`` (weights, log_z,
+        policy_logps of all k·B rows; ess the mean of the groups' ESS).
     """
     s = sequence_logps_reference(
         logits, labels, reduction=logp_reduction, ignore_index=ignore_index,
         shift_labels=shift_labels, softcap=softcap, temperature=temperature,
     )
-    w, log_z = var_weights_reference(rewards, ref_logps, beta=beta, weighting=weighting)
-    loss = -(w.to(s.dtype) * s).sum() / s.shape[0]
+    k, B, cross = _groups(rewards, s.shape[0])
+    R = rewards.reshape((k, B, B) if cross else (k, B))
+    Q = ref_logps.reshape(R.shape)
+    losses, ws, log_zs, esss = [], [], [], []
+    for g in range(k):
+        w, log_z = var_weights_reference(R[g], Q[g], beta=beta, weighting=weighting)
+        s_g = s[g * B : (g + 1) * B]
+        losses.append(-(w.to(s.dtype) * s_g).sum() / B)
+        ws.append(w)
+        log_zs.append(log_z)
+        esss.append(ess(w))
+    loss = torch.stack(losses).mean() if k > 1 else losses[0]
     if not return_aux:
         return loss
-    return VAROutput(loss, w, log_z, s.detach(), ess(w))
+    return VAROutput(loss, torch.cat(ws), torch.cat(log_zs), s.detach(), torch.stack(esss).mean())
 
 
 def linear_var_loss_reference(

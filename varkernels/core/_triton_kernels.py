@@ -1,11 +1,6 @@
 """Triton kernels of varkernels (SPEC §3). Importing this module imports triton.
 
-Two kernels:
-
-* ``_var_weights_kernel`` — one program per row i of the B×B weight-logit matrix
-  A[i, j] = R[i, j]/β + Q[i, j]: stable row logsumexp, log Ẑ_i = lse − log B and
-  log w_i (posterior: A[i, i] − log Ẑ_i; importance: R[i, i]/β − log Ẑ_i), w_i = exp(log w_i).
-  The shared-context (B,) form is the same kernel with a row stride of 0.
+The core's kernels know nothing of VAR (its weight kernel lives in varkernels/var/weights.py):
 
 * ``_var_token_kernel`` — one program per token row n of the logits ([B, T, V] with any strides):
 
@@ -19,6 +14,10 @@ Two kernels:
   the generic log-prob mode (coef = −grad_lp). Ignored rows (y == ignore_index) return early
   with lp = 0 and a zero gradient row. Loads and stores per row: one read of x for sweep 1, one
   read of x and one write of g for sweep 2 — the traffic floor of a two-sweep kernel.
+  The HAS_* switches are passed by the launcher (varkernels/core/token.py), not derived with
+  ``triton.heuristics``: ``torch.library.wrap_triton`` accepts only plain ``triton.jit`` kernels.
+
+* ``_scale_kernel`` — g *= s in place, skipped without a host sync when s == 1.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import triton.language as tl
 
 MAX_FUSED_SIZE = 4096  # BLOCK_V cap: 16 fp32 values per thread at num_warps=8, no spills (see tests/test_compile.py)
 TOKEN_NUM_WARPS = 8
-MAX_WEIGHTS_BLOCK = 16384  # B above this would need a tiled row sweep; far beyond any micro-batch
 
 
 @triton.jit
@@ -58,13 +56,6 @@ def _cast_out(b_x, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
         return b_x.to(dtype)
 
 
-@triton.heuristics(
-    {
-        "HAS_GRAD": lambda args: args["grad_ptr"] is not None,
-        "HAS_LSE_IN": lambda args: args["lse_in_ptr"] is not None,
-        "HAS_SOFTCAP": lambda args: args["softcap"] is not None,
-    }
-)
 @triton.jit
 def _var_token_kernel(
     x_ptr, grad_ptr, labels_ptr, coef_ptr, lse_in_ptr,  # inputs (grad_ptr may alias x_ptr)
@@ -148,32 +139,6 @@ def _var_token_kernel(
             b_p = tl.where(o == y, b_p - 1.0, b_p)
             b_g = b_coef * b_p * b_dz
             tl.store(p_g + o * stride_gv, _cast_out(b_g, grad_ptr.dtype.element_ty, RNE_BF16), mask=m_v)
-
-
-@triton.jit
-def _var_weights_kernel(
-    r_ptr, q_ptr,  # inputs: R, Q as [B, B] (row stride 0 for the (B,) form)
-    w_ptr, log_z_ptr,  # outputs: [B] fp32 each
-    B,  # shape
-    stride_rr, stride_rc, stride_qr, stride_qc,  # strides
-    inv_beta, log_b,  # scalars: 1/β, log B
-    BLOCK_B: tl.constexpr, IS_POSTERIOR: tl.constexpr,
-):
-    i_r = tl.program_id(0).to(tl.int64)
-    o_b = tl.arange(0, BLOCK_B)
-    m_b = o_b < B
-    b_r = tl.load(r_ptr + i_r * stride_rr + o_b * stride_rc, mask=m_b, other=0.0).to(tl.float32)
-    b_q = tl.load(q_ptr + i_r * stride_qr + o_b * stride_qc, mask=m_b, other=float("-inf")).to(tl.float32)
-    b_a = tl.where(m_b, b_r * inv_beta + b_q, float("-inf"))
-    b_max = tl.max(b_a, axis=0)
-    b_log_z = b_max + tl.log(tl.sum(tl.exp(b_a - b_max), axis=0)) - log_b
-    m_diag = o_b == i_r
-    if IS_POSTERIOR:
-        b_num = tl.sum(tl.where(m_diag, b_a, 0.0), axis=0)
-    else:
-        b_num = tl.sum(tl.where(m_diag, b_r, 0.0), axis=0) * inv_beta
-    tl.store(w_ptr + i_r, tl.exp(b_num - b_log_z))
-    tl.store(log_z_ptr + i_r, b_log_z)
 
 
 @triton.jit

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from transformers import Trainer, TrainingArguments
 
-from .._common import LOGP_REDUCTIONS, WEIGHTINGS, VAROutput
+from .._validation import LOGP_REDUCTIONS, WEIGHTINGS, VAROutput
 from .data import VARCollator, VARDataset
 from .lm_head import LMHead
 

@@ -1,0 +1,266 @@
+"""Option names and input validation for every varkernels op (the one place checks live).
+
+Validation follows SPEC §2: each bad input raises ``ValueError`` / ``TypeError`` that names the
+argument, what was expected and what was given, and nothing of the caller's is modified before
+the error is raised (all checks run before any kernel touches memory).
+
+Data-dependent checks (labels in range, NaN/+inf in rewards and ref_logps) need one host
+synchronisation. They are gathered into a single ``.tolist()`` so a loss call costs one sync,
+on tensors that are tiny next to the logits (labels: B·T ints; rewards/ref_logps: B² floats).
+They run in eager mode only: under ``torch.compile`` and on fake tensors (which have no data)
+they are skipped (:func:`data_checks_enabled`). The C++ kernel still rejects out-of-range labels
+there; the Triton and PyTorch paths do not.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+WEIGHTINGS = ("posterior", "importance")
+REDUCTIONS = ("mean", "sum")
+LOGP_REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "triton", "cpu", "torch")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class VAROutput(NamedTuple):
+    """Result of a VAR loss call with ``return_aux=True``.
+
+    Attributes:
+        loss: [] float32 scalar, ``-(1/B) * sum_i w_i * s_i``; differentiable w.r.t. the policy.
+        weights: [k·B] float32, the stop-gradient weights ``w_i``.
+        log_z: [k·B] float32, ``log Ẑ_i = logsumexp_j A[i, j] - log B`` (within i's group).
+        policy_logps: [k·B] float32, the sequence log-probs ``s_i`` (detached).
+        ess: [] float32, effective sample size ``(Σw)² / Σw²`` of each group's weights, in [1, B],
+            averaged over the k groups.
+    """
+
+    loss: torch.Tensor
+    weights: torch.Tensor
+    log_z: torch.Tensor
+    policy_logps: torch.Tensor
+    ess: torch.Tensor
+
+
+def check_option(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def check_positive(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python number > 0, got {type(value).__name__} {value!r}")
+    if not (value > 0) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_tensor(name: str, t, dtypes=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def check_same_device(**tensors) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    k0, v0 = items[0]
+    for k, v in items[1:]:
+        if v.device != v0.device:
+            raise ValueError(
+                f"{k} must be on the same device as {k0} ({v0.device}), got {v.device}"
+            )
+
+
+def check_policy_inputs(
+    logits_name: str, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int
+) -> None:
+    """Static checks of logits/hidden ([B, T, *]) against labels ([B, T])."""
+    _check_tensor(logits_name, logits, FLOAT_DTYPES)
+    _check_tensor("labels", labels, (torch.int64, torch.int32))
+    if logits.dim() != 3:
+        raise ValueError(f"{logits_name} must have shape [B, T, *] (3 dims), got {tuple(logits.shape)}")
+    if labels.dim() != 2:
+        raise ValueError(f"labels must have shape [B, T], got {tuple(labels.shape)}")
+    if tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(
+            f"labels must have shape [B, T] = {tuple(logits.shape[:2])} to match {logits_name}, "
+            f"got {tuple(labels.shape)}"
+        )
+    if logits.shape[0] == 0 or logits.shape[1] == 0 or vocab_size == 0:
+        raise ValueError(f"{logits_name} must be non-empty, got shape {tuple(logits.shape)}")
+
+
+def _pair_form(name: str, t: torch.Tensor, rows: int) -> tuple[int, int, bool]:
+    shape = tuple(t.shape)
+    if len(shape) == 1 and shape[0] == rows:
+        return 1, rows, False
+    if len(shape) == 2 and shape == (rows, rows):
+        return 1, rows, True
+    if len(shape) == 2 and shape[0] * shape[1] == rows and shape[1] > 0:
+        return shape[0], shape[1], False
+    if len(shape) == 3 and shape[1] == shape[2] and shape[0] * shape[1] == rows and shape[1] > 0:
+        return shape[0], shape[1], True
+    raise ValueError(
+        f"{name} must have shape (B, B) = {(rows, rows)} or (B,) = {(rows,)} for one group of the "
+        f"{rows} rows, or (k, B, B) / (k, B) with k*B = {rows} for k groups; got {shape}"
+    )
+
+
+def check_pair_inputs(rewards: torch.Tensor, ref_logps: torch.Tensor, rows: int) -> tuple[int, int, bool]:
+    """Static checks of rewards/ref_logps against ``rows`` = k·B policy rows.
+
+    Accepted shapes (k groups of B; k = 1 may drop its leading dimension):
+    cross-pair [B, B] or [k, B, B]; shared-context [B] or [k, B]. Returns (k, B, cross_pairs).
+    A 2-D [a, b] tensor is cross-pair when a = b = rows, shared-context when a·b = rows.
+    """
+    float_dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    _check_tensor("rewards", rewards, float_dtypes)
+    _check_tensor("ref_logps", ref_logps, float_dtypes)
+    form = _pair_form("rewards", rewards, rows)
+    if _pair_form("ref_logps", ref_logps, rows) != form or rewards.shape != ref_logps.shape:
+        raise ValueError(
+            "rewards and ref_logps must have the same shape (both cross-pair or both shared-context); "
+            f"got rewards {tuple(rewards.shape)} and ref_logps {tuple(ref_logps.shape)}"
+        )
+    return form
+
+
+def data_checks_enabled(*tensors) -> bool:
+    """False under ``torch.compile`` and for fake tensors: data checks need real values and a sync."""
+    if torch.compiler.is_compiling():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not any(t is not None and is_fake(t) for t in tensors)
+
+
+def check_values(
+    labels: torch.Tensor,
+    vocab_size: int,
+    ignore_index: int,
+    rewards: Optional[torch.Tensor] = None,
+    ref_logps: Optional[torch.Tensor] = None,
+) -> None:
+    """Data-dependent checks, one host sync for all of them (eager mode only, see the module docstring)."""
+    if not data_checks_enabled(labels, rewards):
+        return
+    bad_label = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    flags = [bad_label.any()]
+    if rewards is not None:
+        flags += [torch.isnan(rewards).any(), torch.isinf(rewards).any()]
+        flags += [torch.isnan(ref_logps).any(), (ref_logps == math.inf).any()]
+        # A row whose every pair is impossible (all ref_logps = -inf) has Ẑ_i = 0: w_i undefined.
+        flags += [torch.isneginf(ref_logps).all(dim=-1).any()]
+    values = torch.stack(flags).tolist()
+    if values[0]:
+        idx = bad_label.nonzero()[0].tolist()
+        raise ValueError(
+            f"labels must be in [0, V) = [0, {vocab_size}) or ignore_index={ignore_index}; "
+            f"got {labels[tuple(idx)].item()} at index {tuple(idx)}"
+        )
+    if rewards is None:
+        return
+    if values[1] or values[2]:
+        raise ValueError("rewards must be finite; got NaN or ±inf")
+    if values[3] or values[4]:
+        raise ValueError("ref_logps must not be NaN or +inf (-inf is allowed: an impossible response)")
+    if values[5]:
+        raise ValueError(
+            "ref_logps has a row whose every entry is -inf: no response is possible under that "
+            "prompt, so its partition function is 0 and its weight is undefined"
+        )
+
+
+def shifted_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Hugging Face causal shift: position t predicts labels[:, t+1]; the last predicts nothing.
+
+    Only the [B, T] labels are copied; logits / hidden states are never moved.
+    """
+    out = torch.full_like(labels, ignore_index)
+    out[:, :-1] = labels[:, 1:]
+    return out
+
+
+def check_linear(hidden, weight, bias, chunk_size) -> None:
+    """Static checks of the fused-linear operands: hidden [B, T, H], weight [V, H], bias [V] or None."""
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}")
+    if hidden.dim() != 3 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden must have shape [B, T, H] with H = weight.shape[1] = {weight.shape[1]}, "
+            f"got {tuple(hidden.shape)}"
+        )
+    if weight.dtype not in FLOAT_DTYPES or weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},), got {got}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_same_device(hidden=hidden, weight=weight, bias=bias)
+
+
+class Checked(NamedTuple):
+    """What :func:`check_call` hands to the compute path."""
+
+    backend: str  # resolved: "triton" | "cpu" | "torch"
+    labels: torch.Tensor  # [B, T], shifted when shift_labels
+    groups: int  # k (1 without rewards)
+    group_size: int  # B rows per group
+    cross_pairs: bool
+
+
+def check_call(
+    name: str,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int,
+    *,
+    ignore_index: int,
+    shift_labels: bool,
+    softcap,
+    temperature,
+    backend: str,
+    rewards: Optional[torch.Tensor] = None,
+    ref_logps: Optional[torch.Tensor] = None,
+    beta=None,
+    weighting: Optional[str] = None,
+    logp_reduction: Optional[str] = None,
+) -> Checked:
+    """Every check of a public op, run before any kernel touches memory.
+
+    x ([B, T, *], logits or hidden) against labels, the logit transforms, the VAR options and
+    rewards/ref_logps when given, devices, the backend, then the data-dependent values (one host
+    sync, eager mode only). The labels are shifted (Hugging Face causal convention) when
+    ``shift_labels``; x is never copied.
+    """
+    from ._backend import resolve_backend
+
+    if weighting is not None:
+        check_option("weighting", weighting, WEIGHTINGS)
+        check_option("logp_reduction", logp_reduction, REDUCTIONS)
+        check_positive("beta", beta)
+    check_positive("temperature", temperature)
+    check_positive("softcap", softcap, allow_none=True)
+    check_policy_inputs(name, x, labels, vocab_size)
+    k, group, cross = 1, x.shape[0], False
+    if rewards is not None or ref_logps is not None:
+        k, group, cross = check_pair_inputs(rewards, ref_logps, x.shape[0])
+    check_same_device(**{name: x, "labels": labels, "rewards": rewards, "ref_logps": ref_logps})
+    backend = resolve_backend(backend, x.device)
+    check_values(labels, vocab_size, ignore_index, rewards, ref_logps)
+    labels_eff = shifted_labels(labels, ignore_index) if shift_labels else labels
+    return Checked(backend, labels_eff, k, group, cross)

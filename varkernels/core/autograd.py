@@ -1,0 +1,245 @@
+"""Autograd for the token op: one path for the logits form, one for the fused-linear form.
+
+Each path has two gradient modes, chosen by the layer above:
+
+* **forward mode** (``coef`` given, [B·T] fp32): the caller knows d value / d lp[n] = coef[n] before
+  the forward (true of any loss Σ_n coef[n]·lp[n] whose coefficients do not depend on the policy,
+  e.g. VAR's stop-gradient weights). The op returns value = Σ_n coef[n]·lp[n] and computes its
+  gradient during the forward; backward only rescales it by the incoming scalar (skipped when that
+  is exactly 1). One pass over the vocabulary less than recomputing, and ``inplace`` can write the
+  gradient over the logits.
+* **backward mode** (``coef=None``): the op returns differentiable token log-probs lp; the forward
+  saves only the per-token logsumexp, and backward recomputes softmax with coef = −grad_lp (for
+  DPO-style losses and anything whose coefficients depend on lp).
+
+Both return ``(value, lp)``: value is a differentiable fp32 scalar in forward mode (0 otherwise),
+lp [B·T] fp32 is differentiable in backward mode (detached in forward mode).
+
+Grad mode: the gradient is computed and kept only when grad mode is on and an input requires grad
+(``needs_grad``, decided by the caller outside the Function, where grad mode is visible). Under
+``torch.no_grad()`` / ``inference_mode()`` no gradient buffer is allocated, nothing is saved and
+``inplace`` writes nothing.
+
+Forward mode keeps one backward per graph: the gradient is saved as a tensor and rescaled in place,
+so a second backward through the same graph raises instead of rescaling it twice.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.library import triton_op
+
+from .linear import linear_token_op
+from .token import launchable, rne_bf16, token_op
+
+# ---------------------------------------------------------------------------------- scaling
+
+
+def scale_triton_launch(g: torch.Tensor, s: torch.Tensor) -> None:
+    """g *= s[0] in place on the GPU, a no-op without a host sync when s == 1."""
+    import triton
+
+    from ._triton_kernels import _scale_kernel
+
+    n = g.numel()
+    block = 4096
+    launchable(_scale_kernel)[(triton.cdiv(n, block),)](g_ptr=g, s_ptr=s, N=n, BLOCK=block, RNE_BF16=rne_bf16(g))
+
+
+scale_triton = triton_op("varkernels::scale_triton", mutates_args={"g"})(scale_triton_launch)
+
+
+@scale_triton.register_fake
+def _(g, s):
+    return None
+
+
+def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) -> torch.Tensor:
+    """grad · grad_output: in place and skipped when grad_output == 1 in eager mode (no host sync
+    on GPU); a plain product under ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return grad * grad_output
+    if backend == "triton" and grad.is_contiguous():
+        scale_triton(grad, grad_output)
+        # written through a raw pointer: bump the version so that a second backward through the
+        # graph (retain_graph=True) finds its saved gradient modified and raises
+        torch.autograd.graph.increment_version(grad)
+    elif grad_output.device.type == "cpu" and grad_output.item() == 1.0:
+        torch.autograd.graph.increment_version(grad)  # as if scaled: one backward per graph
+    else:
+        grad.mul_(grad_output)
+    return grad
+
+
+def _saved_once(ctx, op_name: str) -> tuple:
+    """ctx.saved_tensors, with a message that says what a second backward means here."""
+    if torch.compiler.is_compiling():
+        return ctx.saved_tensors
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"{op_name}: backward was called twice on one graph; the gradient is computed in the forward "
+            "and rescaled in place, so compute the loss again instead of retain_graph=True"
+        ) from e
+
+
+def _weighted_value(coef: torch.Tensor, lp: torch.Tensor, rows: int) -> torch.Tensor:
+    """Σ_n coef[n]·lp[n], summed per sequence row first (a fixed order: deterministic)."""
+    return (coef * lp).view(rows, -1).sum(dim=1).sum()
+
+
+# ---------------------------------------------------------------------------------- logits form
+
+
+class TokenFunction(torch.autograd.Function):
+    """(value, lp) from logits [B, T, V]; see the module docstring for the two modes."""
+
+    @staticmethod
+    def forward(ctx, x, labels, coef, backend, softcap, inv_temperature, ignore_index, inplace, needs_grad):
+        B = x.shape[0]
+        ctx.backend, ctx.forward_mode = backend, coef is not None
+        ctx.opts = (softcap, inv_temperature, ignore_index)
+        xd = x.detach()
+        if coef is not None:
+            grad = None
+            if needs_grad:
+                grad = xd if inplace else torch.empty_like(xd)
+            # the kernels write coef'·(softmax − onehot) = coef'·(−d lp/dx): coef' = −d value/d lp
+            lp, _ = token_op(backend, xd, labels, coef.neg(), grad, softcap=softcap,
+                             inv_temperature=inv_temperature, ignore_index=ignore_index)
+            if grad is not None:
+                if inplace and not torch.compiler.is_compiling():
+                    # The kernels write through raw pointers: tell autograd that x changed, so a node
+                    # that saved it (e.g. tanh's output) raises instead of using the gradient as logits.
+                    torch.autograd.graph.increment_version(x)
+                ctx.save_for_backward(grad)
+            value = _weighted_value(coef, lp, B)
+            ctx.mark_non_differentiable(lp)
+            return value, lp
+        lp, lse = token_op(backend, xd, labels, softcap=softcap, inv_temperature=inv_temperature,
+                           ignore_index=ignore_index)
+        if needs_grad:
+            ctx.save_for_backward(x, labels, lse)
+        value = lp.new_zeros(())
+        ctx.mark_non_differentiable(value)
+        return value, lp
+
+    @staticmethod
+    def backward(ctx, grad_value, grad_lp):
+        if ctx.forward_mode:
+            (grad,) = _saved_once(ctx, "token op (forward-mode gradient)")
+            grad = scale_grad_(grad, grad_value, ctx.backend)
+            return grad, None, None, None, None, None, None, None, None
+        x, labels, lse = ctx.saved_tensors
+        softcap, inv_temperature, ignore_index = ctx.opts
+        grad = torch.empty_like(x)
+        coef = grad_lp.reshape(-1).to(torch.float32).neg().contiguous()
+        token_op(ctx.backend, x.detach(), labels, coef, grad, lse, softcap=softcap,
+                 inv_temperature=inv_temperature, ignore_index=ignore_index)
+        return grad, None, None, None, None, None, None, None, None
+
+
+def token_forward(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    coef: Optional[torch.Tensor],
+    *,
+    backend: str,
+    softcap: Optional[float],
+    inv_temperature: float,
+    ignore_index: int,
+    inplace: bool = False,
+):
+    """(value, lp [B·T]) of the logits form; labels, coef: [B·T] contiguous (see the module docstring)."""
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    return TokenFunction.apply(x, labels, coef, backend, softcap, inv_temperature, ignore_index, inplace,
+                               needs_grad)
+
+
+# ---------------------------------------------------------------------------------- fused-linear form
+
+
+class LinearTokenFunction(torch.autograd.Function):
+    """(value, lp) from hidden [B, T, H], weight [V, H], bias [V] | None; same two modes.
+
+    Forward mode keeps grad_weight / grad_bias in their fp32 accumulators until backward, so the
+    upstream scale is applied before the single rounding to the parameter dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, coef, backend, softcap, inv_temperature, ignore_index,
+                chunk_size, wants):
+        B = hidden.shape[0]
+        ctx.backend, ctx.forward_mode, ctx.wants = backend, coef is not None, wants
+        ctx.opts = (softcap, inv_temperature, ignore_index, chunk_size)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.has_bias = bias is not None
+        hd, wd = hidden.detach(), weight.detach()
+        bd = bias.detach() if bias is not None else None
+        if coef is not None:
+            run_coef = coef.neg() if any(wants) else None  # kernel convention: −d value/d lp
+            lp, _, gh, gw, gb = linear_token_op(
+                hd, wd, bd, labels, run_coef, None, *wants, backend, softcap, inv_temperature, ignore_index,
+                chunk_size,
+            )
+            if any(wants):
+                ctx.save_for_backward(gh, gw, gb)
+            value = _weighted_value(coef, lp, B)
+            ctx.mark_non_differentiable(lp)
+            return value, lp
+        lp, lse, *_ = linear_token_op(
+            hd, wd, bd, labels, None, None, False, False, False, backend, softcap, inv_temperature, ignore_index,
+            chunk_size,
+        )
+        if any(wants):
+            ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        value = lp.new_zeros(())
+        ctx.mark_non_differentiable(value)
+        return value, lp
+
+    @staticmethod
+    def backward(ctx, grad_value, grad_lp):
+        wants = ctx.wants
+        if ctx.forward_mode:
+            grads = _saved_once(ctx, "fused-linear token op (forward-mode gradient)")
+            out = [
+                scale_grad_(g, grad_value, ctx.backend).to(dt) if want and g.numel() else None
+                for g, dt, want in zip(grads, ctx.dtypes, wants)
+            ]
+            return (*out, None, None, None, None, None, None, None, None)
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        softcap, inv_temperature, ignore_index, chunk_size = ctx.opts
+        coef = grad_lp.reshape(-1).to(torch.float32).neg().contiguous()
+        _, _, gh, gw, gb = linear_token_op(
+            hidden.detach(), weight.detach(), bias.detach() if bias is not None else None, labels, coef, lse,
+            *wants, ctx.backend, softcap, inv_temperature, ignore_index, chunk_size,
+        )
+        out = [g.to(dt) if want and g.numel() else None for g, dt, want in zip((gh, gw, gb), ctx.dtypes, wants)]
+        return (*out, None, None, None, None, None, None, None, None)
+
+
+def linear_token_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    coef: Optional[torch.Tensor],
+    *,
+    backend: str,
+    softcap: Optional[float],
+    inv_temperature: float,
+    ignore_index: int,
+    chunk_size: int,
+):
+    """(value, lp [B·T]) of the fused-linear form (see the module docstring)."""
+    grad_on = torch.is_grad_enabled()
+    wants = (
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    return LinearTokenFunction.apply(hidden, weight, bias, labels, coef, backend, softcap, inv_temperature,
+                                     ignore_index, chunk_size, wants)

@@ -1,0 +1,162 @@
+"""The fused-linear driver: the token op on logits computed chunk by chunk from hidden states.
+
+For the token rows of hidden [B, T, H] (the non-ignored ones only, in eager mode), in chunks of
+``chunk_size`` rows::
+
+    logits_c  = h_c · Wᵀ (+ b)                       # [chunk, V] in h's dtype
+    g_c       = token op on logits_c, in place       # coef·(softmax − onehot)·dz/dx
+    grad_h_c  = g_c · W                              # written to rows of grad_hidden
+    grad_W   += g_cᵀ · h_c     (fp32 accumulator)    # fixed chunk order: deterministic
+    grad_b   += Σ_rows g_c     (fp32)
+
+Extra memory is O(chunk·V + V·H): one logits chunk plus the fp32 weight-gradient accumulator,
+never [B, T, V]. The gradients are produced only when ``coef`` is given (and only those asked
+for); with ``lse_in`` the token op skips its logsumexp sweep (backward of the log-prob mode).
+
+Registered as the operator ``varkernels::linear_token_pass`` (a ``torch.library.custom_op`` with a
+fake implementation): under ``torch.compile`` the whole loop is one node of the graph, so its
+chunk count and the row compaction never become graph breaks or shape guards. The Python
+function :func:`linear_token_pass` can also be called directly, e.g. on fake CUDA tensors to
+record every op the CUDA path issues; it then skips the compaction (``compact=False``: every row
+is processed, ignored rows get a zero gradient), whose output size depends on the labels' values.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.library import custom_op
+
+from .token import token_op
+
+# Memory budget of one [chunk, V] logits block, counted in fp32 bytes. CPU: 32 MiB keeps the
+# extra memory of the loss at ~0.2x naive's at B=4, T=512, V=32000 (benchmarks/bench_fused_linear.py)
+# while a 262-row matmul still runs at full speed. CUDA: 256 MiB, so the three matmuls stay large
+# enough for the tensor cores (e.g. 523 rows at V = 128256).
+CHUNK_BUDGET_BYTES = {"cpu": 32 * 2**20, "cuda": 256 * 2**20}
+MIN_CHUNK_ROWS = 16
+
+
+def default_chunk_size(vocab_size: int, device_type: str = "cpu") -> int:
+    """Rows per chunk from ``CHUNK_BUDGET_BYTES``: 262 rows at V = 32000 on CPU, 523 at V = 128256 on CUDA."""
+    budget = CHUNK_BUDGET_BYTES.get(device_type, CHUNK_BUDGET_BYTES["cpu"])
+    return max(MIN_CHUNK_ROWS, budget // (4 * vocab_size))
+
+
+def _accumulate_weight_grad(gw: torch.Tensor, g: torch.Tensor, h_c: torch.Tensor) -> None:
+    """gw (fp32) += gᵀ·h_c. fp32 inputs: one addmm. bf16/fp16 on CUDA: the GEMM runs on the
+    tensor cores with an fp32 output (``out_dtype``), never on fp32 copies. Elsewhere (CPU) the
+    half-precision chunks are upcast first: CPU GEMMs have no fp32-output half kernel."""
+    if g.dtype == torch.float32:
+        gw.addmm_(g.t(), h_c)
+    elif gw.device.type == "cuda":
+        gw.copy_(torch.addmm(gw, g.t(), h_c, out_dtype=torch.float32))
+    else:
+        gw.addmm_(g.t().float(), h_c.float())
+
+
+def linear_token_pass(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    coef: Optional[torch.Tensor],
+    lse_in: Optional[torch.Tensor],
+    want_hidden: bool,
+    want_weight: bool,
+    want_bias: bool,
+    backend: str,
+    softcap: Optional[float],
+    inv_temperature: float,
+    ignore_index: int,
+    chunk_size: int,
+    compact: bool = True,
+):
+    """One chunked pass. hidden [B, T, H]; weight [V, H]; bias [V] | None; labels [B·T];
+    coef, lse_in [B·T] fp32 | None.
+
+    Returns (lp [B·T] fp32, lse [B·T] fp32, grad_hidden [B, T, H] | [0], grad_weight [V, H] fp32 | [0],
+    grad_bias [V] fp32 | [0]); a gradient is an empty [0] tensor unless ``coef`` is given and it is wanted.
+    """
+    B, T, H = hidden.shape
+    V = weight.shape[0]
+    N = B * T
+    dev = hidden.device
+    has_grad = coef is not None
+    lp = torch.zeros(N, dtype=torch.float32, device=dev)
+    lse = torch.zeros(N, dtype=torch.float32, device=dev)
+    gh = torch.zeros_like(hidden) if has_grad and want_hidden else hidden.new_empty(0)
+    gw = torch.zeros(V, H, dtype=torch.float32, device=dev) if has_grad and want_weight else hidden.new_empty(0)
+    gb = (torch.zeros(V, dtype=torch.float32, device=dev)
+          if has_grad and want_bias and bias is not None else hidden.new_empty(0))
+    if compact:  # prompt and padding rows cost nothing (one host sync for the count)
+        idx = torch.nonzero(labels != ignore_index).squeeze(1)
+        n_rows = idx.numel()
+    else:
+        idx, n_rows = None, N
+    w_t = weight.t()
+    for c0 in range(0, n_rows, chunk_size):
+        c1 = min(n_rows, c0 + chunk_size)
+        i_c = idx[c0:c1] if idx is not None else torch.arange(c0, c1, device=dev)
+        b_c, t_c = i_c // T, i_c % T
+        h_c = hidden[b_c, t_c]  # [n, H] gathered rows, no copy of the whole hidden
+        logits_c = torch.addmm(bias, h_c, w_t) if bias is not None else h_c @ w_t
+        x = logits_c.unsqueeze(0)
+        lp_c, lse_c = token_op(
+            backend, x, labels[i_c].contiguous(), coef[i_c].contiguous() if has_grad else None,
+            x if has_grad else None, lse_in[i_c].contiguous() if lse_in is not None else None,
+            softcap=softcap, inv_temperature=inv_temperature, ignore_index=ignore_index,
+        )
+        lp[i_c], lse[i_c] = lp_c, lse_c
+        if not has_grad:
+            continue
+        g = logits_c  # now holds the gradient w.r.t. the logits chunk
+        if gh.numel():
+            gh[b_c, t_c] = g @ weight
+        if gw.numel():
+            _accumulate_weight_grad(gw, g, h_c)
+        if gb.numel():
+            gb += g.float().sum(dim=0)
+    return lp, lse, gh, gw, gb
+
+
+@custom_op("varkernels::linear_token_pass", mutates_args=())
+def _linear_token_pass_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    coef: Optional[torch.Tensor],
+    lse_in: Optional[torch.Tensor],
+    want_hidden: bool,
+    want_weight: bool,
+    want_bias: bool,
+    backend: str,
+    softcap: Optional[float],
+    inv_temperature: float,
+    ignore_index: int,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return linear_token_pass(
+        hidden, weight, bias, labels, coef, lse_in, want_hidden, want_weight, want_bias, backend,
+        softcap, inv_temperature, ignore_index, chunk_size,
+    )
+
+
+@_linear_token_pass_op.register_fake
+def _(hidden, weight, bias, labels, coef, lse_in, want_hidden, want_weight, want_bias, backend,
+      softcap, inv_temperature, ignore_index, chunk_size):
+    B, T, H = hidden.shape
+    V = weight.shape[0]
+    f32 = torch.float32
+    has_grad = coef is not None
+    gh = torch.empty_like(hidden) if has_grad and want_hidden else hidden.new_empty(0)
+    gw = hidden.new_empty(V, H, dtype=f32) if has_grad and want_weight else hidden.new_empty(0)
+    gb = hidden.new_empty(V, dtype=f32) if has_grad and want_bias and bias is not None else hidden.new_empty(0)
+    return hidden.new_empty(B * T, dtype=f32), hidden.new_empty(B * T, dtype=f32), gh, gw, gb
+
+
+def linear_token_op(*args):
+    """The registered operator (same arguments as :func:`linear_token_pass` without ``compact``)."""
+    return torch.ops.varkernels.linear_token_pass(*args)

@@ -1,0 +1,219 @@
+"""The token op, registered as PyTorch operators on each backend.
+
+For every token row n of x [B, T, V] (any strides) with label y = labels[n]:
+
+    z      = transform(x[n, :])                    softcap c·tanh(x/c), then ·(1/τ)      (fp32)
+    lse[n] = logsumexp(z)                          (or lse_in[n]: the first sweep is skipped)
+    lp[n]  = z[y] − lse[n]                         0 where y == ignore_index
+    grad[n, :] = coef[n]·(softmax(z) − onehot(y))·dz/dx     only when ``grad`` is given
+
+In PyTorch: ``lp = z.log_softmax(-1).gather(-1, y)`` and ``grad = −coef·d lp/dx``. ``grad`` is
+written in its own dtype and may be x itself (the same view): the gradient then overwrites the
+logits. The op knows nothing of what the coefficients mean: the layers above choose them.
+
+Operators (schema shared by the three, ``grad`` is the only argument written)::
+
+    varkernels::token_<backend>(Tensor x, Tensor labels, Tensor? coef, Tensor(a!)? grad,
+                                Tensor? lse_in, float? softcap, float inv_temperature,
+                                int ignore_index) -> (Tensor lp, Tensor lse)
+
+* ``token_triton`` — ``torch.library.triton_op`` around ``_var_token_kernel`` (``wrap_triton``),
+  so Inductor sees the kernel; on CPU tensors it runs in the Triton interpreter.
+* ``token_cpu`` — the C++ kernel of csrc/, registered there with ``TORCH_LIBRARY_FRAGMENT``;
+  its fake implementation is registered here once the extension is loaded.
+* ``token_torch`` — chunked PyTorch (never more than a chunk of fp32 rows alive), a
+  ``torch.library.custom_op``.
+
+Each has a fake implementation, so the op runs on fake tensors (and under ``torch.compile``) and
+can be recorded with its shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.library import custom_op, register_fake, triton_op, wrap_triton
+
+from .._backend import triton_interpret
+
+CHUNK_BYTES = 16 * 2**20  # fp32 bytes per chunk buffer of the PyTorch path; ~3 such buffers are alive
+_SCHEMA_ARGS = "x, labels, coef, grad, lse_in, softcap, inv_temperature, ignore_index"
+
+
+def _fake_token(x, labels, coef, grad, lse_in, softcap, inv_temperature, ignore_index):
+    n = x.shape[0] * x.shape[1]
+    return x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32)
+
+
+def launchable(kernel):
+    """``wrap_triton(kernel)``, or the kernel itself when it is not a plain ``triton.jit`` function
+    (a launch recorder of varkernels.testing.aot). Launchers call their kernel through this."""
+    try:
+        return wrap_triton(kernel)
+    except RuntimeError:
+        return kernel
+
+
+def rne_bf16(out) -> bool:
+    """True when a Triton kernel must round fp32 → bf16 by hand: only in the interpreter,
+    which truncates where GPUs round to nearest even (see ``_triton_kernels._cast_out``)."""
+    return out is not None and out.dtype == torch.bfloat16 and out.device.type != "cuda" and triton_interpret()
+
+
+# ------------------------------------------------------------------------------------ Triton
+
+
+def token_triton_launch(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    coef: Optional[torch.Tensor],
+    grad: Optional[torch.Tensor],
+    lse_in: Optional[torch.Tensor],
+    softcap: Optional[float],
+    inv_temperature: float,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    import triton
+
+    from ._triton_kernels import MAX_FUSED_SIZE, TOKEN_NUM_WARPS, _var_token_kernel
+
+    B, T, V = x.shape
+    N = B * T
+    lp = torch.empty(N, dtype=torch.float32, device=x.device)
+    lse = torch.empty(N, dtype=torch.float32, device=x.device)
+    gs = grad.stride() if grad is not None else (0, 0, 0)
+    launchable(_var_token_kernel)[(N,)](
+        x_ptr=x, grad_ptr=grad, labels_ptr=labels, coef_ptr=coef, lse_in_ptr=lse_in,
+        lp_ptr=lp, lse_ptr=lse,
+        T=T, V=V,
+        stride_xb=x.stride(0), stride_xt=x.stride(1), stride_xv=x.stride(2),
+        stride_gb=gs[0], stride_gt=gs[1], stride_gv=gs[2],
+        softcap=softcap, inv_temperature=inv_temperature, ignore_index=ignore_index,
+        BLOCK_V=min(triton.next_power_of_2(V), MAX_FUSED_SIZE),
+        RNE_BF16=rne_bf16(grad),
+        HAS_GRAD=grad is not None, HAS_LSE_IN=lse_in is not None, HAS_SOFTCAP=softcap is not None,
+        num_warps=TOKEN_NUM_WARPS,
+    )
+    return lp, lse
+
+
+token_triton = triton_op("varkernels::token_triton", mutates_args={"grad"})(token_triton_launch)
+token_triton.register_fake(_fake_token)
+
+
+# ------------------------------------------------------------------------------------ PyTorch
+
+
+def _transform(x: torch.Tensor, softcap: Optional[float], inv_temperature: float):
+    """fp32 z = transform(x) and dz/dx (a tensor, or a Python float when constant)."""
+    z = x.float()
+    dz = inv_temperature
+    if softcap is not None:
+        t = torch.tanh(z / softcap)
+        dz = (1.0 - t * t).mul_(inv_temperature)
+        z = t.mul_(softcap)
+    if inv_temperature != 1.0:
+        z = z * inv_temperature if z is x else z.mul_(inv_temperature)  # never write into the caller's x
+    return z, dz
+
+
+@custom_op("varkernels::token_torch", mutates_args={"grad"})
+def token_torch(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    coef: Optional[torch.Tensor],
+    grad: Optional[torch.Tensor],
+    lse_in: Optional[torch.Tensor],
+    softcap: Optional[float],
+    inv_temperature: float,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, T, V = x.shape
+    N = B * T
+    lp = torch.zeros(N, dtype=torch.float32, device=x.device)
+    lse = torch.zeros(N, dtype=torch.float32, device=x.device)
+    rows = max(1, CHUNK_BYTES // (4 * V))
+    for b in range(B):
+        for t0 in range(0, T, rows):
+            t1 = min(T, t0 + rows)
+            n0, n1 = b * T + t0, b * T + t1
+            y = labels[n0:n1].long()
+            valid = y != ignore_index
+            if not bool(valid.any()):
+                if grad is not None:
+                    grad[b, t0:t1].zero_()
+                continue
+            ys = torch.where(valid, y, 0).unsqueeze(1)
+            x_c = x[b, t0:t1]
+            z, dz = _transform(x_c, softcap, inv_temperature)
+            # Shift by the row max m first, then lp = (z_y − m) − log s and p = exp((z − m) − log s):
+            # z_y − lse would carry the rounding of lse (~1e-6 for |z| ≈ 20) into a confident token's lp ≈ 0.
+            if lse_in is None:
+                m = z.amax(dim=1, keepdim=True)
+                m = torch.where(torch.isinf(m), 0.0, m)  # an all −inf row: shift by 0, not −inf
+                zm = torch.sub(z, m)  # fresh buffer (z may be the caller's x)
+                log_s = torch.logsumexp(zm, dim=1, keepdim=True)
+                c_lse = (m + log_s).squeeze(1)
+            else:
+                log_s = lse_in[n0:n1].unsqueeze(1)  # m = 0: z − m is z, copied only when it is the caller's x
+                zm = z.clone() if z is x_c else z
+                c_lse = lse_in[n0:n1]
+            c_lp = zm.gather(1, ys).squeeze(1) - log_s.squeeze(1)
+            lp[n0:n1] = torch.where(valid, c_lp, 0.0)
+            lse[n0:n1] = torch.where(valid, c_lse, 0.0)
+            if grad is None:
+                continue
+            p = zm.sub_(log_s).exp_()  # softmax, in zm's buffer
+            p.scatter_add_(1, ys, torch.full_like(c_lse, -1.0).unsqueeze(1))
+            p.mul_(torch.where(valid, coef[n0:n1], 0.0).unsqueeze(1))
+            if not isinstance(dz, float) or dz != 1.0:
+                p.mul_(dz)
+            p.masked_fill_(~valid.unsqueeze(1), 0.0)
+            grad[b, t0:t1].copy_(p)
+    return lp, lse
+
+
+token_torch.register_fake(_fake_token)
+
+
+# ------------------------------------------------------------------------------------ C++
+
+_CPU_FAKE_REGISTERED = []
+
+
+def register_cpu_fake() -> None:
+    """Register the fake implementation of ``varkernels::token_cpu`` (its schema comes from the
+    extension; called by the loader right after loading it)."""
+    if not _CPU_FAKE_REGISTERED:
+        register_fake("varkernels::token_cpu")(_fake_token)
+        _CPU_FAKE_REGISTERED.append(True)
+
+
+# ------------------------------------------------------------------------------------ dispatch
+
+
+def token_op(
+    backend: str,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    coef: Optional[torch.Tensor] = None,
+    grad: Optional[torch.Tensor] = None,
+    lse_in: Optional[torch.Tensor] = None,
+    *,
+    softcap: Optional[float] = None,
+    inv_temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token op on ``backend`` ("triton" | "cpu" | "torch", already resolved).
+
+    x: [B, T, V]; labels: [B·T] int64/int32 contiguous; coef, lse_in: [B·T] fp32 contiguous;
+    grad: [B, T, V] written (may be x). Returns (lp [B·T] fp32, lse [B·T] fp32).
+    """
+    if backend == "triton":
+        op = torch.ops.varkernels.token_triton
+    elif backend == "cpu":
+        op = torch.ops.varkernels.token_cpu
+    else:
+        op = torch.ops.varkernels.token_torch
+    return op(x, labels, coef, grad, lse_in, softcap, inv_temperature, ignore_index)

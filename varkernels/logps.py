@@ -1,0 +1,98 @@
+"""Differentiable per-token / per-sequence log-probs: the core's backward-mode token op.
+
+For reference scoring, DPO-style losses and any loss whose per-token coefficients depend on the
+log-probs. The forward saves only the per-token logsumexp ([B·T] fp32); the backward recomputes
+softmax with coef = −grad_lp (one sweep instead of two):
+
+    d lp[n] / d x[n, v] = (onehot(y)_v − softmax(z)_v) · dz/dx
+
+Under ``torch.no_grad()`` nothing is saved. ``linear_sequence_logps`` does the same from hidden
+states and an lm_head weight, chunk by chunk, never holding more than a chunk of logits.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._validation import LOGP_REDUCTIONS, check_call, check_linear, check_option
+from .core.autograd import linear_token_forward, token_forward
+from .core.linear import default_chunk_size
+
+
+def reduce_token_logps(lp: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str):
+    """[B, T] token log-probs → [B] ("sum" / "mean" over non-ignored tokens) or as is ("none")."""
+    if reduction == "none":
+        return lp
+    s = lp.sum(dim=1)
+    if reduction == "mean":
+        s = s / (labels != ignore_index).sum(dim=1).clamp(min=1).to(s.dtype)
+    return s
+
+
+def sequence_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    shift_labels: bool = False,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Log-probs of ``labels`` under ``logits``, differentiable, without [B, T, V] log-probs.
+
+    Args:
+        logits: [B, T, V] float32/bfloat16/float16. labels: [B, T] int64/int32.
+        reduction: "mean" (per non-ignored token; 0 for an all-ignored row), "sum", or "none".
+    Returns:
+        float32 [B] ("mean"/"sum") or [B, T] ("none", 0 at ignored positions).
+    """
+    check_option("reduction", reduction, LOGP_REDUCTIONS)
+    V = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() == 3 else 0
+    checked = check_call(
+        "logits", logits, labels, V, ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap,
+        temperature=temperature, backend=backend,
+    )
+    _, lp = token_forward(
+        logits, checked.labels.reshape(-1).contiguous(), None, backend=checked.backend, softcap=softcap,
+        inv_temperature=1.0 / float(temperature), ignore_index=ignore_index,
+    )
+    return reduce_token_logps(lp.view(labels.shape), checked.labels, ignore_index, reduction)
+
+
+def linear_sequence_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    shift_labels: bool = False,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Log-probs of ``labels`` from hidden states [B, T, H] and lm_head weight [V, H] (+ bias [V]).
+
+    Differentiable w.r.t. hidden, weight and bias; the forward saves only the per-token
+    logsumexp, the backward recomputes each logits chunk. Under ``torch.no_grad()`` nothing is
+    saved (reference scoring). Returns float32 [B] ("mean"/"sum") or [B, T] ("none").
+    """
+    check_option("reduction", reduction, LOGP_REDUCTIONS)
+    check_linear(hidden, weight, bias, chunk_size)
+    V = weight.shape[0]
+    checked = check_call(
+        "hidden", hidden, labels, V, ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap,
+        temperature=temperature, backend=backend,
+    )
+    _, lp = linear_token_forward(
+        hidden, weight, bias, checked.labels.reshape(-1).contiguous(), None, backend=checked.backend,
+        softcap=softcap, inv_temperature=1.0 / float(temperature), ignore_index=ignore_index,
+        chunk_size=chunk_size or default_chunk_size(V, hidden.device.type),
+    )
+    return reduce_token_logps(lp.view(labels.shape), checked.labels, ignore_index, reduction)

@@ -1,1 +1,0 @@
-"""Ops of varkernels: one module per op (token op, weights, VAR loss)."""

@@ -1,0 +1,110 @@
+"""VAR weights from rewards and reference log-probs, for k groups of B rows.
+
+    var_weights(rewards, ref_logps, groups=k, group_size=B, cross_pairs, beta, weighting, backend)
+        -> (weights [k·B] fp32, log_z [k·B] fp32)
+
+rewards / ref_logps: [k, B, B] (cross-pair, R[g, i, j] = r(x_gi, y_gj)) or [k, B] (shared
+context: every row of a group's matrix is the vector); k = 1 may come without its leading dim.
+Each group is normalised inside itself:
+
+    A[g, i, j] = R[g, i, j]/β + Q[g, i, j];   log Ẑ[g, i] = logsumexp_j A[g, i, j] − log B
+    posterior:  log w = A[g, i, i] − log Ẑ[g, i]      (w = B·softmax(A[g, i])[i] ∈ (0, B])
+    importance: log w = R[g, i, i]/β − log Ẑ[g, i]    (unbounded)
+
+Triton: the operator ``varkernels::var_weights_triton`` (one program per row, no B×B temporaries,
+no host sync). Elsewhere: the same maths in a few PyTorch ops on the tiny matrices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.library import triton_op
+
+from ..core.token import launchable
+
+
+def importance_overflow_message(weighting: str) -> str:
+    return (
+        f"VAR weights are not finite (weighting={weighting!r}): exp(R[i,i]/beta - log Z_i) "
+        "overflowed float32. With sequence-summed ref log-probs log Z_i is very negative, so "
+        "importance weights are unbounded. Use logp_reduction='mean' for ref_logps and the "
+        "policy, weighting='posterior' (bounded by B), or a larger beta."
+    )
+
+
+def _as_group_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(group, row, column) strides reading [k, B, B] as is and [k, B] as k matrices of identical rows."""
+    return (t.stride(0), t.stride(1), t.stride(2)) if t.dim() == 3 else (t.stride(0), 0, t.stride(1))
+
+
+def var_weights_triton_launch(
+    rewards: torch.Tensor, ref_logps: torch.Tensor, beta: float, posterior: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """rewards, ref_logps: [k, B, B] or [k, B]. Returns (w [k·B], log_z [k·B]) fp32."""
+    import triton
+
+    from ._weights_kernel import MAX_WEIGHTS_BLOCK, _var_weights_kernel
+
+    k, B = rewards.shape[0], rewards.shape[1]
+    if B > MAX_WEIGHTS_BLOCK:
+        raise ValueError(f"rewards: B must be <= {MAX_WEIGHTS_BLOCK} for the Triton weight kernel, got {B}")
+    w = torch.empty(k * B, dtype=torch.float32, device=rewards.device)
+    log_z = torch.empty(k * B, dtype=torch.float32, device=rewards.device)
+    srg, srr, src = _as_group_strides(rewards)
+    sqg, sqr, sqc = _as_group_strides(ref_logps)
+    launchable(_var_weights_kernel)[(k * B,)](
+        r_ptr=rewards, q_ptr=ref_logps, w_ptr=w, log_z_ptr=log_z, B=B,
+        stride_rg=srg, stride_rr=srr, stride_rc=src, stride_qg=sqg, stride_qr=sqr, stride_qc=sqc,
+        inv_beta=1.0 / beta, log_b=math.log(B),
+        BLOCK_B=triton.next_power_of_2(B), IS_POSTERIOR=posterior,
+        num_warps=4,
+    )
+    return w, log_z
+
+
+var_weights_triton = triton_op("varkernels::var_weights_triton", mutates_args={})(var_weights_triton_launch)
+
+
+@var_weights_triton.register_fake
+def _(rewards, ref_logps, beta, posterior):
+    n = rewards.shape[0] * rewards.shape[1]
+    return rewards.new_empty(n, dtype=torch.float32), rewards.new_empty(n, dtype=torch.float32)
+
+
+def var_weights_torch(rewards: torch.Tensor, ref_logps: torch.Tensor, beta: float, posterior: bool):
+    """The same maths in PyTorch, in fp32. rewards, ref_logps: [k, B, B] or [k, B]."""
+    R, Q = rewards.detach().float(), ref_logps.detach().float()
+    B = R.shape[1]
+    if R.dim() == 2:
+        R, Q = R.unsqueeze(1).expand(-1, B, B), Q.unsqueeze(1).expand(-1, B, B)
+    A = R / beta + Q
+    log_z = torch.logsumexp(A, dim=-1) - math.log(B)
+    num = A.diagonal(dim1=-2, dim2=-1) if posterior else R.diagonal(dim1=-2, dim2=-1) / beta
+    return torch.exp(num - log_z).reshape(-1), log_z.reshape(-1)
+
+
+def var_weights(rewards, ref_logps, *, groups: int, group_size: int, cross_pairs: bool, beta: float,
+                weighting: str, backend: str):
+    """(weights [k·B], log_z [k·B]) fp32; see the module docstring."""
+    shape = (groups, group_size, group_size) if cross_pairs else (groups, group_size)
+    R, Q = rewards.detach().reshape(shape), ref_logps.detach().reshape(shape)
+    posterior = weighting == "posterior"
+    if backend == "triton":
+        w, log_z = var_weights_triton(R, Q, float(beta), posterior)
+    else:
+        w, log_z = var_weights_torch(R, Q, float(beta), posterior)
+    # Posterior weights lie in (0, B] by construction. Importance weights are unbounded; the check
+    # costs one host sync, paid only by the weighting that can overflow, in eager mode.
+    from .._validation import data_checks_enabled
+
+    if not posterior and data_checks_enabled(w) and not bool(torch.isfinite(w).all()):
+        raise FloatingPointError(importance_overflow_message(weighting))
+    return w, log_z
+
+
+def group_ess(weights: torch.Tensor, groups: int) -> torch.Tensor:
+    """Effective sample size (Σw)² / Σw² of each group's weights, averaged over the k groups."""
+    w = weights.view(groups, -1)
+    return (w.sum(dim=1) ** 2 / (w * w).sum(dim=1)).mean()
