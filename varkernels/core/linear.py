@@ -44,16 +44,19 @@ def default_chunk_size(vocab_size: int, device_type: str = "cpu") -> int:
     return max(MIN_CHUNK_ROWS, budget // (4 * vocab_size))
 
 
-def _accumulate_weight_grad(gw: torch.Tensor, g: torch.Tensor, h_c: torch.Tensor) -> None:
-    """gw (fp32) += gᵀ·h_c. fp32 inputs: one addmm. bf16/fp16 on CUDA: the GEMM runs on the
-    tensor cores with an fp32 output (``out_dtype``), never on fp32 copies. Elsewhere (CPU) the
+def _accumulate_weight_grad(gw: torch.Tensor, g: torch.Tensor, h_c: torch.Tensor) -> torch.Tensor:
+    """gw (fp32) += gᵀ·h_c; returns gw. fp32 inputs: one addmm. bf16/fp16 on CUDA: the GEMM runs on
+    the tensor cores with an fp32 output (``out_dtype``), never on fp32 copies. Elsewhere (CPU) the
     half-precision chunks are upcast first: CPU GEMMs have no fp32-output half kernel."""
     if g.dtype == torch.float32:
-        gw.addmm_(g.t(), h_c)
-    elif gw.device.type == "cuda":
-        gw.copy_(torch.addmm(gw, g.t(), h_c, out_dtype=torch.float32))
-    else:
-        gw.addmm_(g.t().float(), h_c.float())
+        return gw.addmm_(g.t(), h_c)
+    if gw.device.type == "cuda":
+        from torch._subclasses.fake_tensor import is_fake
+
+        if is_fake(gw):  # out= of fake CUDA tensors needs a CUDA build of torch: the same GEMM, out of place
+            return torch.addmm(gw, g.t(), h_c, out_dtype=torch.float32)
+        return torch.addmm(gw, g.t(), h_c, out_dtype=torch.float32, out=gw)
+    return gw.addmm_(g.t().float(), h_c.float())
 
 
 def linear_token_pass(
@@ -93,29 +96,52 @@ def linear_token_pass(
     if compact:  # prompt and padding rows cost nothing (one host sync for the count)
         idx = torch.nonzero(labels != ignore_index).squeeze(1)
         n_rows = idx.numel()
-    else:
+    else:  # every row, in slices of the flattened rows (hidden is copied only if it cannot be viewed so)
         idx, n_rows = None, N
+        h_flat = hidden.reshape(N, H)
+        gh_flat = gh.view(N, H) if gh.numel() else gh
     w_t = weight.t()
     for c0 in range(0, n_rows, chunk_size):
-        c1 = min(n_rows, c0 + chunk_size)
-        i_c = idx[c0:c1] if idx is not None else torch.arange(c0, c1, device=dev)
-        b_c, t_c = i_c // T, i_c % T
-        h_c = hidden[b_c, t_c]  # [n, H] gathered rows, no copy of the whole hidden
+        n = min(n_rows, c0 + chunk_size) - c0
+        if idx is not None:
+            i_c = idx[c0 : c0 + n]
+            b_c, t_c = i_c // T, i_c % T
+
+            def take(t):
+                return t[i_c]
+
+            def put(t, v):
+                t[i_c] = v
+
+            h_c = hidden[b_c, t_c]  # [n, H] gathered rows, no copy of the whole hidden
+        else:  # narrow(), not t[c0:c1]: Python indexing of fake CUDA tensors needs a CUDA build
+
+            def take(t):
+                return t.narrow(0, c0, n)
+
+            def put(t, v):  # t is zero-initialised and each row written once: += is the copy
+                t.narrow(0, c0, n).add_(v)  # (copy_ of fake CUDA tensors needs a CUDA build)
+
+            h_c = take(h_flat)
         logits_c = torch.addmm(bias, h_c, w_t) if bias is not None else h_c @ w_t
         x = logits_c.unsqueeze(0)
         lp_c, lse_c = token_op(
-            backend, x, labels[i_c].contiguous(), coef[i_c].contiguous() if has_grad else None,
-            x if has_grad else None, lse_in[i_c].contiguous() if lse_in is not None else None,
+            backend, x, take(labels).contiguous(), take(coef).contiguous() if has_grad else None,
+            x if has_grad else None, take(lse_in).contiguous() if lse_in is not None else None,
             softcap=softcap, inv_temperature=inv_temperature, ignore_index=ignore_index,
         )
-        lp[i_c], lse[i_c] = lp_c, lse_c
+        put(lp, lp_c)
+        put(lse, lse_c)
         if not has_grad:
             continue
         g = logits_c  # now holds the gradient w.r.t. the logits chunk
         if gh.numel():
-            gh[b_c, t_c] = g @ weight
+            if idx is not None:
+                gh[b_c, t_c] = g @ weight
+            else:
+                put(gh_flat, g @ weight)
         if gw.numel():
-            _accumulate_weight_grad(gw, g, h_c)
+            gw = _accumulate_weight_grad(gw, g, h_c)
         if gb.numel():
             gb += g.float().sum(dim=0)
     return lp, lse, gh, gw, gb

@@ -1,0 +1,379 @@
+"""The VAR-agnostic core (varkernels/core/): registered operators, grad mode, k groups in one call,
+torch.compile without graph breaks, and the CUDA code path on fake tensors.
+
+docs/design.md §3 (architecture) and §2 (grad mode, compile, groups).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, make_labels, make_pairs, require_backend
+
+import varkernels
+from varkernels.core import linear as core_linear
+from varkernels.core.autograd import linear_token_forward, token_forward
+from varkernels.reference import (
+    linear_sequence_logps_reference,
+    linear_var_loss_reference,
+    sequence_logps_reference,
+    var_loss_reference,
+)
+
+IGNORE = -100
+
+
+def _bits(t):
+    return t.detach().clone()
+
+
+# --------------------------------------------------------------------------------------------
+# registered operators
+# --------------------------------------------------------------------------------------------
+
+
+def test_operators_have_schemas_and_fake_kernels():
+    """Every kernel is a PyTorch operator with a fake implementation: it runs on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from varkernels._backend import cpu_extension_available
+
+    names = ["token_triton", "token_torch", "linear_token_pass", "scale_triton", "var_weights_triton"]
+    if cpu_extension_available():
+        names.append("token_cpu")
+    for name in names:
+        op = getattr(torch.ops.varkernels, name).default
+        assert op._schema.name == f"varkernels::{name}"
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 11)
+        labels = torch.zeros(6, dtype=torch.long)
+        for name in [n for n in names if n.startswith("token_")]:
+            lp, lse = getattr(torch.ops.varkernels, name)(x, labels, None, None, None, None, 1.0, IGNORE)
+            assert lp.shape == lse.shape == (6,) and lp.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# a per-sequence weighted NLL other than VAR, built on the core in a few lines
+# --------------------------------------------------------------------------------------------
+
+
+def reward_weighted_nll(logits, labels, weights, *, backend):
+    """loss = −Σ_i a_i·mean_t lp[i, t] with fixed per-sequence weights a (e.g. advantage-weighted SFT)."""
+    n = (labels != IGNORE).sum(dim=1).clamp(min=1).float()
+    coef = (-weights / n).unsqueeze(1).expand_as(labels).reshape(-1)
+    loss, _ = token_forward(logits, labels.reshape(-1).contiguous(), coef, backend=backend, softcap=None,
+                            inv_temperature=1.0, ignore_index=IGNORE)
+    return loss
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
+def test_core_builds_another_weighted_nll(backend):
+    require_backend(backend)
+    B, T, V = 3, 7, 301
+    labels = make_labels(B, T, V)
+    x = torch.randn(B, T, V, dtype=torch.float64).float().requires_grad_()
+    a = torch.tensor([0.5, -1.5, 2.0])
+    loss = reward_weighted_nll(x, labels, a, backend=backend)
+    loss.backward()
+    x64 = x.detach().double().requires_grad_()
+    truth = -(a.double() * sequence_logps_reference(x64, labels, reduction="mean")).sum()
+    truth.backward()
+    xr = x.detach().clone().requires_grad_()
+    ref = -(a * sequence_logps_reference(xr, labels, reduction="mean")).sum()
+    ref.backward()
+    assert_close(loss, ref, truth, name="loss")
+    assert_close(x.grad, xr.grad, x64.grad, name="grad")
+
+
+# --------------------------------------------------------------------------------------------
+# grad mode
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
+@pytest.mark.parametrize("grad_off", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_no_grad_writes_nothing_and_gives_the_same_loss(backend, grad_off):
+    require_backend(backend)
+    B, T, V = 3, 6, 257
+    labels = make_labels(B, T, V)
+    rewards, ref_logps = make_pairs(labels)
+    logits = torch.randn(B, T, V).requires_grad_()
+    before = _bits(logits)
+    with grad_off():
+        loss = varkernels.fused_var_loss(logits, labels, rewards, ref_logps, inplace=True, backend=backend)
+    assert torch.equal(logits.detach(), before), "inplace=True wrote into the logits under no_grad"
+    assert logits.grad is None and not loss.requires_grad
+    with_grad = varkernels.fused_var_loss(logits.detach().clone().requires_grad_(), labels, rewards, ref_logps,
+                                          backend=backend)
+    assert torch.equal(loss, with_grad.detach()), "no_grad changed the loss value"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_no_grad_builds_no_weight_gradient(monkeypatch, backend):
+    """Under no_grad the fused-linear driver is asked for no gradient: no fp32 [V, H] accumulator."""
+    require_backend(backend)
+    seen = []
+    real = core_linear.linear_token_pass
+
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        seen.append(tuple(t.numel() for t in out[2:]))
+        return out
+
+    monkeypatch.setattr(core_linear, "linear_token_pass", spy)
+    B, T, H, V = 2, 5, 16, 300
+    labels = make_labels(B, T, V)
+    rewards, ref_logps = make_pairs(labels)
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    with torch.no_grad():
+        loss = varkernels.fused_linear_var_loss(hidden, weight, labels, rewards, ref_logps, backend=backend)
+    assert seen == [(0, 0, 0)], f"gradient buffers built under no_grad: {seen}"
+    loss_grad = varkernels.fused_linear_var_loss(hidden, weight, labels, rewards, ref_logps, backend=backend)
+    assert seen[1][1] == V * H
+    assert torch.equal(loss, loss_grad.detach())
+
+
+# --------------------------------------------------------------------------------------------
+# k groups in one call
+# --------------------------------------------------------------------------------------------
+
+
+def _groups(k, B, T, V, cross):
+    labels = make_labels(k * B, T, V)
+    Rs, Qs = zip(*(make_pairs(labels[g * B : (g + 1) * B], form="matrix" if cross else "vector") for g in range(k)))
+    return labels, torch.stack(Rs), torch.stack(Qs)
+
+
+@pytest.mark.parametrize("cross", [True, False], ids=["cross_pairs", "shared_context"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
+def test_k_groups_equal_the_mean_of_group_losses(backend, cross):
+    require_backend(backend)
+    k, B, T, V = 3, 2, 5, 129
+    labels, R, Q = _groups(k, B, T, V, cross)
+    x = torch.randn(k * B, T, V, requires_grad=True)
+    out = varkernels.fused_var_loss(x, labels, R, Q, backend=backend, return_aux=True)
+    out.loss.backward()
+    x64 = x.detach().double().requires_grad_()
+    parts = [var_loss_reference(x64[g * B : (g + 1) * B], labels[g * B : (g + 1) * B], R[g].double(),
+                                Q[g].double(), return_aux=True) for g in range(k)]
+    truth = torch.stack([p.loss for p in parts]).mean()
+    truth.backward()
+    xr = x.detach().clone().requires_grad_()
+    ref = var_loss_reference(xr, labels, R, Q, return_aux=True)
+    ref.loss.backward()
+    assert_close(out.loss, ref.loss, truth, name="loss")
+    assert_close(x.grad, xr.grad, x64.grad, name="grad")
+    for field in ("weights", "log_z", "policy_logps"):
+        t = torch.cat([getattr(p, field) for p in parts])
+        assert_close(getattr(out, field), getattr(ref, field), t, name=field)
+    assert_close(out.ess, ref.ess, torch.stack([p.ess for p in parts]).mean(), name="ess")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_k_groups_fused_linear(backend):
+    require_backend(backend)
+    k, B, T, H, V = 3, 2, 6, 16, 211
+    labels, R, Q = _groups(k, B, T, V, True)
+    hidden = torch.randn(k * B, T, H, requires_grad=True)
+    weight = (torch.randn(V, H) / 4).requires_grad_()
+    loss = varkernels.fused_linear_var_loss(hidden, weight, labels, R, Q, backend=backend, chunk_size=5)
+    loss.backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    truth = torch.stack([
+        linear_var_loss_reference(h64[g * B : (g + 1) * B], w64, labels[g * B : (g + 1) * B], R[g].double(),
+                                  Q[g].double()) for g in range(k)
+    ]).mean()
+    truth.backward()
+    hr, wr = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    ref = linear_var_loss_reference(hr, wr, labels, R, Q)
+    ref.backward()
+    assert_close(loss, ref, truth, name="loss")
+    assert_close(hidden.grad, hr.grad, h64.grad, name="grad_hidden")
+    assert_close(weight.grad, wr.grad, w64.grad, name="grad_weight")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_k_group_call_holds_one_weight_accumulator(backend):
+    """3 groups in one call peak within 1.3x of one group beyond inputs and gradients: one fp32
+    [V, H] accumulator (32 MiB here, the dominant term), not one per group as k calls would hold."""
+    require_backend(backend)
+    import sys
+
+    from varkernels.testing.memory import fix_mmap_threshold, peak_rss_bytes
+
+    if not sys.platform.startswith("linux") or not fix_mmap_threshold():
+        pytest.skip("peak memory is read from Linux's VmHWM with glibc's mmap threshold pinned")
+    B, T, H, V = 2, 8, 256, 32768
+    weight = (torch.randn(V, H) / 16).to(torch.bfloat16).requires_grad_()
+    peaks = {}
+    for k in (1, 3, 1):  # the 1-group call twice: the first one also pays one-time set-up
+        labels, R, Q = _groups(k, B, T, V, True)
+        hidden = torch.randn(k * B, T, H).to(torch.bfloat16).requires_grad_()
+        weight.grad = None
+
+        def run():
+            varkernels.fused_linear_var_loss(hidden, weight, labels, R, Q, backend=backend, chunk_size=16).backward()
+
+        peak = peak_rss_bytes(run)
+        grads = sum(t.grad.numel() * t.grad.element_size() for t in (hidden, weight))
+        peaks[k] = peak - grads
+    acc = V * H * 4
+    assert peaks[1] >= 0.9 * acc, f"the 1-group peak {peaks[1]:,} B misses the fp32 accumulator ({acc:,} B)"
+    assert peaks[3] <= 1.3 * peaks[1], f"3 groups peak at {peaks[3]:,} B beyond grads vs {peaks[1]:,} B for one"
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
+
+
+def _step(model, form, backend):
+    def f(ids, labels, R, Q):
+        if form == "linear":
+            h = model.model(input_ids=ids, use_cache=False).last_hidden_state
+            return varkernels.fused_linear_var_loss(h, model.lm_head.weight, labels, R, Q, shift_labels=True,
+                                                    backend=backend)
+        logits = model(input_ids=ids, use_cache=False).logits
+        if form == "logits":
+            return varkernels.fused_var_loss(logits, labels, R, Q, shift_labels=True, backend=backend)
+        return -varkernels.sequence_logps(logits, labels, shift_labels=True, backend=backend).mean()
+
+    return f
+
+
+def _batch(B, T):
+    ids = torch.randint(0, 256, (B, T))
+    labels = ids.clone()
+    labels[:, : T // 3] = IGNORE
+    R, Q = make_pairs(labels)
+    return ids, labels, R, Q
+
+
+def _grads(model):
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("form", ["logits", "linear", "logps"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_compile_fullgraph_no_breaks_and_eager_parity(backend, form, one_torch_thread):
+    require_backend(backend)
+    pytest.importorskip("transformers")
+    model = _tiny_llama()
+    f = _step(model, form, backend)
+    batch = _batch(4, 12)
+    explained = torch._dynamo.explain(f)(*batch)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    model.zero_grad()
+    eager = f(*batch)
+    eager.backward()
+    g_eager = _grads(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    model.zero_grad()
+    loss = compiled(*batch)
+    loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    for a, b in zip(_grads(model), g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["logits", "linear"])
+def test_compile_dynamic_over_two_lengths(form, one_torch_thread):
+    pytest.importorskip("transformers")
+    backend = "cpu"
+    require_backend(backend)
+    model = _tiny_llama()
+    f = _step(model, form, backend)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    for T in (10, 14):
+        batch = _batch(4, T)
+        model.zero_grad()
+        eager = f(*batch)
+        eager.backward()
+        g_eager = _grads(model)
+        model.zero_grad()
+        loss = compiled(*batch)
+        loss.backward()
+        torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+        for a, b in zip(_grads(model), g_eager):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# the CUDA code path on fake tensors
+# --------------------------------------------------------------------------------------------
+
+
+def test_cuda_path_runs_on_fake_tensors():
+    """With fake CUDA bf16 tensors the computation of each loss and its gradients runs and every op
+    it issues is recorded. Inputs do not require grad (autograd on fake CUDA tensors aborts the CPU
+    build of torch), so the forward-mode functions are driven directly: gradients are computed in
+    their forward."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+            self.gemms = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                mats = [a for a in args if isinstance(a, torch.Tensor)][-2:]
+                self.gemms.append(tuple(m.dtype for m in mats))
+            return func(*args, **(kwargs or {}))
+
+    B, T, H, V = 2, 64, 128, 1024
+    with FakeTensorMode(allow_non_fake_inputs=False), Record() as rec:
+        bf16 = dict(device="cuda", dtype=torch.bfloat16)
+        logits = torch.empty(B, T, V, **bf16)
+        labels = torch.zeros(B, T, dtype=torch.long, device="cuda")
+        R = torch.empty(B, B, device="cuda")
+        Q = torch.empty(B, B, device="cuda")
+        out = varkernels.fused_var_loss(logits, labels, R, Q, backend="triton", return_aux=True)
+        assert out.loss.device.type == "cuda" and out.weights.shape == (B,)
+        hidden = torch.empty(B, T, H, **bf16)
+        weight = torch.empty(V, H, **bf16)
+        coef = torch.empty(B * T, device="cuda")
+        lp, lse, gh, gw, gb = core_linear.linear_token_pass(
+            hidden, weight, None, labels.view(-1), coef, None, True, True, False, "triton", None, 1.0, IGNORE, 32,
+            compact=False,
+        )
+        assert gh.shape == hidden.shape and gh.dtype == torch.bfloat16
+        assert gw.shape == (V, H) and gw.dtype == torch.float32
+        loss, lp2 = linear_token_forward(hidden, weight, None, labels.view(-1), coef, backend="triton", softcap=None,
+                                         inv_temperature=1.0, ignore_index=IGNORE, chunk_size=32)
+        _, lp3 = token_forward(logits, labels.view(-1), None, backend="triton", softcap=None, inv_temperature=1.0,
+                               ignore_index=IGNORE)
+        assert lp3.shape == (B * T,)
+    ops = set(rec.ops)
+    assert "varkernels.token_triton.default" in ops and "varkernels.var_weights_triton.default" in ops
+    # the three GEMMs of the fused-linear driver, none on fp32 copies of bf16 operands
+    assert len(rec.gemms) >= 3 and all(d == (torch.bfloat16, torch.bfloat16) for d in rec.gemms), rec.gemms
+
+
+def test_sequence_logps_reference_agrees():
+    """Keep the generic log-prob mode honest on the core (a quick smoke, the full matrix is in test_logps.py)."""
+    B, T, H, V = 2, 5, 8, 50
+    labels = make_labels(B, T, V)
+    hidden = torch.randn(B, T, H)
+    weight = torch.randn(V, H)
+    for backend in ("cpu", "torch"):
+        require_backend(backend)
+        got = varkernels.linear_sequence_logps(hidden, weight, labels, reduction="sum", backend=backend)
+        want = linear_sequence_logps_reference(hidden, weight, labels, reduction="sum")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
