@@ -183,3 +183,43 @@ def test_valid_edge_values_accepted():
                           beta=1e-3, temperature=1e-2, softcap=1e-1)
     loss.backward()
     assert bool(torch.isfinite(logits.grad).all())
+
+
+# The same bad inputs against the fused-linear loss and the log-prob primitives. The logits of the
+# valid call stand in for hidden states (H = V), with a weight [V, H]; the log-prob primitives take
+# no rewards, so the cases about rewards, ref_logps and the VAR options do not apply to them.
+_VAR_ONLY = ("rewards", "ref_logps", "mixed-forms", "beta", "weighting", "logp_reduction")
+OTHER_FORMS = ["fused_linear_var_loss", "sequence_logps", "linear_sequence_logps"]
+
+
+def _call_form(form: str, kw: dict):
+    import varkernels
+
+    kw = dict(kw)
+    x = kw.pop("logits")
+    if form == "sequence_logps":
+        return varkernels.sequence_logps(x, **kw)
+    weight = torch.eye(V, dtype=torch.float32).requires_grad_()
+    if form == "fused_linear_var_loss":
+        return varkernels.fused_linear_var_loss(x, weight, kw.pop("labels"), kw.pop("rewards"), kw.pop("ref_logps"),
+                                                **kw)
+    return varkernels.linear_sequence_logps(x, weight, kw.pop("labels"), **kw)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("form", OTHER_FORMS)
+@pytest.mark.parametrize("case,edit,exc,pattern", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_other_forms(case, edit, exc, pattern, form, backend):
+    if form != "fused_linear_var_loss" and case.startswith(_VAR_ONLY):
+        pytest.skip(f"{form} takes no rewards, ref_logps or VAR options")
+    kw = valid_call()
+    if form != "fused_linear_var_loss":
+        kw.pop("rewards"), kw.pop("ref_logps")
+    kw["backend"] = backend
+    edit(kw)
+    before = snapshot(kw)
+    if form.startswith("linear") or form.startswith("fused_linear"):
+        pattern = pattern.replace("logits", "hidden")
+    with pytest.raises(exc, match=pattern):
+        _call_form(form, kw)
+    assert_untouched(kw, before)
