@@ -115,14 +115,15 @@ def pretrain(model, lang: Language, steps: int, batch: int = 64) -> float:
 
 
 @torch.no_grad()
-def sample(model, prompts: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
-    """One sampled response per prompt (temperature 1, no top-k), cut after the first EOS."""
+def sample(model, prompts: list[torch.Tensor], seed: int, max_new: int = MAX_NEW) -> list[torch.Tensor]:
+    """One sampled response per prompt (temperature 1, no top-k, at most ``max_new`` tokens), cut
+    after the first EOS."""
     torch.manual_seed(seed)
     model.eval()
     ids = torch.stack(prompts)  # every prompt has PROMPT_LEN tokens: no padding needed
     out = model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-        max_new_tokens=MAX_NEW, eos_token_id=EOS, pad_token_id=PAD,
+        max_new_tokens=max_new, eos_token_id=EOS, pad_token_id=PAD,
     )[:, PROMPT_LEN:]
     responses = []
     for row in out:
