@@ -18,8 +18,13 @@ Methods (one CSV row per method, setting and seed):
   step; prompts whose K rewards are all equal have no pair). After each run, DPO written on
   ``varkernels.linear_sequence_logps`` is checked equal to TRL's loss and lm_head gradient on a batch.
 - ``var``: ``VARTrainer`` on all N·K (prompt, response) examples in fixed groups of B ∈ {2, 4, 8}
-  (16/B groups per step), ``weighting`` posterior or importance, cross-pair form (R, Q are B×B:
-  r(x_i, y_j), log π_ref(y_j | x_i)) or shared-context form (R, Q are (B,): one Ẑ per group).
+  (16/B groups per step), ``weighting`` posterior or importance, and three forms:
+  ``cross`` (random groups mixing prompts; R, Q are B×B: r(x_i, y_j), log π_ref(y_j | x_i)),
+  ``shared`` (the same random groups, R, Q of shape (B,): one Ẑ per group) and ``per-prompt``
+  (each group holds B of the K responses of one prompt, R, Q of shape (B,): Ẑ(x) is estimated
+  from responses to x itself). Sequence log-probs are token means (``logp_reduction="mean"``);
+  two extra settings (B = 8, cross) use token sums, where importance weights may overflow (a
+  ``FloatingPointError`` is recorded as the run's status, not raised).
 
 Per run: mean reward of one fresh sample per held-out prompt, KL(π‖π_ref) estimated on those
 samples (mean over prompts of log π(y|x) − log π_ref(y|x), token-summed), and ``seconds`` = wall
@@ -27,7 +32,7 @@ time of ``trainer.train()``; ``prep_seconds`` = the method's data preparation (V
 Q, once per seed, B and form, shared by both weightings; DPO: building the ``DPOTrainer``, which
 tokenizes the pairs; SFT: nothing to score).
 
-Run (the rows of benchmarks/results/alignment.csv; about 10 minutes on 2 cores):
+Run (the rows of benchmarks/results/alignment.csv; about 7 minutes on 2 busy cores):
     python examples/compare_methods.py
 CI smoke run (every method trains, one seed, few steps; writes into --out or a temporary directory):
     python examples/compare_methods.py --quick --out /tmp/alignment
@@ -69,7 +74,7 @@ K = 8  # responses sampled per training prompt (the largest B)
 SEQS_PER_STEP = 16  # sequences per optimizer step, for every method
 GROUP_SIZES = (2, 4, 8)
 WEIGHTINGS = ("posterior", "importance")
-FORMS = ("cross", "shared")
+FORMS = ("cross", "shared", "per-prompt")
 COLUMNS = [
     "method", "weighting", "B", "form", "seed", "reward", "kl", "seconds", "prep_seconds", "status",
     "steps", "seqs_per_step", "lr", "beta", "reduction", "train_loss", "train_prompts", "eval_prompts",
@@ -229,15 +234,21 @@ def trainer_args(args, seed: int, out_dir: str, per_device: int) -> dict:
     )
 
 
+def quiet(trainer):
+    """No printed end-of-training summary (``logging_strategy="no"`` still prints it)."""
+    trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+    return trainer
+
+
 def train_sft(setup, args, seed, tmp):
     policy = copy.deepcopy(setup.reference)
     t0 = time.perf_counter()
     ds = SFTDataset(setup.best())
     prep = time.perf_counter() - t0
-    trainer = transformers.Trainer(
+    trainer = quiet(transformers.Trainer(
         model=policy, args=transformers.TrainingArguments(**trainer_args(args, seed, tmp, SEQS_PER_STEP)),
         train_dataset=ds, data_collator=sft_collate,
-    )
+    ))
     t0 = time.perf_counter()
     out = trainer.train()
     return policy, time.perf_counter() - t0, prep, out.training_loss, {}
@@ -264,8 +275,8 @@ def train_dpo(setup, args, seed, tmp):
         gradient_checkpointing=False, bf16=False, max_length=None, precompute_ref_log_probs=False,
     )
     t0 = time.perf_counter()
-    trainer = DPOTrainer(model=policy, ref_model=copy.deepcopy(setup.reference), args=config,
-                         train_dataset=data, processing_class=tok)
+    trainer = quiet(DPOTrainer(model=policy, ref_model=copy.deepcopy(setup.reference), args=config,
+                               train_dataset=data, processing_class=tok))
     prep = time.perf_counter() - t0
     # TRL tokenized the text: it must give back exactly the sampled token ids
     tds = trainer.train_dataset
@@ -280,13 +291,27 @@ def train_dpo(setup, args, seed, tmp):
     return policy, seconds, prep, out.training_loss, {"dpo_check_loss_abs": loss_abs, "dpo_check_grad_rel": grad_rel}
 
 
-def build_var_dataset(setup, args, B: int, form: str, seed: int):
+def build_var_dataset(setup, B: int, form: str, seed: int, reduction: str):
+    """Groups of B over all N·K examples. cross / shared: ``VARDataset.build`` (random groups that mix
+    prompts; R, Q are [B, B] or (B,)). per-prompt: each group holds B of the K responses of one
+    prompt (a seeded split), so Ẑ(x) is estimated from responses to x itself; R, Q are (B,)."""
     xs, ys = setup.examples()
     t0 = time.perf_counter()
-    ds = VARDataset.build(
-        xs, ys, ref_model=setup.reference, reward=reward, group_size=B, seed=seed, cross_pairs=form == "cross",
-        reduction=args.reduction, pad_token_id=PAD, batch_size=64, progress=False,
-    )
+    if form in ("cross", "shared"):
+        ds = VARDataset.build(
+            xs, ys, ref_model=setup.reference, reward=reward, group_size=B, seed=seed, cross_pairs=form == "cross",
+            reduction=reduction, pad_token_id=PAD, batch_size=64, progress=False,
+        )
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        groups = []
+        for i in range(len(setup.prompts)):
+            order = (i * K + torch.randperm(K, generator=gen)).tolist()
+            groups += [order[s: s + B] for s in range(0, K, B)]
+        Q = paired_logps(setup.reference, xs, ys, reduction=reduction, batch_size=64, progress=False)
+        idx = torch.tensor(groups)
+        ds = VARDataset(xs, ys, groups, setup.rewards.reshape(-1)[idx], Q[idx], pad_token_id=PAD,
+                        reduction=reduction)
     return ds, time.perf_counter() - t0
 
 
@@ -294,9 +319,9 @@ def train_var(setup, args, seed, tmp, ds, weighting):
     policy = copy.deepcopy(setup.reference)
     config = VARConfig(
         **trainer_args(args, seed, tmp, SEQS_PER_STEP // ds.group_size), beta=args.beta, weighting=weighting,
-        logp_reduction=args.reduction,
+        logp_reduction=ds.reduction,
     )
-    trainer = VARTrainer(model=policy, args=config, train_dataset=ds)
+    trainer = quiet(VARTrainer(model=policy, args=config, train_dataset=ds))
     t0 = time.perf_counter()
     out = trainer.train()
     return policy, time.perf_counter() - t0, out.training_loss
@@ -316,7 +341,6 @@ def env_info(args) -> dict:
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl_version,
         "steps": args.steps, "seqs_per_step": SEQS_PER_STEP, "lr": args.lr, "beta": args.beta,
-        "reduction": args.reduction,
     }
 
 
@@ -361,18 +385,21 @@ def run(args) -> Path:
                 policy, sec, prep, loss, extra = train_dpo(setup, args, seed, tmp)
                 record(policy, seed, method="dpo", B=K, form="best-vs-worst", seconds=sec, prep_seconds=prep,
                        train_loss=loss, **extra)
-                for form in FORMS:
-                    for B in GROUP_SIZES:
-                        ds, prep = build_var_dataset(setup, args, B, form, seed)
-                        for weighting in WEIGHTINGS:
-                            row = dict(method="var", weighting=weighting, B=B, form=form, prep_seconds=prep)
-                            try:
-                                policy, sec, loss = train_var(setup, args, seed, tmp, ds, weighting)
-                            except FloatingPointError as e:  # importance weights can overflow: a result too
-                                record(None, seed, **row, reward=math.nan, kl=math.nan, seconds=math.nan,
-                                       status=f"FloatingPointError: {str(e).splitlines()[0]}")
-                                continue
-                            record(policy, seed, **row, seconds=sec, train_loss=loss)
+                var_settings = [(form, B, "mean") for form in FORMS for B in GROUP_SIZES]
+                if args.sum_check:  # token-summed log-probs: the importance weights' overflow risk
+                    var_settings.append(("cross", max(GROUP_SIZES), "sum"))
+                for form, B, reduction in var_settings:
+                    ds, prep = build_var_dataset(setup, B, form, seed, reduction)
+                    for weighting in WEIGHTINGS:
+                        row = dict(method="var", weighting=weighting, B=B, form=form, reduction=reduction,
+                                   prep_seconds=prep)
+                        try:
+                            policy, sec, loss = train_var(setup, args, seed, tmp, ds, weighting)
+                        except FloatingPointError as e:  # importance weights can overflow: a result too
+                            record(None, seed, **row, reward=math.nan, kl=math.nan, seconds=math.nan,
+                                   status=f"FloatingPointError: {str(e).splitlines()[0]}")
+                            continue
+                        record(policy, seed, **row, seconds=sec, train_loss=loss)
     say(f"rows written to {csv_path}")
     report(csv_path, out_dir / "alignment.png")
     return csv_path
@@ -387,12 +414,14 @@ def _read(csv_path) -> list[dict]:
 
 
 def _setting(row) -> tuple:
-    return row["method"], row["weighting"], row["form"], row["B"]
+    return row["method"], row["weighting"], row["form"], row["B"], row["reduction"]
 
 
 def _order(key) -> tuple:
-    method, weighting, form, B = key
-    return (["reference", "sft", "dpo", "var"].index(method), weighting, form, int(B) if B else 0)
+    method, weighting, form, B, reduction = key
+    forms = ["", "best-of-B", "best-vs-worst", *FORMS]
+    return (["reference", "sft", "dpo", "var"].index(method), reduction, weighting, forms.index(form),
+            int(B) if B else 0)
 
 
 def _pm(values: list[float], digits: int) -> str:
@@ -411,8 +440,8 @@ def table(rows: list[dict]) -> str:
     groups: dict = {}
     for r in rows:
         groups.setdefault(_setting(r), []).append(r)
-    out = ["| method | weighting | form | B | runs | reward | Δreward vs ref | KL(π‖π_ref) | train s | prep s |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| method | weighting | form | B | log-probs | runs | reward | Δreward vs ref | KL(π‖π_ref) | train s "
+           "| prep s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(groups, key=_order):
         g = groups[key]
         ok = [r for r in g if r["status"] == "ok"]
@@ -435,7 +464,7 @@ def plot(rows: list[dict], png: Path) -> None:
 
     colors = {("reference", ""): "black", ("sft", ""): "tab:blue", ("dpo", ""): "tab:orange",
               ("var", "posterior"): "tab:green", ("var", "importance"): "tab:red"}
-    markers = {"cross": "o", "shared": "s", "best-of-B": "D", "best-vs-worst": "^", "": "*"}
+    markers = {"cross": "o", "shared": "s", "per-prompt": "v", "best-of-B": "D", "best-vs-worst": "^", "": "*"}
     sizes = {"2": 25, "4": 50, "8": 90, "": 90}
     fig, ax = plt.subplots(figsize=(7.5, 5))
     seen = set()
@@ -443,9 +472,13 @@ def plot(rows: list[dict], png: Path) -> None:
         if r["status"] != "ok":
             continue
         label = " ".join(x for x in (r["method"], r["weighting"], r["form"]) if x)
+        if r["reduction"] == "sum":
+            label += " (sum log-probs)"
         c = colors[(r["method"], r["weighting"])]
-        ax.scatter(float(r["kl"]), float(r["reward"]), c=c, marker=markers[r["form"]], s=sizes[r["B"]],
-                   alpha=0.75, edgecolors="none", label=None if label in seen else label)
+        hollow = r["reduction"] == "sum"
+        ax.scatter(float(r["kl"]), float(r["reward"]), marker=markers[r["form"]], s=sizes[r["B"]], alpha=0.75,
+                   facecolors="none" if hollow else c, edgecolors=c if hollow else "none",
+                   label=None if label in seen else label)
         seen.add(label)
     ax.set_xlabel("KL(π‖π_ref), nats per response (estimated on the evaluation samples)")
     ax.set_ylabel("mean reward on held-out prompts")
@@ -483,8 +516,9 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10; --quick 2)")
     ap.add_argument("--beta", type=float, default=0.1, help="β of VAR and of DPO")
-    ap.add_argument("--reduction", default="mean", choices=["mean", "sum"],
-                    help="VAR's logp_reduction (importance weights overflow with 'sum')")
+    ap.add_argument("--no-sum-check", dest="sum_check", action="store_false",
+                    help="skip the VAR runs with token-summed log-probs (B=8, cross-pair; all other VAR runs use "
+                         "the mean over tokens, which keeps importance weights finite)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the models are tiny)")
     args = ap.parse_args(argv)
     if args.report:
