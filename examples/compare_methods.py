@@ -78,7 +78,8 @@ FORMS = ("cross", "shared", "per-prompt")
 COLUMNS = [
     "method", "weighting", "B", "form", "seed", "reward", "kl", "seconds", "prep_seconds", "status",
     "steps", "seqs_per_step", "lr", "beta", "reduction", "train_loss", "train_prompts", "eval_prompts",
-    "dpo_check_loss_abs", "dpo_check_grad_rel", "date", "threads", "load_1min", "torch", "transformers", "trl",
+    "var_weights_max", "var_ess", "dpo_check_loss_abs", "dpo_check_grad_rel", "date", "threads", "load_1min",
+    "torch", "transformers", "trl",
 ]
 
 
@@ -229,13 +230,13 @@ def trainer_args(args, seed: int, out_dir: str, per_device: int) -> dict:
     return dict(
         output_dir=out_dir, per_device_train_batch_size=per_device, max_steps=args.steps,
         learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=args.warmup, weight_decay=0.0,
-        logging_strategy="no", save_strategy="no", report_to=[], use_cpu=True, seed=seed, data_seed=seed,
+        logging_steps=args.steps, save_strategy="no", report_to=[], use_cpu=True, seed=seed, data_seed=seed,
         disable_tqdm=True, dataloader_num_workers=0,
     )
 
 
 def quiet(trainer):
-    """No printed end-of-training summary (``logging_strategy="no"`` still prints it)."""
+    """No printed logs (one log at the last step: VARTrainer's weight statistics over the whole run)."""
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
     return trainer
 
@@ -324,7 +325,10 @@ def train_var(setup, args, seed, tmp, ds, weighting):
     trainer = quiet(VARTrainer(model=policy, args=config, train_dataset=ds))
     t0 = time.perf_counter()
     out = trainer.train()
-    return policy, time.perf_counter() - t0, out.training_loss
+    seconds = time.perf_counter() - t0
+    log = [h for h in trainer.state.log_history if "var/ess" in h][-1]  # aggregated over all steps
+    stats = {"var_weights_max": log["var/weights_max"], "var_ess": log["var/ess"]}
+    return policy, seconds, out.training_loss, stats
 
 
 # ----------------------------------------------------------------------------- driver
@@ -394,12 +398,12 @@ def run(args) -> Path:
                         row = dict(method="var", weighting=weighting, B=B, form=form, reduction=reduction,
                                    prep_seconds=prep)
                         try:
-                            policy, sec, loss = train_var(setup, args, seed, tmp, ds, weighting)
+                            policy, sec, loss, stats = train_var(setup, args, seed, tmp, ds, weighting)
                         except FloatingPointError as e:  # importance weights can overflow: a result too
                             record(None, seed, **row, reward=math.nan, kl=math.nan, seconds=math.nan,
                                    status=f"FloatingPointError: {str(e).splitlines()[0]}")
                             continue
-                        record(policy, seed, **row, seconds=sec, train_loss=loss)
+                        record(policy, seed, **row, seconds=sec, train_loss=loss, **stats)
     say(f"rows written to {csv_path}")
     report(csv_path, out_dir / "alignment.png")
     return csv_path
@@ -435,13 +439,14 @@ def _pm(values: list[float], digits: int) -> str:
 
 def table(rows: list[dict]) -> str:
     """Markdown table: mean ± sample std over seeds per setting; Δreward is paired with the
-    reference row of the same seed (same held-out prompts and sampling seed)."""
+    reference row of the same seed (same held-out prompts and sampling seed). VAR ESS: effective
+    sample size of the weights (1..B), mean over steps; VAR max w: largest weight of any step/seed."""
     ref = {r["seed"]: float(r["reward"]) for r in rows if r["method"] == "reference"}
     groups: dict = {}
     for r in rows:
         groups.setdefault(_setting(r), []).append(r)
     out = ["| method | weighting | form | B | log-probs | runs | reward | Δreward vs ref | KL(π‖π_ref) | train s "
-           "| prep s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| prep s | VAR ESS | VAR max w |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(groups, key=_order):
         g = groups[key]
         ok = [r for r in g if r["status"] == "ok"]
@@ -452,6 +457,11 @@ def table(rows: list[dict]) -> str:
         cells = [*key, runs, _pm(rew, 3), _pm(delta, 3) if key[0] != "reference" else "0",
                  _pm([float(r["kl"]) for r in ok], 2), _pm([float(r["seconds"]) for r in ok], 1),
                  _pm([float(r["prep_seconds"]) for r in ok], 1)]
+        if key[0] == "var":
+            wmax = [float(r["var_weights_max"]) for r in ok]
+            cells += [_pm([float(r["var_ess"]) for r in ok], 2), f"{max(wmax):.3g}" if wmax else "–"]
+        else:
+            cells += ["", ""]
         out.append("| " + " | ".join(c if c != "" else "–" for c in cells) + " |")
     return "\n".join(out)
 
