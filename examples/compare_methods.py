@@ -532,6 +532,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the models are tiny)")
     args = ap.parse_args(argv)
     if args.report:
+        if not Path(args.report).is_file():
+            ap.error(f"--report: no such CSV file: {args.report}")
         report(args.report)
         return
     defaults = dict(seeds=(3, 1), steps=(120, 8), train_prompts=(256, 64), eval_prompts=(512, 128),
@@ -539,6 +541,12 @@ def main(argv=None) -> None:
     for name, (full, quick) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            ap.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, got {getattr(args, name)}")
+    if args.train_prompts * K < SEQS_PER_STEP:
+        ap.error(f"--train-prompts must be >= {SEQS_PER_STEP // K} (one step needs {SEQS_PER_STEP} sequences)")
+    if not args.beta > 0 or not args.lr > 0:
+        ap.error(f"--beta and --lr must be > 0, got beta={args.beta}, lr={args.lr}")
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     logging.getLogger("varkernels").setLevel(logging.ERROR)

@@ -34,7 +34,8 @@ def cm():
 def test_compare_methods_quick(tmp_path):
     """Every method trains; one row per setting; trained policies moved away from the reference and
     gained reward; the DPO cross-check ran; the plot exists. Output goes to tmp_path only."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / "compare_methods.py"), "--quick", "--out", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
