@@ -7,7 +7,7 @@ tiny Llama pre-trained on that language as the reference policy.
   of the 4 colors).
 - ``reward(x, y)`` = fraction of the content tokens of y that have the color of x's marker (about
   0.45 for the pre-trained reference).
-- ``tiny_llama()`` is a 2-layer Llama built from a config (random init, ~0.1M parameters);
+- ``tiny_llama()`` is a 2-layer Llama built from a config (random init, 78k parameters);
   ``pretrain`` fits it to the language; ``sample`` draws one response per prompt.
 
 Used by ``toy_alignment.py`` (one VAR run) and ``compare_methods.py`` (VAR against SFT and DPO).
