@@ -32,7 +32,7 @@ time of ``trainer.train()``; ``prep_seconds`` = the method's data preparation (V
 Q, once per seed, B and form, shared by both weightings; DPO: building the ``DPOTrainer``, which
 tokenizes the pairs; SFT: nothing to score).
 
-Run (the rows of benchmarks/results/alignment.csv; about 7 minutes on 2 busy cores):
+Run (the rows of benchmarks/results/alignment.csv; 8-11 minutes wall on the shared 2-core machine, 4 CPU-minutes):
     python examples/compare_methods.py
 CI smoke run (every method trains, one seed, few steps; writes into --out or a temporary directory):
     python examples/compare_methods.py --quick --out /tmp/alignment
