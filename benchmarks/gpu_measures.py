@@ -40,11 +40,12 @@ from naive import naive_var_loss  # noqa: E402
 
 from varkernels import fused_var_loss  # noqa: E402
 from varkernels.core import _triton_kernels  # noqa: E402
-from varkernels.ops.token import token_triton  # noqa: E402
-from varkernels.ops.var_loss import scale_grad_  # noqa: E402
-from varkernels.ops.weights import weights_triton  # noqa: E402
+from varkernels.core.autograd import scale_triton_launch  # noqa: E402
+from varkernels.core.token import token_triton_launch  # noqa: E402
 from varkernels.testing import aot  # noqa: E402
 from varkernels.testing.traffic import count_aten_traffic, count_triton_traffic  # noqa: E402
+from varkernels.var import _weights_kernel  # noqa: E402
+from varkernels.var.weights import var_weights_triton_launch  # noqa: E402
 
 GPUS = {"sm_80": ("A100", 2.0e12), "sm_90": ("H100 SXM", 3.35e12)}  # assumed GPU, peak DRAM bytes/s
 COUNT_T = (2, 4)  # sequence lengths actually run in the interpreter
@@ -92,12 +93,14 @@ def kernel_specs(B, T, V, dtype) -> dict:
     N = B * T
     x = torch.empty(B, T, V, dtype=dtype, device="meta")
     f32 = dict(dtype=torch.float32, device="meta")
-    r = torch.empty(B, B, **f32)
-    with aot.capture_launches(_triton_kernels, "_var_token_kernel", "_var_weights_kernel", "_scale_kernel") as ls:
-        weights_triton(r, torch.empty_like(r), 1.0, "posterior")
-        token_triton(x, torch.empty(N, dtype=torch.int64, device="meta"), torch.empty(N, **f32),
-                     torch.empty_like(x), None, softcap=None, temperature=1.0, ignore_index=-100)
-        scale_grad_(torch.empty_like(x), torch.empty((), **f32), "triton")
+    r = torch.empty(1, B, B, **f32)
+    with aot.capture_launches(_triton_kernels, "_var_token_kernel", "_scale_kernel") as ls, \
+            aot.capture_launches(_weights_kernel, "_var_weights_kernel") as lw:
+        var_weights_triton_launch(r, torch.empty_like(r), 1.0, True)
+        token_triton_launch(x, torch.empty(N, dtype=torch.int64, device="meta"), torch.empty(N, **f32),
+                            torch.empty_like(x), None, None, 1.0, -100)
+        scale_triton_launch(torch.empty_like(x), torch.empty((), **f32))
+    ls = [*lw, *ls]
     names = {"_var_weights_kernel": "weights", "_var_token_kernel": "token", "_scale_kernel": "scale"}
     return {names[launch.name]: aot.launch_spec(launch.kernel, launch.kwargs) for launch in ls}
 

@@ -377,3 +377,27 @@ def test_sequence_logps_reference_agrees():
         got = varkernels.linear_sequence_logps(hidden, weight, labels, reduction="sum", backend=backend)
         want = linear_sequence_logps_reference(hidden, weight, labels, reduction="sum")
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_varloss_module_checks_options_at_construction():
+    with pytest.raises(TypeError, match=r"unknown options \['betta'\]"):
+        varkernels.VARLoss(betta=1.0)
+    with pytest.raises(ValueError, match="beta"):
+        varkernels.VARLoss(beta=-1.0)
+    with pytest.raises(ValueError, match="weighting"):
+        varkernels.VARLoss(weighting="prior")
+    assert "beta=0.5" in repr(varkernels.VARLoss(beta=0.5))
+
+
+def test_fused_linear_takes_no_inplace_keyword():
+    """The logits chunks of the fused-linear loss are always overwritten: no keyword accepted and ignored."""
+    B, T, H, V = 2, 3, 4, 11
+    labels = make_labels(B, T, V)
+    R, Q = make_pairs(labels)
+    with pytest.raises(TypeError, match="inplace"):
+        varkernels.fused_linear_var_loss(torch.randn(B, T, H), torch.randn(V, H), labels, R, Q, inplace=True)
+
+
+def test_public_names_exported():
+    for name in varkernels.__all__:
+        assert getattr(varkernels, name) is not None, name
