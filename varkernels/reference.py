@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from ._validation import VAROutput, shifted_labels
+from .var.weights import importance_overflow_message  # the error text only: the maths stays here
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -113,15 +114,6 @@ def var_log_weights(R: torch.Tensor, Q: torch.Tensor, beta: float, weighting: st
     if weighting == "importance":
         return R.diagonal() / beta - log_z, log_z
     raise ValueError(f"weighting must be one of ['posterior', 'importance'], got {weighting!r}")
-
-
-def importance_overflow_message(weighting: str) -> str:
-    return (
-        f"VAR weights are not finite (weighting={weighting!r}): exp(R[i,i]/beta - log Z_i) "
-        "overflowed float32. With sequence-summed ref log-probs log Z_i is very negative, so "
-        "importance weights are unbounded. Use logp_reduction='mean' for ref_logps and the "
-        "policy, weighting='posterior' (bounded by B), or a larger beta."
-    )
 
 
 def ess(weights: torch.Tensor) -> torch.Tensor:
