@@ -22,7 +22,10 @@ import csv
 import sys
 from pathlib import Path
 
-import matplotlib
+try:
+    import matplotlib
+except ImportError as e:
+    raise SystemExit('benchmarks/plot.py needs matplotlib: pip install "varkernels[bench]"') from e
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

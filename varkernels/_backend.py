@@ -41,7 +41,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             backend = "torch"
     if backend == "triton":
         if not HAS_TRITON:
-            raise RuntimeError("backend='triton' needs the triton package: pip install triton")
+            raise RuntimeError("backend='triton' needs the triton package: pip install \"varkernels[triton]\"")
         if device.type != "cuda" and not triton_interpret():
             raise RuntimeError(
                 f"backend='triton' got tensors on {device}; Triton kernels run on CUDA tensors, or on "

@@ -47,10 +47,15 @@ import tempfile
 import types
 from typing import Any
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import KernelParam
+from .._extras import missing_extra
+
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import KernelParam
+except ImportError as e:
+    raise missing_extra("triton", "triton", "varkernels.testing.aot") from e
 
 __all__ = [
     "ARCH_LIMITS",

@@ -24,9 +24,15 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from transformers import Trainer, TrainingArguments
 
-from .._common import LOGP_REDUCTIONS, WEIGHTINGS, VAROutput
+from .._extras import missing_extra
+
+try:
+    from transformers import Trainer, TrainingArguments
+except ImportError as e:  # the scoring and data modules of varkernels.training work without it
+    raise missing_extra("transformers", "train", "varkernels.training.trainer") from e
+
+from .._common import LOGP_REDUCTIONS, WEIGHTINGS, VAROutput  # noqa: E402
 from .data import VARCollator, VARDataset
 from .lm_head import LMHead
 
