@@ -1,4 +1,4 @@
-"""Backend selection (SPEC §2 ``backend=``).
+"""Backend selection (docs/design.md §2 ``backend=``).
 
 ``"auto"``: CUDA tensors → Triton; CPU tensors → the C++ kernel of csrc/ when it is built,
 else the chunked PyTorch path. ``"triton"`` on CPU tensors needs ``TRITON_INTERPRET=1`` (set

@@ -1,6 +1,6 @@
 """Shared types, option names and input validation for every varkernels op.
 
-Validation follows SPEC §2: each bad input raises ``ValueError`` / ``TypeError`` that names the
+Validation follows docs/design.md §2: each bad input raises ``ValueError`` / ``TypeError`` that names the
 argument, what was expected and what was given, and nothing of the caller's is modified before
 the error is raised (all checks run before any kernel touches memory).
 

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of Triton kernels for NVIDIA GPUs, without a GPU (SPEC §4.2).
+"""Ahead-of-time compilation of Triton kernels for NVIDIA GPUs, without a GPU (docs/design.md §4.2).
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))`` runs the whole NVIDIA
 pipeline (TTIR → TTGIR → LLVM → PTX → ptxas → cubin) on the CPU. The cubin's resource usage is

@@ -1,6 +1,6 @@
 """VAR training with ``transformers``: ``VARConfig``, ``VARTrainer`` and ``compute_var_loss``.
 
-SPEC §5. One training batch is k whole VAR groups (``per_device_train_batch_size = k`` items of a
+docs/design.md §5. One training batch is k whole VAR groups (``per_device_train_batch_size = k`` items of a
 :class:`varkernels.training.data.VARDataset`), stacked by :class:`varkernels.training.data.VARCollator`:
 
     input_ids, attention_mask, labels: [k·B, T]      rewards, ref_logps: [k, B, B] or [k, B]
