@@ -45,7 +45,8 @@ PYEOF
 
 if [[ "${VARKERNELS_FORCE_INSTALL:-0}" != 1 && -f $STAMP ]]; then
     if [[ "$(cat $STAMP)" == "$(stamp)" ]]; then
-        echo "install.sh: up to date (build/install-stamp matches; VARKERNELS_FORCE_INSTALL=1 reinstalls)"
+        echo "install.sh: up to date, checked in ${SECONDS} s (build/install-stamp matches;" \
+             "VARKERNELS_FORCE_INSTALL=1 reinstalls)"
         exit 0
     fi
 fi
@@ -56,3 +57,4 @@ $PY -m pip install --quiet --disable-pip-version-check "torch==2.13.0" "setuptoo
 $PY -m pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[test,bench,train]"
 mkdir -p build
 stamp >$STAMP  # after the install: torch may have changed
+echo "install.sh: installed in ${SECONDS} s"
