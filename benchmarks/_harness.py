@@ -100,17 +100,32 @@ def machine_info() -> dict:
 
 
 def append_csv(path: Path, rows: list) -> None:
+    """Append ``rows`` (dicts) to the CSV at ``path``, writing its header if the file is new.
+
+    When the rows carry columns the file does not have yet (or lack some it has), the file is
+    rewritten once with the union of the columns, old columns first: earlier rows keep their
+    values and get empty cells for the new columns, so no row is ever misaligned with the header."""
     if not rows:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    fields = list(rows[0].keys())
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow(r)
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    old_rows = []
+    if path.exists() and path.stat().st_size > 0:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old_fields = list(reader.fieldnames or [])
+            if old_fields != fields:
+                old_rows = list(reader)
+        if old_fields == fields:
+            with open(path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=fields).writerows(rows)
+            return
+        fields = list(dict.fromkeys([*old_fields, *fields]))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows(old_rows)
+        w.writerows(rows)
 
 
 def fmt_bytes(n: float) -> str:
@@ -232,3 +247,32 @@ def measure_interleaved(calls: dict, device: str = "cpu", reps: int = 3) -> dict
             result.update(summarize(times[name]))
     return out
 
+
+
+def floor_sweeps(logits: torch.Tensor) -> dict:
+    """This machine's floor for a loss over ``logits``, as ``measure_interleaved`` calls.
+
+    A fused logits-input loss must at least find each row's maximum (one read), exponentiate
+    (one read, one write) and scale into the gradient (one read, one write): the sum of the medians
+    of ``x.amax(-1)``, ``torch.exp(x, out=buf)`` and ``buf.mul_(s)``, with ``buf`` faulted in once
+    beforehand (the floor is the sweeps, not the allocator). Keys: ``sweep_max``, ``sweep_exp``,
+    ``sweep_scale``; add their ``median_s`` to get the floor."""
+    x = logits.detach()
+    buf = torch.empty_like(x)
+    buf.fill_(1.0)
+    nothing = lambda: None  # noqa: E731
+    return {
+        "sweep_max": (lambda: x.amax(dim=-1), nothing),          # one read
+        "sweep_exp": (lambda: torch.exp(x, out=buf), nothing),   # one read, one write, exp
+        "sweep_scale": (lambda: buf.mul_(1.0000001), nothing),   # one read, one write
+    }
+
+
+FLOOR_SWEEPS = ("sweep_max", "sweep_exp", "sweep_scale")
+
+
+def load_average() -> float:
+    """The 1-minute load average (nan where the OS has none): how busy the shared machine was."""
+    import os
+
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan")

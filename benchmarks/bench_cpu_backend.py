@@ -43,6 +43,7 @@ from _harness import (  # noqa: E402
     RESULTS,
     append_csv,
     fix_mmap_threshold,
+    floor_sweeps,
     fmt_bytes,
     machine_info,
     machine_line,
@@ -108,19 +109,6 @@ def build_providers(logits, labels, rewards, ref_logps, names):
         else:
             raise ValueError(f"unknown provider {name!r}; choose from {PROVIDERS}")
     return out, skipped
-
-
-def floor_sweeps(logits):
-    """The three sweeps of the floor over the logits, as (step, setup) pairs for the harness."""
-    x = logits.detach()
-    buf = torch.empty_like(x)
-    buf.fill_(1.0)  # fault the pages in: the floor is the sweeps, not the allocator
-    nothing = lambda: None  # noqa: E731
-    return {
-        "sweep_max": (lambda: x.amax(dim=-1), nothing),          # one read
-        "sweep_exp": (lambda: torch.exp(x, out=buf), nothing),   # one read, one write, exp
-        "sweep_scale": (lambda: buf.mul_(1.0000001), nothing),   # one read, one write
-    }
 
 
 def run_config(B, T, V, dtype, names, reps, csv_path):

@@ -22,7 +22,7 @@ Part "time" (this process): forward + backward of the whole loss, upstream gradi
   mmap threshold fixed so it counts live tensors (benchmarks/_harness.py). On CUDA:
   triton.testing.do_bench and torch.cuda.max_memory_allocated, and the Triton providers run.
   Before timing, every provider's loss and gradients are checked against naive eager.
-Part "traffic" (a subprocess with TRITON_INTERPRET=1; SPEC §4.3, no GPU needed): bytes moved by one
+Part "traffic" (a subprocess with TRITON_INTERPRET=1; docs/design.md §4.3, no GPU needed): bytes moved by one
   forward + backward of the logits-input loss at the same B, T, V, dtype — Triton kernels counted
   load by load in the interpreter plus the aten ops around them (varkernels.testing.traffic), naive
   eager counted as bytes in + out of every aten op — for varkernels[triton], liger[ce] and naive.
@@ -245,8 +245,9 @@ def run_traffic(args, run: str) -> list:
                     print(f"   B={B} T={T} V={V} {dtype_name:9s}{'':>5s} {name:20s} {n / 1e6:11.1f} "
                           f"{row['bytes_x_naive']:8.3f} {n / floor:8.2f} {row['est_us_sm_80']:11.0f} "
                           f"{row['est_us_sm_90']:11.0f}")
-    print("   (floor: one read of the logits + one write of the gradient, SPEC §4.3; torch.compile(naive) and the "
-          "C++ backend are not counted: their fused kernels are invisible to a per-aten-op counter)")
+    print("   (floor: one read of the logits + one write of the gradient, docs/design.md §4.3; "
+          "torch.compile(naive) and the C++ backend are not counted: their fused kernels are invisible to a "
+          "per-aten-op counter)")
     return rows
 
 

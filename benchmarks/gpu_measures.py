@@ -1,4 +1,4 @@
-"""What can be measured of the GPU path without a GPU (SPEC §4.2-4.3), for the VAR loss.
+"""What can be measured of the GPU path without a GPU (docs/design.md §4.2-4.3), for the VAR loss.
 
     python benchmarks/gpu_measures.py                          # V ∈ {32000, 128256}, bf16 and fp32
     python benchmarks/gpu_measures.py --V 256000 --dtypes float16
@@ -144,7 +144,7 @@ def main(argv=None):
     for V, dtype in cases:
         b = extrapolated_bytes(B, T, V, dtype)
         esize = torch.empty((), dtype=dtype).element_size()
-        floor = 2 * B * T * V * esize  # SPEC §4.3 floor: one read of the logits, one write of the gradient
+        floor = 2 * B * T * V * esize  # docs/design.md §4.3 floor: one read of the logits, one write of the gradient
         fused = b["fused_kernel_bytes"] + b["fused_glue_bytes"]
         for arch, (gpu, bandwidth) in GPUS.items():
             tok = resources.get((specs[(V, dtype)]["token"], arch), {})
@@ -175,7 +175,7 @@ def main(argv=None):
                   f"{row['naive_over_fused']:10.2f}x {row['fused_over_floor']:10.3f}x {arch:>6s} {res:>21s} "
                   f"{occ:>7s} {scale_res:>16s} {row['est_fused_us']:12.0f} {row['est_naive_us']:12.0f}")
     append_csv(Path(args.csv), rows)
-    print("floor = one read of the logits + one write of the gradient (SPEC §4.3); the fused loss reads "
+    print("floor = one read of the logits + one write of the gradient (docs/design.md §4.3); the fused loss reads "
           "the logits twice (two sweeps), so ~1.5x floor is its design point")
     print(f"rows appended to {args.csv}")
 

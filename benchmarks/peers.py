@@ -1,6 +1,6 @@
 """The VAR loss as each alternative a user could pick would compute it: the benchmark's providers.
 
-Every provider computes the same loss — SPEC §1 with its defaults (``weighting="posterior"``,
+Every provider computes the same loss — docs/design.md §1 with its defaults (``weighting="posterior"``,
 ``logp_reduction="mean"``, β = 1): per-token log-probs → per-sequence mean s_i → stop-gradient
 posterior weights w_i from the B×B matrices → loss = −(1/B)·Σ w_i·s_i — from one of:
 
@@ -117,7 +117,7 @@ class Inputs:
 
 
 def make_inputs(form, B, T, V, dtype, device="cpu", H=512, prompt_frac=0.25, seed=0) -> Inputs:
-    """Random inputs of SPEC §1's shapes; the first ``prompt_frac`` of every row is prompt."""
+    """Random inputs of docs/design.md §1's shapes; the first ``prompt_frac`` of every row is prompt."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, V, (B, T), generator=g)
     labels[:, : int(T * prompt_frac)] = IGNORE_INDEX

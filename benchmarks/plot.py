@@ -8,8 +8,11 @@ peers.csv (benchmarks/bench_peers.py), one run:
     peers_memory.png   peak memory beyond the inputs per provider
     peers_traffic.png  counted bytes of the logits-input loss (naive, varkernels[triton], liger[ce])
                        against the floor (one read of the logits + one write of the gradient)
-var_loss.csv / fused_linear.csv (bench_var_loss.py / bench_fused_linear.py): the latest row of
-    each provider and config → var_loss.png, fused_linear.png.
+var_loss.csv (bench_var_loss.py --save): the rows of its last run → var_loss.png (time with the
+    floor and the ratios the script printed, peak memory).
+fused_linear.csv (bench_fused_linear.py): the latest row of each provider and config → fused_linear.png.
+cpu_backend.csv (bench_cpu_backend.py): the latest row of each provider and config → cpu_backend.png
+    (bench_cpu_backend.plot).
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import csv
 import sys
 from pathlib import Path
 
-import matplotlib
+try:
+    import matplotlib
+except ImportError as e:
+    raise SystemExit('benchmarks/plot.py needs matplotlib: pip install "varkernels[bench]"') from e
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -167,6 +173,58 @@ def plot_latest(rows: list, out: Path, fname: str, title: str, config_keys: tupl
     return [out / fname]
 
 
+def last_run(rows: list) -> list:
+    """The rows of the last run of a CSV with a ``run`` column (rows without one are older runs)."""
+    runs = [r.get("run") for r in rows if r.get("run")]
+    return [r for r in rows if r.get("run") == runs[-1]] if runs else []
+
+
+def plot_var_loss(csv_path: Path, out: Path) -> list:
+    """var_loss.png from the last run of bench_var_loss.py in ``csv_path``: the same rows, and the
+    same ratios, as the table that run printed."""
+    rows = last_run(read(csv_path))
+    if not rows:
+        return []
+    r0 = rows[0]
+    names = [r["provider"] for r in rows]
+    med = [float(r["median_s"]) * 1e3 for r in rows]
+    err = [[m - float(r["p20_s"]) * 1e3 for m, r in zip(med, rows)],
+           [float(r["p80_s"]) * 1e3 - m for m, r in zip(med, rows)]]
+    colours = {"naive": "#7f7f7f", "fused": "#1f77b4", "fused_inplace": "#08306b", "fused_torch": "#aec7e8"}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.2))
+    a.bar(range(len(rows)), med, yerr=err, capsize=3, color=[colours.get(n) for n in names], edgecolor="black",
+          linewidth=0.3)
+    for i, r in enumerate(rows):
+        label = f"{float(r['speedup_vs_naive']):.2f}× naive" if r.get("speedup_vs_naive") else ""
+        if r.get("x_floor"):
+            label += f"\n{float(r['x_floor']):.2f}× floor"
+        a.annotate(label, (i, med[i] + err[1][i]), ha="center", va="bottom", fontsize=7, xytext=(0, 3),
+                   textcoords="offset points")
+    if r0.get("floor_s"):
+        a.axhline(float(r0["floor_s"]) * 1e3, color="black", ls="--", lw=1,
+                  label=f"floor {float(r0['floor_s']) * 1e3:.1f} ms (max + exp + scale sweeps)")
+        a.legend(fontsize=8)
+    a.set_xticks(range(len(rows)), names, fontsize=8)
+    a.set_ylabel("forward + backward, ms (median, p20–p80)")
+    a.set_ylim(0, max(m + e for m, e in zip(med, err[1])) * 1.2)
+    a.grid(axis="y", alpha=0.3)
+    mib = [max(float(r["peak_extra_bytes"]), 0) / 2**20 for r in rows]
+    b.bar(range(len(rows)), mib, color=[colours.get(n) for n in names], edgecolor="black", linewidth=0.3)
+    for i, r in enumerate(rows):
+        b.annotate(f"{float(r['peak_extra_x_logits']):.2f}× logits", (i, mib[i]), ha="center", va="bottom",
+                   fontsize=7)
+    b.set_xticks(range(len(rows)), names, fontsize=8)
+    b.set_ylabel("peak memory beyond the inputs, MiB")
+    b.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"bench_var_loss.py run {r0['run']}: B={r0['B']} T={r0['T']} V={r0['V']} {r0['dtype']} on "
+                 f"{r0['device']}, {r0['reps']} interleaved rounds | {r0['cpu']}, {r0['threads']} threads, "
+                 f"load {r0.get('load_avg_1min', '-')} | torch {r0['torch']} | {r0['date'][:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return [out]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default=str(RESULTS))
@@ -178,10 +236,13 @@ def main(argv=None):
     if peers:
         run = args.run or peers[-1]["run"]
         written += plot_peers([r for r in peers if r["run"] == run], out)
-    written += plot_latest(read(out / "var_loss.csv"), out, "var_loss.png",
-                           "bench_var_loss.py: logits-input loss", ("B", "T", "V", "dtype", "device"))
+    written += plot_var_loss(out / "var_loss.csv", out / "var_loss.png")
     written += plot_latest(read(out / "fused_linear.csv"), out, "fused_linear.png",
                            "bench_fused_linear.py: fused-linear loss", ("B", "T", "H", "V", "dtype", "device"))
+    if (out / "cpu_backend.csv").exists():
+        from bench_cpu_backend import plot as plot_cpu_backend  # imports varkernels (its provider labels)
+
+        plot_cpu_backend(out / "cpu_backend.csv", out / "cpu_backend.png")  # prints its own line
     for w in written:
         print(f"wrote {w}")
     if not written:

@@ -1,4 +1,4 @@
-// CPU token kernel of varkernels (SPEC §3), one row of the vocabulary at a time:
+// CPU token kernel of varkernels (docs/design.md §3), one row of the vocabulary at a time:
 //
 //     z      = transform(x[n, :])                  softcap c·tanh(x/c), then ·(1/τ)     (fp32)
 //     lse[n] = logsumexp(z)                        (or lse_in[n]: the sweep is skipped)

@@ -1,4 +1,4 @@
-"""End-to-end VAR alignment of a tiny Llama on a synthetic language, on CPU in a few minutes.
+"""End-to-end VAR alignment of a tiny Llama on a synthetic language, on CPU in under a minute.
 
 1. A synthetic language: a prompt is ``BOS <color> a b c SEP`` (one of 4 color markers and three
    random content tokens); a response is 3-10 content tokens then EOS, each from a Markov chain
@@ -13,10 +13,14 @@
 5. ``VARTrainer`` trains the policy (initialised from the reference) with the fused-linear VAR loss.
 6. Both models sample fresh responses for held-out prompts; the last line prints their mean reward.
 
+<<<<<<< HEAD
 The language, reward, model and sampler live in ``examples/_toy.py`` (shared with
 ``compare_methods.py``).
 
 Run: ``python examples/toy_alignment.py`` (about 2-4 minutes on 2 CPU cores).
+=======
+Run: ``python examples/toy_alignment.py`` (45 s wall on 2 CPU cores shared with other jobs, 2026-11-29).
+>>>>>>> issue12
 """
 
 from __future__ import annotations

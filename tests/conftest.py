@@ -1,4 +1,4 @@
-"""Test set-up: Triton kernels run on CPU tensors in the interpreter (SPEC §4.1).
+"""Test set-up: Triton kernels run on CPU tensors in the interpreter (docs/design.md §4.1).
 
 TRITON_INTERPRET must be set before triton is imported, so it is set here, first.
 """

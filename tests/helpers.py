@@ -1,6 +1,6 @@
-"""Shared test helpers: the tolerance policy of SPEC §4.1 and builders of realistic inputs.
+"""Shared test helpers: the tolerance policy of docs/design.md §4.1 and builders of realistic inputs.
 
-Tolerance policy (SPEC §4.1; flash-attention / ml-cross-entropy style)::
+Tolerance policy (docs/design.md §4.1; flash-attention / ml-cross-entropy style)::
 
     max |kernel − truth|  ≤  2 · max |pytorch − truth|  +  atol,     atol = 1e-6 · max |truth|
 
@@ -77,7 +77,7 @@ def assert_close(
     factor: float = 2.0,
     atol_floor: float = 0.0,
 ) -> None:
-    """SPEC §4.1: ``max|actual − truth| ≤ factor·max|ref − truth| + atol``,
+    """docs/design.md §4.1: ``max|actual − truth| ≤ factor·max|ref − truth| + atol``,
     ``atol = max(1e-6·max|truth|, atol_floor)``.
 
     Args:

@@ -1,4 +1,4 @@
-"""Every Triton kernel compiles ahead of time for sm_80 and sm_90 without spilling (SPEC §4.2).
+"""Every Triton kernel compiles ahead of time for sm_80 and sm_90 without spilling (docs/design.md §4.2).
 
 No GPU is needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))`` builds
 the cubin on the CPU and ``cuobjdump --dump-resource-usage`` reads its REG / SHARED / LOCAL.

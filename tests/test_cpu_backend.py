@@ -1,4 +1,4 @@
-"""The C++ CPU backend (csrc/, ``backend="cpu"``) against float64 ground truth (SPEC §4.1).
+"""The C++ CPU backend (csrc/, ``backend="cpu"``) against float64 ground truth (docs/design.md §4.1).
 
 Two levels:
   * ``token_op`` on backend "cpu" vs backend "torch" (the chunked PyTorch path) vs a float64

@@ -1,4 +1,4 @@
-"""fused_linear_var_loss and linear_sequence_logps against the reference (SPEC §1, §3 driver)."""
+"""fused_linear_var_loss and linear_sequence_logps against the reference (docs/design.md §1, §3 driver)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Sanity of ``varkernels.reference`` itself against values computed by hand (SPEC §1).
+"""Sanity of ``varkernels.reference`` itself against values computed by hand (docs/design.md §1).
 
 Every kernel is tested against the reference, so the reference is tested against arithmetic.
 """
@@ -29,7 +29,7 @@ def logsumexp(values) -> float:
 
 
 def test_hand_computed_loss_matrix_form():
-    """B = 2, T = 3, V = 3, (B, B) pairs, "mean", posterior: every step of SPEC §1 by hand."""
+    """B = 2, T = 3, V = 3, (B, B) pairs, "mean", posterior: every step of docs/design.md §1 by hand."""
     logits = torch.tensor(
         [[[1.0, 2.0, 3.0], [0.5, -1.0, 0.0], [2.0, 2.0, 2.0]],
          [[-1.0, 0.0, 1.0], [3.0, 1.0, -2.0], [0.0, 0.0, 4.0]]], dtype=F64, requires_grad=True,
@@ -56,7 +56,7 @@ def test_hand_computed_loss_matrix_form():
     torch.testing.assert_close(out.policy_logps, torch.tensor(s, dtype=F64), rtol=1e-12, atol=0)
     torch.testing.assert_close(out.ess, torch.tensor(sum(w) ** 2 / (w[0] ** 2 + w[1] ** 2), dtype=F64))
 
-    # SPEC §1 closed form of the gradient: −(w_i/B)·c_i·(onehot(y) − softmax) at non-ignored tokens
+    # docs/design.md §1 closed form of the gradient: −(w_i/B)·c_i·(onehot(y) − softmax) at non-ignored tokens
     out.loss.backward()
     expected = torch.zeros_like(logits)
     for i in range(2):
@@ -169,7 +169,7 @@ def test_minus_inf_ref_logp_gives_zero_weight():
 
 
 def test_importance_overflow_raises_with_remedies():
-    """SPEC §1.5: summed ref log-probs make exp(R/β − log Ẑ) overflow; the error names the remedies."""
+    """docs/design.md §1.5: summed ref log-probs make exp(R/β − log Ẑ) overflow; the error names the remedies."""
     R, Q = torch.zeros(4, 4), torch.full((4, 4), -300.0)
     with pytest.raises(FloatingPointError, match=r"(?s)logp_reduction='mean'.*weighting='posterior'"):
         var_weights_reference(R, Q, weighting="importance")
@@ -178,7 +178,7 @@ def test_importance_overflow_raises_with_remedies():
 
 
 def test_weights_are_stop_gradient():
-    """Gradient flows only into the policy: R and Q are constants (SPEC §1.6)."""
+    """Gradient flows only into the policy: R and Q are constants (docs/design.md §1.6)."""
     labels = make_labels(3, 4, 20)
     logits = make_logits(3, 4, 20)
     R, Q = make_pairs(labels)
@@ -189,7 +189,7 @@ def test_weights_are_stop_gradient():
 
 
 def test_transform_order_softcap_then_temperature():
-    """SPEC §1.1: c·tanh(ℓ/c) first, then /τ (the other order gives a different value)."""
+    """docs/design.md §1.1: c·tanh(ℓ/c) first, then /τ (the other order gives a different value)."""
     x = torch.tensor([-40.0, -3.0, 0.5, 25.0], dtype=F64)
     c, tau = 10.0, 0.5
     torch.testing.assert_close(transform_logits(x, softcap=c, temperature=tau), c * torch.tanh(x / c) / tau)

@@ -1,10 +1,10 @@
-"""Memory traffic of the Triton VAR loss, counted in the interpreter (SPEC §4.3).
+"""Memory traffic of the Triton VAR loss, counted in the interpreter (docs/design.md §4.3).
 
 The fused loss reads each non-ignored logits row twice (sweep 1: online logsumexp; sweep 2:
 softmax for the gradient) and writes the gradient once; ignored rows only get their zero
 gradient written. Per-row scalars (label, target logit, coefficient, log-prob, logsumexp) and
 the B×B weight kernel are a few bytes. The counted loads + stores of all Triton kernels must
-stay within 1.1 × that; the SPEC's floor (one read + one write) is 2/3 of it for a dense batch.
+stay within 1.1 × that; the floor of docs/design.md §4.3 (one read + one write) is 2/3 of it for a dense batch.
 
 Naive PyTorch (``var_loss_reference``: log_softmax over [B, T, V], gather, masked sum, weights;
 autograd backward) is counted with a TorchDispatchMode as the bytes in + out of every aten op.

@@ -1,4 +1,4 @@
-"""Bad input to ``fused_var_loss`` (SPEC §2): a ValueError / TypeError that names the argument,
+"""Bad input to ``fused_var_loss`` (docs/design.md §2): a ValueError / TypeError that names the argument,
 raised before anything of the caller's is touched — also with ``inplace=True``.
 """
 
@@ -135,7 +135,7 @@ def test_all_impossible_row_is_an_error(backend):
 @pytest.mark.parametrize("form", ["matrix", "vector"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_minus_inf_ref_logps_accepted(backend, form):
-    """SPEC §2: −inf in ref_logps is legal (an impossible response): weight 0, finite loss."""
+    """docs/design.md §2: −inf in ref_logps is legal (an impossible response): weight 0, finite loss."""
     kw = valid_call()
     if form == "vector":
         kw["rewards"], kw["ref_logps"] = make_pairs(kw["labels"], form="vector")

@@ -1,4 +1,4 @@
-"""Parity of ``fused_var_loss`` with ``var_loss_reference`` (SPEC §1, §2, §4.1).
+"""Parity of ``fused_var_loss`` with ``var_loss_reference`` (docs/design.md §1, §2, §4.1).
 
 Loss, weights, log_z, policy_logps, ess and the logits gradient of the Triton kernels (run by
 the interpreter on CPU tensors) and of the chunked PyTorch path, against a float64 ground truth,
@@ -43,7 +43,7 @@ def kernel_run(logits, labels, rewards, ref_logps, *, backend, upstream=1.0, **o
 
 
 def check_against_reference(out, grad, logits, labels, rewards, ref_logps, *, upstream=1.0, **options):
-    """Every output of SPEC §1 and the gradient vs float64 truth, bound by PyTorch's own error."""
+    """Every output of docs/design.md §1 and the gradient vs float64 truth, bound by PyTorch's own error."""
     ref, ref_grad = reference_run(logits, labels, rewards, ref_logps, upstream=upstream, **options)
     truth, truth_grad = reference_run(logits, labels, rewards, ref_logps, upstream=upstream, float64=True, **options)
     B = logits.shape[0]
@@ -180,8 +180,8 @@ def rescale_is_exact(dtype: torch.dtype, upstream: float) -> bool:
 def test_upstream_gradient(dtype, backend, upstream):
     """(upstream·loss).backward(): the gradient written in forward is rescaled by the incoming scalar.
 
-    SPEC §1: backward only rescales, so the result is bitwise round(u · g₁) of the upstream-1
-    gradient g₁. When that second rounding is exact the SPEC §4.1 bound must hold as well; when
+    docs/design.md §1: backward only rescales, so the result is bitwise round(u · g₁) of the upstream-1
+    gradient g₁. When that second rounding is exact the docs/design.md §4.1 bound must hold as well; when
     it is not (bf16/fp16 with u not a power of two) see test_upstream_rescale_rounds_twice.
     """
     logits, labels, rewards, ref_logps = build(3, 17, 1000, dtype)
@@ -209,7 +209,7 @@ def rounding_sensitive_logits(dtype: torch.dtype, B: int = 8, T: int = 16, V: in
     reason="varkernels/core/autograd.py TokenFunction (forward mode): the gradient is rounded to bf16/fp16 in "
     "forward and rounded again after scale_grad_ multiplies it by grad_output in backward, so for an "
     "upstream that is not a power of two the error reaches 1.25 ulp where PyTorch's is <= 0.5 ulp "
-    "(SPEC §1 'backward only rescales' vs the SPEC §4.1 bound)",
+    "(docs/design.md §1.6 'backward only rescales' vs the §4.1 bound)",
 )
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -249,7 +249,7 @@ def test_non_contiguous_pairs(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shared_form_equals_matrix_of_identical_rows(backend):
-    """SPEC §1: the (B,) form stands for the (B, B) matrix whose every row is the vector."""
+    """docs/design.md §1: the (B,) form stands for the (B, B) matrix whose every row is the vector."""
     logits, labels, rewards, ref_logps = build(6, 17, 1000, torch.float32, form="vector")
     vec, vec_grad = kernel_run(logits, labels, rewards, ref_logps, backend=backend)
     mat, mat_grad = kernel_run(logits, labels, rewards.expand(6, 6), ref_logps.expand(6, 6), backend=backend)
@@ -491,7 +491,7 @@ def test_second_backward_raises(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_deterministic(dtype, backend):
-    """SPEC §2: the same inputs give bitwise the same loss, diagnostics and gradients."""
+    """docs/design.md §2: the same inputs give bitwise the same loss, diagnostics and gradients."""
     options = dict(weighting="importance", softcap=20.0, temperature=0.9, shift_labels=True)
     logits, labels, rewards, ref_logps = build(3, 7, 32003 if dtype == torch.float32 else 1000, dtype)
     a, ga = kernel_run(logits, labels, rewards, ref_logps, backend=backend, upstream=3.0, **options)
@@ -538,7 +538,7 @@ def test_plain_return_is_float32_scalar():
 @pytest.mark.parametrize("form", ["matrix", "vector"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_importance_sum_overflow_raises(backend, form):
-    """SPEC §1.5: sequence-summed ref log-probs overflow exp(R/β − log Ẑ); the error names the remedies."""
+    """docs/design.md §1.5: sequence-summed ref log-probs overflow exp(R/β − log Ẑ); the error names the remedies."""
     B, T, V = 3, 17, 1000
     logits, labels, rewards, _ = build(B, T, V, torch.float32, form=form, logp_reduction="sum")
     ref_logps = torch.full_like(rewards, -400.0)  # log Ẑ ≈ −400: w ≈ e^400

@@ -1,6 +1,6 @@
 """varkernels: fused kernels for the VAR (Variational Alignment with Re-weighting) loss.
 
-Public API (SPEC §2):
+Public API (docs/design.md §2):
     fused_var_loss(logits [B,T,V], labels [B,T], rewards, ref_logps, ...)         -> loss | VAROutput
     fused_linear_var_loss(hidden [B,T,H], weight [V,H], labels, rewards, ref_logps, ...)
     sequence_logps(logits, labels, reduction=...)          differentiable, [B] or [B,T] fp32

@@ -1,4 +1,4 @@
-"""Backend selection (``backend=`` of every public op).
+"""Backend selection (``backend=`` of every public op, docs/design.md §2).
 
 ``"auto"``: CUDA tensors → Triton; CPU tensors → the C++ kernel of csrc/ when it is built,
 else the chunked PyTorch path. ``"triton"`` on CPU tensors needs ``TRITON_INTERPRET=1`` (set
@@ -51,7 +51,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             backend = "torch"
     if backend == "triton":
         if not HAS_TRITON:
-            raise RuntimeError("backend='triton' needs the triton package: pip install triton")
+            raise RuntimeError("backend='triton' needs the triton package: pip install \"varkernels[triton]\"")
         if device.type != "cuda" and not triton_interpret():
             raise RuntimeError(
                 f"backend='triton' got tensors on {device}; Triton kernels run on CUDA tensors, or on "

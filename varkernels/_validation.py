@@ -1,6 +1,6 @@
 """Option names and input validation for every varkernels op (the one place checks live).
 
-Validation follows SPEC §2: each bad input raises ``ValueError`` / ``TypeError`` that names the
+Validation follows docs/design.md §2: each bad input raises ``ValueError`` / ``TypeError`` that names the
 argument, what was expected and what was given, and nothing of the caller's is modified before
 the error is raised (all checks run before any kernel touches memory).
 

@@ -1,4 +1,4 @@
-"""Plain PyTorch VAR loss: SPEC §1 written out, readable first, used as the ground truth.
+"""Plain PyTorch VAR loss: docs/design.md §1 written out, readable first, used as the ground truth.
 
 Every kernel in varkernels is tested against these functions. They materialise the full
 [B, T, V] log-softmax, so they are meant for checking and for small shapes, not for training
@@ -25,7 +25,7 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 def transform_logits(
     logits: torch.Tensor, softcap: Optional[float] = None, temperature: float = 1.0
 ) -> torch.Tensor:
-    """SPEC §1.1: ``softcap`` c → c·tanh(ℓ/c), then ``temperature`` τ → ℓ/τ."""
+    """docs/design.md §1.1: ``softcap`` c → c·tanh(ℓ/c), then ``temperature`` τ → ℓ/τ."""
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     if temperature != 1.0:
@@ -42,7 +42,7 @@ def token_logps_reference(
     softcap: Optional[float] = None,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs lp[i, t] = ℓ[i, t, y] − logsumexp_v ℓ[i, t, v] (SPEC §1.2).
+    """Per-token log-probs lp[i, t] = ℓ[i, t, y] − logsumexp_v ℓ[i, t, v] (docs/design.md §1.2).
 
     Args:
         logits: [B, T, V]. labels: [B, T] int.
@@ -69,7 +69,7 @@ def sequence_logps_reference(
     softcap: Optional[float] = None,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Sequence log-probs (SPEC §1.3): [B] for "sum"/"mean", [B, T] for "none".
+    """Sequence log-probs (docs/design.md §1.3): [B] for "sum"/"mean", [B, T] for "none".
 
     "mean" divides by the number n_i of non-ignored tokens; a row with n_i = 0 gives 0.
     """
@@ -88,7 +88,7 @@ def sequence_logps_reference(
 def var_weights_reference(
     rewards: torch.Tensor, ref_logps: torch.Tensor, *, beta: float = 1.0, weighting: str = "posterior"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC §1.4-1.5: (weights [B], log_z [B]) from rewards/ref_logps, each [B, B] or [B].
+    """docs/design.md §1.4-1.5: (weights [B], log_z [B]) from rewards/ref_logps, each [B, B] or [B].
 
     A[i, j] = R[i, j]/β + Q[i, j];  log Ẑ_i = logsumexp_j A[i, j] − log B;
     posterior:  log w_i = A[i, i] − log Ẑ_i;   importance: log w_i = R[i, i]/β − log Ẑ_i.
@@ -103,7 +103,7 @@ def var_weights_reference(
 
 
 def var_log_weights(R: torch.Tensor, Q: torch.Tensor, beta: float, weighting: str):
-    """(log w [B], log Ẑ [B]) in the dtype of R and Q, no checks: the maths of SPEC §1.4-1.5."""
+    """(log w [B], log Ẑ [B]) in the dtype of R and Q, no checks: the maths of docs/design.md §1.4-1.5."""
     B = R.shape[0]
     if R.dim() == 1:
         R, Q = R.unsqueeze(0).expand(B, B), Q.unsqueeze(0).expand(B, B)
@@ -148,7 +148,7 @@ def var_loss_reference(
     temperature: float = 1.0,
     return_aux: bool = False,
 ):
-    """VAR loss of SPEC §1: loss = −(1/B)·Σ_i w_i·s_i per group, with stop-gradient weights;
+    """VAR loss of docs/design.md §1: loss = −(1/B)·Σ_i w_i·s_i per group, with stop-gradient weights;
     for k groups the mean of the k group losses.
 
     Args:

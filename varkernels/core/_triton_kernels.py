@@ -1,4 +1,4 @@
-"""Triton kernels of varkernels (SPEC §3). Importing this module imports triton.
+"""Triton kernels of varkernels (docs/design.md §3). Importing this module imports triton.
 
 The core's kernels know nothing of VAR (its weight kernel lives in varkernels/var/weights.py):
 

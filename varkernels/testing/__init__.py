@@ -1,4 +1,4 @@
-"""Tools that verify the GPU code on machines without a GPU (SPEC §4.2 and §4.3).
+"""Tools that verify the GPU code on machines without a GPU (docs/design.md §4.2 and §4.3).
 
 * ``aot`` — compile a Triton kernel ahead of time for sm_80 / sm_90 and read the cubin's register,
   shared-memory and local-memory (spill) usage with ``cuobjdump``; an occupancy estimate.

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of Triton kernels for NVIDIA GPUs, without a GPU (SPEC §4.2).
+"""Ahead-of-time compilation of Triton kernels for NVIDIA GPUs, without a GPU (docs/design.md §4.2).
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))`` runs the whole NVIDIA
 pipeline (TTIR → TTGIR → LLVM → PTX → ptxas → cubin) on the CPU. The cubin's resource usage is
@@ -47,10 +47,15 @@ import tempfile
 import types
 from typing import Any
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import KernelParam
+from .._extras import missing_extra
+
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import KernelParam
+except ImportError as e:
+    raise missing_extra("triton", "triton", "varkernels.testing.aot") from e
 
 __all__ = [
     "ARCH_LIMITS",

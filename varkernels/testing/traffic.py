@@ -1,4 +1,4 @@
-"""Memory-traffic counters (SPEC §4.3): bytes that Triton kernels and aten ops read and write.
+"""Memory-traffic counters (docs/design.md §4.3): bytes that Triton kernels and aten ops read and write.
 
 Two counters, both used as context managers:
 

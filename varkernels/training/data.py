@@ -1,6 +1,6 @@
 """Dataset preparation for VAR training: fixed groups, scored once, cached, shuffled as wholes.
 
-SPEC §5. The VAR weights of a micro-batch are normalised inside that micro-batch, so the
+docs/design.md §5. The VAR weights of a micro-batch are normalised inside that micro-batch, so the
 micro-batch is a unit of the data, not of the loader:
 
 1. ``make_groups``: the N examples are split once into fixed groups of B (seeded permutation).

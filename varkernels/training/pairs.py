@@ -1,6 +1,6 @@
 """Cross-pair scoring: the B×B matrices R[i, j] = r(x_i, y_j) and Q[i, j] = log π_ref(y_j | x_i).
 
-SPEC §5. Every VAR micro-batch of B (prompt, response) examples needs B² reward scores and B²
+docs/design.md §5. Every VAR micro-batch of B (prompt, response) examples needs B² reward scores and B²
 reference log-probs. This module computes them:
 
     cross_pair_logps(model, prompts, responses)   -> Q  [B, B] float32 (no-grad log-prob path)

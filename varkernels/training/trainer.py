@@ -1,6 +1,6 @@
 """VAR training with ``transformers``: ``VARConfig``, ``VARTrainer`` and ``compute_var_loss``.
 
-SPEC §5. One training batch is k whole VAR groups (``per_device_train_batch_size = k`` items of a
+docs/design.md §5. One training batch is k whole VAR groups (``per_device_train_batch_size = k`` items of a
 :class:`varkernels.training.data.VARDataset`), stacked by :class:`varkernels.training.data.VARCollator`:
 
     input_ids, attention_mask, labels: [k·B, T]      rewards, ref_logps: [k, B, B] or [k, B]
@@ -24,9 +24,15 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from transformers import Trainer, TrainingArguments
 
-from .._validation import LOGP_REDUCTIONS, WEIGHTINGS, VAROutput
+from .._extras import missing_extra
+
+try:
+    from transformers import Trainer, TrainingArguments
+except ImportError as e:  # the scoring and data modules of varkernels.training work without it
+    raise missing_extra("transformers", "train", "varkernels.training.trainer") from e
+
+from .._validation import LOGP_REDUCTIONS, WEIGHTINGS, VAROutput  # noqa: E402
 from .data import VARCollator, VARDataset
 from .lm_head import LMHead
 
