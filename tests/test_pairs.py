@@ -1,5 +1,7 @@
 """Cross-pair scoring (varkernels.training.pairs) and VAR dataset preparation (varkernels.training.data)."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -68,9 +70,11 @@ class NoKeepLM(torch.nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None):
+        # transformers 5.24 renamed past_key_values to cache; older versions only know the old name
+        name = "cache" if "cache" in inspect.signature(self.inner.forward).parameters else "past_key_values"
         return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=past_key_values, use_cache=use_cache)
+                          use_cache=use_cache, **{name: cache})
 
 
 # ----------------------------------------------------------------------------- log-probs

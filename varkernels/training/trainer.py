@@ -94,30 +94,47 @@ def compute_var_loss(
     k, B, cross = split_groups(batch)
     R = batch["rewards"].reshape((k, B, B) if cross else (k, B))
     Q = batch["ref_logps"].reshape(R.shape)
+    labels = batch["labels"]
     head = LMHead(model)
-    fused = use_fused_linear and head.fused
+    fused = use_fused_linear and head.in_head
     inputs = {"input_ids": batch["input_ids"], "use_cache": False}
     if batch.get("attention_mask") is not None:
         inputs["attention_mask"] = batch["attention_mask"]
-    feats = head.forward(model, **inputs)[0] if fused else model(**inputs).logits
-    labels = batch["labels"]
-    weight, bias = head.weight, head.bias
-    if fused:
-        weight, bias, feats = _head_operands(weight, bias, feats)
     opts = dict(
         beta=beta, weighting=weighting, logp_reduction=logp_reduction, ignore_index=ignore_index,
         shift_labels=True, softcap=head.softcap, return_aux=True, backend=backend,
     )
+
+    if fused:
+        # Inside lm_head's forward: there FSDP2 / ZeRO-3 have gathered the whole weight, and
+        # autocast (which accelerate wraps around the model's forward) is on.
+        def loss_in_head(hidden, weight, bias):
+            if hidden.shape[:2] != labels.shape:
+                raise RuntimeError(
+                    f"lm_head received hidden states of shape {tuple(hidden.shape)}, expected "
+                    f"[{labels.shape[0]}, {labels.shape[1]}, H] (every position of input_ids)"
+                )
+            weight, bias, hidden = _head_operands(weight, bias, hidden)
+            outs = []
+            for g in range(k):
+                rows = slice(g * B, (g + 1) * B)
+                outs.append(varkernels.fused_linear_var_loss(
+                    hidden[rows], weight, labels[rows], R[g], Q[g], bias=bias, chunk_size=chunk_size, **opts
+                ))
+            return _mean_over_groups(outs)
+
+        return head.run_in_head(model, inputs, loss_in_head)
+
+    logits = model(**inputs).logits
     outs = []
     for g in range(k):
         rows = slice(g * B, (g + 1) * B)
-        if fused:
-            outs.append(varkernels.fused_linear_var_loss(
-                feats[rows], weight, labels[rows], R[g], Q[g], bias=bias, chunk_size=chunk_size, **opts
-            ))
-        else:
-            outs.append(varkernels.fused_var_loss(feats[rows], labels[rows], R[g], Q[g], **opts))
-    if k == 1:
+        outs.append(varkernels.fused_var_loss(logits[rows], labels[rows], R[g], Q[g], **opts))
+    return _mean_over_groups(outs)
+
+
+def _mean_over_groups(outs: list) -> VAROutput:
+    if len(outs) == 1:
         return outs[0]
     return VAROutput(
         loss=torch.stack([o.loss for o in outs]).mean(),
