@@ -42,6 +42,7 @@ from .pairs import (
     paired_rewards,
 )
 
+VAR_COLUMNS = ("input_ids", "attention_mask", "labels", "rewards", "ref_logps")
 CACHE_FORMAT = 2  # 2: a sha256 of the scores is stored and checked on load
 
 
@@ -210,6 +211,22 @@ class VARDataset(torch.utils.data.Dataset):
             "rewards": self.rewards[g],
             "ref_logps": self.ref_logps[g],
         }
+
+    def to_hf_dataset(self):
+        """This dataset as a ``datasets.Dataset`` (one row per group, torch format).
+
+        Columns ``input_ids`` / ``attention_mask`` / ``labels`` ([B, T_g] per row) and
+        ``rewards`` / ``ref_logps`` ([B, B] or [B], float32), as :meth:`__getitem__` gives them:
+        for trainers that only take a ``datasets.Dataset`` (TRL's ``SFTTrainer``). Keep
+        ``remove_unused_columns=False`` and :class:`VARCollator` as the data collator.
+        """
+        try:
+            import datasets
+        except ImportError as exc:  # pragma: no cover - the message is the point
+            raise ImportError("VARDataset.to_hf_dataset needs the datasets package: pip install datasets") from exc
+        rows = [self[g] for g in range(len(self))]
+        columns = {name: [row[name].tolist() for row in rows] for name in VAR_COLUMNS}
+        return datasets.Dataset.from_dict(columns).with_format("torch")
 
     @classmethod
     def build(
@@ -460,6 +477,22 @@ class VARCollator:
         self.pad_token_id, self.ignore_index = pad_token_id, ignore_index
 
     def __call__(self, features: Sequence[dict]) -> dict:
+        if len(features) == 0:
+            raise ValueError("VARCollator got an empty list of features (expected k >= 1 groups)")
+        missing = [c for c in VAR_COLUMNS if c not in features[0]]
+        if missing:
+            raise ValueError(
+                f"VARCollator: the features have no {missing} column(s) (they have {sorted(features[0])}). "
+                "Each feature must be one VARDataset group with the columns "
+                f"{list(VAR_COLUMNS)}; a Trainer with remove_unused_columns=True (the default of "
+                "TrainingArguments, and of TRL's SFTConfig) drops every column its model's forward (or "
+                "its signature columns) does not name: set remove_unused_columns=False"
+            )
+        features = [
+            {c: torch.as_tensor(f[c], dtype=torch.float32 if c in ("rewards", "ref_logps") else torch.long)
+             for c in VAR_COLUMNS}
+            for f in features
+        ]
         T = max(f["input_ids"].shape[1] for f in features)
 
         def pad(t, value):
