@@ -5,9 +5,12 @@ SPEC §5. One training batch is k whole VAR groups (``per_device_train_batch_siz
 
     input_ids, attention_mask, labels: [k·B, T]      rewards, ref_logps: [k, B, B] or [k, B]
 
-:func:`compute_var_loss` runs the model once for the last hidden states (``logits_to_keep=1``:
-the [k·B, T, V] logits are never formed) and calls :func:`varkernels.fused_linear_var_loss` on
-each group with the ``lm_head`` weight; the batch loss is the mean of the k group losses.
+:func:`compute_var_loss` runs the model once, with the loss computed inside the output
+embedding's forward (:meth:`varkernels.training.lm_head.LMHead.run_in_head`): there it gets the
+final hidden states and the whole ``lm_head`` weight, also under FSDP2 / DeepSpeed ZeRO-3 (which
+gather it only around that forward and its backward) and in the autocast dtype that accelerate
+applies to the forward, and calls :func:`varkernels.fused_linear_var_loss` on each group; the
+[k·B, T, V] logits are never formed. The batch loss is the mean of the k group losses.
 
 Exactness. Each group's weights are normalised inside the group, and a batch's loss is the mean
 over its groups, so for groups of one size B the update does not depend on how groups are spread
@@ -77,8 +80,9 @@ def compute_var_loss(
     """VAR loss of a batch of k whole groups; the building block of ``VARTrainer.compute_loss``.
 
     Args:
-        model: a causal LM (``*ForCausalLM``; DDP / PEFT wrappers are fine: it is called
-            through the wrapper so DDP's gradient hooks fire).
+        model: a causal LM (``*ForCausalLM``), possibly wrapped (DDP, a DeepSpeed engine, PEFT,
+            ``torch.compile``) or sharded (FSDP2 ``fully_shard``): it is called through the
+            wrapper, so the engine's hooks fire.
         batch: ``input_ids`` / ``attention_mask`` / ``labels`` [k·B, T] (labels = the response
             tokens, ``ignore_index`` elsewhere, unshifted) and ``rewards`` / ``ref_logps``
             [k, B, B] or [k, B].
