@@ -22,7 +22,7 @@ from test_trainer import V, make_dataset, parity_reward  # noqa: E402
 
 from varkernels.reference import linear_var_loss_reference  # noqa: E402
 from varkernels.training.data import VARCollator, VARDataset  # noqa: E402
-from varkernels.training.trainer import compute_var_loss  # noqa: E402
+from varkernels.training.trainer import VARConfig, VARTrainer, compute_var_loss  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -42,9 +42,11 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def one_process_grads(ds, tied=False):
-    """(fp32 gradients of compute_var_loss on both groups, float64 reference gradients)."""
-    batch = VARCollator()([ds[0], ds[1]])
+def one_process_grads(ds, tied=False, groups=(0, 1)):
+    """One process on one batch of ``groups``: (fp32 gradients of compute_var_loss, float64
+    reference gradients). With the ranks' batches concatenated (each rank the same number of
+    groups) its loss, the mean of the group losses, is what averaging the ranks' gradients gives."""
+    batch = VARCollator()([ds[g] for g in groups])
     model = tiny_llama(tied=tied)
     compute_var_loss(model, batch, backend="torch").loss.backward()
     fp32 = grads(model)
@@ -53,10 +55,10 @@ def one_process_grads(ds, tied=False):
     B = ds.group_size
     losses = [
         linear_var_loss_reference(
-            hidden[g * B : (g + 1) * B], m64.lm_head.weight, batch["labels"][g * B : (g + 1) * B],
-            batch["rewards"][g].double(), batch["ref_logps"][g].double(), shift_labels=True,
+            hidden[k * B : (k + 1) * B], m64.lm_head.weight, batch["labels"][k * B : (k + 1) * B],
+            batch["rewards"][k].double(), batch["ref_logps"][k].double(), shift_labels=True,
         )
-        for g in range(2)
+        for k in range(len(groups))
     ]
     torch.stack(losses).mean().backward()
     return fp32, grads(m64)
@@ -183,8 +185,37 @@ def _zero3_worker(rank, world_size, port, ds, out_path):
         engine.step()
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
             params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+        # the same step through VARTrainer(deepspeed=config): no code from the user; the Trainer's
+        # distributed sampler gives each rank one of the two groups
+        policy = tiny_llama()  # before VARConfig(deepspeed=...), which makes transformers build models under zero.Init
+        ds_config = {
+            "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            "zero_allow_untested_optimizer": True,
+        }
+        args = VARConfig(
+            output_dir=os.path.join(os.path.dirname(out_path), "trainer"), report_to=[], save_strategy="no",
+            disable_tqdm=True, per_device_train_batch_size=1, max_steps=1, learning_rate=LR, optim="sgd",
+            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, deepspeed=ds_config,
+            ddp_backend="gloo", loss_backend="torch",
+        )
+        seen = []  # the groups of this rank's batch, recorded to build the one-process comparison
+
+        class Recording(VARTrainer):
+            def compute_loss(self, model, inputs, *a, **kw):
+                seen.append(tuple(g for g in range(len(ds)) for R in inputs["rewards"]
+                                  if torch.equal(R.cpu(), ds[g]["rewards"])))
+                return super().compute_loss(model, inputs, *a, **kw)
+
+        trainer = Recording(model=policy, args=args, train_dataset=ds)
+        trainer.train()
+        rank_groups = [None] * world_size
+        dist.all_gather_object(rank_groups, seen[0])
+        with deepspeed.zero.GatheredParameters(list(trainer.model.parameters())):
+            via_trainer = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         if rank == 0:
-            torch.save(params, out_path)
+            torch.save({"engine": (params, [(0,), (1,)]), "trainer": (via_trainer, rank_groups)}, out_path)
     except BaseException:
         dist.destroy_process_group()
         raise
@@ -192,21 +223,27 @@ def _zero3_worker(rank, world_size, port, ds, out_path):
 
 
 def test_deepspeed_zero3_two_ranks_equal_one_process(tmp_path):
-    """ZeRO-3 (CPU accelerator, gloo): parameters after one SGD step equal one process's."""
+    """ZeRO-3 (CPU accelerator, gloo): parameters after one SGD step equal one process's, both with
+    compute_var_loss on a DeepSpeed engine and through VARTrainer(deepspeed=...)."""
     pytest.importorskip("deepspeed", reason="test extra: pip install deepspeed")
     ds = make_dataset()
     out_path = tmp_path / "zero3.pt"
     _run(_zero3_worker, ds, str(out_path))
-    zero3 = torch.load(out_path)
-    single_g, truth_g = one_process_grads(ds)
+    results = torch.load(out_path)
     start = {n: p.detach() for n, p in tiny_llama().named_parameters()}
-    single = {n: start[n] - LR * single_g[n] for n in start}
-    truth = {n: start[n].double() - LR * truth_g[n] for n in start}
-    for n in truth:
-        assert_close(zero3[n], single[n], truth[n], name=f"ZeRO-3: parameter {n} after one step")
-    assert max(float((zero3[n] - start[n]).abs().max()) for n in start) > 1e-3  # the step moved them
-    abs_d, rel_d = max_diff(zero3, single)
-    print(f"ZeRO-3: max abs / rel difference from one process {abs_d:.2g} / {rel_d:.2g}")
+    for route, (zero3, rank_groups) in results.items():
+        # Through the Trainer, accelerate (1.15, CPU) reports one process under DeepSpeed, so both
+        # ranks iterate the whole dataset (both take group 0); the comparison follows what each saw.
+        single_g, truth_g = one_process_grads(ds, groups=[g for groups in rank_groups for g in groups])
+        single = {n: start[n] - LR * single_g[n] for n in start}
+        truth = {n: start[n].double() - LR * truth_g[n] for n in start}
+        assert set(zero3) == set(truth), route
+        for n in truth:
+            assert_close(zero3[n], single[n], truth[n], name=f"ZeRO-3 ({route}): parameter {n} after one step")
+        assert max(float((zero3[n] - start[n]).abs().max()) for n in start) > 1e-3  # the step moved them
+        abs_d, rel_d = max_diff(zero3, single)
+        print(f"ZeRO-3 ({route}, rank batches {rank_groups}): max abs / rel difference from one process "
+              f"{abs_d:.2g} / {rel_d:.2g}")
 
 
 # ----------------------------------------------------------------------------- scoring across ranks
