@@ -111,10 +111,11 @@ def _leave(dist):
 
 # ----------------------------------------------------------------------------- FSDP2
 
-FSDP_CASES = {  # name: (reshard_after_forward for every fully_shard call or None = default, tied embeddings)
-    "default": (None, False),
-    "reshard_after_forward": (True, False),
-    "tied": (None, True),
+FSDP_CASES = {  # name: (reshard_after_forward for every fully_shard call or None = default, tied, shard lm_head)
+    "default": (None, False, False),
+    "reshard_after_forward": (True, False, False),
+    "tied": (None, True, False),
+    "lm_head sharded on its own": (True, False, True),
 }
 
 
@@ -123,18 +124,20 @@ def _fsdp2_worker(rank, world_size, port, ds, out_dir):
     try:
         from torch.distributed.fsdp import fully_shard
 
-        for name, (reshard, tied) in FSDP_CASES.items():
+        for name, (reshard, tied, head_alone) in FSDP_CASES.items():
             model = tiny_llama(tied=tied)
             kw = {} if reshard is None else {"reshard_after_forward": reshard}
             for layer in model.model.layers:
                 fully_shard(layer, **kw)
+            if head_alone:
+                fully_shard(model.lm_head, **kw)  # its class becomes FSDPLinear
             fully_shard(model, **kw)
             out = compute_var_loss(model, VARCollator()([ds[rank]]), backend="torch")
             out.loss.backward()
             # full_tensor() is collective: every rank calls it
             full = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
             if rank == 0:
-                torch.save(full, os.path.join(out_dir, f"{name}.pt"))
+                torch.save(full, os.path.join(out_dir, f"{name.replace(' ', '_')}.pt"))
     except BaseException:
         dist.destroy_process_group()
         raise
@@ -143,11 +146,12 @@ def _fsdp2_worker(rank, world_size, port, ds, out_dir):
 
 def test_fsdp2_two_ranks_equal_one_process(tmp_path):
     """fully_shard on the decoder layers and the root (reshard_after_forward default / True, tied
-    embeddings too): compute_var_loss needs no user code, gradients equal one process."""
+    embeddings, lm_head sharded on its own): compute_var_loss needs no user code, gradients
+    equal one process."""
     ds = make_dataset()
     _run(_fsdp2_worker, ds, str(tmp_path))
-    for name, (_, tied) in FSDP_CASES.items():
-        fsdp = torch.load(tmp_path / f"{name}.pt")
+    for name, (_, tied, _) in FSDP_CASES.items():
+        fsdp = torch.load(tmp_path / f"{name.replace(' ', '_')}.pt")
         single, truth = one_process_grads(ds, tied=tied)
         assert set(fsdp) == set(truth), name
         for n in truth:
