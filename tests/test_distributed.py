@@ -281,6 +281,22 @@ def _scoring_worker(rank, world_size, port, cache_dir, out_dir):
         files = sorted(os.listdir(cache_dir))
         torch.save({"rewards": ds.rewards, "ref_logps": ds.ref_logps, "groups": ds.groups, "pairs": reward.pairs,
                     "files": files}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+        # The old advice, build inside main_process_first(): rank 1 waits in a barrier while rank 0
+        # builds. Rank 0 must get an error that says what is wrong, not hang in a collective.
+        import varkernels.training.data as data_mod
+
+        data_mod.RENDEZVOUS_TIMEOUT_S = 1.0
+        if rank == 0:
+            try:
+                VARDataset.build(prompts, responses, ref_model=tiny_llama(seed=7).eval(), reward=reward,
+                                 group_size=4, reward_fingerprint="parity")
+                message = "no error"
+            except RuntimeError as exc:
+                message = str(exc)
+            with open(os.path.join(out_dir, "main_process_first.txt"), "w") as f:
+                f.write(message)
+        dist.barrier()  # rank 1 waits here, as in main_process_first; rank 0 joins after its error
     except BaseException:
         dist.destroy_process_group()
         raise
@@ -288,7 +304,8 @@ def _scoring_worker(rank, world_size, port, cache_dir, out_dir):
 
 
 def test_build_scores_a_share_per_rank_and_matches_one_process(tmp_path):
-    """2 ranks: each scores 2 of the 4 groups, both end with the one-process dataset; one cache file."""
+    """2 ranks: each scores 2 of the 4 groups, both end with the one-process dataset; one cache file.
+    A build that only rank 0 enters (inside main_process_first) raises instead of hanging."""
     cache = tmp_path / "cache"
     cache.mkdir()
     _run(_scoring_worker, str(cache), str(tmp_path))
@@ -310,3 +327,5 @@ def test_build_scores_a_share_per_rank_and_matches_one_process(tmp_path):
     cached = VARDataset.build(prompts, responses, ref_model=tiny_llama(seed=7).eval(), reward=again,
                               group_size=4, cache_dir=cache, reward_fingerprint="parity")
     assert again.pairs == 0 and torch.equal(cached.ref_logps, torch.load(tmp_path / "rank0.pt")["ref_logps"])
+    message = (tmp_path / "main_process_first.txt").read_text()
+    assert "only 1 of 2 ranks entered it" in message and "main_process_first()" in message, message

@@ -304,6 +304,8 @@ class VARDataset(torch.utils.data.Dataset):
         groups = make_groups(N, group_size, seed=seed, drop_last=True)
 
         rank, world = _rank_world(distributed)
+        if world > 1:
+            _rendezvous(rank, world)
         key = None
         path = None
         if cache_dir is not None:
@@ -381,6 +383,43 @@ def _rank_world(distributed: Optional[bool]) -> tuple[int, int]:
             raise ValueError("distributed=True needs an initialised torch.distributed process group, found none")
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
+
+
+# How long a rank waits in VARDataset.build for the others to reach it before raising (instead of
+# hanging in the first collective until the process group's own timeout).
+RENDEZVOUS_TIMEOUT_S = 600.0
+_BUILD_CALLS = [0]  # distributed builds so far in this process: the same count on every rank
+
+
+def _rendezvous(rank: int, world: int) -> None:
+    """Wait until every rank has entered this build, through the process group's store, or raise.
+
+    ``build`` is collective; the usual mistake is running it inside ``main_process_first()``,
+    where the other ranks wait in a barrier until rank 0 is done: a deadlock. This turns it into
+    an error that says so.
+    """
+    import time
+
+    import torch.distributed as dist
+
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:  # no store to meet at (a custom backend): go on without the check
+        return
+    _BUILD_CALLS[0] += 1
+    key = f"varkernels/VARDataset.build/{_BUILD_CALLS[0]}"
+    arrived = store.add(key, 1)
+    deadline = time.monotonic() + RENDEZVOUS_TIMEOUT_S
+    while arrived < world:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"VARDataset.build on rank {rank}: only {arrived} of {world} ranks entered it within "
+                f"{RENDEZVOUS_TIMEOUT_S:.0f} s. Under torch.distributed the scoring is split over the ranks, so "
+                "every rank must call build at the same point; do not run it inside main_process_first() (the "
+                "other ranks wait in a barrier there), or pass distributed=False to score on each rank alone"
+            )
+        time.sleep(0.05)
+        arrived = store.add(key, 0)
 
 
 def _local_rank(rank: int) -> int:
