@@ -77,3 +77,15 @@ def test_sft_trainer_recipe_equals_a_plain_replay(tmp_path):
         assert_close(got, p, name=n)
         moved = max(moved, float((p.detach() - start[n]).abs().max()))
     assert moved > 1e-3
+
+
+def test_sft_trainer_default_remove_unused_columns_names_the_setting(tmp_path):
+    """SFTConfig's default remove_unused_columns=True keeps only TRL's signature columns; the
+    collator's error names what is missing and the setting, instead of a bare KeyError."""
+    ds = make_dataset()
+    args = SFTConfig(output_dir=str(tmp_path), dataset_kwargs={"skip_prepare_dataset": True}, max_steps=1,
+                     report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, **NO_CHECKPOINTING)
+    trainer = VARSFTTrainer(model=tiny_llama(), args=args, train_dataset=ds.to_hf_dataset(),
+                            data_collator=VARCollator(), processing_class=tiny_tokenizer())
+    with pytest.raises(ValueError, match=r"no \['attention_mask', 'rewards', 'ref_logps'\].*remove_unused_columns"):
+        trainer.train()
