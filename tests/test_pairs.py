@@ -1,5 +1,7 @@
 """Cross-pair scoring (varkernels.training.pairs) and VAR dataset preparation (varkernels.training.data)."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -68,9 +70,11 @@ class NoKeepLM(torch.nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None):
+        # transformers 5.24 renamed past_key_values to cache; older versions only know the old name
+        name = "cache" if "cache" in inspect.signature(self.inner.forward).parameters else "past_key_values"
         return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=past_key_values, use_cache=use_cache)
+                          use_cache=use_cache, **{name: cache})
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -286,6 +290,66 @@ def test_dataset_build_cache_and_items(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="scored again"):
         VARDataset.build(prompts, responses, ref_model=model, reward=parity_reward, group_size=4, seed=1,
                          cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_scores"])
+def test_damaged_cache_is_scored_again(tmp_path, damage):
+    """A truncated file (an interrupted copy) or changed scores (bit rot, a hand edit) is never loaded."""
+    model = tiny_llama()
+    prompts, responses = random_lists(8, 1, 4, 21), random_lists(8, 1, 4, 22)
+    ds = VARDataset.build(prompts, responses, ref_model=model, reward=parity_reward, group_size=4, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("var-scores-*.pt")
+    if damage == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        blob = torch.load(path, weights_only=True)
+        blob["rewards"][0, 0, 0] += 1.0
+        torch.save(blob, path)
+    calls = []
+
+    def counting_reward(xs, ys):
+        calls.append(len(xs))
+        return parity_reward(xs, ys)
+
+    with pytest.warns(UserWarning, match="not usable.*scoring again"):
+        again = VARDataset.build(prompts, responses, ref_model=model, reward=counting_reward, group_size=4,
+                                 cache_dir=tmp_path, reward_fingerprint=_fp_of(parity_reward))  # same key
+    assert sum(calls) == 2 * 16  # both groups scored again
+    assert torch.equal(again.rewards, ds.rewards)
+    # the rewritten file is whole again: the next build reads it without scoring or warning
+    calls.clear()
+    VARDataset.build(prompts, responses, ref_model=model, reward=counting_reward, group_size=4, cache_dir=tmp_path,
+                     reward_fingerprint=_fp_of(parity_reward))
+    assert calls == []
+
+
+def _fp_of(fn):
+    from varkernels.training.data import fingerprint_reward
+
+    return fingerprint_reward(fn)
+
+
+def test_to_hf_dataset_and_collator_errors():
+    datasets = pytest.importorskip("datasets")
+    model = tiny_llama()
+    prompts, responses = random_lists(8, 1, 4, 23), random_lists(8, 1, 4, 24)
+    ds = VARDataset.build(prompts, responses, ref_model=model, reward=parity_reward, group_size=4)
+    hf = ds.to_hf_dataset()
+    assert isinstance(hf, datasets.Dataset) and len(hf) == len(ds)
+    assert set(hf.column_names) == {"input_ids", "attention_mask", "labels", "rewards", "ref_logps"}
+    for g in range(len(ds)):
+        for name, value in ds[g].items():
+            assert hf[g][name].dtype == value.dtype and torch.equal(hf[g][name], value), name
+    collate = VARCollator()
+    from_hf = collate([hf[0], hf[1]])
+    for name, value in collate([ds[0], ds[1]]).items():
+        assert torch.equal(from_hf[name], value), name
+    # what remove_unused_columns=True leaves: the error names the missing columns and the setting
+    pruned = {k: v for k, v in ds[0].items() if k in ("input_ids", "labels")}
+    missing = r"no \['attention_mask', 'rewards', 'ref_logps'\] column.*remove_unused_columns=False"
+    with pytest.raises(ValueError, match=missing):
+        collate([pruned])
 
 
 def test_dataset_shared_context_form():

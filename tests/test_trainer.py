@@ -256,6 +256,8 @@ def test_config_and_trainer_bad_inputs(tmp_path):
                                         "ref_logps": batch["ref_logps"][:, :3, :3]})
 
 
+# peft 0.21's get_peft_model calls transformers 5.24's deprecated is_gradient_checkpointing
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_peft_lora_policy_trains(tmp_path):
     peft = pytest.importorskip("peft", reason="optional extra: pip install peft")
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
@@ -263,3 +265,100 @@ def test_peft_lora_policy_trains(tmp_path):
     trainer = VARTrainer(model=model, args=config(tmp_path, max_steps=2, learning_rate=1e-2), train_dataset=ds)
     trainer.train()
     assert "var/ess" in trainer.state.log_history[0]
+
+
+# ----------------------------------------------------------------------------- compile, mixed precision
+
+
+class HeadRecorder:
+    """Wraps varkernels.fused_linear_var_loss (what compute_var_loss calls) and watches lm_head's
+    outputs: records the operands' shapes and dtypes, and the last dim of every lm_head output."""
+
+    def __init__(self, monkeypatch, model):
+        import varkernels
+
+        self.calls, self.head_outputs = [], []
+        original = varkernels.fused_linear_var_loss
+
+        def recording(hidden, weight, *args, **kwargs):
+            self.calls.append((tuple(hidden.shape), hidden.dtype, weight.dtype))
+            return original(hidden, weight, *args, **kwargs)
+
+        monkeypatch.setattr(varkernels, "fused_linear_var_loss", recording)
+        model.lm_head.register_forward_hook(lambda mod, args, out: self.head_outputs.append(tuple(out.shape)))
+
+
+def sgd_args(tmp_path, **kw):
+    return config(tmp_path, per_device_train_batch_size=2, max_steps=2, learning_rate=0.5, optim="sgd",
+                  lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, **kw)
+
+
+def test_torch_compile_keeps_the_fused_path_and_matches_eager(tmp_path, monkeypatch):
+    """torch_compile=True (aot_eager: Inductor would compile C++ for minutes on CPU): the model
+    reaches compute_loss as an OptimizedModule, the loss still runs on hidden states inside lm_head
+    (no [N, T, V] logits: lm_head's output is the [N, 1, 1] stand-in), and 2 SGD steps equal eager."""
+    import torch._dynamo
+
+    ds = make_dataset()
+    params = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = tiny_llama()
+        rec = HeadRecorder(monkeypatch, model)
+        extra = dict(torch_compile=True, torch_compile_backend="aot_eager") if compiled else {}
+        trainer = VARTrainer(model=model, args=sgd_args(tmp_path, **extra), train_dataset=ds)
+        seen = []
+        monkeypatch.setattr(trainer, "compute_loss", _spy(trainer.compute_loss, seen))
+        trainer.train()
+        assert all(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) == compiled for m in seen), seen
+        assert len(rec.calls) == 2 * 2  # 2 steps × 2 groups
+        T = ds[0]["input_ids"].shape[1]
+        assert all(shape[1] >= T and shape[2] == 32 for shape, _, _ in rec.calls)  # hidden states, H = 32
+        assert rec.head_outputs and all(out[-1] != V for out in rec.head_outputs), rec.head_outputs
+        params[compiled] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        monkeypatch.undo()
+    for n, p in params[False].items():
+        assert_close(params[True][n], p, name=n)
+    torch._dynamo.reset()
+
+
+def _spy(fn, seen):
+    def wrapper(model, inputs, *args, **kwargs):
+        seen.append(model)
+        return fn(model, inputs, *args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_head_runs_in_that_dtype(tmp_path, monkeypatch, precision):
+    """bf16=True / fp16=True: accelerate wraps the model's forward in autocast, and the loss runs
+    inside lm_head's forward, so the fused head gets hidden states and weight in the autocast
+    dtype; the fp32 master weights get fp32 gradients and move. On CPU accelerate autocasts only
+    bf16 (fp16=True trains in fp32 there), so fp16 is checked the way accelerate applies it on a
+    GPU: ``model.forward = autocast(model.forward)``."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    ds = make_dataset()
+    model = tiny_llama()
+    before = model.lm_head.weight.detach().clone()
+    rec = HeadRecorder(monkeypatch, model)
+    grad_dtypes = []
+    model.lm_head.weight.register_hook(lambda g: grad_dtypes.append(g.dtype))
+    if precision == "bf16":
+        VARTrainer(model=model, args=sgd_args(tmp_path, bf16=True), train_dataset=ds).train()
+    else:
+        model.forward = torch.autocast("cpu", dtype=torch.float16)(model.forward)  # as accelerate does on GPU
+        compute_var_loss(model, VARCollator()([ds[0], ds[1]])).loss.backward()
+        with torch.no_grad():
+            model.lm_head.weight -= 0.5 * model.lm_head.weight.grad
+    assert rec.calls and all(h == dtype and w == dtype for _, h, w in rec.calls), rec.calls
+    assert model.lm_head.weight.dtype == torch.float32 and grad_dtypes and set(grad_dtypes) == {torch.float32}
+    assert (model.lm_head.weight - before).abs().max() > 1e-4
+
+
+def test_fp16_flag_on_cpu_trains_in_fp32(tmp_path, monkeypatch):
+    """What docs/trainer.md says about fp16=True on CPU: accelerate applies no autocast there."""
+    model = tiny_llama()
+    rec = HeadRecorder(monkeypatch, model)
+    VARTrainer(model=model, args=sgd_args(tmp_path, fp16=True), train_dataset=make_dataset()).train()
+    assert rec.calls and all(h == torch.float32 and w == torch.float32 for _, h, w in rec.calls), rec.calls

@@ -6,9 +6,11 @@ micro-batch is a unit of the data, not of the loader:
 1. ``make_groups``: the N examples are split once into fixed groups of B (seeded permutation).
 2. ``VARDataset.build``: per group, R = cross_pair_rewards and Q = cross_pair_logps (B×B each),
    or, with ``cross_pairs=False`` / per-example rewards only, the (B,) shared-context form
-   R[j] = r(x_j, y_j), Q[j] = log π_ref(y_j | x_j). The result is cached on disk under a key made
-   of the data, reference-model and reward fingerprints and the scoring options, so a second run
-   (or the other ranks of a DDP job) loads it instead of scoring again.
+   R[j] = r(x_j, y_j), Q[j] = log π_ref(y_j | x_j). Under ``torch.distributed`` with N ranks each
+   rank scores every N-th group and the scores are all-gathered, so every rank ends with the
+   whole (identical) dataset. The result is cached on disk under a key made of the data,
+   reference-model and reward fingerprints and the scoring options (with a checksum of the
+   scores: a truncated or corrupted file is scored again), so a second run loads it.
 3. One dataset item is one whole group. Any sampler over items (the ``Trainer``'s, or
    ``GroupShuffleSampler`` in a plain loop) shuffles whole groups each epoch; ``VARCollator``
    stacks k groups into one batch without mixing them.
@@ -24,6 +26,7 @@ import inspect
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional, Union
@@ -39,7 +42,8 @@ from .pairs import (
     paired_rewards,
 )
 
-CACHE_FORMAT = 1
+VAR_COLUMNS = ("input_ids", "attention_mask", "labels", "rewards", "ref_logps")
+CACHE_FORMAT = 2  # 2: a sha256 of the scores is stored and checked on load
 
 
 def make_groups(num_examples: int, group_size: int, *, seed: int = 0, drop_last: bool = True) -> list[list[int]]:
@@ -208,6 +212,22 @@ class VARDataset(torch.utils.data.Dataset):
             "ref_logps": self.ref_logps[g],
         }
 
+    def to_hf_dataset(self):
+        """This dataset as a ``datasets.Dataset`` (one row per group, torch format).
+
+        Columns ``input_ids`` / ``attention_mask`` / ``labels`` ([B, T_g] per row) and
+        ``rewards`` / ``ref_logps`` ([B, B] or [B], float32), as :meth:`__getitem__` gives them:
+        for trainers that only take a ``datasets.Dataset`` (TRL's ``SFTTrainer``). Keep
+        ``remove_unused_columns=False`` and :class:`VARCollator` as the data collator.
+        """
+        try:
+            import datasets
+        except ImportError as exc:  # pragma: no cover - the message is the point
+            raise ImportError("VARDataset.to_hf_dataset needs the datasets package: pip install datasets") from exc
+        rows = [self[g] for g in range(len(self))]
+        columns = {name: [row[name].tolist() for row in rows] for name in VAR_COLUMNS}
+        return datasets.Dataset.from_dict(columns).with_format("torch")
+
     @classmethod
     def build(
         cls,
@@ -229,6 +249,7 @@ class VARDataset(torch.utils.data.Dataset):
         pad_token_id: int = 0,
         ignore_index: int = -100,
         progress: Optional[bool] = None,
+        distributed: Optional[bool] = None,
     ) -> VARDataset:
         """Group, score and cache a VAR training set.
 
@@ -245,11 +266,18 @@ class VARDataset(torch.utils.data.Dataset):
                 shared-context form (B scorings). Default True, False with ``example_rewards``.
             reduction: "mean" or "sum" for Q; must equal the trainer's ``logp_reduction``.
             share_prefix, batch_size: passed to :func:`cross_pair_logps`.
-            cache_dir: where the scores are cached (None: no cache). Under DDP build the
-                dataset inside ``training_args.main_process_first()`` so one rank scores.
+            cache_dir: where the scores are cached (None: no cache). A file that does not load
+                or whose checksum does not match is reported (a warning) and scored again.
+                Under ``torch.distributed`` the file is written once per node (by local rank 0).
             model_fingerprint, reward_fingerprint: identities to use instead of hashing the
                 weights / the callable's source.
             progress: a tqdm bar over groups; None shows it for ≥ 256 scored pairs.
+            distributed: split the scoring over the ranks of the default ``torch.distributed``
+                process group (rank r scores groups r, r + N, ...; the scores are all-gathered,
+                every rank returns the same dataset). ``None`` (default): when a process group
+                with more than one rank is initialised. Every rank must call ``build`` at the same
+                point with the same arguments (the calls are collective): do not wrap it in
+                ``main_process_first()``, which runs it on one rank while the others wait.
         """
         if reward is None and example_rewards is None:
             raise ValueError("pass reward (a model or callable) or example_rewards (one float per example)")
@@ -275,6 +303,9 @@ class VARDataset(torch.utils.data.Dataset):
                 raise ValueError("example_rewards must be finite; got NaN or ±inf")
         groups = make_groups(N, group_size, seed=seed, drop_last=True)
 
+        rank, world = _rank_world(distributed)
+        if world > 1:
+            _rendezvous(rank, world)
         key = None
         path = None
         if cache_dir is not None:
@@ -296,26 +327,143 @@ class VARDataset(torch.utils.data.Dataset):
             }
             key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
             path = Path(cache_dir) / f"var-scores-{key[:20]}.pt"
-            if path.exists():
-                blob = torch.load(path, map_location="cpu", weights_only=True)
-                if blob.get("key") == key and blob["groups"].tolist() == groups:
-                    return cls(prompts, responses, groups, blob["rewards"], blob["ref_logps"],
-                               pad_token_id=pad_token_id, ignore_index=ignore_index, reduction=reduction)
+            cached = _load_cache(path, key, groups, cross_pairs)
+            # Under torch.distributed every rank must take the same branch (the scoring below is
+            # collective): use the cache only if every rank could read it.
+            if world > 1 and not _all_ranks(cached is not None):
+                cached = None
+            if cached is not None:
+                return cls(prompts, responses, groups, *cached, pad_token_id=pad_token_id,
+                           ignore_index=ignore_index, reduction=reduction)
 
-        R, Q = _score_groups(
-            groups, prompts, responses, ref_model=ref_model, reward=reward, example_rewards=example_rewards,
-            cross_pairs=cross_pairs, reduction=reduction, share_prefix=share_prefix, batch_size=batch_size,
-            progress=progress,
+        mine = list(range(rank, len(groups), world))  # round-robin: groups cost about the same
+        empty = torch.empty((0, group_size, group_size) if cross_pairs else (0, group_size))
+        R_mine, Q_mine = (empty, empty) if not mine else _score_groups(
+            [groups[g] for g in mine], prompts, responses, ref_model=ref_model, reward=reward,
+            example_rewards=example_rewards, cross_pairs=cross_pairs, reduction=reduction,
+            share_prefix=share_prefix, batch_size=batch_size, progress=progress if rank == 0 else False,
         )
-        if path is not None:
+        if world > 1:
+            import torch.distributed as dist
+
+            shares = [None] * world
+            dist.all_gather_object(shares, (mine, R_mine, Q_mine))
+            R = torch.empty((len(groups), *R_mine.shape[1:]), dtype=torch.float32)
+            Q = torch.empty_like(R)
+            for idx, r_part, q_part in shares:
+                if idx:
+                    R[torch.tensor(idx)] = r_part
+                    Q[torch.tensor(idx)] = q_part
+        else:
+            R, Q = R_mine, Q_mine
+        if path is not None and _local_rank(rank) == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            blob = {"key": key, "groups": torch.tensor(groups), "rewards": R, "ref_logps": Q}
+            blob = {"key": key, "groups": torch.tensor(groups), "rewards": R, "ref_logps": Q,
+                    "sha256": _scores_digest(R, Q)}
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
             os.close(fd)
             torch.save(blob, tmp)
             os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+        if world > 1 and path is not None:
+            import torch.distributed as dist
+
+            dist.barrier()  # the file exists for every rank once build returns
         return cls(prompts, responses, groups, R, Q, pad_token_id=pad_token_id, ignore_index=ignore_index,
                    reduction=reduction)
+
+
+def _rank_world(distributed: Optional[bool]) -> tuple[int, int]:
+    """(rank, world size) to split the scoring over; (0, 1) when not distributed."""
+    if distributed is False:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if distributed:
+            raise ValueError("distributed=True needs an initialised torch.distributed process group, found none")
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+# How long a rank waits in VARDataset.build for the others to reach it before raising (instead of
+# hanging in the first collective until the process group's own timeout).
+RENDEZVOUS_TIMEOUT_S = 600.0
+_BUILD_CALLS = [0]  # distributed builds so far in this process: the same count on every rank
+
+
+def _rendezvous(rank: int, world: int) -> None:
+    """Wait until every rank has entered this build, through the process group's store, or raise.
+
+    ``build`` is collective; the usual mistake is running it inside ``main_process_first()``,
+    where the other ranks wait in a barrier until rank 0 is done: a deadlock. This turns it into
+    an error that says so.
+    """
+    import time
+
+    import torch.distributed as dist
+
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:  # no store to meet at (a custom backend): go on without the check
+        return
+    _BUILD_CALLS[0] += 1
+    key = f"varkernels/VARDataset.build/{_BUILD_CALLS[0]}"
+    arrived = store.add(key, 1)
+    deadline = time.monotonic() + RENDEZVOUS_TIMEOUT_S
+    while arrived < world:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"VARDataset.build on rank {rank}: only {arrived} of {world} ranks entered it within "
+                f"{RENDEZVOUS_TIMEOUT_S:.0f} s. Under torch.distributed the scoring is split over the ranks, so "
+                "every rank must call build at the same point; do not run it inside main_process_first() (the "
+                "other ranks wait in a barrier there), or pass distributed=False to score on each rank alone"
+            )
+        time.sleep(0.05)
+        arrived = store.add(key, 0)
+
+
+def _local_rank(rank: int) -> int:
+    local = os.environ.get("LOCAL_RANK")
+    return int(local) if local is not None and local.isdigit() else rank
+
+
+def _all_ranks(flag: bool) -> bool:
+    import torch.distributed as dist
+
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, bool(flag))
+    return all(flags)
+
+
+def _scores_digest(R: torch.Tensor, Q: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    _hash_tensor(h, R)
+    _hash_tensor(h, Q)
+    return h.hexdigest()
+
+
+def _load_cache(path: Path, key: str, groups, cross_pairs: bool):
+    """(R, Q) from a cache file, or None when it is absent, stale, truncated or corrupted (warned)."""
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        R, Q = blob["rewards"], blob["ref_logps"]
+        B = len(groups[0])
+        shape = (len(groups), B, B) if cross_pairs else (len(groups), B)
+        problem = None
+        if blob.get("key") != key or blob["groups"].tolist() != groups:
+            problem = "it was written for other data or options"
+        elif tuple(R.shape) != shape or tuple(Q.shape) != shape:
+            problem = f"its scores have shape {tuple(R.shape)}, expected {shape}"
+        elif blob.get("sha256") != _scores_digest(R, Q):
+            problem = "the checksum of its scores does not match"
+    except Exception as exc:  # a truncated zip, a bad pickle, missing entries: all mean "score again"
+        problem = f"it does not load ({type(exc).__name__}: {exc})"
+    if problem is not None:
+        warnings.warn(f"VAR score cache {path} is not usable: {problem}; scoring again", stacklevel=3)
+        return None
+    return R.float(), Q.float()
 
 
 def _score_groups(
@@ -368,6 +516,22 @@ class VARCollator:
         self.pad_token_id, self.ignore_index = pad_token_id, ignore_index
 
     def __call__(self, features: Sequence[dict]) -> dict:
+        if len(features) == 0:
+            raise ValueError("VARCollator got an empty list of features (expected k >= 1 groups)")
+        missing = [c for c in VAR_COLUMNS if c not in features[0]]
+        if missing:
+            raise ValueError(
+                f"VARCollator: the features have no {missing} column(s) (they have {sorted(features[0])}). "
+                "Each feature must be one VARDataset group with the columns "
+                f"{list(VAR_COLUMNS)}; a Trainer with remove_unused_columns=True (the default of "
+                "TrainingArguments, and of TRL's SFTConfig) drops every column its model's forward (or "
+                "its signature columns) does not name: set remove_unused_columns=False"
+            )
+        features = [
+            {c: torch.as_tensor(f[c], dtype=torch.float32 if c in ("rewards", "ref_logps") else torch.long)
+             for c in VAR_COLUMNS}
+            for f in features
+        ]
         T = max(f["input_ids"].shape[1] for f in features)
 
         def pad(t, value):

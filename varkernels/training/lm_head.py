@@ -1,22 +1,41 @@
 """The causal LM's output head, as the fused-linear ops need it.
 
-``unwrap_model`` finds the causal LM inside DDP / accelerate / PEFT wrappers; ``LMHead`` decides
-whether the fused-linear path applies (a plain ``nn.Linear`` head, a ``logits_to_keep`` argument,
-a findable decoder) and runs the model for its last hidden states instead of its logits.
+``unwrap_model`` finds the causal LM inside DDP / accelerate / PEFT / ``torch.compile`` wrappers;
+``LMHead`` decides whether the fused-linear path applies (a plain ``nn.Linear`` head, no logit
+scale) and runs it two ways:
+
+- ``run_in_head`` (training): the model runs once with the head's ``forward`` temporarily replaced
+  by a function that receives the final hidden states [N, L, H] and the head's weight *as the
+  head's forward sees it*, and computes the loss there. Sharding engines make the whole weight
+  available exactly inside that forward (FSDP2 all-gathers the root's parameters, DeepSpeed
+  ZeRO-3 gathers the module's); outside it the weight is a shard (an FSDP2 ``DTensor``) or a
+  size-0 placeholder (ZeRO-3). The head returns a tiny [N, 1, 1] stand-in for the logits whose
+  autograd graph leads into the loss, so the engine's pre-backward hooks on the head's output
+  (which gather the weight again) run before the loss's backward.
+- ``forward`` (no-grad scoring): the decoder's output is captured by a forward hook while the
+  model runs with ``logits_to_keep=1``.
 """
 
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Optional
 
 import torch
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The causal LM inside DDP / accelerate / PEFT wrappers (for reading ``lm_head`` and config)."""
-    for _ in range(8):  # wrappers nest a few levels at most (accelerate → DDP → PEFT)
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP, DataParallel
+    """The causal LM inside DDP / DeepSpeed / accelerate / PEFT / ``torch.compile`` wrappers.
+
+    Only for reading ``lm_head``, the config and the forward's signature: the model is still
+    *called* through its wrappers (so DDP's and the sharding engines' hooks fire).
+    """
+    for _ in range(8):  # wrappers nest a few levels at most (compile → accelerate → DDP → PEFT)
+        orig = model._modules.get("_orig_mod") if isinstance(model, torch.nn.Module) else None
+        if isinstance(orig, torch.nn.Module):  # torch.compile's OptimizedModule
+            model = orig
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP, DeepSpeedEngine
             model = model.module
         elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
             model = model.get_base_model()
@@ -28,12 +47,12 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 class LMHead:
     """How to turn a causal LM's last hidden states into log-probs without [.., T, V] logits.
 
-    ``fused`` is True for a standard causal LM: ``lm_head`` is a plain ``nn.Linear`` (not a LoRA
-    layer), the forward accepts ``logits_to_keep``, the decoder (``get_decoder()`` or the
-    ``base_model_prefix`` attribute) is found, and no logit transform other than a softcap is
-    configured. Then the decoder's output (the final-norm hidden states the head reads) is
-    captured by a forward hook while the whole model runs with ``logits_to_keep=1``, and
-    ``weight``/``bias``/``softcap`` feed the fused-linear ops. Otherwise the model's logits are used.
+    ``in_head`` is True when the output embedding is a plain ``nn.Linear`` (also once FSDP2's
+    ``fully_shard`` has given it an ``FSDPLinear`` class; not a LoRA layer) and no logit
+    transform other than a softcap is configured: then :meth:`run_in_head` computes a loss
+    inside the head's forward. ``fused`` (the scoring path, :meth:`forward`) additionally needs a
+    ``logits_to_keep`` argument and a findable decoder (``get_decoder()`` or the
+    ``base_model_prefix`` attribute). Otherwise the model's logits are used.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -43,25 +62,68 @@ class LMHead:
         head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
         params = inspect.signature(lm.forward).parameters
         self.keep_arg = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in params), None)
+        # transformers ≥ 5.24 renamed the forward's past_key_values to cache (the old name warns)
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.decoder = _decoder(lm)
         unsupported_scale = config is not None and any(
             getattr(config, a, None) not in (None, 1.0) for a in ("logit_scale", "logits_scaling")
         )
-        self.fused = (
-            type(head) is torch.nn.Linear
-            and self.keep_arg is not None
-            and self.decoder is not None
-            and not unsupported_scale
-        )
-        self.weight = head.weight if self.fused else None
-        self.bias = head.bias if self.fused else None
+        self.module = head
+        self.in_head = _is_plain_linear(head) and not unsupported_scale
+        self.fused = self.in_head and self.keep_arg is not None and self.decoder is not None
         self.vocab_size = _vocab_size(lm)
+
+    # The weight as seen *outside* the head's forward: a shard under FSDP2, a placeholder under
+    # ZeRO-3. Only the no-grad scoring path (plain models) reads these.
+    @property
+    def weight(self):
+        return self.module.weight if self.fused else None
+
+    @property
+    def bias(self):
+        return self.module.bias if self.fused else None
+
+    def run_in_head(self, model, inputs: dict, loss_fn):
+        """Run ``model(**inputs)`` once with ``loss_fn(hidden, weight, bias)`` in place of the head.
+
+        ``hidden`` is [N, L, H] (the model is called with ``logits_to_keep=0``: every position
+        reaches the head); ``weight``/``bias`` are the head's parameters as its forward sees them
+        (whole, also under FSDP2 / ZeRO-3). ``loss_fn`` returns a ``VAROutput`` (or a NamedTuple
+        whose first field is the scalar loss). Returns it with ``loss`` tied to the model's
+        output: its backward runs after the backward hooks the engine put on the head's and the
+        root module's outputs. The model is called through its wrappers, so DDP's hooks fire.
+        """
+        if not self.in_head:
+            raise RuntimeError("run_in_head needs a plain nn.Linear output embedding (LMHead.in_head)")
+        swap = _swap_for(self.module)
+        if self.keep_arg is not None:
+            inputs = {**inputs, self.keep_arg: 0}
+        swap.begin(loss_fn)
+        try:
+            outputs = model(**inputs)
+        finally:
+            result, calls = swap.end()
+        if calls != 1:
+            raise RuntimeError(
+                f"the output embedding {type(self.module).__name__} ran {calls} times in one forward of "
+                f"{type(unwrap_model(model)).__name__}; the fused-linear loss needs exactly one call "
+                "(use use_fused_linear=False for this model)"
+            )
+        logits = outputs["logits"] if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+        if logits is None and isinstance(outputs, (tuple, list)) and outputs:
+            logits = outputs[0]
+        if not isinstance(logits, torch.Tensor):
+            raise RuntimeError(f"{type(unwrap_model(model)).__name__} returned no logits tensor")
+        loss = _Join.apply(result[0], logits)
+        return result._replace(loss=loss) if hasattr(result, "_replace") else (loss, *result[1:])
 
     def forward(self, model, **inputs):
         """Run ``model`` (through any wrapper, so DDP hooks fire); return (features, outputs).
 
         features: [N, L, H] last hidden states when ``fused``, else [N, L, V] logits.
         """
+        if self.cache_arg != "past_key_values" and "past_key_values" in inputs:
+            inputs[self.cache_arg] = inputs.pop("past_key_values")
         if not self.fused:
             out = model(**inputs)
             return out.logits, out
@@ -88,6 +150,112 @@ class LMHead:
                 features, self.weight, labels, bias=self.bias, chunk_size=chunk_size, **opts
             )
         return varkernels.sequence_logps(features, labels, **opts)
+
+
+def output_cache(outputs):
+    """The KV cache of a model output (``cache`` from transformers 5.24 on, ``past_key_values`` before)."""
+    for name in ("cache", "past_key_values"):
+        value = outputs.get(name) if isinstance(outputs, dict) else getattr(outputs, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _is_plain_linear(head) -> bool:
+    """An ``nn.Linear`` as built (LoRA / quantised layers are other classes), or FSDP2's
+    ``FSDPLinear`` (``fully_shard`` swaps the class for one deriving from FSDPModule and it)."""
+    cls = type(head)
+    if cls is torch.nn.Linear:
+        return True
+    return cls.__name__ == "FSDPLinear" and cls.__bases__[-1:] == (torch.nn.Linear,)
+
+
+class _Join(torch.autograd.Function):
+    """``loss`` unchanged, with the model's output as a second input that gets a zero gradient.
+
+    The stand-in logits come from the loss (see ``_HeadSwap``), so autograd runs the loss's
+    backward only after the output's: the hooks engines register on module outputs (FSDP2's
+    and ZeRO-3's pre-backward all-gathers) fire first.
+    """
+
+    @staticmethod
+    def forward(ctx, loss, logits):
+        ctx.shape, ctx.dtype = logits.shape, logits.dtype
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad.device)
+
+
+class _StandIn(torch.autograd.Function):
+    """[N, 1, 1] zeros returned by the swapped head; its backward leads into ``loss`` (grad 0)."""
+
+    @staticmethod
+    def forward(ctx, loss, n, dtype):
+        return torch.zeros((n, 1, 1), dtype=dtype, device=loss.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros((), dtype=torch.float32, device=grad.device), None, None
+
+
+class _HeadSwap:
+    """The replacement forward of one head module; one object per module, so a compiled model
+    sees the same function on every step (no recompilation). ``torch._dynamo.disable``: the
+    loss runs eagerly inside a compiled model (a graph break at the head)."""
+
+    def __init__(self, module):
+        self._module = weakref.ref(module)  # the registry below is keyed weakly by the module
+        self.fn = None
+        self.calls = 0
+        self.result = None
+        self.saved = None
+        self.forward = _dynamo_disable(self._forward)
+
+    @property
+    def module(self):
+        return self._module()
+
+    def begin(self, fn):
+        if self.fn is not None:
+            raise RuntimeError("run_in_head is already running on this head (re-entrant call)")
+        self.fn, self.calls, self.result = fn, 0, None
+        self.saved = self.module.__dict__.get("forward")  # an instance forward set by someone else
+        self.module.forward = self.forward
+
+    def end(self):
+        if self.saved is not None:
+            self.module.forward = self.saved
+        else:
+            self.module.__dict__.pop("forward", None)
+        result, calls = self.result, self.calls
+        self.fn = self.result = self.saved = None
+        return result, calls
+
+    def _forward(self, hidden, *args, **kwargs):
+        self.calls += 1
+        if self.calls > 1:
+            return torch.zeros((hidden.shape[0], 1, 1), dtype=hidden.dtype, device=hidden.device)
+        self.result = self.fn(hidden, self.module.weight, self.module.bias)
+        return _StandIn.apply(self.result[0], hidden.shape[0], hidden.dtype)
+
+
+_SWAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _swap_for(module) -> _HeadSwap:
+    swap = _SWAPS.get(module)
+    if swap is None:
+        swap = _SWAPS[module] = _HeadSwap(module)
+    return swap
+
+
+def _dynamo_disable(fn):
+    try:
+        return torch._dynamo.disable(fn, recursive=True)
+    except (AttributeError, TypeError):  # very old torch without dynamo
+        return fn
 
 
 def _decoder(lm) -> Optional[torch.nn.Module]:

@@ -34,7 +34,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .lm_head import LMHead, _model_device, _vocab_size, unwrap_model
+from .lm_head import LMHead, _model_device, _vocab_size, output_cache, unwrap_model
 
 RewardFn = Callable[[list, list], Union[Sequence, torch.Tensor]]
 
@@ -178,7 +178,7 @@ def _pair_logps_shared(model, head, pairs, prompts, responses, reduction, batch_
         feats, outputs = head.forward(
             model, input_ids=x, attention_mask=x_mask.long(), position_ids=x_pos, use_cache=True
         )
-        cache = outputs.past_key_values
+        cache = output_cache(outputs)
         if cache is None or not hasattr(cache, "batch_select_indices"):
             raise RuntimeError(
                 f"{type(unwrap_model(model)).__name__} returned no transformers Cache with use_cache=True; "

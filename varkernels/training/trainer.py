@@ -5,9 +5,12 @@ docs/design.md §5. One training batch is k whole VAR groups (``per_device_train
 
     input_ids, attention_mask, labels: [k·B, T]      rewards, ref_logps: [k, B, B] or [k, B]
 
-:func:`compute_var_loss` runs the model once for the last hidden states (``logits_to_keep=1``:
-the [k·B, T, V] logits are never formed) and calls :func:`varkernels.fused_linear_var_loss` on
-each group with the ``lm_head`` weight; the batch loss is the mean of the k group losses.
+:func:`compute_var_loss` runs the model once, with the loss computed inside the output
+embedding's forward (:meth:`varkernels.training.lm_head.LMHead.run_in_head`): there it gets the
+final hidden states and the whole ``lm_head`` weight, also under FSDP2 / DeepSpeed ZeRO-3 (which
+gather it only around that forward and its backward) and in the autocast dtype that accelerate
+applies to the forward, and calls :func:`varkernels.fused_linear_var_loss` on each group; the
+[k·B, T, V] logits are never formed. The batch loss is the mean of the k group losses.
 
 Exactness. Each group's weights are normalised inside the group, and a batch's loss is the mean
 over its groups, so for groups of one size B the update does not depend on how groups are spread
@@ -83,8 +86,9 @@ def compute_var_loss(
     """VAR loss of a batch of k whole groups; the building block of ``VARTrainer.compute_loss``.
 
     Args:
-        model: a causal LM (``*ForCausalLM``; DDP / PEFT wrappers are fine: it is called
-            through the wrapper so DDP's gradient hooks fire).
+        model: a causal LM (``*ForCausalLM``), possibly wrapped (DDP, a DeepSpeed engine, PEFT,
+            ``torch.compile``) or sharded (FSDP2 ``fully_shard``): it is called through the
+            wrapper, so the engine's hooks fire.
         batch: ``input_ids`` / ``attention_mask`` / ``labels`` [k·B, T] (labels = the response
             tokens, ``ignore_index`` elsewhere, unshifted) and ``rewards`` / ``ref_logps``
             [k, B, B] or [k, B].
@@ -100,30 +104,47 @@ def compute_var_loss(
     k, B, cross = split_groups(batch)
     R = batch["rewards"].reshape((k, B, B) if cross else (k, B))
     Q = batch["ref_logps"].reshape(R.shape)
+    labels = batch["labels"]
     head = LMHead(model)
-    fused = use_fused_linear and head.fused
+    fused = use_fused_linear and head.in_head
     inputs = {"input_ids": batch["input_ids"], "use_cache": False}
     if batch.get("attention_mask") is not None:
         inputs["attention_mask"] = batch["attention_mask"]
-    feats = head.forward(model, **inputs)[0] if fused else model(**inputs).logits
-    labels = batch["labels"]
-    weight, bias = head.weight, head.bias
-    if fused:
-        weight, bias, feats = _head_operands(weight, bias, feats)
     opts = dict(
         beta=beta, weighting=weighting, logp_reduction=logp_reduction, ignore_index=ignore_index,
         shift_labels=True, softcap=head.softcap, return_aux=True, backend=backend,
     )
+
+    if fused:
+        # Inside lm_head's forward: there FSDP2 / ZeRO-3 have gathered the whole weight, and
+        # autocast (which accelerate wraps around the model's forward) is on.
+        def loss_in_head(hidden, weight, bias):
+            if hidden.shape[:2] != labels.shape:
+                raise RuntimeError(
+                    f"lm_head received hidden states of shape {tuple(hidden.shape)}, expected "
+                    f"[{labels.shape[0]}, {labels.shape[1]}, H] (every position of input_ids)"
+                )
+            weight, bias, hidden = _head_operands(weight, bias, hidden)
+            outs = []
+            for g in range(k):
+                rows = slice(g * B, (g + 1) * B)
+                outs.append(varkernels.fused_linear_var_loss(
+                    hidden[rows], weight, labels[rows], R[g], Q[g], bias=bias, chunk_size=chunk_size, **opts
+                ))
+            return _mean_over_groups(outs)
+
+        return head.run_in_head(model, inputs, loss_in_head)
+
+    logits = model(**inputs).logits
     outs = []
     for g in range(k):
         rows = slice(g * B, (g + 1) * B)
-        if fused:
-            outs.append(varkernels.fused_linear_var_loss(
-                feats[rows], weight, labels[rows], R[g], Q[g], bias=bias, chunk_size=chunk_size, **opts
-            ))
-        else:
-            outs.append(varkernels.fused_var_loss(feats[rows], labels[rows], R[g], Q[g], **opts))
-    if k == 1:
+        outs.append(varkernels.fused_var_loss(logits[rows], labels[rows], R[g], Q[g], **opts))
+    return _mean_over_groups(outs)
+
+
+def _mean_over_groups(outs: list) -> VAROutput:
+    if len(outs) == 1:
         return outs[0]
     return VAROutput(
         loss=torch.stack([o.loss for o in outs]).mean(),
