@@ -9,7 +9,8 @@ docs/design.md §5. One training batch is k whole VAR groups (``per_device_train
 embedding's forward (:meth:`varkernels.training.lm_head.LMHead.run_in_head`): there it gets the
 final hidden states and the whole ``lm_head`` weight, also under FSDP2 / DeepSpeed ZeRO-3 (which
 gather it only around that forward and its backward) and in the autocast dtype that accelerate
-applies to the forward, and calls :func:`varkernels.fused_linear_var_loss` on each group; the
+applies to the forward, and calls :func:`varkernels.fused_linear_var_loss` once on all k groups
+(rewards [k, B, B]: one fp32 weight-gradient accumulator, not k); the
 [k·B, T, V] logits are never formed. The batch loss is the mean of the k group losses.
 
 Exactness. Each group's weights are normalised inside the group, and a batch's loss is the mean
@@ -125,34 +126,14 @@ def compute_var_loss(
                     f"[{labels.shape[0]}, {labels.shape[1]}, H] (every position of input_ids)"
                 )
             weight, bias, hidden = _head_operands(weight, bias, hidden)
-            outs = []
-            for g in range(k):
-                rows = slice(g * B, (g + 1) * B)
-                outs.append(varkernels.fused_linear_var_loss(
-                    hidden[rows], weight, labels[rows], R[g], Q[g], bias=bias, chunk_size=chunk_size, **opts
-                ))
-            return _mean_over_groups(outs)
+            # all k groups in one call: each normalised inside itself, one fp32 weight-gradient accumulator
+            return varkernels.fused_linear_var_loss(hidden, weight, labels, R, Q, bias=bias, chunk_size=chunk_size,
+                                                    **opts)
 
         return head.run_in_head(model, inputs, loss_in_head)
 
     logits = model(**inputs).logits
-    outs = []
-    for g in range(k):
-        rows = slice(g * B, (g + 1) * B)
-        outs.append(varkernels.fused_var_loss(logits[rows], labels[rows], R[g], Q[g], **opts))
-    return _mean_over_groups(outs)
-
-
-def _mean_over_groups(outs: list) -> VAROutput:
-    if len(outs) == 1:
-        return outs[0]
-    return VAROutput(
-        loss=torch.stack([o.loss for o in outs]).mean(),
-        weights=torch.cat([o.weights for o in outs]),
-        log_z=torch.cat([o.log_z for o in outs]),
-        policy_logps=torch.cat([o.policy_logps for o in outs]),
-        ess=torch.stack([o.ess for o in outs]).mean(),
-    )
+    return varkernels.fused_var_loss(logits, labels, R, Q, **opts)
 
 
 def _head_operands(weight, bias, hidden):
