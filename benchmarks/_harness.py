@@ -21,15 +21,9 @@ from typing import Callable
 
 import torch
 
+from varkernels.testing.memory import fix_mmap_threshold, peak_rss_bytes  # noqa: F401  (re-exported)
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
@@ -42,11 +36,7 @@ def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_kib("VmRSS")
-    fn()
-    return (_status_kib("VmHWM") - before) * 1024
+    return peak_rss_bytes(fn)
 
 
 def wall_time(fn: Callable[[], object], device: str = "cpu") -> float:
@@ -174,30 +164,6 @@ def measure(fn: Callable[[], object], device: str = "cpu", reps: int = 3,
             timed()
         t = summarize(times)
     return {**t, "peak_extra_bytes": mem, "first_call_s": first}
-
-
-def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
-    """Make glibc serve every allocation of ``nbytes`` or more by its own mmap, so that CPU peak
-    memory counts live tensors.
-
-    glibc raises its mmap threshold dynamically (up to 32 MiB) after large blocks are freed; later
-    blocks below it come from the heap, where a freed block stays resident and is reused without
-    growing the resident set, and ``peak_memory_bytes`` then misses it (or, with fragmentation,
-    counts blocks that are free). ``mallopt(M_MMAP_THRESHOLD, n)`` fixes the threshold (and turns the
-    dynamic rule off): every tensor of ``nbytes`` or more is mapped on allocation and unmapped on
-    free, and VmHWM − VmRSS is the peak of live tensors, as ``torch.cuda.max_memory_allocated`` is
-    on a GPU. Cost: page faults on every such allocation (glibc already maps tensors above 32 MiB
-    this way). Call it once, before all measurements, so every provider runs under the same policy.
-    Returns False where glibc is absent."""
-    import ctypes
-    import ctypes.util
-
-    M_MMAP_THRESHOLD = -3  # malloc.h
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
-    except (OSError, AttributeError):
-        return False
 
 
 def measure_interleaved(calls: dict, device: str = "cpu", reps: int = 3) -> dict:

@@ -24,7 +24,14 @@ def _status_kib(field: str) -> int:
 
 
 def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
-    """Serve every allocation of ``nbytes`` or more by its own mmap (glibc); False where unsupported."""
+    """Serve every allocation of ``nbytes`` or more by its own mmap (glibc); False where glibc is absent.
+
+    glibc raises its mmap threshold dynamically (up to 32 MiB) after large blocks are freed; later
+    blocks below it come from the heap, where a freed block stays resident and is reused without
+    growing the resident set, so the peak would miss it. ``mallopt(M_MMAP_THRESHOLD, n)`` fixes the
+    threshold: every tensor of ``nbytes`` or more is mapped on allocation and unmapped on free, and
+    VmHWM − VmRSS is the peak of live tensors, as ``torch.cuda.max_memory_allocated`` is on a GPU.
+    Call it once, before all measurements, so every provider runs under the same policy."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         return bool(libc.mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD = -3 (malloc.h)
