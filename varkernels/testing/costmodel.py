@@ -252,6 +252,25 @@ _WRITE_ONLY_SELF = {"copy_", "zero_", "fill_", "zeros", "zeros_like", "ones", "o
                     "new_zeros", "new_ones", "new_full", "scalar_tensor"}
 
 
+_INDEXED = {"gather", "index_select", "index", "embedding", "index_add", "index_add_", "index_put", "index_put_",
+            "scatter", "scatter_", "scatter_add", "scatter_add_", "index_copy_", "index_fill_"}
+
+
+def _indexed_traffic(name: str, args, out):
+    """(reads, writes, note) of an index op: the gathered / scattered elements and the index, not the whole
+    tensor it indexes (``gather`` of B·T labels from [B, T, V] reads B·T elements)."""
+    tensors = [t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)]
+    index_bytes = sum(tensor_bytes(t) for t in tensors if not t.is_floating_point())
+    if name in ("gather", "index_select", "index", "embedding"):
+        o = tensor_bytes(out)
+        return o + index_bytes, o, "touched elements"
+    if name.startswith("index_fill"):
+        return index_bytes, index_bytes * 0, "touched elements"
+    src = [t for t in tensors[1:] if t.is_floating_point()]  # the source / values (self is tensors[0])
+    moved = sum(tensor_bytes(t) for t in src)
+    return 2 * moved + index_bytes, moved, "touched elements (read-modify-write)"
+
+
 def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
@@ -304,11 +323,25 @@ class CostTracer(TorchDispatchMode):
 
     # ops --------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _out_variant_fallback(func, args, kwargs, error):
+        """An ``out=`` op whose fake kernel copies into a fake CUDA tensor (which a CPU build of torch
+        cannot do): run its functional overload for the checks and return ``out`` itself (no data anyway)."""
+        if "not linked with support for cuda" not in str(error) or "out" not in kwargs:
+            raise error
+        over = func._overloadname
+        functional = {"out": "default", "dtype_out": "dtype"}.get(over, over.removesuffix("_out"))
+        getattr(func.overloadpacket, functional)(*args, **{k: v for k, v in kwargs.items() if k != "out"})
+        return kwargs["out"]
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         full = str(func.overloadpacket)
-        out = func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except RuntimeError as e:
+            out = self._out_variant_fallback(func, args, kwargs, e)
         ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         acc_inplace = (
             self.inplace_accumulate and name == "addmm" and func._overloadname == "dtype"
@@ -333,11 +366,15 @@ class CostTracer(TorchDispatchMode):
                 read_ins = read_ins[1:] if name.endswith("_") else []
             rec.reads = sum(tensor_bytes(t) for t in read_ins)
             rec.writes = sum(tensor_bytes(t) for t in outs)
+            if name in _INDEXED:  # touched elements only, not the whole indexed tensor
+                rec.reads, rec.writes, rec.note = _indexed_traffic(name, args, out)
             if acc_inplace:
                 rec.note = "out=acc on CUDA"
             from torch.utils.flop_counter import flop_registry
 
             formula = flop_registry.get(func.overloadpacket)
+            if formula is None and name.endswith("_") and hasattr(torch.ops.aten, name[:-1]):
+                formula = flop_registry.get(getattr(torch.ops.aten, name[:-1]))  # addmm_ costs as addmm
             if formula is not None:
                 f_args = args
                 if "dtype" in func._overloadname:  # mm.dtype / addmm.dtype: out_dtype is positional
@@ -373,7 +410,20 @@ class fake_cuda_shim(TorchFunctionMode):
             else:
                 aten.fill_.Scalar(dst, v)
             return None
-        return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        except RuntimeError as e:  # another binding with a CUDA device guard: call its aten op directly
+            if "not linked with support for cuda" not in str(e):
+                raise
+            name = getattr(func, "__name__", "")
+            name = _DUNDER_ATEN.get(name, name)
+            if not hasattr(aten, name):
+                raise
+            return getattr(aten, name)(*args, **kwargs)
+
+
+_DUNDER_ATEN = {"__invert__": "bitwise_not", "__and__": "bitwise_and", "__or__": "bitwise_or",
+                "__xor__": "bitwise_xor", "__neg__": "neg", "__iand__": "bitwise_and_", "__ior__": "bitwise_or_"}
 
 
 def _index(t: torch.Tensor, idx):
