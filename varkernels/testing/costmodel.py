@@ -43,8 +43,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 __all__ = [
-    "A100_SXM", "CostTracer", "CountedTrace", "GPU", "GPUS", "H100_SXM", "KERNEL_TRAFFIC", "OpRecord", "Trace",
-    "dtype_class", "fake_cuda_shim", "gemm_record", "roofline_seconds", "trace_call",
+    "A100_SXM", "Assumptions", "CostTracer", "CountedTrace", "GPU", "GPUS", "H100_SXM", "KERNEL_TRAFFIC", "OpRecord",
+    "Trace", "dtype_class", "fake_cuda_shim", "gemm_record", "roofline_seconds", "three_gemms", "trace_call",
+    "varkernels_linear", "varkernels_logits",
 ]
 
 
