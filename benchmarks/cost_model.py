@@ -1,0 +1,394 @@
+"""GPU cost model of the VAR loss and its peers: roofline ESTIMATES traced from the real code, no GPU.
+
+    python benchmarks/cost_model.py                  # writes benchmarks/results/cost_model.csv, prints the table
+    python benchmarks/cost_model.py --quick          # Llama-3-8B head at 8k tokens only (no CSV)
+
+Each provider's computation of the loss and its gradients (forward + backward, every token a target,
+upstream gradient 1) is run on fake CUDA tensors and every op recorded (varkernels.testing.costmodel):
+
+* traced: varkernels (its CUDA path: GEMMs and the token kernel, whose bytes the kernel declares),
+  PyTorch's ``linear_cross_entropy(..., options=LinearCrossEntropyOptions())`` (its chunked CUDA path:
+  the forward and backward calls of its accumulator, options resolved as on an sm_80+ GPU), and
+  naive (run with autograd on fake CPU tensors — autograd on fake CUDA tensors aborts a CPU build of
+  torch — its aten ops are device-independent and costed as on the GPU);
+* counted from the published algorithm (their Triton kernels and data-dependent host code cannot run
+  on fake tensors): Liger-Kernel's fused-linear cross-entropy and cross-entropy, Cut Cross-Entropy.
+
+Weights: "bf16" (bf16 weight, its gradient returned in bf16) or "fp32 master" (an fp32 master weight
+cast to bf16 first, as the trainer does under autocast; the bf16 weight gradient cast back to fp32).
+Every time printed or written is a roofline ESTIMATE for the named GPU at its datasheet peak rates
+(docs/cost_model.md), never a measurement. Peak memory is beyond the inputs and the returned gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import RESULTS, machine_info  # noqa: E402
+from naive import naive_linear_var_loss, naive_var_loss  # noqa: E402
+
+from varkernels.testing import costmodel as cm  # noqa: E402
+
+HEADS = {"llama3-8b": (4096, 128256), "gemma2-2b": (2304, 256000)}
+SHAPES = [("llama3-8b", 8192), ("llama3-8b", 16384), ("llama3-8b", 32768), ("gemma2-2b", 8192), ("gemma2-2b", 32768)]
+B = 8  # sequences; T = tokens / B
+BF16 = torch.bfloat16
+F32 = torch.float32
+COMMAND = "python benchmarks/cost_model.py"
+
+
+@dataclasses.dataclass
+class Case:
+    head: str
+    tokens: int
+    master: bool  # fp32 master weight cast to bf16 first (autocast, as the trainer does)
+
+    @property
+    def H(self):
+        return HEADS[self.head][0]
+
+    @property
+    def V(self):
+        return HEADS[self.head][1]
+
+    @property
+    def T(self):
+        return self.tokens // B
+
+    @property
+    def weights(self):
+        return "fp32 master" if self.master else "bf16"
+
+
+def _cuda(*shape, dtype=BF16):
+    return torch.empty(*shape, dtype=dtype, device="cuda")
+
+
+# ---------------------------------------------------------------------------------------- traced
+
+
+def trace_varkernels_linear(c: Case) -> cm.Trace:
+    from varkernels.core.linear import default_chunk_size
+
+    tr = _trace_varkernels_linear(c)
+    tr.method = f"traced (chunk {default_chunk_size(c.V, 'cuda')} rows, fp32 accumulator)"
+    return tr
+
+
+def _trace_varkernels_linear(c: Case) -> cm.Trace:
+    with FakeTensorMode():
+        h = _cuda(B, c.T, c.H)
+        labels = torch.zeros(c.tokens, dtype=torch.long, device="cuda")
+        coef = _cuda(c.tokens, dtype=F32)
+        if c.master:
+            return cm.varkernels_linear(h, None, labels, coef, master_weight=_cuda(c.V, c.H, dtype=F32))
+        return cm.varkernels_linear(h, _cuda(c.V, c.H), labels, coef)
+
+
+class _Bf16AccumulatorTorch:
+    """``torch`` as seen by varkernels.core.linear in the what-if: its fp32 [V, H] accumulator made in bf16."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*shape, dtype=None, **kw):
+        if dtype == F32 and len(shape) == 2:
+            dtype = BF16
+        return torch.zeros(*shape, dtype=dtype, **kw)
+
+
+def what_if_chunk(V: int) -> int:
+    """The what-if's chunk: the CUDA budget of 256 MiB counted in bf16 logits bytes (1046 rows at V = 128256)."""
+    return (256 * 2**20) // (2 * V)
+
+
+def trace_varkernels_linear_what_if(c: Case) -> cm.Trace:
+    """NOT the shipped code: the same driver with the weight gradient accumulated in the parameter dtype
+    (bf16 addmm_ into a bf16 [V, H] accumulator, fp32 accumulation inside each GEMM) and chunks of
+    :func:`what_if_chunk` rows; patched into varkernels.core.linear for this trace only."""
+    from unittest import mock
+
+    import varkernels.core.linear as core_linear
+
+    def accumulate(gw, g, h_c):
+        return gw.addmm_(g.t(), h_c)
+
+    with mock.patch.object(core_linear, "torch", _Bf16AccumulatorTorch()), \
+            mock.patch.object(core_linear, "_accumulate_weight_grad", accumulate), FakeTensorMode():
+        h = _cuda(B, c.T, c.H)
+        labels = torch.zeros(c.tokens, dtype=torch.long, device="cuda")
+        coef = _cuda(c.tokens, dtype=F32)
+        kw = dict(chunk_size=what_if_chunk(c.V))
+        if c.master:
+            tr = cm.varkernels_linear(h, None, labels, coef, master_weight=_cuda(c.V, c.H, dtype=F32), **kw)
+        else:
+            tr = cm.varkernels_linear(h, _cuda(c.V, c.H), labels, coef, **kw)
+    tr.method = f"traced, patched driver (NOT shipped): bf16 accumulator, chunk {what_if_chunk(c.V)} rows"
+    return tr
+
+
+def trace_varkernels_logits(c: Case) -> cm.Trace:
+    with FakeTensorMode():
+        labels = torch.zeros(c.tokens, dtype=torch.long, device="cuda")
+        return cm.varkernels_logits(_cuda(B, c.T, c.V), labels, _cuda(c.tokens, dtype=F32))
+
+
+def trace_torch_lce(c: Case) -> cm.Trace:
+    """F.linear_cross_entropy(h, W, y, reduction="none", options=LinearCrossEntropyOptions()) as a VAR user
+    calls it (per-token losses, then Σ coef·lp): its forward (loss only) and its backward (the chunked
+    gradients recomputed with the per-token upstream gradient), the two calls of its accumulator."""
+    import torch.nn.modules.linear_cross_entropy as lce
+
+    with FakeTensorMode():
+        h = _cuda(c.tokens, c.H)
+        w32 = _cuda(c.V, c.H, dtype=F32) if c.master else None
+        w_in = None if c.master else _cuda(c.V, c.H)
+        y = torch.zeros(c.tokens, dtype=torch.long, device="cuda")
+        g_out = _cuda(c.tokens)  # d loss / d per-token loss, in the loss dtype
+        o = torch.nn.LinearCrossEntropyOptions()._adjust(num_batches=c.tokens, in_features=c.H,
+                                                         num_classes=c.V, dtype=BF16, device=h.device)
+        # "auto" picks fp32 accumulation for bf16 on CUDA sm_80+ (torch.cuda is absent here)
+        o = dataclasses.replace(o, acc_dtype=F32)
+
+        def run():
+            w = w32.to(BF16) if c.master else w_in
+            args = (h, w, y, None, None, "none", -100, 0.0, o.batch_chunk_size, o.acc_policy, o.acc_dtype)
+            loss = lce._linear_cross_entropy_batch_chunked_accumulator(*args, False, False, False)[0]
+            _, gh, gw, _ = lce._linear_cross_entropy_batch_chunked_accumulator(*args, True, True, False,
+                                                                                loss_grad_output=g_out)
+            if c.master:
+                gw = gw.to(F32)  # autograd's backward of weight.to(bf16)
+                del w
+            return loss, gh, gw
+
+        tr = cm.trace_call(run, returned=lambda r: [r[1], r[2]])
+    tr.method = (f"traced (chunk {o.batch_chunk_size} rows, acc_policy={o.acc_policy}, "
+                 f"acc_dtype={str(o.acc_dtype).removeprefix('torch.')})")
+    return tr
+
+
+def trace_naive(c: Case, form: str) -> cm.Trace:
+    """benchmarks/naive.py forward + loss.backward() with autograd, on fake CPU tensors."""
+    with FakeTensorMode():
+        labels = torch.zeros(B, c.T, dtype=torch.long)
+        R, Q = torch.empty(B, B), torch.empty(B, B)
+        if form == "logits":
+            x = torch.empty(B, c.T, c.V, dtype=BF16, requires_grad=True)
+
+            def run():
+                naive_var_loss(x, labels, R, Q).backward()
+                return [x.grad]
+        else:
+            h = torch.empty(B, c.T, c.H, dtype=BF16, requires_grad=True)
+            w = torch.empty(c.V, c.H, dtype=F32 if c.master else BF16, requires_grad=True)
+
+            def run():
+                naive_linear_var_loss(h, w.to(BF16) if c.master else w, labels, R, Q).backward()
+                return [h.grad, w.grad]
+
+        tr = cm.trace_call(run, returned=lambda r: r)
+    tr.method = "traced (autograd on fake CPU tensors, costed as CUDA)"
+    return tr
+
+
+# ---------------------------------------------------------------------------------------- counted
+
+
+def _master_cast_in(k: cm.CountedTrace, c: Case) -> int:
+    """weight.to(bf16) of the fp32 master weight: returns the bytes of the bf16 copy (alive until the end)."""
+    vh = c.V * c.H
+    k.kernel("weight.to(bf16)", 4 * vh, 2 * vh)
+    return k.alloc(2 * vh)
+
+
+def _master_cast_out(k: cm.CountedTrace, c: Case, w16_bytes: int) -> int:
+    """bf16 weight gradient -> fp32 (autograd's backward of the cast); returns the bytes returned."""
+    vh = c.V * c.H
+    k.kernel("grad_W.to(fp32)", 2 * vh, 4 * vh)
+    k.alloc(4 * vh)
+    k.free(2 * vh)  # the bf16 gradient
+    k.free(w16_bytes)
+    return 4 * vh
+
+
+def count_liger_flce(c: Case) -> cm.Trace:
+    """Liger-Kernel 0.8.5 ``LigerFusedLinearCrossEntropyFunction`` with reduction="none",
+    accum_dtype=fp32 (as a VAR user calls it): the forward computes the loss only; the backward recomputes
+    the chunked logits with the per-token upstream gradient (liger_kernel/ops/fused_linear_cross_entropy.py).
+    Chunk = next_pow2(ceil(N / ceil(V/H))) rows; logits chunks [chunk, V] in bf16 in DRAM."""
+    N, H, V = c.tokens, c.H, c.V
+    k = cm.CountedTrace()
+    w16 = _master_cast_in(k, c) if c.master else 0
+    chunk = min(2 ** math.ceil(math.log2(math.ceil(N / math.ceil(V / H)))), N)
+    chunks = [min(chunk, N - s) for s in range(0, N, chunk)]
+    # forward: grad_input zeros (allocated even without gradients), loss-only CE kernel (1 read)
+    gi = k.alloc(N * H * 2)
+    k.kernel("zeros grad_input", 0, N * H * 2)
+    logits = k.alloc(chunk * V * 2)
+    for n in chunks:
+        k.gemm(n, V, H, BF16, BF16, name="logits = h·Wᵀ (forward)")
+        k.kernel("liger_cross_entropy_kernel (loss only: 1 read)", n * V * 2, n * 4)
+    k.free(logits)
+    k.free(gi)
+    # backward: recompute with token_grad_output
+    k.alloc(N * H * 2)
+    k.kernel("zeros grad_input", 0, N * H * 2)
+    k.alloc(V * H * 4)
+    k.kernel("zeros grad_weight fp32", 0, V * H * 4)
+    logits = k.alloc(chunk * V * 2)
+    for n in chunks:
+        k.gemm(n, V, H, BF16, BF16, name="logits = h·Wᵀ (backward recompute)")
+        k.kernel("liger_cross_entropy_kernel (2 reads + 1 write, in place)", 2 * n * V * 2, n * V * 2)
+        tmp = k.alloc(n * V * 2)
+        k.kernel("grad_logits * token_grad_output", n * V * 2, n * V * 2)
+        k.gemm(n, H, V, BF16, BF16, name="grad_h = g·W")
+        k.gemm(V, H, n, BF16, F32, name="grad_W += gᵀ·h (addmm out_dtype fp32)", accumulate=True)
+        k.free(tmp)
+    k.free(logits)
+    k.alloc(V * H * 2)
+    k.kernel("grad_weight.to(bf16)", V * H * 4, V * H * 2)
+    k.free(V * H * 4)
+    returned = N * H * 2 + (_master_cast_out(k, c, w16) if c.master else V * H * 2)
+    tr = k.trace(returned)
+    tr.method = f"counted (published algorithm; chunk {chunk} rows)"
+    return tr
+
+
+def count_liger_ce(c: Case) -> cm.Trace:
+    """Liger ``liger_cross_entropy(logits, y, reduction="none")``: the forward kernel writes the gradient
+    into the logits (2 reads + 1 write); the backward multiplies it by the per-token upstream gradient
+    (``_input * grad_output[:, None]``: a new [N, V] tensor, the returned gradient)."""
+    N, V = c.tokens, c.V
+    k = cm.CountedTrace()
+    k.kernel("liger_cross_entropy_kernel (2 reads + 1 write, in place)", 2 * N * V * 2, N * V * 2 + N * 2)
+    k.alloc(N * V * 2)
+    k.kernel("grad * grad_output[:, None]", N * V * 2 + N * 2, N * V * 2)
+    tr = k.trace(N * V * 2)
+    tr.method = "counted (published algorithm)"
+    return tr
+
+
+def count_cce(c: Case) -> cm.Trace:
+    """Cut Cross-Entropy 25.1.1, impl="cce": logits recomputed block by block in on-chip memory, never in
+    DRAM. Forward: one logits GEMM fused with the logsumexp (+ the target logits, an indexed dot).
+    Backward: logits recomputed and both gradient GEMMs in one kernel (bf16 de and dc). GEMM bytes are
+    counted once per operand (the tile re-reads a GEMM serves from L2/shared memory, and the locked
+    accumulation of de and dc, are not counted); the gradient filter (filter_eps) is data-dependent and
+    counted as skipping nothing."""
+    N, H, V = c.tokens, c.H, c.V
+    k = cm.CountedTrace()
+    w16 = _master_cast_in(k, c) if c.master else 0
+    k.gemm(N, V, H, BF16, F32, name="cce_lse_forward (logits in SRAM)")
+    k.ops[-1].writes = N * 4  # only the logsumexp leaves the chip
+    k.alloc(N * 4)
+    k.kernel("indexed_dot h·W[y]", 2 * N * H * 2, N * 4)
+    k.alloc(N * H * 2 + V * H * 2)
+    k.kernel("zeros de, dc", 0, N * H * 2 + V * H * 2)
+    for name in ("cce_backward: logits recomputed (SRAM)", "cce_backward: de = g·W", "cce_backward: dc = gᵀ·h"):
+        k.gemm(N, V, H, BF16, F32, name=name)
+        k.ops[-1].reads, k.ops[-1].writes = 0, 0
+    k.ops[-3].reads = N * H * 2 + V * H * 2 + 2 * N * 4  # e, c, lse, do read once
+    k.ops[-2].writes = N * H * 2
+    k.ops[-1].writes = V * H * 2
+    k.kernel("indexed_dot backward (target rows)", 3 * N * H * 2, 2 * N * H * 2)
+    k.free(N * 4)
+    returned = N * H * 2 + (_master_cast_out(k, c, w16) if c.master else V * H * 2)
+    tr = k.trace(returned)
+    tr.method = "counted (published algorithm; no gradient filtering)"
+    return tr
+
+
+# ---------------------------------------------------------------------------------------- table
+
+
+PROVIDERS = [
+    ("linear", "varkernels[triton]", trace_varkernels_linear),
+    ("linear", "varkernels[triton] what-if", trace_varkernels_linear_what_if),
+    ("linear", "naive", lambda c: trace_naive(c, "linear")),
+    ("linear", "torch linear_cross_entropy[chunked]", trace_torch_lce),
+    ("linear", "liger[flce]", count_liger_flce),
+    ("linear", "cce[cce]", count_cce),
+    ("logits", "varkernels[triton]", trace_varkernels_logits),
+    ("logits", "naive", lambda c: trace_naive(c, "logits")),
+    ("logits", "liger[ce]", count_liger_ce),
+]
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "-"
+
+
+def rows_for(c: Case, gpus) -> list:
+    rows = []
+    ref = cm.three_gemms(c.tokens, c.H, c.V)
+    for form, name, fn in PROVIDERS:
+        if form == "logits" and c.master:
+            continue  # no weight in the logits form
+        tr = fn(c)
+        for gpu in gpus:
+            est = tr.estimate_seconds(gpu)
+            ref_s = ref.estimate_seconds(gpu)
+            top = "; ".join(f"{op} {s * 1e3:.2f} ms" for op, s in tr.breakdown(gpu, 3))
+            gemm_classes = sorted({r.flop_class for r in tr.gemms()})
+            rows.append({
+                "gpu": gpu.name, "head": c.head, "H": c.H, "V": c.V, "tokens": c.tokens, "B": B, "T": c.T,
+                "weights": c.weights, "form": form, "provider": name, "method": tr.method,
+                "gemm_tflop": round(tr.flops / 1e12, 3), "gemm_dtypes": "/".join(gemm_classes),
+                "gbytes": round(tr.nbytes / 1e9, 3), "est_ms": round(est * 1e3, 3),
+                "three_bf16_gemms_ms": round(ref_s * 1e3, 3) if form == "linear" else "",
+                "ratio_vs_three_gemms": round(est / ref_s, 3) if form == "linear" else "",
+                "peak_extra_gb": round(tr.peak_extra_bytes / 1e9, 3),
+                "top_ops": top, "estimate": "roofline ESTIMATE, not measured",
+            })
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="Llama-3-8B head at 8k tokens, bf16 only; no CSV")
+    ap.add_argument("--out", default=str(RESULTS / "cost_model.csv"))
+    args = ap.parse_args()
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    gpus = [cm.H100_SXM, cm.A100_SXM]
+    rows = []
+    for head, tokens in shapes:
+        for master in ((False,) if args.quick else (False, True)):
+            rows += rows_for(Case(head, tokens, master), gpus)
+    m = machine_info()
+    extra = {"command": COMMAND, "revision": git_revision(), "torch": m["torch"], "date": m["date"]}
+    rows = [{**r, **extra} for r in rows]
+    print("GPU cost model: roofline ESTIMATES from traced/counted ops (no GPU was used)")
+    hdr = (f"{'gpu':9} {'head':9} {'tokens':>6} {'weights':11} {'form':6} {'provider':36} {'est ms':>8} "
+           f"{'x3GEMM':>6} {'peak+GB':>7}  method")
+    print(hdr)
+    for r in rows:
+        print(f"{r['gpu']:9} {r['head']:9} {r['tokens']:>6} {r['weights']:11} {r['form']:6} {r['provider']:36} "
+              f"{r['est_ms']:>8.2f} {str(r['ratio_vs_three_gemms']):>6} {r['peak_extra_gb']:>7.2f}  {r['method']}")
+    if not args.quick:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        print(f"wrote {len(rows)} rows to {out}")
+
+
+if __name__ == "__main__":
+    main()
