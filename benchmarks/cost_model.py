@@ -81,7 +81,7 @@ def trace_varkernels_linear(c: Case) -> cm.Trace:
     from varkernels.core.linear import default_chunk_size
 
     tr = _trace_varkernels_linear(c)
-    tr.method = f"traced (chunk {default_chunk_size(c.V, 'cuda')} rows, fp32 accumulator)"
+    tr.method = f"traced (chunk {default_chunk_size(c.V, 'cuda', 2)} rows, fp32 accumulator)"
     return tr
 
 
@@ -95,46 +95,21 @@ def _trace_varkernels_linear(c: Case) -> cm.Trace:
         return cm.varkernels_linear(h, _cuda(c.V, c.H), labels, coef)
 
 
-class _Bf16AccumulatorTorch:
-    """``torch`` as seen by varkernels.core.linear in the what-if: its fp32 [V, H] accumulator made in bf16."""
+def trace_varkernels_linear_param_accum(c: Case) -> cm.Trace:
+    """``fused_linear_var_loss(..., grad_accum_dtype=weight.dtype)``: the weight gradient accumulated in
+    the parameter dtype (bf16 addmm_ into a bf16 [V, H] accumulator, fp32 inside each GEMM)."""
+    from varkernels.core.linear import default_chunk_size
 
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def zeros(*shape, dtype=None, **kw):
-        if dtype == F32 and len(shape) == 2:
-            dtype = BF16
-        return torch.zeros(*shape, dtype=dtype, **kw)
-
-
-def what_if_chunk(V: int) -> int:
-    """The what-if's chunk: the CUDA budget of 256 MiB counted in bf16 logits bytes (1046 rows at V = 128256)."""
-    return (256 * 2**20) // (2 * V)
-
-
-def trace_varkernels_linear_what_if(c: Case) -> cm.Trace:
-    """NOT the shipped code: the same driver with the weight gradient accumulated in the parameter dtype
-    (bf16 addmm_ into a bf16 [V, H] accumulator, fp32 accumulation inside each GEMM) and chunks of
-    :func:`what_if_chunk` rows; patched into varkernels.core.linear for this trace only."""
-    from unittest import mock
-
-    import varkernels.core.linear as core_linear
-
-    def accumulate(gw, g, h_c):
-        return gw.addmm_(g.t(), h_c)
-
-    with mock.patch.object(core_linear, "torch", _Bf16AccumulatorTorch()), \
-            mock.patch.object(core_linear, "_accumulate_weight_grad", accumulate), FakeTensorMode():
+    with FakeTensorMode():
         h = _cuda(B, c.T, c.H)
         labels = torch.zeros(c.tokens, dtype=torch.long, device="cuda")
         coef = _cuda(c.tokens, dtype=F32)
-        kw = dict(chunk_size=what_if_chunk(c.V))
         if c.master:
-            tr = cm.varkernels_linear(h, None, labels, coef, master_weight=_cuda(c.V, c.H, dtype=F32), **kw)
+            tr = cm.varkernels_linear(h, None, labels, coef, master_weight=_cuda(c.V, c.H, dtype=F32),
+                                      accum_fp32=False)
         else:
-            tr = cm.varkernels_linear(h, _cuda(c.V, c.H), labels, coef, **kw)
-    tr.method = f"traced, patched driver (NOT shipped): bf16 accumulator, chunk {what_if_chunk(c.V)} rows"
+            tr = cm.varkernels_linear(h, _cuda(c.V, c.H), labels, coef, accum_fp32=False)
+    tr.method = f"traced, grad_accum_dtype=bf16 (chunk {default_chunk_size(c.V, 'cuda', 2)} rows)"
     return tr
 
 
@@ -314,7 +289,7 @@ def count_cce(c: Case) -> cm.Trace:
 
 PROVIDERS = [
     ("linear", "varkernels[triton]", trace_varkernels_linear),
-    ("linear", "varkernels[triton] what-if", trace_varkernels_linear_what_if),
+    ("linear", "varkernels[triton] bf16 accumulator", trace_varkernels_linear_param_accum),
     ("linear", "naive", lambda c: trace_naive(c, "linear")),
     ("linear", "torch linear_cross_entropy[chunked]", trace_torch_lce),
     ("linear", "liger[flce]", count_liger_flce),

@@ -186,8 +186,9 @@ def shifted_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return out
 
 
-def check_linear(hidden, weight, bias, chunk_size) -> None:
-    """Static checks of the fused-linear operands: hidden [B, T, H], weight [V, H], bias [V] or None."""
+def check_linear(hidden, weight, bias, chunk_size, grad_accum_dtype=torch.float32) -> None:
+    """Static checks of the fused-linear operands: hidden [B, T, H], weight [V, H], bias [V] or None,
+    and the options of the chunked driver."""
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -210,6 +211,10 @@ def check_linear(hidden, weight, bias, chunk_size) -> None:
         not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if grad_accum_dtype not in (torch.float32, weight.dtype):
+        raise ValueError(
+            f"grad_accum_dtype must be torch.float32 or the weight's dtype ({weight.dtype}), got {grad_accum_dtype!r}"
+        )
     check_same_device(hidden=hidden, weight=weight, bias=bias)
 
 

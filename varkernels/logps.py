@@ -75,16 +75,18 @@ def linear_sequence_logps(
     softcap: Optional[float] = None,
     temperature: float = 1.0,
     chunk_size: Optional[int] = None,
+    grad_accum_dtype: torch.dtype = torch.float32,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Log-probs of ``labels`` from hidden states [B, T, H] and lm_head weight [V, H] (+ bias [V]).
 
     Differentiable w.r.t. hidden, weight and bias; the forward saves only the per-token
     logsumexp, the backward recomputes each logits chunk. Under ``torch.no_grad()`` nothing is
-    saved (reference scoring). Returns float32 [B] ("mean"/"sum") or [B, T] ("none").
+    saved (reference scoring). ``chunk_size`` and ``grad_accum_dtype`` as in
+    :func:`varkernels.fused_linear_var_loss`. Returns float32 [B] ("mean"/"sum") or [B, T] ("none").
     """
     check_option("reduction", reduction, LOGP_REDUCTIONS)
-    check_linear(hidden, weight, bias, chunk_size)
+    check_linear(hidden, weight, bias, chunk_size, grad_accum_dtype)
     V = weight.shape[0]
     checked = check_call(
         "hidden", hidden, labels, V, ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap,
@@ -93,6 +95,7 @@ def linear_sequence_logps(
     _, lp = linear_token_forward(
         hidden, weight, bias, checked.labels.reshape(-1).contiguous(), None, backend=checked.backend,
         softcap=softcap, inv_temperature=1.0 / float(temperature), ignore_index=ignore_index,
-        chunk_size=chunk_size or default_chunk_size(V, hidden.device.type),
+        chunk_size=chunk_size or default_chunk_size(V, hidden.device.type, hidden.element_size()),
+        accum_fp32=grad_accum_dtype == torch.float32,
     )
     return reduce_token_logps(lp.view(labels.shape), checked.labels, ignore_index, reduction)

@@ -171,10 +171,10 @@ class LinearTokenFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, coef, backend, softcap, inv_temperature, ignore_index,
-                chunk_size, wants):
+                chunk_size, accum_fp32, wants):
         B = hidden.shape[0]
         ctx.backend, ctx.forward_mode, ctx.wants = backend, coef is not None, wants
-        ctx.opts = (softcap, inv_temperature, ignore_index, chunk_size)
+        ctx.opts = (softcap, inv_temperature, ignore_index, chunk_size, accum_fp32)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.has_bias = bias is not None
         hd, wd = hidden.detach(), weight.detach()
@@ -183,7 +183,7 @@ class LinearTokenFunction(torch.autograd.Function):
             run_coef = coef.neg() if any(wants) else None  # kernel convention: −d value/d lp
             lp, _, gh, gw, gb = linear_token_op(
                 hd, wd, bd, labels, run_coef, None, *wants, backend, softcap, inv_temperature, ignore_index,
-                chunk_size,
+                chunk_size, accum_fp32,
             )
             if any(wants):
                 ctx.save_for_backward(gh, gw, gb)
@@ -192,7 +192,7 @@ class LinearTokenFunction(torch.autograd.Function):
             return value, lp
         lp, lse, *_ = linear_token_op(
             hd, wd, bd, labels, None, None, False, False, False, backend, softcap, inv_temperature, ignore_index,
-            chunk_size,
+            chunk_size, accum_fp32,
         )
         if any(wants):
             ctx.save_for_backward(hidden, weight, bias, labels, lse)
@@ -209,16 +209,16 @@ class LinearTokenFunction(torch.autograd.Function):
                 scale_grad_(g, grad_value, ctx.backend).to(dt) if want and g.numel() else None
                 for g, dt, want in zip(grads, ctx.dtypes, wants)
             ]
-            return (*out, None, None, None, None, None, None, None, None)
+            return (*out, None, None, None, None, None, None, None, None, None)
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        softcap, inv_temperature, ignore_index, chunk_size = ctx.opts
+        softcap, inv_temperature, ignore_index, chunk_size, accum_fp32 = ctx.opts
         coef = grad_lp.reshape(-1).to(torch.float32).neg().contiguous()
         _, _, gh, gw, gb = linear_token_op(
             hidden.detach(), weight.detach(), bias.detach() if bias is not None else None, labels, coef, lse,
-            *wants, ctx.backend, softcap, inv_temperature, ignore_index, chunk_size,
+            *wants, ctx.backend, softcap, inv_temperature, ignore_index, chunk_size, accum_fp32,
         )
         out = [g.to(dt) if want and g.numel() else None for g, dt, want in zip((gh, gw, gb), ctx.dtypes, wants)]
-        return (*out, None, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None, None)
 
 
 def linear_token_forward(
@@ -233,8 +233,10 @@ def linear_token_forward(
     inv_temperature: float,
     ignore_index: int,
     chunk_size: int,
+    accum_fp32: bool = True,
 ):
-    """(value, lp [B·T]) of the fused-linear form (see the module docstring)."""
+    """(value, lp [B·T]) of the fused-linear form (see the module docstring); ``accum_fp32``: the
+    weight/bias gradients accumulate in fp32 (default) or in the parameters' dtype."""
     grad_on = torch.is_grad_enabled()
     wants = (
         grad_on and hidden.requires_grad,
@@ -242,4 +244,4 @@ def linear_token_forward(
         grad_on and bias is not None and bias.requires_grad,
     )
     return LinearTokenFunction.apply(hidden, weight, bias, labels, coef, backend, softcap, inv_temperature,
-                                     ignore_index, chunk_size, wants)
+                                     ignore_index, chunk_size, accum_fp32, wants)

@@ -9,6 +9,12 @@ For the token rows of hidden [B, T, H] (the non-ignored ones only, in eager mode
     grad_W   += g_cᵀ · h_c     (fp32 accumulator)    # fixed chunk order: deterministic
     grad_b   += Σ_rows g_c     (fp32)
 
+The accumulators are fp32 by default (``accum_fp32=True``): the gradient is rounded once, to the
+parameter's dtype, after the upstream scale. ``accum_fp32=False`` accumulates in the parameter's
+dtype instead: V·H·2 bytes less for bf16/fp16 weights and, on a GPU, a GEMM whose epilogue reads
+and writes a half-precision [V, H] buffer per chunk instead of an fp32 one, at the price of one
+rounding per chunk (README: its measured error).
+
 Extra memory is O(chunk·V + V·H): one logits chunk plus the fp32 weight-gradient accumulator,
 never [B, T, V]. The gradients are produced only when ``coef`` is given (and only those asked
 for); with ``lse_in`` the token op skips its logsumexp sweep (backward of the log-prob mode).
@@ -38,17 +44,21 @@ CHUNK_BUDGET_BYTES = {"cpu": 32 * 2**20, "cuda": 256 * 2**20}
 MIN_CHUNK_ROWS = 16
 
 
-def default_chunk_size(vocab_size: int, device_type: str = "cpu") -> int:
-    """Rows per chunk from ``CHUNK_BUDGET_BYTES``: 262 rows at V = 32000 on CPU, 523 at V = 128256 on CUDA."""
+def default_chunk_size(vocab_size: int, device_type: str = "cpu", element_size: int = 4) -> int:
+    """Rows per chunk from ``CHUNK_BUDGET_BYTES``: 262 rows at V = 32000 on CPU (counted in fp32, which
+    the CPU kernels compute in); on CUDA counted in the logits' own dtype: 523 rows at V = 128256 in
+    fp32, 1046 in bf16 (fewer, larger GEMMs: each chunk's weight-gradient GEMM reads and writes the
+    whole [V, H] accumulator, so the chunk count sets that traffic)."""
     budget = CHUNK_BUDGET_BYTES.get(device_type, CHUNK_BUDGET_BYTES["cpu"])
-    return max(MIN_CHUNK_ROWS, budget // (4 * vocab_size))
+    per_row = (element_size if device_type == "cuda" else 4) * vocab_size
+    return max(MIN_CHUNK_ROWS, budget // per_row)
 
 
 def _accumulate_weight_grad(gw: torch.Tensor, g: torch.Tensor, h_c: torch.Tensor) -> torch.Tensor:
     """gw (fp32) += gᵀ·h_c; returns gw. fp32 inputs: one addmm. bf16/fp16 on CUDA: the GEMM runs on
     the tensor cores with an fp32 output (``out_dtype``), never on fp32 copies. Elsewhere (CPU) the
     half-precision chunks are upcast first: CPU GEMMs have no fp32-output half kernel."""
-    if g.dtype == torch.float32:
+    if g.dtype == gw.dtype:  # fp32 throughout, or a half-precision accumulator (accum_fp32=False)
         return gw.addmm_(g.t(), h_c)
     if gw.device.type == "cuda":
         from torch._subclasses.fake_tensor import is_fake
@@ -74,6 +84,7 @@ def linear_token_pass(
     inv_temperature: float,
     ignore_index: int,
     chunk_size: int,
+    accum_fp32: bool = True,
     compact: bool = True,
 ):
     """One chunked pass. hidden [B, T, H]; weight [V, H]; bias [V] | None; labels [B·T];
@@ -90,8 +101,9 @@ def linear_token_pass(
     lp = torch.zeros(N, dtype=torch.float32, device=dev)
     lse = torch.zeros(N, dtype=torch.float32, device=dev)
     gh = torch.zeros_like(hidden) if has_grad and want_hidden else hidden.new_empty(0)
-    gw = torch.zeros(V, H, dtype=torch.float32, device=dev) if has_grad and want_weight else hidden.new_empty(0)
-    gb = (torch.zeros(V, dtype=torch.float32, device=dev)
+    acc = torch.float32 if accum_fp32 else weight.dtype
+    gw = torch.zeros(V, H, dtype=acc, device=dev) if has_grad and want_weight else hidden.new_empty(0)
+    gb = (torch.zeros(V, dtype=acc, device=dev)
           if has_grad and want_bias and bias is not None else hidden.new_empty(0))
     if compact:  # prompt and padding rows cost nothing (one host sync for the count)
         idx = torch.nonzero(labels != ignore_index).squeeze(1)
@@ -133,6 +145,7 @@ def linear_token_pass(
         put(lp, lp_c)
         put(lse, lse_c)
         if not has_grad:
+            del logits_c, x
             continue
         g = logits_c  # now holds the gradient w.r.t. the logits chunk
         if gh.numel():
@@ -143,7 +156,8 @@ def linear_token_pass(
         if gw.numel():
             gw = _accumulate_weight_grad(gw, g, h_c)
         if gb.numel():
-            gb += g.float().sum(dim=0)
+            gb += g.sum(dim=0, dtype=torch.float32).to(gb.dtype)
+        del logits_c, x, g  # free this chunk before the next one's GEMM: one chunk alive, not two
     return lp, lse, gh, gw, gb
 
 
@@ -163,26 +177,28 @@ def _linear_token_pass_op(
     inv_temperature: float,
     ignore_index: int,
     chunk_size: int,
+    accum_fp32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return linear_token_pass(
         hidden, weight, bias, labels, coef, lse_in, want_hidden, want_weight, want_bias, backend,
-        softcap, inv_temperature, ignore_index, chunk_size,
+        softcap, inv_temperature, ignore_index, chunk_size, accum_fp32,
     )
 
 
 @_linear_token_pass_op.register_fake
 def _(hidden, weight, bias, labels, coef, lse_in, want_hidden, want_weight, want_bias, backend,
-      softcap, inv_temperature, ignore_index, chunk_size):
+      softcap, inv_temperature, ignore_index, chunk_size, accum_fp32):
     B, T, H = hidden.shape
     V = weight.shape[0]
     f32 = torch.float32
+    acc = f32 if accum_fp32 else weight.dtype
     has_grad = coef is not None
     gh = torch.empty_like(hidden) if has_grad and want_hidden else hidden.new_empty(0)
-    gw = hidden.new_empty(V, H, dtype=f32) if has_grad and want_weight else hidden.new_empty(0)
-    gb = hidden.new_empty(V, dtype=f32) if has_grad and want_bias and bias is not None else hidden.new_empty(0)
+    gw = hidden.new_empty(V, H, dtype=acc) if has_grad and want_weight else hidden.new_empty(0)
+    gb = hidden.new_empty(V, dtype=acc) if has_grad and want_bias and bias is not None else hidden.new_empty(0)
     return hidden.new_empty(B * T, dtype=f32), hidden.new_empty(B * T, dtype=f32), gh, gw, gb
 
 
 def linear_token_op(*args):
-    """The registered operator (same arguments as :func:`linear_token_pass` without ``compact``)."""
+    """The registered operator (the arguments of :func:`linear_token_pass` up to ``accum_fp32``)."""
     return torch.ops.varkernels.linear_token_pass(*args)

@@ -499,7 +499,7 @@ class CountedTrace:
 # varkernels' CUDA path, driven as its autograd Functions would drive it
 
 
-def varkernels_linear(hidden, weight, labels, coef, *, master_weight=None, chunk_size=None,
+def varkernels_linear(hidden, weight, labels, coef, *, master_weight=None, chunk_size=None, accum_fp32=True,
                       tf32=False, assumptions=None) -> Trace:
     """Trace ``fused_linear_var_loss``'s computation on fake CUDA tensors: the forward of
     ``LinearTokenFunction`` in forward mode (``linear_token_pass``, gradients computed in the forward,
@@ -511,12 +511,12 @@ def varkernels_linear(hidden, weight, labels, coef, *, master_weight=None, chunk
     from ..core.linear import default_chunk_size, linear_token_pass
 
     V = (master_weight if master_weight is not None else weight).shape[0]
-    chunk = chunk_size or default_chunk_size(V, "cuda")
+    chunk = chunk_size or default_chunk_size(V, "cuda", hidden.element_size())
 
     def run():
         w = master_weight.to(hidden.dtype) if master_weight is not None else weight
         lp, lse, gh, gw, gb = linear_token_pass(hidden, w, None, labels, coef.neg(), None, True, True, False,
-                                                "triton", None, 1.0, -100, chunk, compact=False)
+                                                "triton", None, 1.0, -100, chunk, accum_fp32, compact=False)
         value = (coef * lp).sum()
         del lse, gb
         one = torch.ones((), dtype=torch.float32, device=hidden.device)

@@ -121,6 +121,7 @@ def fused_linear_var_loss(
     *,
     bias: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
+    grad_accum_dtype: torch.dtype = torch.float32,
     beta: float = 1.0,
     weighting: str = "posterior",
     logp_reduction: str = "mean",
@@ -138,15 +139,18 @@ def fused_linear_var_loss(
         weight: [V, H] as ``lm_head.weight``, dtype of hidden. bias: [V] or None (keyword-only).
         labels, rewards, ref_logps and the other keywords: as in :func:`fused_var_loss` (k groups in
             one call share one fp32 weight-gradient accumulator).
-        chunk_size: token rows per chunk; default ``default_chunk_size(V, device)`` (a 32 MiB fp32
-            logits block on CPU, 256 MiB on CUDA).
+        chunk_size: token rows per chunk; default ``default_chunk_size(V, device, dtype)`` (a 32 MiB
+            block of fp32 logits on CPU, 256 MiB of logits in their dtype on CUDA).
+        grad_accum_dtype: dtype of the weight/bias gradient accumulators: torch.float32 (default:
+            rounded once, at the end) or the weight's dtype (V·H·2 bytes less for bf16/fp16 weights,
+            one rounding per chunk; README gives the measured error).
     Returns:
         float32 scalar loss or ``VAROutput``. Gradients of hidden, weight and bias are computed in the
         forward (weight/bias accumulated in fp32, returned in their dtype); one backward per graph.
         The logits chunks are temporaries, always overwritten by their gradient (no ``inplace`` option).
     """
     V = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
-    check_linear(hidden, weight, bias, chunk_size)
+    check_linear(hidden, weight, bias, chunk_size, grad_accum_dtype)
     checked = check_call(
         "hidden", hidden, labels, V, ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap,
         temperature=temperature, backend=backend, rewards=rewards, ref_logps=ref_logps, beta=beta,
@@ -159,7 +163,8 @@ def fused_linear_var_loss(
     loss, lp = linear_token_forward(
         hidden, weight, bias, checked.labels.reshape(-1).contiguous(), coef, backend=checked.backend,
         softcap=softcap, inv_temperature=1.0 / float(temperature), ignore_index=ignore_index,
-        chunk_size=chunk_size or default_chunk_size(V, hidden.device.type),
+        chunk_size=chunk_size or default_chunk_size(V, hidden.device.type, hidden.element_size()),
+        accum_fp32=grad_accum_dtype == torch.float32,
     )
     return _output(loss, lp, seq_coef, weights, log_z, checked.groups, return_aux)
 
