@@ -98,6 +98,10 @@ def sweep_sizes(args) -> dict:
              "dtypes": args.dtypes or base["dtypes"]}
     if args.T:
         sizes["logits"]["T"] = sizes["linear"]["T"] = args.T
+    if args.B:
+        sizes["logits"]["B"] = sizes["linear"]["B"] = args.B
+    if args.H:
+        sizes["linear"]["H"] = args.H
     return sizes
 
 
@@ -367,6 +371,8 @@ def main(argv=None):
                    help="exact names, or substrings selecting every name containing them (default: all)")
     p.add_argument("--T", type=int, nargs="+", default=None, help="override the sweep's sequence lengths")
     p.add_argument("--V", type=int, nargs="+", default=None, help="override the sweep's vocabulary sizes")
+    p.add_argument("--B", type=int, default=None, help="override the sweep's batch size (both forms)")
+    p.add_argument("--H", type=int, default=None, help="override the fused-linear form's hidden size")
     p.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16"])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None,
@@ -395,9 +401,10 @@ def main(argv=None):
         else:
             cmd = [sys.executable, __file__, "--part", "traffic", "--run", run, "--csv", args.csv]
             cmd += ["--quick"] if args.quick else []
-            for key in ("T", "V", "dtypes"):
-                if getattr(args, key):
-                    cmd += [f"--{key}", *map(str, getattr(args, key))]
+            for key in ("B", "T", "V", "dtypes"):
+                value = getattr(args, key)
+                if value:
+                    cmd += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
             subprocess.run(cmd, check=True, env={**os.environ, "TRITON_INTERPRET": "1"})
     if args.part == "all" or (args.part == "time"):
         print(f"\nrows of run {run} appended to {args.csv} ({time.perf_counter() - t0:.0f} s); "
