@@ -11,7 +11,7 @@ One documented exception, a property of the peer and not of the test: in bf16 it
 ``reduction="none"`` output, the per-token loss, is a bf16 tensor, so each token's −lp is rounded
 to 8 significant bits (relative error ≤ u = 2⁻⁸) before the VAR reduction sees it; the loss then
 carries Σ_k a_k·u·|lp_k| more error than PyTorch's eager reference (fp32 log-softmax over the
-bf16 logits), 2.6-30× PyTorch's error at this shape (five seeds). The bf16 loss is checked against that derived
+bf16 logits), 2.6-30× PyTorch's error at this shape (seeds 0-3). The bf16 loss is checked against that derived
 bound; its gradients (computed inside the op, not from the rounded output) meet the policy.
 """
 
