@@ -7,7 +7,9 @@
 Providers (benchmarks/peers.py): naive eager PyTorch; torch.compile(naive); varkernels on each
 backend; VAR built on Liger-Kernel (its cross-entropy / fused-linear cross-entropy with
 reduction="none", and its chunked-loss log-prob piece) and on Cut Cross-Entropy
-(linear_cross_entropy(..., reduction="none"), impl "cce" and "torch_compile"). A provider that
+(linear_cross_entropy(..., reduction="none"), impl "cce" and "torch_compile") and on PyTorch's own
+chunked torch.nn.functional.linear_cross_entropy(..., reduction="none",
+options=torch.nn.LinearCrossEntropyOptions()) (torch >= 2.13). A provider that
 cannot run here gets a CSV row with status "skipped" and the reason, printed as well.
 
 Part "time" (this process): forward + backward of the whole loss, upstream gradient 1, over
@@ -96,6 +98,10 @@ def sweep_sizes(args) -> dict:
              "dtypes": args.dtypes or base["dtypes"]}
     if args.T:
         sizes["logits"]["T"] = sizes["linear"]["T"] = args.T
+    if args.B:
+        sizes["logits"]["B"] = sizes["linear"]["B"] = args.B
+    if args.H:
+        sizes["linear"]["H"] = args.H
     return sizes
 
 
@@ -109,7 +115,8 @@ def run_time(args, run: str) -> list:
     for form in args.forms:
         for dtype_name in sizes["dtypes"]:
             dtype = getattr(torch, dtype_name)
-            providers = [p for p in get_providers(form, device) if _selected(p.name, args.providers)]
+            everyone = get_providers(form, device)
+            providers = [p for p in everyone if _selected(p.name, args.providers, [q.name for q in everyone])]
             checks = check_providers(form, providers, device=device, dtype=dtype)
             print(f"\n== form {form}, {dtype_name}: agreement with naive eager (B=2 T=16 V=1000; "
                   "rel. err of loss, max rel. err of gradients)")
@@ -163,8 +170,10 @@ def run_time(args, run: str) -> list:
     return rows
 
 
-def _selected(name: str, wanted) -> bool:
-    return not wanted or any(w == name or w in name for w in wanted)
+def _selected(name: str, wanted, names=()) -> bool:
+    """--providers: a provider's exact name selects only it ("naive" is not torch.compile(naive));
+    anything else selects every name containing it ("varkernels", "liger")."""
+    return not wanted or any(w == name or (w not in names and w in name) for w in wanted)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,9 +368,12 @@ def main(argv=None):
     p.add_argument("--part", choices=["all", "time", "traffic"], default="all")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     p.add_argument("--forms", nargs="+", default=["logits", "linear"], choices=["logits", "linear"])
-    p.add_argument("--providers", nargs="*", default=None, help="names or substrings (default: all)")
+    p.add_argument("--providers", nargs="*", default=None,
+                   help="exact names, or substrings selecting every name containing them (default: all)")
     p.add_argument("--T", type=int, nargs="+", default=None, help="override the sweep's sequence lengths")
     p.add_argument("--V", type=int, nargs="+", default=None, help="override the sweep's vocabulary sizes")
+    p.add_argument("--B", type=int, default=None, help="override the sweep's batch size (both forms)")
+    p.add_argument("--H", type=int, default=None, help="override the fused-linear form's hidden size")
     p.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16"])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None,
@@ -390,9 +402,10 @@ def main(argv=None):
         else:
             cmd = [sys.executable, __file__, "--part", "traffic", "--run", run, "--csv", args.csv]
             cmd += ["--quick"] if args.quick else []
-            for key in ("T", "V", "dtypes"):
-                if getattr(args, key):
-                    cmd += [f"--{key}", *map(str, getattr(args, key))]
+            for key in ("B", "T", "V", "dtypes"):
+                value = getattr(args, key)
+                if value:
+                    cmd += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
             subprocess.run(cmd, check=True, env={**os.environ, "TRITON_INTERPRET": "1"})
     if args.part == "all" or (args.part == "time"):
         print(f"\nrows of run {run} appended to {args.csv} ({time.perf_counter() - t0:.0f} s); "

@@ -27,6 +27,12 @@ form ``linear`` (input: hidden [B, T, H] and lm-head weight [V, H])
     cce[cce]               Cut Cross-Entropy ``linear_cross_entropy(h, W, y, reduction="none",
                            impl="cce")`` (Triton; default ``filter_eps="high"`` gradient filtering)
     cce[torch_compile]     the same call with ``impl="torch_compile"`` (its CPU-capable path)
+    torch[linear_cross_entropy]
+                           PyTorch's own chunked ``torch.nn.functional.linear_cross_entropy(h, W, y,
+                           reduction="none", options=torch.nn.LinearCrossEntropyOptions())`` (torch ≥
+                           2.13; default options: chunk size and accumulation policy picked per device
+                           and dtype by torch). Plain PyTorch ops, CPU and CUDA; its bf16 output (the
+                           per-token loss) is in bf16.
 
 The peers give per-token cross-entropy (= −lp); the VAR reduction and the weights around them are
 the few lines ``var_from_token_logps`` below — what a user building VAR on them would write.
@@ -297,6 +303,27 @@ def _cce_providers(form: str, device: torch.device) -> list:
     return out
 
 
+def _torch_lce_providers(form: str, device: torch.device) -> list:
+    if form == "logits":
+        return []  # a fused-linear loss only
+    name = "torch[linear_cross_entropy]"
+    desc = ('torch.nn.functional.linear_cross_entropy(h, W, labels, reduction="none", '
+            'options=LinearCrossEntropyOptions())')
+    fn = getattr(torch.nn.functional, "linear_cross_entropy", None)
+    options_cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if fn is None or options_cls is None:
+        return [Provider(name, form, desc, skip=f"torch {torch.__version__} has no torch.nn.functional."
+                                                "linear_cross_entropy with LinearCrossEntropyOptions (torch >= 2.13)")]
+
+    def loss(x):
+        B, T, H = x.hidden.shape
+        ce = fn(x.hidden.reshape(B * T, H), x.weight, x.labels.reshape(-1), reduction="none",
+                ignore_index=IGNORE_INDEX, options=options_cls())
+        return var_from_token_logps(-ce.view(B, T), x.labels, x.rewards, x.ref_logps)
+
+    return [Provider(name, form, desc, loss)]
+
+
 def get_providers(form: str, device="cpu") -> list:
     """All providers of ``form`` ("logits" | "linear"), runnable or with the reason they are not."""
     if form not in FORMS:
@@ -313,7 +340,7 @@ def get_providers(form: str, device="cpu") -> list:
         compiled = Provider("torch.compile(naive)", form, "torch.compile(naive_linear_var_loss)",
                             lambda x: _compiled_naive(form)(x.hidden, x.weight, x.labels, x.rewards, x.ref_logps))
     return [naive, compiled, *_varkernels_providers(form, device), *_liger_providers(form, device),
-            *_cce_providers(form, device)]
+            *_cce_providers(form, device), *_torch_lce_providers(form, device)]
 
 
 # ----------------------------------------------------------------------------------------------

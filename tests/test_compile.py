@@ -4,6 +4,9 @@ No GPU is needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap,
 the cubin on the CPU and ``cuobjdump --dump-resource-usage`` reads its REG / SHARED / LOCAL.
 LOCAL > 0 means registers spilled to local memory.
 
+"No spills" is LOCAL 0 and STACK 0: triton 3.9's ptxas puts spill slots in the stack frame
+(STL/LDL in the SASS) and reports them as STACK with LOCAL 0 (see varkernels/testing/aot.py).
+
 What is compiled is what the launchers launch: each launcher (``token_triton_launch``,
 ``var_weights_triton_launch``, ``scale_triton_launch``) is called with ``meta`` tensors of the production shape while
 its kernel is replaced by a recorder, and ``launch_spec`` specialises the recorded arguments as
@@ -15,15 +18,21 @@ for every V tested and 32000, 128256, 256000 are all multiples of 16, so the thr
 same specialisation and the same cubin (``test_vocab_size_is_a_runtime_argument`` checks it).
 Each distinct (kernel, specialisation, arch) is compiled once, by two worker processes, and
 looked up by every test that needs it; 32003 (not a multiple of 16) is a separate compile.
+
+The single-pass kernel (rows held on chip, ``_var_token_kernel_single``) is compiled at the
+configurations ``token_kernel_config`` gives: V = 32000 and its cap 32768 (one specialisation,
+BLOCK_V = 32768, num_warps = 32), with softcap 16000 and its cap 16384 (BLOCK_V = 16384,
+num_warps = 32), odd V 32003 in fp32 and 16003 in 16-bit dtypes, for every variant and dtype. It
+is launched by ``test_single_pass.launch_token``, the mirror of ``token_triton`` with that table.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import pytest
 import torch
+from test_single_pass import launch_token
 
 from varkernels.core import _triton_kernels
 from varkernels.core.autograd import scale_triton_launch
@@ -37,6 +46,7 @@ VOCABS = (32000, 128256, 256000)
 ODD_VOCAB = 32003  # not a multiple of 16: no divisibility hint on V and the strides
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 B, T = 8, 512  # production-like shape; only meta tensors are allocated
+TOKEN_KERNELS = ("_var_token_kernel", "_var_token_kernel_single")  # whichever the launcher picks
 
 # Every meaningful combination of the token kernel's switches, named after the op that launches it.
 # (HAS_LSE_IN without HAS_GRAD is never launched.)
@@ -68,7 +78,7 @@ def token_spec(variant: str, dtype: str, V: int, labels_dtype=torch.int64) -> ao
     x = torch.empty(B, T, V, dtype=DTYPES[dtype], device="meta")
     labels = torch.empty(N, dtype=labels_dtype, device="meta")
     f32 = dict(dtype=torch.float32, device="meta")
-    with aot.capture_launches(_triton_kernels, "_var_token_kernel") as launches:
+    with aot.capture_launches(_triton_kernels, *TOKEN_KERNELS) as launches:
         token_triton_launch(
             x, labels,
             torch.empty(N, **f32) if has_grad else None,  # coef
@@ -76,6 +86,25 @@ def token_spec(variant: str, dtype: str, V: int, labels_dtype=torch.int64) -> ao
             torch.empty(N, **f32) if has_lse_in else None,  # lse_in
             softcap, 1.0, -100,  # softcap, inv_temperature, ignore_index
         )
+    return _only(launches)
+
+
+@functools.cache
+def single_spec(variant: str, dtype: str, V: int) -> aot.KernelSpec:
+    """The launch of ``launch_token`` (token_kernel_config's choice), which must be the single-pass kernel."""
+    has_grad, has_lse_in, softcap = TOKEN_VARIANTS[variant]
+    N = B * T
+    x = torch.empty(B, T, V, dtype=DTYPES[dtype], device="meta")
+    f32 = dict(dtype=torch.float32, device="meta")
+    with aot.capture_launches(_triton_kernels, *TOKEN_KERNELS) as launches:
+        launch_token(
+            x, torch.empty(N, dtype=torch.int64, device="meta"),
+            torch.empty(N, **f32) if has_grad else None,
+            torch.empty_like(x) if has_grad else None,
+            torch.empty(N, **f32) if has_lse_in else None,
+            softcap=softcap,
+        )
+    assert [launch.name for launch in launches] == ["_var_token_kernel_single"], (variant, dtype, V)
     return _only(launches)
 
 
@@ -100,6 +129,12 @@ TOKEN_CASES = [(v, d, V) for v in TOKEN_VARIANTS for d in DTYPES for V in VOCABS
 TOKEN_EXTRA_CASES = [("var_loss", d, ODD_VOCAB, torch.int64) for d in DTYPES] + [
     ("var_loss", d, 128256, torch.int32) for d in DTYPES  # labels given as int32
 ]
+SINGLE_VOCABS = {False: (32000, _triton_kernels.SINGLE_PASS_MAX_V),  # without softcap: V and the cap
+                 True: (16000, _triton_kernels.SINGLE_PASS_MAX_V_TIGHT)}  # with softcap
+SINGLE_CASES = [(v, d, V) for v in TOKEN_VARIANTS for d in DTYPES
+                for V in SINGLE_VOCABS[TOKEN_VARIANTS[v][2] is not None]]
+SINGLE_CASES += [(v, d, 32003 if d == "fp32" else 16003)  # rows not 16-byte aligned
+                 for v in ("var_loss", "logps_bwd") for d in DTYPES]
 WEIGHTS_CASES = [(b, w, f, "fp32") for b in (8, 64) for w in ("posterior", "importance") for f in ("matrix", "vector")]
 WEIGHTS_CASES += [(8, "posterior", "matrix", "bf16")]
 SCALE_CASES = [(d, V) for d in DTYPES for V in VOCABS]
@@ -110,6 +145,7 @@ def compiled():
     """{(spec, arch): resources} for every spec of this module, compiled in one batch."""
     _require_cuobjdump()
     specs = [token_spec(*c) for c in TOKEN_CASES] + [token_spec(*c) for c in TOKEN_EXTRA_CASES]
+    specs += [single_spec(*c) for c in SINGLE_CASES]
     specs += [weights_spec(*c) for c in WEIGHTS_CASES] + [scale_spec(*c) for c in SCALE_CASES]
     return aot.compile_specs(list(dict.fromkeys(specs)), archs=ARCHS, workers=2)
 
@@ -119,6 +155,11 @@ def _assert_no_spills(res: dict, spec: aot.KernelSpec):
         f"{spec.describe()} on {res['arch']}: {res['local']} bytes of local memory per thread (register "
         f"spills) with {res['regs']} registers"
     )
+    assert res["stack"] == 0, (
+        f"{spec.describe()} on {res['arch']}: a {res['stack']}-byte stack frame per thread (register spills "
+        f"that ptxas placed in the stack) with {res['regs']} registers"
+    )
+    assert not res["spills"]
     assert res["regs"] <= aot.ARCH_LIMITS[int(res["arch"][3:])]["max_regs_per_thread"], res
 
 
@@ -134,6 +175,24 @@ def test_token_kernel_no_spills(compiled, variant, dtype, V, arch):
 def test_token_kernel_no_spills_odd_vocab_and_int32_labels(compiled, variant, dtype, V, labels_dtype, arch):
     spec = token_spec(variant, dtype, V, labels_dtype)
     _assert_no_spills(compiled[(spec, arch)], spec)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant,dtype,V", SINGLE_CASES)
+def test_single_pass_kernel_no_spills(compiled, variant, dtype, V, arch):
+    spec = single_spec(variant, dtype, V)
+    ce = dict(spec.constexprs)
+    _, block, num_warps = _triton_kernels.token_kernel_config(V, DTYPES[dtype], softcap=TOKEN_VARIANTS[variant][2])
+    assert (ce["BLOCK_V"], spec.num_warps) == (block, num_warps) and block >= V
+    _assert_no_spills(compiled[(spec, arch)], spec)
+
+
+def test_single_pass_cap_is_one_specialisation():
+    """V = 32000 and the cap 32768 (and 16000 / 16384 with softcap) compile to the same cubin."""
+    for variant in TOKEN_VARIANTS:
+        for dtype in DTYPES:
+            vocabs = SINGLE_VOCABS[TOKEN_VARIANTS[variant][2] is not None]
+            assert len({single_spec(variant, dtype, V) for V in vocabs}) == 1, (variant, dtype)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -153,11 +212,18 @@ def test_scale_kernel_no_spills(compiled, dtype, V, arch):
 @pytest.mark.parametrize("variant", TOKEN_VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_vocab_size_is_a_runtime_argument(variant, dtype):
-    """V ∈ VOCABS: one specialisation (BLOCK_V = 4096, V and strides 16-divisible), so one cubin."""
-    specs = {token_spec(variant, dtype, V) for V in VOCABS}
-    assert len(specs) == 1, [s.describe() for s in specs]
-    constexprs = dict(next(iter(specs)).constexprs)
-    assert constexprs["BLOCK_V"] == min(2 ** math.ceil(math.log2(min(VOCABS))), _triton_kernels.MAX_FUSED_SIZE)
+    """V ∈ VOCABS launched with the tiled kernel: one specialisation (BLOCK_V = 4096, V and strides
+    16-divisible), so one cubin. (A launcher that takes the single-pass kernel for V ≤ its cap
+    launches it at 32000; that launch is checked against token_kernel_config.)"""
+    specs = {V: token_spec(variant, dtype, V) for V in VOCABS}
+    tiled = {s for s in specs.values() if s.name == "_var_token_kernel"}
+    assert len(tiled) == 1, [s.describe() for s in tiled]
+    assert dict(next(iter(tiled)).constexprs)["BLOCK_V"] == _triton_kernels.MAX_FUSED_SIZE
+    for V, spec in specs.items():
+        if spec.name == "_var_token_kernel_single":
+            softcap = TOKEN_VARIANTS[variant][2]
+            _, block, num_warps = _triton_kernels.token_kernel_config(V, DTYPES[dtype], softcap=softcap)
+            assert (dict(spec.constexprs)["BLOCK_V"], spec.num_warps) == (block, num_warps)
 
 
 def test_launch_spec_matches_the_launch():

@@ -17,6 +17,10 @@ The core's kernels know nothing of VAR (its weight kernel lives in varkernels/va
   The HAS_* switches are passed by the launcher (varkernels/core/token.py), not derived with
   ``triton.heuristics``: ``torch.library.wrap_triton`` accepts only plain ``triton.jit`` kernels.
 
+* ``_var_token_kernel_single`` — the same op and arguments for rows that fit on chip (V ≤ 32768):
+  the row is held in registers, read once, its gradient written once. ``token_kernel_config(V,
+  dtype, softcap=...)`` picks the kernel, BLOCK_V and num_warps for a launch.
+
 * ``_scale_kernel`` — g *= s in place, skipped without a host sync when s == 1.
 """
 
@@ -151,3 +155,151 @@ def _scale_kernel(g_ptr, s_ptr, N, BLOCK: tl.constexpr, RNE_BF16: tl.constexpr):
     m = o < N
     b_g = tl.load(g_ptr + o, mask=m, other=0.0).to(tl.float32)
     tl.store(g_ptr + o, _cast_out(b_g * b_s, g_ptr.dtype.element_ty, RNE_BF16), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------
+# Single-pass token kernel: the whole row on chip
+
+
+# Largest row held in registers as one block (see token_kernel_config and tests/test_compile.py).
+SINGLE_PASS_MAX_V = 32768  # 32 fp32 values per thread at num_warps=32: no spills on sm_80 / sm_90
+SINGLE_PASS_MAX_V_TIGHT = 16384  # softcap, or 16-bit rows that are not 16-byte aligned: 16 per thread
+SINGLE_PASS_VALUES_PER_THREAD = 32
+SINGLE_PASS_VALUES_PER_THREAD_TIGHT = 16
+
+
+def token_kernel_config(V: int, dtype, *, softcap=None):
+    """(kernel, BLOCK_V, num_warps) of the token op for rows of V logits of ``dtype``.
+
+    Rows that fit on chip take ``_var_token_kernel_single`` (one read of the row, one write of
+    its gradient) with BLOCK_V = next_pow2(V) and num_warps such that each thread holds at most
+    32 values (4 ≤ num_warps ≤ 32), i.e. V ≤ SINGLE_PASS_MAX_V = 32768. Two cases hold 16 values
+    per thread, i.e. V ≤ SINGLE_PASS_MAX_V_TIGHT = 16384: a ``softcap`` (tanh's temporaries), and
+    16-bit logits whose rows are not 16-byte aligned (V not a multiple of 8: scalar loads, one
+    mask per value). Longer rows take the tiled two-sweep ``_var_token_kernel`` with BLOCK_V =
+    min(next_pow2(V), MAX_FUSED_SIZE) and TOKEN_NUM_WARPS. Both kernels take the same arguments,
+    so a launcher only swaps the kernel and these two launch parameters.
+
+    Args:
+        V: vocabulary size (row length); the table assumes rows V elements apart (contiguous logits).
+        dtype: the logits' dtype (a torch.dtype; only its ``itemsize`` is read).
+        softcap: the op's softcap, None or a float, as passed to the kernel.
+
+    The limits are what compiles without register spills — cuobjdump's LOCAL 0 *and* STACK 0
+    (ptxas puts spill slots in the stack frame: STACK > 0 with LOCAL 0 is still a spill) — for
+    sm_80 and sm_90 with triton 3.9, checked by tests/test_compile.py. At num_warps=32 a thread
+    has at most 64 registers: enough for a 32-value slice of the row (and the one exp value per
+    logit kept for the gradient), not for 32 values of tanh's temporaries (16-104 bytes of stack)
+    nor for 32 unaligned 16-bit loads' masks on sm_90 (8 bytes).
+    """
+    if isinstance(V, bool) or not isinstance(V, int) or V < 1:
+        raise ValueError(f"token_kernel_config: V must be a positive int, got {V!r}")
+    itemsize = getattr(dtype, "itemsize", None)
+    if itemsize not in (2, 4):
+        raise TypeError(f"token_kernel_config: dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    block = triton.next_power_of_2(V)
+    tight = softcap is not None or (itemsize == 2 and V % 8 != 0)
+    if tight:
+        cap, per_thread = SINGLE_PASS_MAX_V_TIGHT, SINGLE_PASS_VALUES_PER_THREAD_TIGHT
+    else:
+        cap, per_thread = SINGLE_PASS_MAX_V, SINGLE_PASS_VALUES_PER_THREAD
+    if block <= cap:
+        num_warps = min(32, max(4, block // (32 * per_thread)))
+        return _var_token_kernel_single, block, num_warps
+    return _var_token_kernel, min(block, MAX_FUSED_SIZE), TOKEN_NUM_WARPS
+
+
+@triton.jit
+def _var_token_kernel_single(
+    x_ptr, grad_ptr, labels_ptr, coef_ptr, lse_in_ptr,  # inputs (grad_ptr may alias x_ptr)
+    lp_ptr, lse_ptr,  # outputs: [N] fp32 each
+    T, V,  # shapes: N = B·T rows of V logits
+    stride_xb, stride_xt, stride_xv,  # strides of x [B, T, V]
+    stride_gb, stride_gt, stride_gv,  # strides of grad [B, T, V]
+    softcap, inv_temperature, ignore_index,  # scalars
+    BLOCK_V: tl.constexpr, RNE_BF16: tl.constexpr,
+    HAS_GRAD: tl.constexpr, HAS_LSE_IN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    """``_var_token_kernel`` for rows that fit on chip (V ≤ BLOCK_V): same arguments, same results.
+
+    The row is loaded once as one BLOCK_V block and stays in registers: m = max z, e = 2^((z − m)·
+    log2e), s = Σ e, then the gradient from the same registers, stored once. Per row: one read of
+    x and (with HAS_GRAD) one write of g, the traffic floor, against one read for sweep 1 plus one
+    read and one write for sweep 2 in the tiled kernel. lp and lse are computed as in the tiled
+    kernel (bitwise equal when the tiled kernel has one tile, without softcap); the softmax of the gradient is e/s
+    from the registers (the tiled kernel recomputes 2^(((z − m) − log s)·log2e), which rounds the
+    argument; e/s does not), or that recomputation with HAS_LSE_IN and with a softcap, where only
+    t = tanh(x/c) is kept per logit. The target logit is a single-element load, as in the tiled
+    kernel: it is issued beside the row load and costs one element per row (a masked block
+    reduction would cost a barrier). ``token_kernel_config`` gives BLOCK_V and num_warps.
+    """
+    LOG2E: tl.constexpr = 1.4426950408889634
+    i_n = tl.program_id(0).to(tl.int64)
+    i_b = i_n // T
+    i_t = i_n % T
+    y = tl.load(labels_ptr + i_n).to(tl.int64)
+    p_x = x_ptr + i_b * stride_xb + i_t * stride_xt
+    o_v = tl.arange(0, BLOCK_V)
+    m_v = o_v < V
+
+    if y == ignore_index:
+        tl.store(lp_ptr + i_n, 0.0)
+        tl.store(lse_ptr + i_n, 0.0)
+        if HAS_GRAD:
+            p_g = grad_ptr + i_b * stride_gb + i_t * stride_gt
+            tl.store(p_g + o_v * stride_gv, tl.zeros([BLOCK_V], dtype=tl.float32), mask=m_v)
+        return
+
+    b_xy = tl.load(p_x + y * stride_xv).to(tl.float32)
+    if HAS_SOFTCAP:
+        b_xy = softcap * _tanh(b_xy / softcap)
+    b_zy = b_xy * inv_temperature
+
+    b_x = tl.load(p_x + o_v * stride_xv, mask=m_v, other=float("-inf")).to(tl.float32)
+    # Register budget (see token_kernel_config): only one fp32 value per logit may stay alive across
+    # the block reductions — z, then e = 2^((z − m)·log2e); with softcap, t = tanh(x/c), from
+    # which z = t·(c/τ) is recomputed each time it is needed (written so that no product t·(c/τ)
+    # is shared between the uses, which would keep a second value per logit alive).
+    if HAS_SOFTCAP:
+        b_k = softcap * inv_temperature
+        b_t = tl.where(m_v, _tanh(b_x / softcap), float("-inf"))  # padding → z = −inf
+    else:
+        b_z = b_x * inv_temperature
+
+    if HAS_LSE_IN:
+        b_m = tl.load(lse_in_ptr + i_n)  # lse = m + log s with m = lse, log s = 0
+        b_log_s = 0.0
+    else:
+        if HAS_SOFTCAP:
+            b_m = tl.max(b_t, axis=0) * b_k  # max(t)·k = max(t·k) for k > 0: rounding is monotone
+        else:
+            b_m = tl.max(b_z, axis=0)
+        # a row of only −inf logits (masked vocabulary): shift by 0, not by −inf (−inf − −inf = NaN)
+        b_shift = tl.where(b_m == float("-inf"), 0.0, b_m)
+        if HAS_SOFTCAP:
+            b_e = tl.exp2(tl.fma(b_t, b_k, -b_shift) * LOG2E)
+        else:
+            b_e = tl.exp2((b_z - b_shift) * LOG2E)
+        b_sum = tl.sum(b_e, axis=0)
+        b_log_s = tl.log(b_sum)
+    # lp = (z_y − m) − log s, not z_y − lse (see _var_token_kernel)
+    tl.store(lp_ptr + i_n, (b_zy - b_m) - b_log_s)
+    tl.store(lse_ptr + i_n, b_m + b_log_s)
+
+    if HAS_GRAD:
+        b_coef = tl.load(coef_ptr + i_n)
+        p_g = grad_ptr + i_b * stride_gb + i_t * stride_gt
+        # softmax, 0 on padding: e/s from the registers, or (z − m) − log s shifted like lp above
+        if HAS_SOFTCAP:
+            b_p = tl.exp2((tl.fma(b_t, b_k, -b_m) - b_log_s) * LOG2E)
+        elif HAS_LSE_IN:
+            b_p = tl.exp2(((b_z - b_m) - b_log_s) * LOG2E)
+        else:
+            b_p = b_e * (1.0 / b_sum)
+        b_p = tl.where(o_v == y.to(tl.int32), b_p - 1.0, b_p)  # y < V ≤ BLOCK_V: an int32 compare per lane
+        if HAS_SOFTCAP:
+            b_tc = tl.maximum(b_t, -1.0)  # = t (tanh ≥ −1); −1 on the padding, so that 0 · dz is 0, not NaN
+            b_g = b_coef * b_p * ((1.0 - b_tc * b_tc) * inv_temperature)
+        else:
+            b_g = b_coef * b_p * inv_temperature
+        tl.store(p_g + o_v * stride_gv, _cast_out(b_g, grad_ptr.dtype.element_ty, RNE_BF16), mask=m_v)

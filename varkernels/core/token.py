@@ -17,8 +17,10 @@ Operators (schema shared by the three, ``grad`` is the only argument written)::
                                 Tensor? lse_in, float? softcap, float inv_temperature,
                                 int ignore_index) -> (Tensor lp, Tensor lse)
 
-* ``token_triton`` — ``torch.library.triton_op`` around ``_var_token_kernel`` (``wrap_triton``),
-  so Inductor sees the kernel; on CPU tensors it runs in the Triton interpreter.
+* ``token_triton`` — ``torch.library.triton_op`` around the Triton token kernels (``wrap_triton``),
+  so Inductor sees them: the single-pass ``_var_token_kernel_single`` for rows that fit on chip
+  (V ≤ 32768; 16384 with a softcap or unaligned 16-bit rows), else the tiled two-sweep
+  ``_var_token_kernel`` (``token_kernel_config``). On CPU tensors they run in the Triton interpreter.
 * ``token_cpu`` — the C++ kernel of csrc/, registered there with ``TORCH_LIBRARY_FRAGMENT``;
   its fake implementation is registered here once the extension is loaded.
 * ``token_torch`` — chunked PyTorch (never more than a chunk of fp32 rows alive), a
@@ -74,26 +76,28 @@ def token_triton_launch(
     inv_temperature: float,
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    import triton
 
-    from ._triton_kernels import MAX_FUSED_SIZE, TOKEN_NUM_WARPS, _var_token_kernel
+
+    from ._triton_kernels import token_kernel_config
 
     B, T, V = x.shape
+    # rows that fit on chip: the single-pass kernel (one read, one write); else the tiled two-sweep one
+    kernel, block_v, num_warps = token_kernel_config(V, x.dtype, softcap=softcap)
     N = B * T
     lp = torch.empty(N, dtype=torch.float32, device=x.device)
     lse = torch.empty(N, dtype=torch.float32, device=x.device)
     gs = grad.stride() if grad is not None else (0, 0, 0)
-    launchable(_var_token_kernel)[(N,)](
+    launchable(kernel)[(N,)](
         x_ptr=x, grad_ptr=grad, labels_ptr=labels, coef_ptr=coef, lse_in_ptr=lse_in,
         lp_ptr=lp, lse_ptr=lse,
         T=T, V=V,
         stride_xb=x.stride(0), stride_xt=x.stride(1), stride_xv=x.stride(2),
         stride_gb=gs[0], stride_gt=gs[1], stride_gv=gs[2],
         softcap=softcap, inv_temperature=inv_temperature, ignore_index=ignore_index,
-        BLOCK_V=min(triton.next_power_of_2(V), MAX_FUSED_SIZE),
+        BLOCK_V=block_v,
         RNE_BF16=rne_bf16(grad),
         HAS_GRAD=grad is not None, HAS_LSE_IN=lse_in is not None, HAS_SOFTCAP=softcap is not None,
-        num_warps=TOKEN_NUM_WARPS,
+        num_warps=num_warps,
     )
     return lp, lse
 

@@ -4,7 +4,10 @@
 pipeline (TTIR → TTGIR → LLVM → PTX → ptxas → cubin) on the CPU. The cubin's resource usage is
 read with ``cuobjdump --dump-resource-usage`` (shipped in the triton wheel under
 ``triton/backends/nvidia/bin``): ``REG`` registers per thread, ``SHARED`` static shared memory,
-``LOCAL`` local memory per thread — non-zero LOCAL means register spills.
+``LOCAL`` local memory per thread, ``STACK`` the per-thread stack frame. Register spills show up in
+either: with triton 3.9's ptxas they usually land in the stack frame (``STL``/``LDL`` to ``[R1+…]``
+in the SASS) while LOCAL stays 0, so "no spills" means LOCAL 0 *and* STACK 0 (Triton kernels
+make no calls, so they need no stack otherwise).
 
 The compiled code must be the one a real launch would build, so the specialisation is taken
 from the launcher itself:
@@ -341,7 +344,7 @@ def _compile_here(spec: KernelSpec, cap: int) -> dict:
         "dynamic_shared": dynamic_shared,
         "local": u["LOCAL"],
         "stack": u["STACK"],
-        "spills": u["LOCAL"] > 0,
+        "spills": u["LOCAL"] > 0 or u["STACK"] > 0,
         "ptx_bytes": len(compiled.asm["ptx"]),
         "cubin_bytes": len(compiled.asm["cubin"]),
     }
@@ -414,7 +417,7 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, arch, num_warps: i
         attrs: {(arg index,): [["tt.divisibility", 16]]}, as ``launch_spec`` derives them; default none.
     Returns:
         dict with ``regs``, ``shared`` (static bytes, from cuobjdump), ``dynamic_shared`` (triton's
-        metadata), ``local`` and ``stack`` bytes per thread, ``spills`` (local > 0), the ``est_*``
+        metadata), ``local`` and ``stack`` bytes per thread, ``spills`` (local > 0 or stack > 0), the ``est_*``
         occupancy ESTIMATE and the PTX / cubin sizes.
     """
     fn = _unwrap(kernel)[-1]
