@@ -94,7 +94,8 @@ def kernel_specs(B, T, V, dtype) -> dict:
     x = torch.empty(B, T, V, dtype=dtype, device="meta")
     f32 = dict(dtype=torch.float32, device="meta")
     r = torch.empty(1, B, B, **f32)
-    with aot.capture_launches(_triton_kernels, "_var_token_kernel", "_var_token_kernel_single", "_scale_kernel") as ls, \
+    core_kernels = ("_var_token_kernel", "_var_token_kernel_single", "_scale_kernel")
+    with aot.capture_launches(_triton_kernels, *core_kernels) as ls, \
             aot.capture_launches(_weights_kernel, "_var_weights_kernel") as lw:
         var_weights_triton_launch(r, torch.empty_like(r), 1.0, True)
         token_triton_launch(x, torch.empty(N, dtype=torch.int64, device="meta"), torch.empty(N, **f32),
