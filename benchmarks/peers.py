@@ -228,6 +228,12 @@ def _varkernels_providers(form: str, device: torch.device) -> list:
                 return fused_linear_var_loss(x.hidden, x.weight, x.labels, x.rewards, x.ref_logps, backend=backend)
             desc = f'fused_linear_var_loss(..., backend="{backend}")'
         out.append(Provider(f"varkernels[{backend}]", form, desc, loss, skip, uses_triton=backend == "triton"))
+    if form == "linear":  # the weight gradient accumulated in the parameter dtype (bf16 runs: V·H·2 bytes less)
+        def loss_param_accum(x):
+            return fused_linear_var_loss(x.hidden, x.weight, x.labels, x.rewards, x.ref_logps,
+                                         grad_accum_dtype=x.weight.dtype)
+        out.append(Provider("varkernels[auto,param_accum]", form,
+                            'fused_linear_var_loss(..., grad_accum_dtype=weight.dtype)', loss_param_accum))
     return out
 
 
