@@ -237,6 +237,35 @@ def floor_sweeps(logits: torch.Tensor) -> dict:
 FLOOR_SWEEPS = ("sweep_max", "sweep_exp", "sweep_scale")
 
 
+def git_revision() -> str:
+    """The commit the numbers belong to ("-dirty" when the working tree has changes)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "-"
+
+
+def grad_resets(logits: torch.Tensor):
+    """(work, clear, refill) for timing losses on ``logits`` [B, T, V] between untimed resets:
+    ``clear`` drops logits.grad; ``work`` is a copy that an ``inplace=True`` provider may overwrite,
+    and ``refill`` restores it from ``logits`` (and drops its grad)."""
+    work = logits.detach().clone().requires_grad_(True)
+
+    def clear():
+        logits.grad = None
+
+    def refill():
+        with torch.no_grad():
+            work.copy_(logits)
+        work.grad = None
+
+    return work, clear, refill
+
+
 def load_average() -> float:
     """The 1-minute load average (nan where the OS has none): how busy the shared machine was."""
     import os

@@ -45,6 +45,7 @@ from _harness import (  # noqa: E402
     fix_mmap_threshold,
     floor_sweeps,
     fmt_bytes,
+    grad_resets,
     machine_info,
     machine_line,
     measure_interleaved,
@@ -74,16 +75,7 @@ MAX_FLOOR_RATIO = 2.0
 
 def build_providers(logits, labels, rewards, ref_logps, names):
     """name -> (prepare, step): prepare() runs untimed before each timed step()."""
-    work = logits.detach().clone().requires_grad_(True)  # the in-place provider's logits, refilled per rep
-
-    def clear():
-        logits.grad = None
-
-    def refill():
-        with torch.no_grad():
-            work.copy_(logits)
-        work.grad = None
-
+    work, clear, refill = grad_resets(logits)  # work: the in-place provider's logits, refilled per rep
     out, skipped = {}, {}
     for name in names:
         if name == "fused_cpu":

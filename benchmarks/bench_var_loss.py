@@ -41,6 +41,7 @@ from _harness import (  # noqa: E402
     fix_mmap_threshold,
     floor_sweeps,
     fmt_bytes,
+    grad_resets,
     load_average,
     machine_info,
     machine_line,
@@ -68,16 +69,7 @@ def make_inputs(B, T, V, dtype, device, prompt_frac=0.25, seed=0):
 
 def build_calls(names, logits, labels, rewards, ref_logps):
     """name -> (step, setup) for the harness; setup() runs untimed before every step()."""
-    work = logits.detach().clone().requires_grad_(True)  # the in-place provider's logits, refilled each call
-
-    def clear():
-        logits.grad = None
-
-    def refill():
-        with torch.no_grad():
-            work.copy_(logits)
-        work.grad = None
-
+    work, clear, refill = grad_resets(logits)  # work: the in-place provider's logits, refilled each call
     steps = {
         "naive": (lambda: naive_var_loss(logits, labels, rewards, ref_logps).backward(), clear),
         "fused": (lambda: fused_var_loss(logits, labels, rewards, ref_logps).backward(), clear),

@@ -26,7 +26,6 @@ import argparse
 import csv
 import dataclasses
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import RESULTS, machine_info  # noqa: E402
+from _harness import RESULTS, git_revision, machine_info  # noqa: E402
 from naive import naive_linear_var_loss, naive_var_loss  # noqa: E402
 
 from varkernels.testing import costmodel as cm  # noqa: E402
@@ -298,15 +297,6 @@ PROVIDERS = [
     ("logits", "naive", lambda c: trace_naive(c, "logits")),
     ("logits", "liger[ce]", count_liger_ce),
 ]
-
-
-def git_revision() -> str:
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "-"
 
 
 def rows_for(c: Case, gpus) -> list:

@@ -28,14 +28,13 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run o
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import argparse  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import RESULTS, append_csv, machine_info, machine_line  # noqa: E402
+from _harness import RESULTS, append_csv, git_revision, machine_info, machine_line  # noqa: E402
 from naive import naive_var_loss  # noqa: E402
 
 from varkernels import fused_var_loss  # noqa: E402
@@ -49,16 +48,6 @@ from varkernels.var.weights import var_weights_triton_launch  # noqa: E402
 
 GPUS = {"sm_80": ("A100", 2.0e12), "sm_90": ("H100 SXM", 3.35e12)}  # assumed GPU, peak DRAM bytes/s
 COUNT_T = (2, 4)  # sequence lengths actually run in the interpreter
-
-
-def git_revision() -> str:
-    """The commit the numbers belong to ("-dirty" when the working tree has changes)."""
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "-"
 
 
 def make_inputs(B, T, V, dtype, seed=0):
