@@ -40,7 +40,6 @@ from torch.library import custom_op, register_fake, triton_op, wrap_triton
 from .._backend import triton_interpret
 
 CHUNK_BYTES = 16 * 2**20  # fp32 bytes per chunk buffer of the PyTorch path; ~3 such buffers are alive
-_SCHEMA_ARGS = "x, labels, coef, grad, lse_in, softcap, inv_temperature, ignore_index"
 
 
 def _fake_token(x, labels, coef, grad, lse_in, softcap, inv_temperature, ignore_index):
