@@ -27,6 +27,18 @@ def _bits(t):
     return t.detach().clone()
 
 
+def _spy_driver(monkeypatch, record):
+    """Calls ``record(outputs)`` with the outputs of every run of the fused-linear driver."""
+    real = core_linear.linear_token_pass
+
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        record(out)
+        return out
+
+    monkeypatch.setattr(core_linear, "linear_token_pass", spy)
+
+
 # --------------------------------------------------------------------------------------------
 # registered operators
 # --------------------------------------------------------------------------------------------
@@ -113,14 +125,7 @@ def test_no_grad_builds_no_weight_gradient(monkeypatch, backend):
     """Under no_grad the fused-linear driver is asked for no gradient: no fp32 [V, H] accumulator."""
     require_backend(backend)
     seen = []
-    real = core_linear.linear_token_pass
-
-    def spy(*args, **kw):
-        out = real(*args, **kw)
-        seen.append(tuple(t.numel() for t in out[2:]))
-        return out
-
-    monkeypatch.setattr(core_linear, "linear_token_pass", spy)
+    _spy_driver(monkeypatch, lambda out: seen.append(tuple(t.numel() for t in out[2:])))
     B, T, H, V = 2, 5, 16, 300
     labels = make_labels(B, T, V)
     rewards, ref_logps = make_pairs(labels)
@@ -263,6 +268,20 @@ def _grads(model):
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
+def _assert_compiled_matches_eager(model, f, compiled, batch):
+    """Loss and parameter gradients of ``compiled(*batch)`` equal those of eager ``f(*batch)``."""
+    model.zero_grad()
+    eager = f(*batch)
+    eager.backward()
+    g_eager = _grads(model)
+    model.zero_grad()
+    loss = compiled(*batch)
+    loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    for a, b in zip(_grads(model), g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("form", ["logits", "linear", "logps"])
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_compile_fullgraph_no_breaks_and_eager_parity(backend, form, one_torch_thread):
@@ -274,18 +293,8 @@ def test_compile_fullgraph_no_breaks_and_eager_parity(backend, form, one_torch_t
     explained = torch._dynamo.explain(f)(*batch)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
-    model.zero_grad()
-    eager = f(*batch)
-    eager.backward()
-    g_eager = _grads(model)
     torch._dynamo.reset()
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    model.zero_grad()
-    loss = compiled(*batch)
-    loss.backward()
-    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
-    for a, b in zip(_grads(model), g_eager):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    _assert_compiled_matches_eager(model, f, torch.compile(f, backend="aot_eager", fullgraph=True), batch)
 
 
 @pytest.mark.parametrize("form", ["logits", "linear"])
@@ -298,17 +307,7 @@ def test_compile_dynamic_over_two_lengths(form, one_torch_thread):
     torch._dynamo.reset()
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
     for T in (10, 14):
-        batch = _batch(4, T)
-        model.zero_grad()
-        eager = f(*batch)
-        eager.backward()
-        g_eager = _grads(model)
-        model.zero_grad()
-        loss = compiled(*batch)
-        loss.backward()
-        torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
-        for a, b in zip(_grads(model), g_eager):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        _assert_compiled_matches_eager(model, f, compiled, _batch(4, T))
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,14 +410,7 @@ def test_weight_grad_accumulated_in_the_parameter_dtype(monkeypatch, backend):
     (README): 2.5x PyTorch's error with 32 chunks, 1.05x with 8."""
     require_backend(backend)
     seen = []
-    real = core_linear.linear_token_pass
-
-    def spy(*args, **kw):
-        out = real(*args, **kw)
-        seen.append(out[3].dtype)
-        return out
-
-    monkeypatch.setattr(core_linear, "linear_token_pass", spy)
+    _spy_driver(monkeypatch, lambda out: seen.append(out[3].dtype))
     B, T, H, V, chunk = 4, 64, 32, 500, 16
     labels = make_labels(B, T, V)
     R, Q = make_pairs(labels)

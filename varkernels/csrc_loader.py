@@ -202,6 +202,10 @@ def load_extension(required: bool = False):
         if "module" not in _state:
             mod, error = _load()
             _state["module"], _state["error"] = mod, error
+            if mod is not None:
+                from .core.token import register_cpu_fake  # the operator's schema exists from here on
+
+                register_cpu_fake()
             if mod is None and not required and not error.startswith("disabled"):
                 warnings.warn(
                     f"varkernels: the C++ CPU kernel is unavailable: {error}. "
@@ -210,10 +214,6 @@ def load_extension(required: bool = False):
                     stacklevel=3,
                 )
     mod = _state["module"]
-    if mod is not None:
-        from .core.token import register_cpu_fake  # the operator's schema exists from here on
-
-        register_cpu_fake()
     if mod is None and required:
         raise RuntimeError(
             f"backend='cpu' needs the C++ CPU kernel of varkernels, which is unavailable: {_state['error']}. "

@@ -165,8 +165,8 @@ def token_forward(
 class LinearTokenFunction(torch.autograd.Function):
     """(value, lp) from hidden [B, T, H], weight [V, H], bias [V] | None; same two modes.
 
-    Forward mode keeps grad_weight / grad_bias in their fp32 accumulators until backward, so the
-    upstream scale is applied before the single rounding to the parameter dtype.
+    Forward mode keeps grad_weight / grad_bias in their accumulators (fp32 unless ``accum_fp32`` is
+    False) until backward, so the upstream scale is applied before the rounding to the parameter dtype.
     """
 
     @staticmethod
@@ -176,7 +176,6 @@ class LinearTokenFunction(torch.autograd.Function):
         ctx.backend, ctx.forward_mode, ctx.wants = backend, coef is not None, wants
         ctx.opts = (softcap, inv_temperature, ignore_index, chunk_size, accum_fp32)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        ctx.has_bias = bias is not None
         hd, wd = hidden.detach(), weight.detach()
         bd = bias.detach() if bias is not None else None
         if coef is not None:

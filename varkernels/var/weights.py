@@ -22,6 +22,7 @@ import math
 import torch
 from torch.library import triton_op
 
+from .._validation import data_checks_enabled
 from ..core.token import launchable
 
 
@@ -97,8 +98,6 @@ def var_weights(rewards, ref_logps, *, groups: int, group_size: int, cross_pairs
         w, log_z = var_weights_torch(R, Q, float(beta), posterior)
     # Posterior weights lie in (0, B] by construction. Importance weights are unbounded; the check
     # costs one host sync, paid only by the weighting that can overflow, in eager mode.
-    from .._validation import data_checks_enabled
-
     if not posterior and data_checks_enabled(w) and not bool(torch.isfinite(w).all()):
         raise FloatingPointError(importance_overflow_message(weighting))
     return w, log_z
