@@ -15,4 +15,7 @@ if [[ " $* " != *" --dry-run "* && " $* " != *" --fake "* ]]; then
     unset TRITON_INTERPRET  # the kernels must run on the GPU, not in the interpreter
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The suite runs CUDA tensors only: never JIT-build the C++ CPU kernel (minutes on a fresh image, and the copy
+# built for this project's Python would not load under another).
+export VARKERNELS_DISABLE_CPP="${VARKERNELS_DISABLE_CPP:-1}"
 exec "$PY" benchmarks/gpu_suite.py "$@"
