@@ -644,8 +644,9 @@ def _bench(fn, reset, warmup, rep):
 class Runner:
     """Runs the cases of a plan on CUDA (or, with ``fake``, on a virtual clock), appending rows as it goes."""
 
-    def __init__(self, args, base_row, done_rows, fake=False):
+    def __init__(self, args, base_row, done_rows, fake=False, device="cuda"):
         self.args, self.base_row, self.fake = args, base_row, fake
+        self.device = device  # "cpu" only in tests/test_gpu_suite.py (the interpreter; _bench replaced)
         self.csv = Path(args.csv)
         self.virtual_s = 0.0
         self.gpu, self.sheet = (None, None) if fake else calibrated_gpu(done_rows, base_row["gpu"])
@@ -679,7 +680,7 @@ class Runner:
     def run_parity(self, case) -> list:
         op, dt, shape, opts = case.spec["case"]
         try:
-            parity_one(op, dt, shape, opts, device="cuda")
+            parity_one(op, dt, shape, opts, device=self.device)
         except AssertionError as e:
             print(f"   MISMATCH {case_label(op, dt, shape, opts)}\n{e}")
             return self.write(case, [{"part": "parity", "dtype": dt, "status": "mismatch",
@@ -712,12 +713,12 @@ class Runner:
         if case.kind == "skip":
             print(f"   {sp['provider']:28s} skipped: {sp['reason']}")
             return self.write(case, [{**row, "status": "skipped", "reason": sp["reason"]}])
-        p = next(p for p in get_providers(form, "cuda") if p.name == sp["provider"])
+        p = next(p for p in get_providers(form, self.device) if p.name == sp["provider"])
         shape_key = (form, head, tokens)
         if shape_key not in self.inputs:
             self.inputs.clear()
-            torch.cuda.empty_cache()
-            self.inputs[shape_key] = make_inputs(form, B, T, V, torch.bfloat16, "cuda", H=H)
+            self.empty_cache()
+            self.inputs[shape_key] = make_inputs(form, B, T, V, torch.bfloat16, self.device, H=H)
         x = self.inputs[shape_key]
         xi = x.clone() if p.overwrites_input else x
 
@@ -741,8 +742,14 @@ class Runner:
         finally:
             xi.zero_grad()
             del xi
-            torch.cuda.empty_cache()
+            self.empty_cache()
         return self.write(case, [out])
+
+    def empty_cache(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -110,6 +110,42 @@ def test_resume_refuses_a_run_that_failed_parity(tmp_path, capsys):
     assert code == 2 and "no run 'R2'" in err
 
 
+def test_runner_writes_a_row_per_case(tmp_path, monkeypatch):
+    """The real run's case runner on CPU tensors (the interpreter; do_bench replaced by one call of the step):
+    a parity case writes "ok", a mismatch writes "mismatch" with its reason, a timing case runs the provider
+    and writes its figures and the estimates, a skipped provider writes its reason."""
+    args = gpu_suite.argparse.Namespace(csv=str(tmp_path / "r.csv"), wheels=None)
+    runner = gpu_suite.Runner(args, {"run": "R", "gpu": "cpu (test)"}, [], device="cpu")
+    ok = gpu_suite.Case("parity", "parity:a", "parity", 1.0, dict(case=SMALL_CASES[1]))
+    assert runner.run(ok)[0]["status"] == "ok"
+    import varkernels
+
+    real = varkernels.fused_var_loss
+    monkeypatch.setattr(varkernels, "fused_var_loss", lambda *a, **k: real(*a, **k)._replace(
+        loss=real(*a, **k).loss * 1.001))
+    bad = runner.run(gpu_suite.Case("parity", "parity:b", "parity", 1.0, dict(case=SMALL_CASES[1])))
+    assert bad[0]["status"] == "mismatch" and "loss" in bad[0]["reason"]
+    calls = []
+
+    def bench(fn, reset, warmup, rep):
+        fn()
+        calls.append((warmup, rep))
+        return dict(median_ms=2.0, p20_ms=1.9, p80_ms=2.2, peak_extra_bytes=123)
+
+    monkeypatch.setattr(gpu_suite, "_bench", bench)
+    monkeypatch.setattr(gpu_suite, "estimate_ms", lambda *a: (1.6, 1.2, "stub"))
+    monkeypatch.setitem(gpu_suite.HEADS, "llama3-8b", (16, 300))  # a CPU-sized head
+    spec = dict(form="linear", head="llama3-8b", tokens=16, provider="varkernels[torch]", warmup_ms=5, rep_ms=50)
+    (row,) = runner.run(gpu_suite.Case("time-llama3", "time:x", "time", 1.0, spec))
+    assert calls == [(5, 50)] and row["status"] == "ok" and row["median_ms"] == "2" and row["est_ms"] == "1.6"
+    assert row["est_datasheet_ms"] == "1.2" and row["H"] == 16 and row["V"] == 300 and row["tokens"] == 16
+    skip = gpu_suite.Case("time-llama3", "time:y", "skip", 0.0, {**spec, "provider": "cce[cce]", "reason": "why"})
+    assert runner.run(skip)[0]["status"] == "skipped"
+    rows = _rows(tmp_path / "r.csv")
+    assert [r["case"] for r in rows] == ["parity:a", "parity:b", "time:x", "time:y"]
+    assert all(r["run"] == "R" and r["load_1min"] for r in rows)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the real run would start")
 def test_real_run_refuses_without_cuda(tmp_path):
     proc = _run([sys.executable, "benchmarks/gpu_suite.py", "--csv", str(tmp_path / "x.csv")])
