@@ -239,16 +239,26 @@ def count_liger_flce(c: Case) -> cm.Trace:
     return tr
 
 
-def count_liger_ce(c: Case) -> cm.Trace:
+def count_liger_ce(c: Case, *, elem_bytes: int = 2, per_token_grad: bool = True,
+                   accumulate_into_grad: bool = False) -> cm.Trace:
     """Liger ``liger_cross_entropy(logits, y, reduction="none")``: the forward kernel writes the gradient
     into the logits (2 reads + 1 write); the backward multiplies it by the per-token upstream gradient
-    (``_input * grad_output[:, None]``: a new [N, V] tensor, the returned gradient)."""
-    N, V = c.tokens, c.V
+    (``_input * grad_output[:, None]``: a new [N, V] tensor, the returned gradient).
+
+    ``per_token_grad=False``: a scalar loss (reduction="mean") whose upstream gradient is 1: the backward
+    returns the in-place gradient as is (no new tensor). ``accumulate_into_grad``: repeated calls without
+    resetting ``.grad`` (how Liger's own benchmark times "full"): autograd adds the new gradient into ``.grad``,
+    which is the same storage (the logits' own), one read + one write of the logits
+    (tests/test_cost_model_calibration.py). ``elem_bytes``: 2 for bf16 logits, 4 for fp32."""
+    N, V, e = c.tokens, c.V, elem_bytes
     k = cm.CountedTrace()
-    k.kernel("liger_cross_entropy_kernel (2 reads + 1 write, in place)", 2 * N * V * 2, N * V * 2 + N * 2)
-    k.alloc(N * V * 2)
-    k.kernel("grad * grad_output[:, None]", N * V * 2 + N * 2, N * V * 2)
-    tr = k.trace(N * V * 2)
+    k.kernel("liger_cross_entropy_kernel (2 reads + 1 write, in place)", 2 * N * V * e, N * V * e + N * e)
+    if per_token_grad:
+        k.alloc(N * V * e)
+        k.kernel("grad * grad_output[:, None]", N * V * e + N * e, N * V * e)
+    if accumulate_into_grad:
+        k.kernel("AccumulateGrad: .grad += gradient (the same storage)", N * V * e, N * V * e)
+    tr = k.trace(N * V * e if per_token_grad else 0)
     tr.method = "counted (published algorithm)"
     return tr
 
@@ -288,9 +298,9 @@ def count_cce(c: Case) -> cm.Trace:
 
 PROVIDERS = [
     ("linear", "varkernels[triton]", trace_varkernels_linear),
-    ("linear", "varkernels[triton] bf16 accumulator", trace_varkernels_linear_param_accum),
+    ("linear", "varkernels[auto,param_accum]", trace_varkernels_linear_param_accum),  # the GPU suite's names
     ("linear", "naive", lambda c: trace_naive(c, "linear")),
-    ("linear", "torch linear_cross_entropy[chunked]", trace_torch_lce),
+    ("linear", "torch[linear_cross_entropy]", trace_torch_lce),
     ("linear", "liger[flce]", count_liger_flce),
     ("linear", "cce[cce]", count_cce),
     ("logits", "varkernels[triton]", trace_varkernels_logits),

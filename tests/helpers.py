@@ -27,6 +27,12 @@ BACKENDS = ("triton", "torch")
 ATOL_SCALE = 1e-6  # atol = ATOL_SCALE · max|truth|: ~16 fp32 ulps of the largest value
 FP32_EPS = 2.0**-23
 LOGP_NOISE_ULPS = 4  # absolute fp32 noise of one token's lp = (z_y − m) − log s, in units of eps (see lp_atol)
+# Relative error bound of CUDA's exp2: Triton lowers tl.exp2 on fp32 to ex2.approx.ftz.f32 on sm_80/sm_90
+# (subnormal results flushed to zero), whose maximum relative error the PTX ISA gives as about 2^-22 (not
+# re-checked here); 2^-21 is twice that, and the derivation is checked at 8x (tests/test_gpu_suite.py). The
+# interpreter's exp2 (numpy) is correctly rounded: its term is 0 there.
+# Derivation and the interpreter emulation that checks it: docs/design.md §4.6, tests/test_gpu_suite.py.
+EXP2_APPROX_REL_ERR = 2.0**-21
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,6 +54,25 @@ def lp_atol(token_weights: torch.Tensor) -> float:
     tokens that PyTorch's max error is a stable yardstick.
     """
     return LOGP_NOISE_ULPS * FP32_EPS * float(token_weights.abs().sum())
+
+
+def exp2_lp_atol(token_weights: torch.Tensor, rel_err: float, n_tiles: int = 1) -> float:
+    """Extra absolute floor of Σ_k a_k·lp_k when every exp2 carries a relative error ≤ ``rel_err``
+    (docs/design.md §4.6). A row's sum s = Σ_v 2^(..)·(1 + δ_v) is built over ``n_tiles`` BLOCK_V tiles,
+    the running sum rescaled by one more exp2 per tile (the online max): each term of s carries at most
+    n_tiles + 1 factors (1 + δ), so log s — hence lp — is off by at most (n_tiles + 1)·rel_err to first
+    order, whatever the row: (n_tiles + 1)·rel_err·Σ|a_k|. n_tiles = 1 for the single-pass kernel."""
+    return (n_tiles + 1) * rel_err * float(token_weights.abs().sum())
+
+
+def exp2_grad_atol(truth: torch.Tensor, rel_err: float, n_tiles: int = 1) -> float:
+    """Extra absolute floor of a gradient coef·(p − 1[v = y]) when every exp2 carries a relative error
+    ≤ ``rel_err``: p = 2^((z − m − log s)·log2 e) takes rel_err from its own exp2 and (n_tiles + 1)·rel_err
+    from log s (exp2_lp_atol), and the fp32 product and difference round twice more:
+    ((n_tiles + 2)·rel_err + 2·eps)·max|truth|. 0 when rel_err is 0."""
+    if not rel_err or truth.numel() == 0:
+        return 0.0
+    return ((n_tiles + 2) * rel_err + 2 * FP32_EPS) * float(truth.detach().abs().max())
 
 
 def _describe(name, actual, ref, truth, bound, dtype) -> str:

@@ -43,9 +43,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 __all__ = [
-    "A100_SXM", "Assumptions", "CostTracer", "CountedTrace", "GPU", "GPUS", "H100_SXM", "KERNEL_TRAFFIC", "OpRecord",
-    "Trace", "dtype_class", "fake_cuda_shim", "gemm_record", "roofline_seconds", "three_gemms", "trace_call",
-    "varkernels_linear", "varkernels_logits",
+    "A100_PCIE", "A100_SXM", "Assumptions", "CostTracer", "CountedTrace", "GPU", "GPUS", "H100_SXM", "H200_SXM",
+    "KERNEL_TRAFFIC", "OpRecord", "Trace", "dtype_class", "fake_cuda_shim", "gemm_record", "gpu_for_device_name",
+    "measured_gpu", "roofline_seconds", "three_gemms", "trace_call", "varkernels_linear", "varkernels_logits",
 ]
 
 
@@ -73,7 +73,50 @@ A100_SXM = GPU(
     "NVIDIA A100 Tensor Core GPU datasheet, 80GB SXM column, dense: BF16/FP16 tensor core 312 TFLOPS, "
     "TF32 tensor core 156 TFLOPS, FP32 19.5 TFLOPS, HBM2e 2,039 GB/s (taken as 2.0 TB/s)",
 )
-GPUS = {"h100": H100_SXM, "a100": A100_SXM}
+A100_PCIE = GPU(
+    "A100 PCIe", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}, 1.935e12,
+    "NVIDIA A100 Tensor Core GPU datasheet, 80GB PCIe column, dense: BF16/FP16 tensor core 312 TFLOPS, "
+    "TF32 tensor core 156 TFLOPS, FP32 19.5 TFLOPS, HBM2e 1,935 GB/s (the GPU of Liger-Kernel's A100 benchmark CSV)",
+)
+# H200: the H100's GH100 die with HBM3e, so the same dense tensor-core rates and more bandwidth. Datasheet figures
+# (NVIDIA H200 Tensor Core GPU datasheet, SXM column; the sparsity figures there are twice the dense ones):
+# 141 GB HBM3e, 4.8 TB/s, BF16/FP16 tensor core 1,979 TFLOPS with sparsity = ~989 dense, TF32 ~495 dense, FP32 67.
+# Checked against third-party copies of the datasheet figures (the vendor page itself is not in the search corpora):
+# https://itkb.uw.cz/2026/06/nvidia-h200-vs-b300-precisions-cores.html ("dense mode": FP16/BF16 ~989 TFLOPS,
+# 4.8 TB/s, 141 GB) and https://aiwiki.ai/wiki/nvidia_h200 (141 GB at 4.8 TB/s). Measured rates are lower
+# (PyTorch 8192^3 bf16 GEMM ~770-800 TFLOP/s, device copy ~4.3 TB/s): the GPU suite calibrates them on the device
+# (measured_gpu below).
+H200_SXM = GPU(
+    "H200 SXM", {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12}, 4.8e12,
+    "NVIDIA H200 Tensor Core GPU datasheet, SXM column, dense (the sparsity figures are 2x): BF16/FP16 tensor core "
+    "~989 TFLOPS, TF32 ~495 TFLOPS, FP32 67 TFLOPS, 141 GB HBM3e at 4.8 TB/s",
+)
+GPUS = {"h100": H100_SXM, "a100": A100_SXM, "a100_pcie": A100_PCIE, "h200": H200_SXM}
+
+
+def gpu_for_device_name(name: str) -> Optional[GPU]:
+    """The datasheet entry of a CUDA device name (``torch.cuda.get_device_name()``), or None if unknown.
+    "NVIDIA H200" -> H200_SXM, "NVIDIA H100 80GB HBM3" -> H100_SXM, "NVIDIA A100-SXM4-80GB" -> A100_SXM,
+    "NVIDIA A100 80GB PCIe" -> A100_PCIE."""
+    n = name.upper()
+    if "H200" in n:
+        return H200_SXM
+    if "H100" in n:
+        return H100_SXM
+    if "A100" in n:
+        return A100_PCIE if "PCIE" in n else A100_SXM
+    return None
+
+
+def measured_gpu(base: GPU, bf16_flops: float, dram_bytes_per_s: float, name: Optional[str] = None) -> GPU:
+    """A :class:`GPU` with the rates measured on the device (a large bf16 GEMM, a device copy): bf16/fp16 at the
+    measured GEMM rate, tf32/fp32 scaled from ``base``'s datasheet by the same measured/datasheet ratio, DRAM at
+    the measured copy bandwidth. Roofline estimates against it are against this device, not its datasheet."""
+    ratio = bf16_flops / base.peak_flops["bf16"]
+    flops = {k: (bf16_flops if k in ("bf16", "fp16") else v * ratio) for k, v in base.peak_flops.items()}
+    return GPU(name or f"{base.name} (measured)", flops, dram_bytes_per_s,
+               f"measured on the device: bf16 GEMM {bf16_flops / 1e12:.0f} TFLOP/s, device copy "
+               f"{dram_bytes_per_s / 1e12:.2f} TB/s (tf32/fp32 scaled from {base.name}'s datasheet by the same ratio)")
 
 
 def dtype_class(dtype: torch.dtype, tf32: bool = False) -> str:
