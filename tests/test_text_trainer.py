@@ -50,8 +50,9 @@ def test_standard_prompt_completion_with_a_reward_on_text(tmp_path):
     initial = copy.deepcopy(model)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = VARTrainer(model=model, args=config(tmp_path), train_dataset=datasets.Dataset.from_list(data),
-                         processing_class=tok, reward_funcs=count_topic)
+                         eval_dataset=rows(4, seed=30), processing_class=tok, reward_funcs=count_topic)
     ds, ex = trainer.train_dataset, trainer.train_dataset.examples
+    assert isinstance(trainer.eval_dataset, VARDataset) and len(trainer.eval_dataset) == 1
     assert isinstance(ds, VARDataset) and ds.rewards.shape == (2, 4, 4) and len(ex) == 8
     for k, row in enumerate(data):  # BOS + prompt; completion + EOS; labels only on the completion
         assert ex.prompts[k].tolist() == tok(row["prompt"])["input_ids"]
@@ -71,6 +72,8 @@ def test_standard_prompt_completion_with_a_reward_on_text(tmp_path):
     g = ds.groups  # the 2 steps saw both groups once (1 group per step): num_tokens counts their tokens
     n_tokens = sum(len(ex.prompts[k]) + len(ex.completions[k]) for grp in g for k in grp)
     assert trainer.state.log_history[1]["num_tokens"] == n_tokens
+    metrics = trainer.evaluate()
+    assert {"eval_loss", "eval_reward", "eval_reward_std", "eval_var/ess"} <= set(metrics)
 
 
 def test_conversational_with_a_chat_template(tmp_path):
@@ -423,3 +426,17 @@ def test_orphan_temporary_files_are_removed_on_the_next_build(tmp_path):
     VARTrainer(model=llama(), args=config(tmp_path), train_dataset=data, processing_class=tok, reward_funcs=count_topic)
     assert not orphan.exists() and alive.exists()
     assert len(_cache_files(tmp_path)) == 1 and sorted(p.name for p in folder.glob("*.tmp")) == [alive.name]
+
+
+def test_token_level_build_takes_lists_of_ids_and_points_text_to_the_trainer():
+    from test_trainer import tiny_llama
+
+    ref = tiny_llama().eval()
+    ids = [[1, 2, 3], [4, 5], [6], [7, 8]]
+    zero = lambda xs, ys: [0.0] * len(xs)  # noqa: E731
+    ds = VARDataset.build(ids, ids, ref_model=ref, reward=zero, group_size=2)
+    assert ds.prompts[0].dtype == torch.long and ds.prompts[1].tolist() == [4, 5]
+    with pytest.raises(TypeError, match=r"prompts\[0\] must be a 1-D torch.Tensor .*got str.*VARTrainer"):
+        VARDataset.build(["a b"] * 4, ids, ref_model=ref, reward=zero, group_size=2)
+    with pytest.raises(TypeError, match=r"got Tensor \(a padded \[N, T\] tensor"):
+        VARDataset.build(torch.ones(4, 3, dtype=torch.long), ids, ref_model=ref, reward=zero, group_size=2)

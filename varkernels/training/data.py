@@ -49,7 +49,7 @@ from .cache import (  # noqa: F401 - re-exported: the fingerprints are part of t
 )
 from .groups import VAR_COLUMNS, GroupShuffleSampler, VARCollator, check_group_size, make_groups  # noqa: F401
 from .lm_head import LMHead, _vocab_size, unwrap_model
-from .pairs import check_token_lists
+from .pairs import as_token_lists, check_token_lists
 
 # How long a rank waits in VARDataset.build for the others to reach it before raising (instead of
 # hanging in the first collective until the process group's own timeout).
@@ -187,7 +187,9 @@ class VARDataset(torch.utils.data.Dataset):
         """Group, score and cache a VAR training set.
 
         Args:
-            prompts, responses: N 1-D integer tensors each; example k is (prompts[k], responses[k]).
+            prompts, responses: N 1-D integer tensors each (or lists of token ids, as a tokenizer
+                returns them); example k is (prompts[k], responses[k]). Text goes through
+                ``VARTrainer(train_dataset=..., processing_class=...)``, which ends here.
             ref_model: the frozen reference causal LM (Q comes from it, no gradients).
             reward: a sequence-classification reward model or a callable ``fn(prompts, responses)``
                 on token ids (see :func:`varkernels.training.pairs.cross_pair_rewards`), or an
@@ -216,6 +218,7 @@ class VARDataset(torch.utils.data.Dataset):
                 point with the same arguments (the calls are collective): do not wrap it in
                 ``main_process_first()``, which runs it on one rank while the others wait.
         """
+        prompts, responses = as_token_lists(prompts), as_token_lists(responses)
         cross_pairs, example_rewards = _check_build_inputs(
             prompts, responses, ref_model, reward, example_rewards, group_size, cross_pairs, reduction
         )

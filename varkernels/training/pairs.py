@@ -44,6 +44,15 @@ RewardFn = Callable[[list, list], Union[Sequence, torch.Tensor]]
 # ----------------------------------------------------------------------------- validation
 
 
+def as_token_lists(seqs):
+    """A list of lists of token ids (what a tokenizer returns) as a list of 1-D LongTensors; others unchanged."""
+    if isinstance(seqs, (list, tuple)) and seqs and all(
+        isinstance(s, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in s) for s in seqs
+    ):
+        return [torch.tensor(list(s), dtype=torch.long) for s in seqs]
+    return seqs
+
+
 def check_token_lists(
     prompts, responses, *, vocab_size: Optional[int] = None, same_length: bool = False
 ) -> None:
@@ -54,14 +63,22 @@ def check_token_lists(
     """
     for name, seqs in (("prompts", prompts), ("responses", responses)):
         if isinstance(seqs, torch.Tensor) or not isinstance(seqs, Sequence):
+            hint = ""
+            if isinstance(seqs, torch.Tensor) and seqs.dim() == 2:
+                hint = (" (a padded [N, T] tensor: pass the unpadded rows, [row[m.bool()] for row, m in "
+                        "zip(input_ids, attention_mask)])")
             raise TypeError(
-                f"{name} must be a list of 1-D LongTensors of token ids, got {type(seqs).__name__}"
+                f"{name} must be a list of 1-D LongTensors of token ids, got {type(seqs).__name__}{hint}"
             )
         if len(seqs) == 0:
             raise ValueError(f"{name} must be a non-empty list, got an empty one")
         for k, s in enumerate(seqs):
             if not isinstance(s, torch.Tensor):
-                raise TypeError(f"{name}[{k}] must be a 1-D torch.Tensor of token ids, got {type(s).__name__}")
+                hint = (" (text: train with VARTrainer(train_dataset=..., processing_class=tokenizer), which "
+                        "tokenises TRL's dataset formats)") if isinstance(s, str) else ""
+                raise TypeError(
+                    f"{name}[{k}] must be a 1-D torch.Tensor of token ids, got {type(s).__name__}{hint}"
+                )
             if s.dim() != 1:
                 raise ValueError(f"{name}[{k}] must be 1-D (unpadded token ids), got shape {tuple(s.shape)}")
             if s.dtype.is_floating_point or s.dtype.is_complex or s.dtype == torch.bool:

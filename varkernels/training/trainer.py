@@ -439,7 +439,7 @@ class VARTrainer(Trainer):
         if mode == "train":
             mask = inputs.get("attention_mask")
             count = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
-            self._tokens_pending.append(self.accelerator.gather_for_metrics(count.reshape(1)).sum())
+            self._tokens_pending.append(count.detach())  # summed over ranks at log time
         return (out.loss, out) if return_outputs else out.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -474,8 +474,13 @@ class VARTrainer(Trainer):
             logs.update({f"{prefix}{name}": round(agg[i], 6) for name, i in _TRL_METRICS.items()})
         if mode == "train":
             if self._tokens_pending:
-                self._num_tokens += int(torch.stack(self._tokens_pending).sum().item())
+                total = torch.stack(self._tokens_pending).sum()
                 self._tokens_pending = []
+                # every rank logs at the same steps (Trainer gathers the loss there too); torch.distributed
+                # directly, not accelerate's gather: under DeepSpeed on CPU accelerate counts one process
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(total)
+                self._num_tokens += int(total.item())
             logs["num_tokens"] = self._num_tokens
         super().log(logs, start_time)
 
