@@ -4,6 +4,8 @@ import copy
 import functools
 import logging
 import math
+import os
+import time
 
 import pytest
 import torch
@@ -422,9 +424,12 @@ def test_orphan_temporary_files_are_removed_on_the_next_build(tmp_path):
     alive = folder / f"var-scores-0123456789abcdef0123.{host}.{1}.tmp"  # pid 1 runs: a live writer's file stays
     orphan.write_bytes(b"half a file")
     alive.write_bytes(b"being written")
+    legacy = folder / "tmpk2j4h1x0.tmp"  # what a killed run of an earlier version left, two hours ago
+    legacy.write_bytes(b"half a file")
+    os.utime(legacy, (time.time() - 7200, time.time() - 7200))
     tok, data = tokenizer(), rows(8, seed=14)
     VARTrainer(model=llama(), args=config(tmp_path), train_dataset=data, processing_class=tok, reward_funcs=count_topic)
-    assert not orphan.exists() and alive.exists()
+    assert not orphan.exists() and not legacy.exists() and alive.exists()
     assert len(_cache_files(tmp_path)) == 1 and sorted(p.name for p in folder.glob("*.tmp")) == [alive.name]
 
 

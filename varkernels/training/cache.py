@@ -20,7 +20,8 @@ partial or an instance) gets ``None``: the build warns once, naming the part, an
 
 Writes go to ``var-scores-<key>.<host>.<pid>.tmp`` and are renamed into place (atomic: a reader
 sees the old file or the whole new one). A temporary file left by a killed run (its process is
-gone, or it is older than a day on another host) is removed by the next build in that folder.
+gone, or it is older than a day on another host; ``tmp*.tmp`` of earlier versions after an hour)
+is removed by the next build in that folder.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from .lm_head import unwrap_model
 
 CACHE_FORMAT = 3  # 2: a sha256 of the scores; 3: rewards fingerprinted from their parts (closures, partials)
 _ORPHAN_AGE_OTHER_HOST_S = 24 * 3600.0
+_LEGACY_ORPHAN_AGE_S = 3600.0
 
 
 class Unfingerprintable(Exception):
@@ -326,6 +328,7 @@ def remove_orphans(cache_dir) -> list[Path]:
 
     ``var-scores-<key>.<host>.<pid>.tmp`` is an orphan when <host> is this machine and <pid> is not a
     running process, or when it is older than a day (another host: its process cannot be checked).
+    ``tmp*.tmp`` files (the names of earlier versions, without a pid) are orphans after an hour.
     """
     folder = Path(cache_dir)
     if not folder.is_dir():
@@ -349,4 +352,12 @@ def remove_orphans(cache_dir) -> list[Path]:
                 removed.append(tmp)
             except FileNotFoundError:
                 pass
+    # earlier versions wrote tempfile.mkstemp names (tmpXXXXXXXX.tmp) without a pid: an hour old is an orphan
+    for tmp in folder.glob("tmp*.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > _LEGACY_ORPHAN_AGE_S:
+                tmp.unlink()
+                removed.append(tmp)
+        except FileNotFoundError:
+            pass
     return removed
