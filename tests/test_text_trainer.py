@@ -5,6 +5,7 @@ import functools
 import logging
 import math
 import os
+import socket
 import time
 
 import pytest
@@ -410,19 +411,38 @@ def test_unfingerprintable_reward_is_not_cached_with_one_warning(tmp_path):
     assert _cache_files(tmp_path) == []
 
 
+KILLED_WRITER = """
+import sys, time, torch
+from pathlib import Path
+from varkernels.training import cache
+
+def slow_save(obj, f):                 # writes half a file, then hangs: the run is killed here
+    Path(f).write_bytes(b"PK half a zip")
+    time.sleep(600)
+
+torch.save = slow_save
+cache.save_scores(Path(sys.argv[1]) / "var-scores-0123456789abcdef0123.pt", "key", [[0, 1]],
+                  torch.zeros(1, 2, 2), torch.zeros(1, 2, 2))
+"""
+
+
 def test_orphan_temporary_files_are_removed_on_the_next_build(tmp_path):
-    import socket
+    import signal
     import subprocess
     import sys
 
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
     folder = tmp_path / "out" / "var_scores"
     folder.mkdir(parents=True)
-    host = socket.gethostname()
-    orphan = folder / f"var-scores-0123456789abcdef0123.{host}.{dead.pid}.tmp"
-    alive = folder / f"var-scores-0123456789abcdef0123.{host}.{1}.tmp"  # pid 1 runs: a live writer's file stays
-    orphan.write_bytes(b"half a file")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(folder)], env=env)
+    deadline = time.monotonic() + 120
+    while not list(folder.glob("*.tmp")):
+        assert writer.poll() is None and time.monotonic() < deadline, "the writer did not start its save"
+        time.sleep(0.05)
+    writer.send_signal(signal.SIGKILL)  # a killed run: its temporary file stays behind
+    writer.wait()
+    (orphan,) = folder.glob("*.tmp")
+    alive = folder / f"var-scores-0123456789abcdef0123.{socket.gethostname()}.1.tmp"  # pid 1 runs: a live writer
     alive.write_bytes(b"being written")
     legacy = folder / "tmpk2j4h1x0.tmp"  # what a killed run of an earlier version left, two hours ago
     legacy.write_bytes(b"half a file")
