@@ -465,3 +465,30 @@ def test_token_level_build_takes_lists_of_ids_and_points_text_to_the_trainer():
         VARDataset.build(["a b"] * 4, ids, ref_model=ref, reward=zero, group_size=2)
     with pytest.raises(TypeError, match=r"got Tensor \(a padded \[N, T\] tensor"):
         VARDataset.build(torch.ones(4, 3, dtype=torch.long), ids, ref_model=ref, reward=zero, group_size=2)
+
+
+def test_reward_functions_contract_for_any_trainer():
+    """RewardFunctions on its own (what an online trainer calls on its generations)."""
+    from varkernels.training.rewards import RewardFunctions
+
+    def maybe(prompts, completions, **kw):
+        return [None if c == "skip" else 1.0 for c in completions]
+
+    rm, rm_tok = reward_model_and_tokenizer()
+    rf = RewardFunctions([maybe, rm], reward_weights=[2.0, 1.0], reward_processing_classes=[None, rm_tok])
+    assert rf.names == ["maybe", "LlamaForSequenceClassification"]
+    per = rf.per_function(["w1", "w2"], [" w3", "skip"])
+    assert per.shape == (2, 2) and per[0, 0] == 1.0 and math.isnan(per[1, 0])
+    with torch.no_grad():
+        direct = [rm(torch.tensor([rm_tok(t, add_special_tokens=False)["input_ids"]])).logits[0, 0].item()
+                  for t in ("w1 w3", "w2skip")]
+    total = rf(["w1", "w2"], [" w3", "skip"])
+    assert torch.allclose(total, torch.tensor([2.0 + direct[0], direct[1]]), atol=1e-5)
+    with pytest.raises(ValueError, match=r"pass its tokenizer as reward_processing_classes\[0\]"):
+        RewardFunctions(rm)
+    with pytest.raises(ValueError, match=r"reward_weights must have one weight per reward function \(2\), got 1"):
+        RewardFunctions([maybe, maybe], reward_weights=[1.0])
+    with pytest.raises(ValueError, match=r"reward_processing_classes must have one entry per reward function"):
+        RewardFunctions([maybe], reward_processing_classes=[None, None])
+    with pytest.raises(TypeError, match=r"reward_funcs\[1\] must be a callable"):
+        RewardFunctions([maybe, 3])

@@ -288,6 +288,11 @@ class VARTrainer(Trainer):
             reward per example (the shared-context form, ``cross_pairs=False``).
         peft_config: a ``peft`` config; the policy becomes ``get_peft_model(model, peft_config)``.
 
+    A text dataset becomes a :class:`VARDataset` in ``trainer.train_dataset`` / ``eval_dataset``, with
+    the tokenised examples attached as ``.examples`` (:class:`varkernels.training.text.TextExamples`:
+    token ids, texts, columns, names); ``trainer.dropped_examples`` counts the examples dropped as
+    fully masked per dataset.
+
     The loss (:func:`compute_var_loss`) is exact under gradient accumulation and DDP for groups
     of one size B (see the module docstring). Logged with the usual ``loss`` (averaged over the
     logging interval, on this rank): ``var/weights_mean|min|max``, ``var/ess``, ``var/log_z``
