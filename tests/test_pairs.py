@@ -273,12 +273,12 @@ def test_dataset_build_cache_and_items(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("var-scores-*.pt"))) == 1
 
     # a second build with the same data, model and reward reads the cache: no scoring at all
-    import varkernels.training.data as data_mod
+    import varkernels.training.scoring as scoring_mod
 
     def fail(*a, **k):
         raise AssertionError("scored again despite the cache")
 
-    monkeypatch.setattr(data_mod, "_score_groups", fail)
+    monkeypatch.setattr(scoring_mod, "score_groups", fail)
     ds2 = VARDataset.build(prompts, responses, ref_model=model, reward=parity_reward, group_size=4, seed=0,
                            cache_dir=tmp_path)
     assert torch.equal(ds2.ref_logps, ds.ref_logps) and ds2.groups == ds.groups

@@ -1,9 +1,15 @@
 """Training side of varkernels (needs the ``train`` extra: ``pip install "varkernels[train]"``).
 
-    pairs.py     cross-pair scoring: R[i, j] = r(x_i, y_j), Q[i, j] = log π_ref(y_j | x_i)
-    data.py      fixed groups of B, scored once, cached; VARCollator stacks k groups
-    lm_head.py   the causal LM's output head for the fused-linear ops
-    trainer.py   VARConfig / VARTrainer (a transformers.Trainer) and compute_var_loss
+    pairs.py        cross-pair scoring: R[i, j] = r(x_i, y_j), Q[i, j] = log π_ref(y_j | x_i)
+    rewards.py      TRL's reward contract on text: functions, reward models, weights (offline and online)
+    groups.py       fixed groups of B, GroupShuffleSampler, VARCollator (stacks k whole groups)
+    scoring.py      R and Q of each group (user example indices in every error)
+    cache.py        fingerprints, the score files (checksum, atomic save, orphan clean-up)
+    distributed.py  which rank scores which groups; rendezvous; gathering
+    data.py         VARDataset and VARDataset.build (the orchestration of the above)
+    progress.py     the progress bar
+    lm_head.py      the causal LM's output head for the fused-linear ops
+    trainer.py      VARConfig / VARTrainer (a transformers.Trainer) and compute_var_loss
 """
 
 from .data import GroupShuffleSampler, VARCollator, VARDataset, make_groups

@@ -35,14 +35,22 @@ from typing import Callable, Optional, Union
 import torch
 
 from .lm_head import LMHead, _model_device, _vocab_size, output_cache, unwrap_model
+from .progress import PROGRESS_MIN_PAIRS, progress_bar  # noqa: F401 - PROGRESS_MIN_PAIRS re-exported
+from .rewards import as_scores, classifier_scores, reward_name
 
 RewardFn = Callable[[list, list], Union[Sequence, torch.Tensor]]
 
-# Scoring runs of at least this many pairs show a progress bar when ``progress=None``.
-PROGRESS_MIN_PAIRS = 256
-
 
 # ----------------------------------------------------------------------------- validation
+
+
+def as_token_lists(seqs):
+    """A list of lists of token ids (what a tokenizer returns) as a list of 1-D LongTensors; others unchanged."""
+    if isinstance(seqs, (list, tuple)) and seqs and all(
+        isinstance(s, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in s) for s in seqs
+    ):
+        return [torch.tensor(list(s), dtype=torch.long) for s in seqs]
+    return seqs
 
 
 def check_token_lists(
@@ -55,14 +63,22 @@ def check_token_lists(
     """
     for name, seqs in (("prompts", prompts), ("responses", responses)):
         if isinstance(seqs, torch.Tensor) or not isinstance(seqs, Sequence):
+            hint = ""
+            if isinstance(seqs, torch.Tensor) and seqs.dim() == 2:
+                hint = (" (a padded [N, T] tensor: pass the unpadded rows, [row[m.bool()] for row, m in "
+                        "zip(input_ids, attention_mask)])")
             raise TypeError(
-                f"{name} must be a list of 1-D LongTensors of token ids, got {type(seqs).__name__}"
+                f"{name} must be a list of 1-D LongTensors of token ids, got {type(seqs).__name__}{hint}"
             )
         if len(seqs) == 0:
             raise ValueError(f"{name} must be a non-empty list, got an empty one")
         for k, s in enumerate(seqs):
             if not isinstance(s, torch.Tensor):
-                raise TypeError(f"{name}[{k}] must be a 1-D torch.Tensor of token ids, got {type(s).__name__}")
+                hint = (" (text: train with VARTrainer(train_dataset=..., processing_class=tokenizer), which "
+                        "tokenises TRL's dataset formats)") if isinstance(s, str) else ""
+                raise TypeError(
+                    f"{name}[{k}] must be a 1-D torch.Tensor of token ids, got {type(s).__name__}{hint}"
+                )
             if s.dim() != 1:
                 raise ValueError(f"{name}[{k}] must be 1-D (unpadded token ids), got shape {tuple(s.shape)}")
             if s.dtype.is_floating_point or s.dtype.is_complex or s.dtype == torch.bool:
@@ -89,27 +105,6 @@ def check_token_lists(
 def _check_batch_size(batch_size) -> None:
     if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-
-
-def _progress(total: int, desc: str, progress: Optional[bool]):
-    """A tqdm bar counting pairs when asked (or when ``progress=None`` and the run is long)."""
-    show = total >= PROGRESS_MIN_PAIRS if progress is None else bool(progress)
-    if show:
-        try:
-            from tqdm.auto import tqdm
-
-            return tqdm(total=total, desc=desc, unit="pair", leave=False)
-        except ImportError:
-            pass
-    return _NullBar()
-
-
-class _NullBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
 
 
 def pad_left(seqs: Sequence[torch.Tensor], value: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,7 +246,7 @@ def cross_pair_logps(
     model.eval()
     try:
         pairs = [(i, j) for i in range(B) for j in range(Bp)]
-        bar = _progress(len(pairs), "cross-pair log-probs", progress)
+        bar = progress_bar(len(pairs), "cross-pair log-probs", progress)
         score = _pair_logps_shared if share_prefix else _pair_logps_separately
         q = score(model, head, pairs, prompts, responses, reduction, bs, bar)
         bar.close()
@@ -283,7 +278,7 @@ def paired_logps(
     was_training = model.training
     model.eval()
     try:
-        bar = _progress(len(pairs), "log-probs", progress)
+        bar = progress_bar(len(pairs), "log-probs", progress)
         out = _pair_logps_separately(model, head, pairs, prompts, responses, reduction, bs, bar)
         bar.close()
         return out
@@ -298,50 +293,39 @@ def _is_model(reward) -> bool:
     return isinstance(reward, torch.nn.Module)
 
 
+def _describe_pair(pairs):
+    def describe(k):
+        i, j = pairs[k]
+        return f"example {i}" if i == j else f"the prompt of example {i} with the response of example {j}"
+
+    return describe
+
+
 def _score_reward_pairs(reward, pairs, prompts, responses, batch_size, bar, pad_token_id) -> torch.Tensor:
+    """r(x_i, y_j) for each (i, j) in ``pairs`` (indices into ``prompts`` / ``responses``), float32 on CPU."""
     out = torch.empty(len(pairs), dtype=torch.float32)
+    describe = _describe_pair(pairs)
     if not _is_model(reward):
+        name = reward_name(reward)
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
             vals = reward([prompts[i] for i, _ in chunk], [responses[j] for _, j in chunk])
-            vals = torch.as_tensor(vals, dtype=torch.float32).reshape(-1).cpu()
-            if vals.numel() != len(chunk):
+            scores = as_scores(vals, len(chunk), name=name, describe=lambda k, s=start: describe(s + k))
+            if torch.isnan(scores).any():
+                k = start + int(torch.isnan(scores).nonzero()[0])
                 raise ValueError(
-                    f"reward callable must return one score per (prompt, response) pair: got "
-                    f"{vals.numel()} scores for {len(chunk)} pairs"
+                    f"reward callable {name!r} returned None for {describe(k)}: a token-level reward must score "
+                    "every pair (VARTrainer's text rewards take None as 'no reward' from one of several functions)"
                 )
-            out[start : start + len(chunk)] = vals
+            out[start : start + len(chunk)] = scores
             bar.update(len(chunk))
     else:
-        lm = unwrap_model(reward)
-        config = getattr(lm, "config", None)
-        pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
-        device = _model_device(reward)
-        # Sorting by length keeps padding small. transformers' sequence classifiers find the
-        # score position from pad_token_id and refuse batches > 1 without one: score one by one then.
-        bs = batch_size if pad is not None else 1
-        lengths = [prompts[i].numel() + responses[j].numel() for i, j in pairs]
-        order = sorted(range(len(pairs)), key=lambda k: lengths[k])
-        batches = [order[k : k + bs] for k in range(0, len(order), bs)]
-        was_training = reward.training
-        reward.eval()
-        try:
-            for batch in batches:
-                seqs = [torch.cat([prompts[pairs[k][0]].long(), responses[pairs[k][1]].long()]) for k in batch]
-                ids, mask = pad_right(seqs, pad if pad is not None else 0, device)
-                logits = reward(input_ids=ids, attention_mask=mask.long()).logits
-                if logits.dim() != 2 or logits.shape[1] != 1:
-                    raise ValueError(
-                        "reward model must output one score per sequence (num_labels=1, logits [N, 1]), "
-                        f"got logits of shape {tuple(logits.shape)}"
-                    )
-                out[torch.tensor(batch)] = logits[:, 0].float().cpu()
-                bar.update(len(batch))
-        finally:
-            reward.train(was_training)
+        seqs = [torch.cat([prompts[i].long(), responses[j].long()]) for i, j in pairs]
+        out = classifier_scores(reward, seqs, batch_size=batch_size, pad_token_id=pad_token_id, bar=bar)
     if not torch.isfinite(out).all():
         k = int((~torch.isfinite(out)).nonzero()[0])
-        raise ValueError(f"reward returned a non-finite score {out[k].item()} for pair {pairs[k]} (prompt, response)")
+        name = reward_name(reward)
+        raise ValueError(f"reward {name!r} returned a non-finite score {out[k].item()} for {describe(k)}")
     return out
 
 
@@ -369,8 +353,8 @@ def cross_pair_rewards(
         reward: either
             - a ``transformers`` sequence-classification model with ``num_labels=1`` that reads
               the token ids x_i ⊕ y_j (same tokenizer as the policy). Sequences are right-padded
-              with ``pad_token_id`` (default ``reward.config.pad_token_id``); if there is none,
-              pairs are scored one at a time; or
+              with ``pad_token_id`` (default ``reward.config.pad_token_id``); a model with none is
+              still batched (:func:`varkernels.training.rewards.classifier_scores`); or
             - a callable ``fn(prompts: list[Tensor], responses: list[Tensor]) -> scores`` scoring
               the pairs position by position (a list, array or tensor of len(prompts) floats).
         prompts, responses: lists of 1-D integer tensors (non-empty).
@@ -386,7 +370,7 @@ def cross_pair_rewards(
     B, Bp = len(prompts), len(responses)
     bs = batch_size or Bp
     pairs = [(i, j) for i in range(B) for j in range(Bp)]
-    bar = _progress(len(pairs), "cross-pair rewards", progress)
+    bar = progress_bar(len(pairs), "cross-pair rewards", progress)
     r = _score_reward_pairs(reward, pairs, prompts, responses, bs, bar, pad_token_id)
     bar.close()
     return r.view(B, Bp)
@@ -409,7 +393,7 @@ def paired_rewards(
     check_token_lists(prompts, responses, vocab_size=vocab, same_length=True)
     bs = batch_size or 8
     pairs = [(i, i) for i in range(len(prompts))]
-    bar = _progress(len(pairs), "rewards", progress)
+    bar = progress_bar(len(pairs), "rewards", progress)
     r = _score_reward_pairs(reward, pairs, prompts, responses, bs, bar, pad_token_id)
     bar.close()
     return r

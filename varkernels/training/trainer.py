@@ -1,6 +1,11 @@
 """VAR training with ``transformers``: ``VARConfig``, ``VARTrainer`` and ``compute_var_loss``.
 
-docs/design.md §5. One training batch is k whole VAR groups (``per_device_train_batch_size = k`` items of a
+docs/design.md §5. ``VARTrainer`` takes what TRL's trainers take — ``model`` (a path or a module),
+``ref_model``, ``processing_class``, ``peft_config``, ``reward_funcs`` and text datasets in TRL's
+formats (:mod:`varkernels.training.text`) — tokenises, groups, scores and caches them through
+:meth:`VARDataset.build`, and trains; a pre-built ``VARDataset`` is used as it is.
+
+One training batch is k whole VAR groups (``per_device_train_batch_size = k`` items of a
 :class:`varkernels.training.data.VARDataset`), stacked by :class:`varkernels.training.data.VARCollator`:
 
     input_ids, attention_mask, labels: [k·B, T]      rewards, ref_logps: [k, B, B] or [k, B]
@@ -23,9 +28,13 @@ one changes its in-batch partition function Ẑ.
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -36,9 +45,14 @@ try:
 except ImportError as e:  # the scoring and data modules of varkernels.training work without it
     raise missing_extra("transformers", "train", "varkernels.training.trainer") from e
 
-from .._validation import LOGP_REDUCTIONS, WEIGHTINGS, VAROutput  # noqa: E402
+from .._validation import LOGP_REDUCTIONS, WEIGHTINGS, VAROutput, check_option, check_positive  # noqa: E402
 from .data import VARCollator, VARDataset
+from .groups import VAR_COLUMNS, check_group_size
 from .lm_head import LMHead
+from .rewards import RewardFunctions, TextPairRewards
+from .text import column_names, tokenize_examples
+
+logger = logging.getLogger(__name__)
 
 _LOSS_BACKENDS = ("auto", "triton", "cpu", "torch")
 
@@ -152,13 +166,21 @@ def _head_operands(weight, bias, hidden):
     return weight, bias, hidden
 
 
+def _opt_positive_int(name: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int or None, got {type(value).__name__} {value!r}")
+    check_positive(name, value)
+
+
 @dataclass
 class VARConfig(TrainingArguments):
-    """``TrainingArguments`` plus the VAR loss options.
+    """``TrainingArguments`` plus the VAR loss options and, for text datasets, TRL's data options.
 
-    ``per_device_train_batch_size`` counts whole groups of B examples (B is fixed by the
-    dataset). ``remove_unused_columns`` defaults to False: ``rewards`` / ``ref_logps`` are not
-    arguments of the model's forward but the loss needs them.
+    ``per_device_train_batch_size`` counts whole groups of B examples (B = ``group_size``, or the
+    pre-built dataset's). ``remove_unused_columns`` defaults to False: ``rewards`` / ``ref_logps``
+    are not arguments of the model's forward but the loss needs them.
     """
 
     beta: float = field(default=1.0, metadata={"help": "VAR temperature β > 0 of the optimal policy."})
@@ -176,6 +198,33 @@ class VARConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: rewards/ref_logps must reach the loss."}
     )
+    # --- text datasets (TRL's names where TRL has them)
+    group_size: int = field(default=8, metadata={"help": "B >= 2: examples per VAR group (one in-batch Ẑ)."})
+    cross_pairs: Optional[bool] = field(
+        default=None,
+        metadata={"help": "R, Q as [B, B] (every prompt with every completion of its group) or [B]. "
+                          "None: True with reward_funcs, False with a 'reward' column."},
+    )
+    max_length: Optional[int] = field(default=1024, metadata={"help": "Max tokens of prompt + completion."})
+    max_prompt_length: Optional[int] = field(default=None, metadata={"help": "Max prompt tokens (keeps the end)."})
+    max_completion_length: Optional[int] = field(
+        default=None, metadata={"help": "Max completion tokens (keeps the start)."}
+    )
+    model_init_kwargs: Optional[Union[dict, str]] = field(
+        default=None,
+        metadata={"help": "from_pretrained keywords for model / ref_model / reward models given as paths (a dict or "
+                          "a JSON string), e.g. {\"dtype\": \"bfloat16\"}."},
+    )
+    reward_weights: Optional[list[float]] = field(
+        default=None, metadata={"help": "One weight per reward function (default all 1)."}
+    )
+    score_cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Folder of the score cache (None: <output_dir>/var_scores)."}
+    )
+    score_cache: bool = field(default=True, metadata={"help": "Cache the scores of text datasets on disk."})
+    scoring_batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Sequences per forward when scoring (None: B)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -185,48 +234,204 @@ class VARConfig(TrainingArguments):
             raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {self.weighting!r}")
         if self.logp_reduction not in [r for r in LOGP_REDUCTIONS if r != "none"]:
             raise ValueError(f"logp_reduction must be one of ['mean', 'sum'], got {self.logp_reduction!r}")
-        if self.loss_backend not in _LOSS_BACKENDS:
-            raise ValueError(f"loss_backend must be one of {list(_LOSS_BACKENDS)}, got {self.loss_backend!r}")
+        check_option("loss_backend", self.loss_backend, _LOSS_BACKENDS)
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must be False for VAR: it would drop rewards and ref_logps")
+        check_group_size(self.group_size)
+        for name in ("max_length", "max_prompt_length", "max_completion_length", "scoring_batch_size"):
+            _opt_positive_int(name, getattr(self, name))
+        if isinstance(self.model_init_kwargs, str):
+            self.model_init_kwargs = json.loads(self.model_init_kwargs)
+        if self.model_init_kwargs is not None and not isinstance(self.model_init_kwargs, dict):
+            raise TypeError(f"model_init_kwargs must be a dict or None, got {type(self.model_init_kwargs).__name__}")
 
 
 _METRICS = ("weights_mean", "weights_min", "weights_max", "ess", "log_z", "policy_logps", "ref_logps", "rewards")
+# TRL's names for the same quantities (GRPOTrainer): the mean reward and the mean of the groups' reward std
+_TRL_METRICS = {"reward": 8, "reward_std": 9}
+
+
+def _model_kwargs(args: VARConfig) -> dict:
+    kwargs = dict(args.model_init_kwargs or {})
+    dtype = kwargs.get("dtype")
+    if isinstance(dtype, str) and dtype != "auto":
+        kwargs["dtype"] = getattr(torch, dtype)
+    return kwargs
+
+
+def _is_var_data(ds) -> bool:
+    if ds is None or isinstance(ds, (VARDataset, torch.utils.data.Dataset)) and not hasattr(ds, "column_names"):
+        return True
+    try:
+        return set(VAR_COLUMNS) <= set(column_names(ds))
+    except Exception:  # noqa: BLE001 - not a table: leave it to Trainer
+        return True
 
 
 class VARTrainer(Trainer):
-    """``transformers.Trainer`` training a causal LM with the VAR loss on a ``VARDataset``.
+    """``transformers.Trainer`` training a causal LM with the VAR loss, from text or from a ``VARDataset``.
+
+    Args (TRL's names and meanings):
+        model: a causal LM, or a path / hub id loaded with ``AutoModelForCausalLM.from_pretrained(model,
+            **args.model_init_kwargs)``.
+        ref_model: the reference π_ref (a module or a path). None: the initial policy. Every score
+            is computed here, in ``__init__``, before the first step, so the policy itself scores
+            them (under ``disable_adapter()`` with PEFT): no copy is kept in memory.
+        args: a :class:`VARConfig`.
+        train_dataset, eval_dataset: a :class:`VARDataset` (used as it is: ``VARDataset.to_hf_dataset``
+            too), or a text dataset in TRL's prompt/completion or preference format, standard or
+            conversational (``datasets.Dataset``, a list of rows or a dict of columns; see
+            :mod:`varkernels.training.text`).
+        processing_class: the policy's tokenizer (None: loaded from ``model``'s path).
+        reward_funcs, reward_processing_classes: TRL's reward contract (:mod:`varkernels.training.rewards`),
+            weighted by ``args.reward_weights``. Without them, a ``reward`` column gives one
+            reward per example (the shared-context form, ``cross_pairs=False``).
+        peft_config: a ``peft`` config; the policy becomes ``get_peft_model(model, peft_config)``.
+
+    A text dataset becomes a :class:`VARDataset` in ``trainer.train_dataset`` / ``eval_dataset``, with
+    the tokenised examples attached as ``.examples`` (:class:`varkernels.training.text.TextExamples`:
+    token ids, texts, columns, names); ``trainer.dropped_examples`` counts the examples dropped as
+    fully masked per dataset.
 
     The loss (:func:`compute_var_loss`) is exact under gradient accumulation and DDP for groups
     of one size B (see the module docstring). Logged with the usual ``loss`` (averaged over the
     logging interval, on this rank): ``var/weights_mean|min|max``, ``var/ess``, ``var/log_z``
     (mean log Ẑ_i), ``var/policy_logps`` (mean s_i), ``var/ref_logps`` and ``var/rewards`` (means
-    of the diagonals Q[i, i], R[i, i]); with an ``eval_`` prefix in evaluation.
+    of the diagonals Q[i, i], R[i, i]); TRL's ``reward`` (= ``var/rewards``), ``reward_std`` (the
+    groups' std of R[i, i], averaged) and ``num_tokens`` (tokens trained on so far, all ranks);
+    with an ``eval_`` prefix in evaluation (no ``num_tokens``).
     """
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean: Trainer divides by GA steps
 
-    def __init__(self, model=None, args: Optional[VARConfig] = None, data_collator=None, train_dataset=None,
-                 eval_dataset=None, **kwargs):
+    def __init__(self, model=None, ref_model=None, args: Optional[VARConfig] = None, data_collator=None,
+                 train_dataset=None, eval_dataset=None, processing_class=None, reward_funcs=None,
+                 reward_processing_classes=None, peft_config=None, **kwargs):
+        model_id = model if isinstance(model, str) else None
         if args is None:
-            args = VARConfig(output_dir="var_output")
+            name = (model_id or getattr(getattr(model, "config", None), "_name_or_path", "") or "model")
+            args = VARConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-VAR")
         if not isinstance(args, VARConfig):
             raise TypeError(f"args must be a varkernels.training.VARConfig, got {type(args).__name__}")
-        for name, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            reduction = getattr(ds, "reduction", None)
-            if reduction is not None and reduction != args.logp_reduction:
-                raise ValueError(
-                    f"{name} was scored with reduction={reduction!r} but args.logp_reduction="
-                    f"{args.logp_reduction!r}: the reference and policy log-probs must be reduced alike"
-                )
+        if isinstance(model, str):
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(model, **_model_kwargs(args))
+        if isinstance(ref_model, str):
+            from transformers import AutoModelForCausalLM
+
+            ref_model = AutoModelForCausalLM.from_pretrained(ref_model, **_model_kwargs(args)).eval()
+        text = not (_is_var_data(train_dataset) and _all_var_data(eval_dataset))
+        if text and processing_class is None:
+            processing_class = _load_tokenizer(model_id or getattr(getattr(model, "config", None), "_name_or_path", ""))
+        if peft_config is not None:
+            try:
+                from peft import get_peft_model
+            except ImportError as exc:
+                raise ImportError("peft_config needs the peft package: pip install peft") from exc
+            model = get_peft_model(model, peft_config)
+        if not text:
+            for name, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+                reduction = getattr(ds, "reduction", None)
+                if reduction is not None and reduction != args.logp_reduction:
+                    raise ValueError(
+                        f"{name} was scored with reduction={reduction!r} but args.logp_reduction="
+                        f"{args.logp_reduction!r}: the reference and policy log-probs must be reduced alike"
+                    )
+            if reward_funcs is not None:
+                raise ValueError("reward_funcs score text datasets; the given datasets are already scored (VARDataset)")
         if data_collator is None:
-            ds = train_dataset if train_dataset is not None else eval_dataset
-            data_collator = VARCollator(
-                pad_token_id=getattr(ds, "pad_token_id", 0), ignore_index=getattr(ds, "ignore_index", -100)
-            )
+            if text:
+                pad = processing_class.pad_token_id
+                pad = pad if pad is not None else processing_class.eos_token_id
+                data_collator = VARCollator(pad_token_id=pad if pad is not None else 0)
+            else:
+                ds = train_dataset if train_dataset is not None else eval_dataset
+                data_collator = VARCollator(
+                    pad_token_id=getattr(ds, "pad_token_id", 0), ignore_index=getattr(ds, "ignore_index", -100)
+                )
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, **kwargs)
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        self.ref_model = ref_model
+        self.reward_funcs = None
+        self.dropped_examples: dict = {}
+        if text:
+            # scored here, after Trainer has put the model on its device
+            if reward_funcs is not None:
+                self.reward_funcs = RewardFunctions(
+                    reward_funcs, args.reward_weights, reward_processing_classes,
+                    model_init_kwargs=_model_kwargs(args), batch_size=args.scoring_batch_size,
+                )
+                for f in self.reward_funcs.funcs:
+                    if isinstance(f, torch.nn.Module):
+                        f.to(args.device).eval()
+            elif args.reward_weights is not None:
+                raise ValueError("args.reward_weights is set but no reward_funcs were given")
+            if ref_model is not None:
+                ref_model.to(args.device).eval()
+            self.train_dataset = self._score_text(train_dataset, "train_dataset")
+            if isinstance(eval_dataset, dict):
+                self.eval_dataset = {k: self._score_text(v, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
+            else:
+                self.eval_dataset = self._score_text(eval_dataset, "eval_dataset")
         self._var_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._num_tokens = 0
+        self._tokens_pending = []
+
+    def _score_text(self, dataset, name: str):
+        """A text dataset → tokenised examples → ``VARDataset.build`` (scored and cached); others as they are."""
+        if _is_var_data(dataset):
+            return dataset
+        args, tok = self.args, self.processing_class
+        policy = self.model
+        examples = tokenize_examples(
+            dataset, tok, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+            max_completion_length=args.max_completion_length, vocab_size=LMHead(policy).vocab_size, name=name,
+        )
+        self.dropped_examples[name] = examples.dropped
+        if self.reward_funcs is not None:
+            reward = TextPairRewards(
+                self.reward_funcs, examples.prompt_texts, examples.completion_texts, columns=examples.columns,
+                completion_ids=[c.tolist() for c in examples.completions], example_names=examples.names,
+            )
+            example_rewards = None
+        elif "reward" in examples.columns and examples.format == "prompt_completion":
+            reward = None
+            example_rewards = examples.columns["reward"]
+            for k, v in enumerate(example_rewards):
+                if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise ValueError(f"{examples.names[k]}: the 'reward' column must hold a number, got {v!r}")
+            if args.cross_pairs:
+                raise ValueError(
+                    f"{name}: cross_pairs=True needs r(x_i, y_j) for every pair, but the 'reward' column gives only "
+                    "r(x_k, y_k): pass reward_funcs, or leave cross_pairs unset (the (B,) shared-context form)"
+                )
+        else:
+            raise ValueError(
+                f"{name} holds text: pass reward_funcs (callables on text or reward models, TRL's contract) or give "
+                "the prompt/completion dataset a 'reward' column (one number per example)"
+            )
+        if len(examples) < args.group_size:
+            raise ValueError(
+                f"{name} has {len(examples)} examples after tokenisation, fewer than group_size={args.group_size}"
+            )
+        ref = self.ref_model if self.ref_model is not None else policy
+        initial = self.ref_model is None and hasattr(policy, "disable_adapter")
+        cache_dir = None
+        if args.score_cache:
+            cache_dir = args.score_cache_dir or os.path.join(args.output_dir, "var_scores")
+        pad = self.data_collator.pad_token_id if isinstance(self.data_collator, VARCollator) else 0
+        with policy.disable_adapter() if initial else nullcontext():
+            ds = VARDataset.build(
+                examples.prompts, examples.completions, ref_model=ref, reward=reward, example_rewards=example_rewards,
+                group_size=args.group_size, seed=args.data_seed if args.data_seed is not None else args.seed,
+                cross_pairs=args.cross_pairs, reduction=args.logp_reduction, batch_size=args.scoring_batch_size,
+                cache_dir=cache_dir, pad_token_id=pad, progress=None if not args.disable_tqdm else False,
+            )
+        ds.examples = examples
+        logger.info("%s: %d examples in %d groups of %d (%d dropped)", name, len(examples), len(ds),
+                    args.group_size, examples.dropped)
+        return ds
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
@@ -234,7 +439,12 @@ class VARTrainer(Trainer):
             model, inputs, beta=args.beta, weighting=args.weighting, logp_reduction=args.logp_reduction,
             use_fused_linear=args.use_fused_linear, chunk_size=args.loss_chunk_size, backend=args.loss_backend,
         )
-        self._record("train" if model.training else "eval", out, inputs)
+        mode = "train" if model.training else "eval"
+        self._record(mode, out, inputs)
+        if mode == "train":
+            mask = inputs.get("attention_mask")
+            count = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
+            self._tokens_pending.append(count.detach())  # summed over ranks at log time
         return (out.loss, out) if return_outputs else out.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -248,9 +458,11 @@ class VARTrainer(Trainer):
         R, Q = inputs["rewards"], inputs["ref_logps"]
         diag_r = R.diagonal(dim1=-2, dim2=-1) if R.dim() == 3 else R
         diag_q = Q.diagonal(dim1=-2, dim2=-1) if Q.dim() == 3 else Q
+        diag_r = diag_r.float().reshape(-1, diag_r.shape[-1])  # [k, B]
         vals = torch.stack([
             w.mean(), w.min(), w.max(), out.ess.detach(), out.log_z.detach().mean(),
-            out.policy_logps.detach().mean(), diag_q.float().mean(), diag_r.float().mean(),
+            out.policy_logps.detach().mean(), diag_q.float().mean(), diag_r.mean(),
+            diag_r.mean(), diag_r.std(dim=1).mean(),
         ]).float()
         self._var_metrics[mode]["step"].append(vals)  # no host sync here; one .tolist() at log time
 
@@ -264,7 +476,38 @@ class VARTrainer(Trainer):
             agg[1], agg[2] = table[:, 1].min().item(), table[:, 2].max().item()
             prefix = "eval_" if mode == "eval" else ""
             logs.update({f"{prefix}var/{name}": round(v, 6) for name, v in zip(_METRICS, agg)})
+            logs.update({f"{prefix}{name}": round(agg[i], 6) for name, i in _TRL_METRICS.items()})
+        if mode == "train":
+            if self._tokens_pending:
+                total = torch.stack(self._tokens_pending).sum()
+                self._tokens_pending = []
+                # every rank logs at the same steps (Trainer gathers the loss there too); torch.distributed
+                # directly, not accelerate's gather: under DeepSpeed on CPU accelerate counts one process
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(total)
+                self._num_tokens += int(total.item())
+            logs["num_tokens"] = self._num_tokens
         super().log(logs, start_time)
+
+
+def _all_var_data(ds) -> bool:
+    if isinstance(ds, dict):
+        return all(_is_var_data(v) for v in ds.values())
+    return _is_var_data(ds)
+
+
+def _load_tokenizer(path: str):
+    if not path:
+        raise ValueError("the datasets hold text: pass processing_class (the policy's tokenizer)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - the message says what to do
+        raise ValueError(
+            f"the datasets hold text and no processing_class was given; loading a tokenizer from {path!r} failed "
+            f"({type(exc).__name__}: {exc}): pass processing_class"
+        ) from exc
 
 
 __all__ = ["VARConfig", "VARTrainer", "compute_var_loss", "split_groups", "VARDataset", "VARCollator"]

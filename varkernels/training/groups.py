@@ -1,0 +1,106 @@
+"""Fixed VAR groups and how they reach the loss: ``make_groups``, ``VARCollator``, ``GroupShuffleSampler``.
+
+The VAR weights of a micro-batch are normalised inside that micro-batch, so a group of B
+examples is a unit of the data: formed once (seeded), scored once, shuffled as a whole each
+epoch and stacked whole into batches (docs/design.md §5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+VAR_COLUMNS = ("input_ids", "attention_mask", "labels", "rewards", "ref_logps")
+
+
+def check_group_size(group_size) -> None:
+    """A VAR group needs B >= 2 examples: with B = 1 every weight is exactly 1 (plain SFT)."""
+    if not isinstance(group_size, int) or isinstance(group_size, bool):
+        raise TypeError(f"group_size must be an int >= 2, got {type(group_size).__name__} {group_size!r}")
+    if group_size < 2:
+        raise ValueError(
+            f"group_size must be an int >= 2, got {group_size}: the VAR weights are normalised inside a group, "
+            "so a group of one example has weight 1 whatever its reward (plain SFT); use B >= 2"
+        )
+
+
+def make_groups(num_examples: int, group_size: int, *, seed: int = 0, drop_last: bool = True) -> list[list[int]]:
+    """Split example indices 0..N-1 into fixed groups of ``group_size`` (a seeded permutation).
+
+    The same (N, group_size, seed) always gives the same groups. With ``drop_last=True`` the
+    N mod B examples left over are dropped (every micro-batch has the same B, which the
+    gradient-accumulation and DDP equivalences need); otherwise the last group is smaller.
+    """
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if not isinstance(num_examples, int) or num_examples < group_size:
+        raise ValueError(
+            f"num_examples must be an int >= group_size = {group_size} (at least one full group), got {num_examples!r}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(num_examples, generator=gen).tolist()
+    n = (num_examples // group_size) * group_size if drop_last else num_examples
+    return [perm[k : k + group_size] for k in range(0, n, group_size)]
+
+
+class VARCollator:
+    """Stacks k whole groups into one batch: [k·B, T] sequences, [k, B, B] or [k, B] scores.
+
+    Groups are padded to a common length T with ``pad_token_id`` / ``ignore_index``; they are
+    never mixed: the loss normalises each group separately (see ``varkernels.training.trainer``).
+    """
+
+    def __init__(self, pad_token_id: int = 0, ignore_index: int = -100):
+        self.pad_token_id, self.ignore_index = pad_token_id, ignore_index
+
+    def __call__(self, features: Sequence[dict]) -> dict:
+        if len(features) == 0:
+            raise ValueError("VARCollator got an empty list of features (expected k >= 1 groups)")
+        missing = [c for c in VAR_COLUMNS if c not in features[0]]
+        if missing:
+            raise ValueError(
+                f"VARCollator: the features have no {missing} column(s) (they have {sorted(features[0])}). "
+                "Each feature must be one VARDataset group with the columns "
+                f"{list(VAR_COLUMNS)}; a Trainer with remove_unused_columns=True (the default of "
+                "TrainingArguments, and of TRL's SFTConfig) drops every column its model's forward (or "
+                "its signature columns) does not name: set remove_unused_columns=False"
+            )
+        features = [
+            {c: torch.as_tensor(f[c], dtype=torch.float32 if c in ("rewards", "ref_logps") else torch.long)
+             for c in VAR_COLUMNS}
+            for f in features
+        ]
+        T = max(f["input_ids"].shape[1] for f in features)
+
+        def pad(t, value):
+            return torch.nn.functional.pad(t, (0, T - t.shape[1]), value=value)
+
+        return {
+            "input_ids": torch.cat([pad(f["input_ids"], self.pad_token_id) for f in features]),
+            "attention_mask": torch.cat([pad(f["attention_mask"], 0) for f in features]),
+            "labels": torch.cat([pad(f["labels"], self.ignore_index) for f in features]),
+            "rewards": torch.stack([f["rewards"] for f in features]),
+            "ref_logps": torch.stack([f["ref_logps"] for f in features]),
+        }
+
+
+class GroupShuffleSampler(torch.utils.data.Sampler):
+    """Group order for a plain PyTorch loop: a fresh seeded permutation of whole groups per epoch.
+
+    Call ``set_epoch(e)`` at the start of each epoch (as with ``DistributedSampler``); the order
+    depends only on (seed, epoch). ``transformers.Trainer`` does the same with its own sampler.
+    """
+
+    def __init__(self, num_groups: int, seed: int = 0):
+        self.num_groups, self.seed, self.epoch = num_groups, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.num_groups, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.num_groups

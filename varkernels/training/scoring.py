@@ -1,0 +1,59 @@
+"""Scoring of fixed groups: R (rewards) and Q (reference log-probs) per group, one progress bar.
+
+Each group of B examples (user indices ``idx``) gets R[i, j] = r(x_idx[i], y_idx[j]) and
+Q[i, j] = log π_ref(y_idx[j] | x_idx[i]) ([B, B]), or their diagonals ([B], the shared-context
+form). Pairs are kept as the user's example indices all the way down, so an error names the
+user's examples (``the prompt of example 3 and the response of example 9``), not positions
+inside a group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .lm_head import LMHead
+from .pairs import _pair_logps_separately, _pair_logps_shared, _score_reward_pairs
+from .progress import progress_bar
+
+
+def is_pair_scorer(reward) -> bool:
+    """A reward bound to the examples (``score_pairs(pairs of example indices)``): the text rewards."""
+    return callable(getattr(reward, "score_pairs", None))
+
+
+@torch.no_grad()
+def score_groups(
+    groups, prompts, responses, *, ref_model, reward, example_rewards, cross_pairs, reduction,
+    share_prefix, batch_size, progress,
+):
+    """(R, Q) of shape [G, B, B] (``cross_pairs``) or [G, B], float32 on CPU, for ``groups``."""
+    B = len(groups[0])
+    per_group = B * B if cross_pairs else B
+    bar = progress_bar(len(groups), "scoring VAR groups", progress, unit="group", pairs=len(groups) * per_group)
+    head = LMHead(ref_model)
+    was_training = ref_model.training
+    ref_model.eval()
+    no_bar = progress_bar(0, "", False)
+    R, Q = [], []
+    try:
+        for idx in groups:
+            if cross_pairs:
+                pairs = [(i, j) for i in idx for j in idx]
+                q = _pair_logps_shared if share_prefix else _pair_logps_separately
+                Q.append(q(ref_model, head, pairs, prompts, responses, reduction, batch_size or B, no_bar).view(B, B))
+            else:
+                pairs = [(k, k) for k in idx]
+                Q.append(_pair_logps_separately(ref_model, head, pairs, prompts, responses, reduction,
+                                                batch_size or 8, no_bar))
+            if example_rewards is not None:
+                R.append(example_rewards[torch.tensor(idx)])
+            elif is_pair_scorer(reward):
+                R.append(reward.score_pairs(pairs).float().reshape(Q[-1].shape))
+            else:
+                bs = batch_size or (B if cross_pairs else 8)
+                R.append(_score_reward_pairs(reward, pairs, prompts, responses, bs, no_bar, None).view(Q[-1].shape))
+            bar.update(1)
+    finally:
+        bar.close()
+        ref_model.train(was_training)
+    return torch.stack(R).float(), torch.stack(Q).float()
