@@ -176,6 +176,25 @@ def trace_naive(c: Case, form: str) -> cm.Trace:
     return tr
 
 
+def trace_naive_ce(c: Case, *, upcast: bool = True) -> cm.Trace:
+    """Plain cross-entropy on materialised logits, ``F.cross_entropy((h @ Wᵀ).float(), y)`` (``upcast=False``:
+    on the bf16 logits), forward + ``backward()`` with autograd on fake CPU tensors as :func:`trace_naive`.
+    Not a provider of the table (the VAR loss's baseline is :func:`trace_naive`): the calibration test costs
+    published cross-entropy measurements with it (tests/test_cost_model_calibration.py)."""
+    with FakeTensorMode():
+        h = torch.empty(c.tokens, c.H, dtype=BF16, requires_grad=True)
+        w = torch.empty(c.V, c.H, dtype=BF16, requires_grad=True)
+        y = torch.zeros(c.tokens, dtype=torch.long)
+
+        def run():  # the logits are a temporary (no name holds them through the backward)
+            torch.nn.functional.cross_entropy((h @ w.t()).float() if upcast else h @ w.t(), y).backward()
+            return [h.grad, w.grad]
+
+        tr = cm.trace_call(run, returned=lambda r: r)
+    tr.method = f"traced (autograd on fake CPU tensors, costed as CUDA; {'fp32' if upcast else 'bf16'} logits CE)"
+    return tr
+
+
 # ---------------------------------------------------------------------------------------- counted
 
 
@@ -196,46 +215,63 @@ def _master_cast_out(k: cm.CountedTrace, c: Case, w16_bytes: int) -> int:
     return 4 * vh
 
 
-def count_liger_flce(c: Case) -> cm.Trace:
-    """Liger-Kernel 0.8.5 ``LigerFusedLinearCrossEntropyFunction`` with reduction="none",
-    accum_dtype=fp32 (as a VAR user calls it): the forward computes the loss only; the backward recomputes
-    the chunked logits with the per-token upstream gradient (liger_kernel/ops/fused_linear_cross_entropy.py).
-    Chunk = next_pow2(ceil(N / ceil(V/H))) rows; logits chunks [chunk, V] in bf16 in DRAM."""
+def count_liger_flce(c: Case, *, reduction: str = "none", accum_fp32: bool = True) -> cm.Trace:
+    """Liger-Kernel 0.8.5 ``LigerFusedLinearCrossEntropyFunction`` (liger_kernel/ops/fused_linear_cross_entropy.py).
+    Chunk = next_pow2(ceil(N / ceil(V/H))) rows; logits chunks [chunk, V] in bf16 in DRAM.
+
+    ``reduction="none"`` (as a VAR user calls it, the provider of the table): the forward computes the loss only;
+    the backward recomputes the chunked logits with the per-token upstream gradient. ``reduction="mean"`` (a
+    scalar loss, as an SFT loss calls it; tests/test_cost_model_calibration.py): one pass in the forward computes
+    the loss and both gradients; the backward skips its scaling when the upstream gradient is 1.
+    ``accum_fp32``: the weight gradient accumulated in fp32 (``accum_dtype=torch.float32``, cast to bf16 at the
+    end) or, False, in the parameter dtype (Liger's default ``accum_dtype=None``: bf16 ``addmm`` into a bf16
+    buffer)."""
+    if reduction not in ("none", "mean"):
+        raise ValueError(f"reduction must be 'none' or 'mean', got {reduction!r}")
     N, H, V = c.tokens, c.H, c.V
+    acc = F32 if accum_fp32 else BF16
     k = cm.CountedTrace()
     w16 = _master_cast_in(k, c) if c.master else 0
     chunk = min(2 ** math.ceil(math.log2(math.ceil(N / math.ceil(V / H)))), N)
     chunks = [min(chunk, N - s) for s in range(0, N, chunk)]
-    # forward: grad_input zeros (allocated even without gradients), loss-only CE kernel (1 read)
-    gi = k.alloc(N * H * 2)
-    k.kernel("zeros grad_input", 0, N * H * 2)
-    logits = k.alloc(chunk * V * 2)
-    for n in chunks:
-        k.gemm(n, V, H, BF16, BF16, name="logits = h·Wᵀ (forward)")
-        k.kernel("liger_cross_entropy_kernel (loss only: 1 read)", n * V * 2, n * 4)
-    k.free(logits)
-    k.free(gi)
-    # backward: recompute with token_grad_output
+    if reduction == "none":
+        # forward: grad_input zeros (allocated even without gradients), loss-only CE kernel (1 read)
+        gi = k.alloc(N * H * 2)
+        k.kernel("zeros grad_input", 0, N * H * 2)
+        logits = k.alloc(chunk * V * 2)
+        for n in chunks:
+            k.gemm(n, V, H, BF16, BF16, name="logits = h·Wᵀ (forward)")
+            k.kernel("liger_cross_entropy_kernel (loss only: 1 read)", n * V * 2, n * 4)
+        k.free(logits)
+        k.free(gi)
+    # the pass that computes the gradients: the backward's recompute ("none") or the forward itself ("mean")
     k.alloc(N * H * 2)
     k.kernel("zeros grad_input", 0, N * H * 2)
-    k.alloc(V * H * 4)
-    k.kernel("zeros grad_weight fp32", 0, V * H * 4)
+    k.alloc(V * H * acc.itemsize)
+    k.kernel(f"zeros grad_weight {'fp32' if accum_fp32 else 'bf16'}", 0, V * H * acc.itemsize)
     logits = k.alloc(chunk * V * 2)
+    where = "backward recompute" if reduction == "none" else "forward"
     for n in chunks:
-        k.gemm(n, V, H, BF16, BF16, name="logits = h·Wᵀ (backward recompute)")
+        k.gemm(n, V, H, BF16, BF16, name=f"logits = h·Wᵀ ({where})")
         k.kernel("liger_cross_entropy_kernel (2 reads + 1 write, in place)", 2 * n * V * 2, n * V * 2)
-        tmp = k.alloc(n * V * 2)
-        k.kernel("grad_logits * token_grad_output", n * V * 2, n * V * 2)
+        tmp = 0
+        if reduction == "none":
+            tmp = k.alloc(n * V * 2)
+            k.kernel("grad_logits * token_grad_output", n * V * 2, n * V * 2)
         k.gemm(n, H, V, BF16, BF16, name="grad_h = g·W")
-        k.gemm(V, H, n, BF16, F32, name="grad_W += gᵀ·h (addmm out_dtype fp32)", accumulate=True)
+        k.gemm(V, H, n, BF16, acc, name=f"grad_W += gᵀ·h (addmm {'out_dtype fp32' if accum_fp32 else 'bf16'})",
+               accumulate=True)
         k.free(tmp)
     k.free(logits)
-    k.alloc(V * H * 2)
-    k.kernel("grad_weight.to(bf16)", V * H * 4, V * H * 2)
-    k.free(V * H * 4)
+    if accum_fp32:
+        k.alloc(V * H * 2)
+        k.kernel("grad_weight.to(bf16)", V * H * 4, V * H * 2)
+        k.free(V * H * 4)
     returned = N * H * 2 + (_master_cast_out(k, c, w16) if c.master else V * H * 2)
     tr = k.trace(returned)
-    tr.method = f"counted (published algorithm; chunk {chunk} rows)"
+    variant = "" if (reduction, accum_fp32) == ("none", True) else (
+        f", reduction={reduction}, {'fp32' if accum_fp32 else 'bf16'} accumulator")
+    tr.method = f"counted (published algorithm; chunk {chunk} rows{variant})"
     return tr
 
 

@@ -2,6 +2,8 @@
 
     python benchmarks/gpu_measures.py                          # V ∈ {32000, 128256}, bf16 and fp32
     python benchmarks/gpu_measures.py --V 256000 --dtypes float16
+    python benchmarks/gpu_measures.py --device-name "NVIDIA H200"          # sm_90 costed as the H200
+    python benchmarks/gpu_measures.py --calibration benchmarks/results/gpu_suite.csv  # at the suite's measured rates
 
 For B=8, T=512 (forward + backward, upstream gradient 1, every token a target):
 
@@ -13,9 +15,14 @@ For B=8, T=512 (forward + backward, upstream gradient 1, every token a target):
   running the interpreter at T=512 would take many minutes for the same numbers.
 * cubin resources of the kernels at their default launch (registers, shared memory, local
   memory = spills) for sm_80 and sm_90, compiled ahead of time, and an occupancy ESTIMATE.
-* a roofline time ESTIMATE = bytes / peak DRAM bandwidth (A100 2.0 TB/s for sm_80, H100 SXM
-  3.35 TB/s for sm_90). It is a lower bound that ignores launch overhead, latency and the gap
-  between achieved and peak bandwidth. No GPU was used; nothing here is a measured GPU time.
+* a roofline time ESTIMATE = bytes / peak DRAM bandwidth of the GPU assumed for each arch: the cost
+  model's datasheet entries (varkernels/testing/costmodel.py), A100 SXM 2.0 TB/s for sm_80 and
+  H100 SXM 3.35 TB/s for sm_90, unless a device is named: ``--device-name`` (by default the CUDA
+  device's name when one is present) puts its entry in its arch's place (an "NVIDIA H200" is sm_90
+  too, at 4.8 TB/s), and ``--calibration`` a GPU suite CSV (benchmarks/gpu_suite.py) costs it at the
+  rates its calibration step measured on that device (``measured_gpu``). It is a lower bound that
+  ignores launch overhead, latency and the gap between achieved and peak bandwidth. Nothing here
+  runs on a GPU; nothing here is a measured GPU time.
 
 Rows are appended to benchmarks/results/gpu_measures.csv with the machine and versions.
 """
@@ -42,12 +49,58 @@ from varkernels.core import _triton_kernels  # noqa: E402
 from varkernels.core.autograd import scale_triton_launch  # noqa: E402
 from varkernels.core.token import token_triton_launch  # noqa: E402
 from varkernels.testing import aot  # noqa: E402
+from varkernels.testing import costmodel as cm  # noqa: E402
 from varkernels.testing.traffic import count_aten_traffic, count_triton_traffic  # noqa: E402
 from varkernels.var import _weights_kernel  # noqa: E402
 from varkernels.var.weights import var_weights_triton_launch  # noqa: E402
 
-GPUS = {"sm_80": ("A100", 2.0e12), "sm_90": ("H100 SXM", 3.35e12)}  # assumed GPU, peak DRAM bytes/s
+GPUS = {"sm_80": cm.A100_SXM, "sm_90": cm.H100_SXM}  # the GPU assumed for each compile arch without a device
+ARCH_OF = {cm.A100_SXM.name: "sm_80", cm.A100_PCIE.name: "sm_80", cm.H100_SXM.name: "sm_90",
+           cm.H200_SXM.name: "sm_90"}  # the compile arch of each GPU of the cost model's table
 COUNT_T = (2, 4)  # sequence lengths actually run in the interpreter
+
+
+def cuda_device_name():
+    """The CUDA device's name, or None without one (nothing is run on it)."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def calibration_of(rows, device_name=None) -> tuple:
+    """(device name, calibration rows) of the last GPU suite run in ``rows`` (of ``device_name`` if given)
+    that has an ok calibration."""
+    runs = [r for r in rows if r.get("part") == "calibrate" and r.get("status") == "ok"
+            and (device_name is None or r.get("gpu") == device_name)]
+    if not runs:
+        raise ValueError(f"calibration: expected a GPU suite CSV with ok 'calibrate' rows"
+                         f"{f' of {device_name!r}' if device_name else ''}, got none")
+    last = runs[-1]["run"]
+    return runs[-1]["gpu"], [r for r in runs if r["run"] == last]
+
+
+def assumed_gpus(device_name=None, calibration_rows=None) -> dict:
+    """arch -> the cost model's GPU whose DRAM bandwidth costs that arch's roofline estimate: :data:`GPUS`, with
+    the named device's datasheet entry (``gpu_for_device_name``) in its arch's place, at the rates measured on
+    it when ``calibration_rows`` (a GPU suite run's 'calibrate' rows) are given, as the suite does."""
+    gpus = dict(GPUS)
+    if not device_name:
+        if calibration_rows:
+            raise ValueError("device_name: expected the name of the device the calibration rows were measured on, "
+                             "got none")
+        return gpus
+    sheet = cm.gpu_for_device_name(device_name)
+    if sheet is None:
+        raise ValueError(f"device_name: expected a GPU of the cost model's table "
+                         f"({', '.join(g.name for g in cm.GPUS.values())}), got {device_name!r}")
+    gpu = sheet
+    if calibration_rows:
+        import gpu_suite
+
+        gpu, _ = gpu_suite.calibrated_gpu(calibration_rows, device_name)
+        if gpu is None:
+            raise ValueError(f"calibration_rows: expected a measured GEMM rate and copy bandwidth of "
+                             f"{device_name!r}, got {len(calibration_rows)} rows without both")
+    gpus[ARCH_OF[sheet.name]] = gpu
+    return gpus
 
 
 def make_inputs(B, T, V, dtype, seed=0):
@@ -104,9 +157,25 @@ def main(argv=None):
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
                    choices=["float32", "bfloat16", "float16"])
     p.add_argument("--csv", default=str(RESULTS / "gpu_measures.csv"))
+    p.add_argument("--device-name", default=None,
+                   help="cost the roofline of this device's arch as this GPU (torch.cuda.get_device_name(), e.g. "
+                        "'NVIDIA H200'); default: the CUDA device's name when one is present")
+    p.add_argument("--calibration", default=None,
+                   help="a GPU suite CSV: cost the device at the rates its last calibration step measured")
     args = p.parse_args(argv)
     B, T = args.B, args.T
     have_cuobjdump = aot.cuobjdump_path() is not None
+    device_name, calibration_rows = args.device_name, None
+    if args.calibration:
+        import gpu_suite
+
+        device_name, calibration_rows = calibration_of(gpu_suite.read_rows(Path(args.calibration)), device_name)
+    elif device_name is None and (detected := cuda_device_name()) is not None:
+        if cm.gpu_for_device_name(detected) is None:
+            print(f"device {detected!r} is not in the cost model's table: datasheet defaults kept")
+        else:
+            device_name = detected
+    gpus = assumed_gpus(device_name, calibration_rows)
 
     revision = git_revision()
     print(machine_line() + f" | varkernels {revision}")
@@ -115,7 +184,7 @@ def main(argv=None):
     print(f"bytes: COUNTED at B={B}, T={COUNT_T[0]} and T={COUNT_T[1]} in the Triton interpreter / a "
           f"TorchDispatchMode, EXTRAPOLATED linearly in T to T={T}")
     print("times: ROOFLINE ESTIMATES = bytes / peak DRAM bandwidth "
-          + ", ".join(f"{a} → {g} {bw / 1e12:.2f} TB/s" for a, (g, bw) in GPUS.items())
+          + ", ".join(f"{a} → {g.name} {g.dram_bytes_per_s / 1e12:.2f} TB/s" for a, g in gpus.items())
           + "; no GPU was used")
     if not have_cuobjdump:
         print("cuobjdump not found: cubin resources are left empty")
@@ -125,7 +194,7 @@ def main(argv=None):
     resources = {}
     if have_cuobjdump:
         resources = aot.compile_specs(list(dict.fromkeys(s for sp in specs.values() for s in sp.values())),
-                                      archs=GPUS, workers=2)
+                                      archs=list(gpus), workers=2)
 
     rows = []
     header = (f"{'V':>7s} {'dtype':>9s} {'fused MB':>9s} {'naive MB':>9s} {'naive/fused':>11s} "
@@ -137,7 +206,8 @@ def main(argv=None):
         esize = torch.empty((), dtype=dtype).element_size()
         floor = 2 * B * T * V * esize  # docs/design.md §4.3 floor: one read of the logits, one write of the gradient
         fused = b["fused_kernel_bytes"] + b["fused_glue_bytes"]
-        for arch, (gpu, bandwidth) in GPUS.items():
+        for arch, gpu in gpus.items():
+            bandwidth = gpu.dram_bytes_per_s
             tok = resources.get((specs[(V, dtype)]["token"], arch), {})
             sca = resources.get((specs[(V, dtype)]["scale"], arch), {})
             wei = resources.get((specs[(V, dtype)]["weights"], arch), {})
@@ -146,7 +216,8 @@ def main(argv=None):
                 "bytes_method": f"counted at T={COUNT_T[0]},{COUNT_T[1]}; linear in T", **b,
                 "fused_bytes": fused, "naive_over_fused": b["naive_bytes"] / fused,
                 "floor_bytes": floor, "fused_over_floor": fused / floor,
-                "arch": arch, "assumed_gpu": gpu, "assumed_bandwidth_Bps": bandwidth,
+                "arch": arch, "assumed_gpu": gpu.name, "assumed_bandwidth_Bps": bandwidth,
+                "assumed_gpu_source": gpu.source,
                 "token_num_warps": specs[(V, dtype)]["token"].num_warps,
                 "token_block_v": dict(specs[(V, dtype)]["token"].constexprs)["BLOCK_V"],
                 "token_regs": tok.get("regs"), "token_shared": tok.get("shared"),
