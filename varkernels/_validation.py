@@ -162,12 +162,12 @@ def check_inplace(logits: torch.Tensor, inplace: bool) -> None:
 
 
 def data_checks_enabled(*tensors) -> bool:
-    """False under ``torch.compile`` and for fake tensors: data checks need real values and a sync."""
+    """False under ``torch.compile`` and for fake or meta tensors: data checks need real values and a sync."""
     if torch.compiler.is_compiling():
         return False
     from torch._subclasses.fake_tensor import is_fake
 
-    return not any(t is not None and is_fake(t) for t in tensors)
+    return not any(t is not None and (t.device.type == "meta" or is_fake(t)) for t in tensors)
 
 
 def check_values(
