@@ -404,10 +404,10 @@ def test_cpu_backend_loads_its_kernel_in_a_fresh_process():
     require_backend("cpu")
     code = (
         "import torch\n"
-        "from varkernels.core.autograd import linear_token_forward, token_forward\n"
+        "from varkernels.core.autograd import token_forward\n"
+        "from varkernels.core.token import TokenOptions\n"
         "x = torch.randn(2, 3, 11, requires_grad=True); y = torch.zeros(6, dtype=torch.long)\n"
-        "v, _ = token_forward(x, y, torch.ones(6), backend='cpu', softcap=None, inv_temperature=1.0,"
-        " ignore_index=-100)\n"
+        "v, _ = token_forward(x, y, torch.ones(6), TokenOptions('cpu'))\n"
         "v.backward()\n"
         "import varkernels\n"
         "print(float(varkernels.weighted_nll(x, y.view(2, 3), torch.ones(2), backend='cpu')))\n"

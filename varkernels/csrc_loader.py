@@ -59,7 +59,19 @@ OPENMP_FLAGS = ("-fopenmp",) if sys.platform.startswith("linux") else ()
 log = logging.getLogger("varkernels")
 
 _lock = threading.Lock()
-_state: dict = {}  # "module": the loaded module or None; "error": why it is None
+_state: dict = {}  # "module": the loaded module or None; "error": why it is None; "stale": see _load_aot
+_on_load: list = []  # callbacks run once the module is loaded (the owner of an operator registers its fake)
+
+
+def on_load(callback) -> None:
+    """Run ``callback()`` once the extension is loaded (now, if it already is). The Python module that
+    owns the C++ operator registers its fake implementation this way, so the loader imports nothing of
+    the package."""
+    with _lock:
+        _on_load.append(callback)
+        loaded = _state.get("module") is not None
+    if loaded:
+        callback()
 
 
 def source_hash(csrc: Path = CSRC) -> str | None:
@@ -239,10 +251,9 @@ def load_extension(required: bool = False):
         if "module" not in _state:
             mod, error = _load()
             _state["module"], _state["error"] = mod, error
-            if mod is not None:
-                from .core.token import register_cpu_fake  # the operator's schema exists from here on
-
-                register_cpu_fake()
+            if mod is not None:  # the operator's schema exists from here on
+                for callback in _on_load:
+                    callback()
             if mod is None and not required and not error.startswith("disabled"):
                 warnings.warn(
                     f"varkernels: the C++ CPU kernel is unavailable: {error}. "

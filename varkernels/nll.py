@@ -20,9 +20,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._validation import REDUCTIONS, check_call, check_inplace, check_linear, check_option
+from ._docs import compose
+from ._prepare import Prepared, prepare_call
+from ._validation import check_inplace, check_options
 from .core.autograd import linear_token_forward, token_forward
-from .core.linear import default_chunk_size
 
 
 class NLLOutput(NamedTuple):
@@ -72,31 +73,21 @@ def sequence_values(lp: torch.Tensor, seq_coef: torch.Tensor) -> torch.Tensor:
     return lp.detach().view(seq_coef.shape[0], -1).sum(dim=1) * seq_coef
 
 
-def nll_forward(checked, logits, weights, *, reduction, ignore_index, shift_labels, softcap, temperature,
-                inplace):
-    """(loss, lp [N·T], c [N]) of the logits form, on an already checked call (VAR enters here)."""
-    coef, seq_coef = token_coefficients(weights, checked.labels, ignore_index, reduction, shift_labels)
-    loss, lp = token_forward(
-        logits, checked.labels.reshape(-1).contiguous(), coef, backend=checked.backend, softcap=softcap,
-        inv_temperature=1.0 / float(temperature), ignore_index=ignore_index, inplace=inplace,
-    )
+def nll_forward(call: Prepared, logits, weights, *, reduction: str, shift_labels: bool, inplace: bool = False):
+    """(loss, lp [N·T], c [N]) of the logits form, on a prepared call (VAR enters here)."""
+    dlp, seq_coef = token_coefficients(weights, call.labels, call.opts.ignore_index, reduction, shift_labels)
+    loss, lp = token_forward(logits, call.flat_labels, dlp, call.opts, inplace=inplace)
     return loss, lp, seq_coef
 
 
-def linear_nll_forward(checked, hidden, weight, bias, weights, *, reduction, ignore_index, shift_labels, softcap,
-                       temperature, chunk_size, grad_accum_dtype):
-    """(loss, lp [N·T], c [N]) of the fused-linear form, on an already checked call (VAR enters here)."""
-    coef, seq_coef = token_coefficients(weights, checked.labels, ignore_index, reduction, shift_labels)
-    V = weight.shape[0]
-    loss, lp = linear_token_forward(
-        hidden, weight, bias, checked.labels.reshape(-1).contiguous(), coef, backend=checked.backend,
-        softcap=softcap, inv_temperature=1.0 / float(temperature), ignore_index=ignore_index,
-        chunk_size=chunk_size or default_chunk_size(V, hidden.device.type, hidden.element_size()),
-        accum_fp32=grad_accum_dtype == torch.float32,
-    )
+def linear_nll_forward(call: Prepared, hidden, weight, bias, weights, *, reduction: str, shift_labels: bool):
+    """(loss, lp [N·T], c [N]) of the fused-linear form, on a prepared call (VAR enters here)."""
+    dlp, seq_coef = token_coefficients(weights, call.labels, call.opts.ignore_index, reduction, shift_labels)
+    loss, lp = linear_token_forward(hidden, weight, bias, call.flat_labels, dlp, call.opts)
     return loss, lp, seq_coef
 
 
+@compose
 def weighted_nll(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -116,36 +107,29 @@ def weighted_nll(
     loss = −(1/N)·Σ_i c_i·Σ_t w[i, t]·lp[i, t], c_i = 1 ("sum") or 1/n_i ("mean"); see the module docstring.
 
     Args:
-        logits: [N, T, V] float32/bfloat16/float16, any strides (never copied, also with shift_labels).
-        labels: [N, T] int64/int32; ``ignore_index`` marks prompt and padding.
-        weights: [N] (per sequence) or [N, T] (per token, indexed like labels and shifted with them),
-            float; constants: a tensor that requires grad is an error (pass ``weights.detach()``).
-            Any sign; NaN/±inf are an error.
+        {logits}
+        {labels}
+        {weights}
         reduction: "mean" (default: per sequence over its non-ignored tokens) or "sum".
-        shift_labels: Hugging Face causal shift (position t predicts labels[:, t+1]); no copy of logits.
-        softcap, temperature: logit transforms c·tanh(ℓ/c), then ℓ/τ.
-        inplace: overwrite ``logits`` with its gradient (saves a [N, T, V] buffer; destroys logits).
-            Nothing is written under ``torch.no_grad()``.
-        return_aux: return an ``NLLOutput`` (loss, policy_logps [N] reduced like ``reduction``).
-        backend: "auto" | "triton" | "cpu" | "torch".
+        {shift_labels}
+        {transforms}
+        {inplace}
+        return_aux: return an ``NLLOutput`` (loss, policy_logps [B] reduced like ``reduction``).
+        {backend}
     Returns:
-        float32 scalar loss, or ``NLLOutput``. The logits gradient has the logits' dtype; it is computed
-        in the forward, so the graph supports one backward.
+        float32 scalar loss, or ``NLLOutput``. The logits gradient has the logits' dtype.
+        {one_backward}
     """
-    check_option("reduction", reduction, REDUCTIONS)
-    V = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() == 3 else 0
-    checked = check_call(
-        "logits", logits, labels, V, ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap,
-        temperature=temperature, backend=backend, weights=weights,
-    )
+    check_options(reduction=reduction)
+    call = prepare_call("logits", logits, labels, ignore_index=ignore_index, shift_labels=shift_labels,
+                        softcap=softcap, temperature=temperature, backend=backend, weights=weights)
     check_inplace(logits, inplace)
-    loss, lp, seq_coef = nll_forward(
-        checked, logits, weights, reduction=reduction, ignore_index=ignore_index, shift_labels=shift_labels,
-        softcap=softcap, temperature=temperature, inplace=inplace,
-    )
+    loss, lp, seq_coef = nll_forward(call, logits, weights, reduction=reduction, shift_labels=shift_labels,
+                                     inplace=inplace)
     return NLLOutput(loss, sequence_values(lp, seq_coef)) if return_aux else loss
 
 
+@compose
 def linear_weighted_nll(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -166,26 +150,20 @@ def linear_weighted_nll(
     """Weighted NLL from the last hidden states and the lm_head weight, never holding [N, T, V] logits.
 
     Args:
-        hidden: [N, T, H] float32/bfloat16/float16, any strides (never copied, also with shift_labels).
-        weight: [V, H] as ``lm_head.weight``, dtype of hidden. bias: [V] or None.
+        {hidden}
+        {weight}
         labels, weights, reduction and the other keywords: as in :func:`weighted_nll`.
-        chunk_size: token rows per chunk; default ``default_chunk_size(V, device, dtype)``.
-        grad_accum_dtype: dtype of the weight/bias gradient accumulators: torch.float32 (default) or the
-            weight's dtype.
+        {chunk_size}
+        {grad_accum_dtype}
     Returns:
-        float32 scalar loss or ``NLLOutput``. Gradients of hidden, weight and bias are computed in the
-        forward; one backward per graph. The logits chunks are temporaries (no ``inplace`` option).
+        float32 scalar loss or ``NLLOutput``. Gradients of hidden, weight (and bias) in their dtypes.
+        {one_backward}
+        The logits chunks are temporaries, always overwritten by their gradient (no ``inplace`` option).
     """
-    check_option("reduction", reduction, REDUCTIONS)
-    V = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
-    check_linear(hidden, weight, bias, chunk_size, grad_accum_dtype)
-    checked = check_call(
-        "hidden", hidden, labels, V, ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap,
-        temperature=temperature, backend=backend, weights=weights,
-    )
-    loss, lp, seq_coef = linear_nll_forward(
-        checked, hidden, weight, bias, weights, reduction=reduction, ignore_index=ignore_index,
-        shift_labels=shift_labels, softcap=softcap, temperature=temperature, chunk_size=chunk_size,
-        grad_accum_dtype=grad_accum_dtype,
-    )
+    check_options(reduction=reduction)
+    call = prepare_call("hidden", hidden, labels, head=(weight, bias), ignore_index=ignore_index,
+                        shift_labels=shift_labels, softcap=softcap, temperature=temperature, backend=backend,
+                        chunk_size=chunk_size, grad_accum_dtype=grad_accum_dtype, weights=weights)
+    loss, lp, seq_coef = linear_nll_forward(call, hidden, weight, bias, weights, reduction=reduction,
+                                            shift_labels=shift_labels)
     return NLLOutput(loss, sequence_values(lp, seq_coef)) if return_aux else loss

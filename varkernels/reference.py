@@ -1,6 +1,7 @@
 """Plain PyTorch VAR loss: docs/design.md §1 written out, readable first, used as the ground truth.
 
-Every kernel in varkernels is tested against these functions. They materialise the full
+Every kernel in varkernels is tested against these functions. This module imports only the leaf
+``_validation`` (shared shape rules and messages), never the kernels it checks. They materialise the full
 [B, T, V] log-softmax, so they are meant for checking and for small shapes, not for training
 (``backend="torch"`` of the public ops is the memory-light PyTorch path).
 
@@ -14,8 +15,7 @@ from typing import Optional
 
 import torch
 
-from ._validation import VAROutput, shifted_labels
-from .var.weights import importance_overflow_message  # the error text only: the maths stays here
+from ._validation import VAROutput, importance_overflow_message, pair_form, shifted_labels
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -121,18 +121,6 @@ def ess(weights: torch.Tensor) -> torch.Tensor:
     return weights.sum() ** 2 / (weights * weights).sum()
 
 
-def _groups(rewards: torch.Tensor, rows: int) -> tuple[int, int, bool]:
-    """(k, B, cross_pairs) of rewards for ``rows`` policy rows: [B, B] / [B] is one group,
-    [k, B, B] / [k, B] is k groups of B."""
-    if rewards.dim() == 3:
-        return rewards.shape[0], rewards.shape[1], True
-    if rewards.dim() == 2 and tuple(rewards.shape) == (rows, rows):
-        return 1, rows, True
-    if rewards.dim() == 2:
-        return rewards.shape[0], rewards.shape[1], False
-    return 1, rows, False
-
-
 def var_loss_reference(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -163,7 +151,7 @@ def var_loss_reference(
         logits, labels, reduction=logp_reduction, ignore_index=ignore_index,
         shift_labels=shift_labels, softcap=softcap, temperature=temperature,
     )
-    k, B, cross = _groups(rewards, s.shape[0])
+    k, B, cross = pair_form("rewards", rewards, s.shape[0])
     R = rewards.reshape((k, B, B) if cross else (k, B))
     Q = ref_logps.reshape(R.shape)
     losses, ws, log_zs, esss = [], [], [], []

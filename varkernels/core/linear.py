@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 from torch.library import custom_op
 
-from .token import token_op
+from .token import TokenOptions, kernel_coef, token_op
 
 # Memory budget of one [chunk, V] logits block, counted in fp32 bytes. CPU: 32 MiB keeps the
 # extra memory of the loss at ~0.2x naive's at B=4, T=512, V=32000 (benchmarks/bench_fused_linear.py)
@@ -76,23 +76,19 @@ def linear_token_pass(
     labels: torch.Tensor,
     coef: Optional[torch.Tensor],
     lse_in: Optional[torch.Tensor],
-    want_hidden: bool,
-    want_weight: bool,
-    want_bias: bool,
-    backend: str,
-    softcap: Optional[float],
-    inv_temperature: float,
-    ignore_index: int,
-    chunk_size: int,
-    accum_fp32: bool = True,
+    wants: tuple,
+    opts: TokenOptions,
     compact: bool = True,
 ):
     """One chunked pass. hidden [B, T, H]; weight [V, H]; bias [V] | None; labels [B·T];
-    coef, lse_in [B·T] fp32 | None.
+    coef (the kernels' convention, see token.py), lse_in [B·T] fp32 | None; wants: (hidden, weight, bias)
+    gradients asked for; opts: the call's :class:`TokenOptions`.
 
     Returns (lp [B·T] fp32, lse [B·T] fp32, grad_hidden [B, T, H] | [0], grad_weight [V, H] fp32 | [0],
     grad_bias [V] fp32 | [0]); a gradient is an empty [0] tensor unless ``coef`` is given and it is wanted.
     """
+    want_hidden, want_weight, want_bias = wants
+    backend, softcap, inv_temperature, ignore_index, chunk_size, accum_fp32 = opts
     B, T, H = hidden.shape
     V = weight.shape[0]
     N = B * T
@@ -179,19 +175,16 @@ def _linear_token_pass_op(
     chunk_size: int,
     accum_fp32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return linear_token_pass(
-        hidden, weight, bias, labels, coef, lse_in, want_hidden, want_weight, want_bias, backend,
-        softcap, inv_temperature, ignore_index, chunk_size, accum_fp32,
-    )
+    opts = TokenOptions(backend, softcap, inv_temperature, ignore_index, chunk_size, accum_fp32)
+    return linear_token_pass(hidden, weight, bias, labels, coef, lse_in, (want_hidden, want_weight, want_bias), opts)
 
 
 @_linear_token_pass_op.register_fake
-def _(hidden, weight, bias, labels, coef, lse_in, want_hidden, want_weight, want_bias, backend,
-      softcap, inv_temperature, ignore_index, chunk_size, accum_fp32):
+def _(hidden, weight, bias, labels, coef, lse_in, want_hidden, want_weight, want_bias, *flat_opts):
     B, T, H = hidden.shape
     V = weight.shape[0]
     f32 = torch.float32
-    acc = f32 if accum_fp32 else weight.dtype
+    acc = f32 if TokenOptions(*flat_opts).accum_fp32 else weight.dtype
     has_grad = coef is not None
     gh = torch.empty_like(hidden) if has_grad and want_hidden else hidden.new_empty(0)
     gw = hidden.new_empty(V, H, dtype=acc) if has_grad and want_weight else hidden.new_empty(0)
@@ -199,6 +192,16 @@ def _(hidden, weight, bias, labels, coef, lse_in, want_hidden, want_weight, want
     return hidden.new_empty(B * T, dtype=f32), hidden.new_empty(B * T, dtype=f32), gh, gw, gb
 
 
-def linear_token_op(*args):
-    """The registered operator (the arguments of :func:`linear_token_pass` up to ``accum_fp32``)."""
-    return torch.ops.varkernels.linear_token_pass(*args)
+def run_linear_token(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    dlp: Optional[torch.Tensor],
+    lse_in: Optional[torch.Tensor],
+    wants: tuple,
+    opts: TokenOptions,
+):
+    """The registered operator with ``dlp`` = d value / d lp (or None: no gradient): the torch.library
+    boundary of the fused-linear form, where ``opts`` is flattened and the sign fixed (``kernel_coef``)."""
+    return torch.ops.varkernels.linear_token_pass(hidden, weight, bias, labels, kernel_coef(dlp), lse_in, *wants, *opts)

@@ -509,14 +509,16 @@ def varkernels_linear(hidden, weight, labels, coef, *, master_weight=None, chunk
     Returns the trace; returned gradients: grad_hidden and the weight gradient in the parameter's dtype."""
     from ..core.autograd import scale_grad_
     from ..core.linear import default_chunk_size, linear_token_pass
+    from ..core.token import TokenOptions
 
     V = (master_weight if master_weight is not None else weight).shape[0]
     chunk = chunk_size or default_chunk_size(V, "cuda", hidden.element_size())
 
     def run():
         w = master_weight.to(hidden.dtype) if master_weight is not None else weight
-        lp, lse, gh, gw, gb = linear_token_pass(hidden, w, None, labels, coef.neg(), None, True, True, False,
-                                                "triton", None, 1.0, -100, chunk, accum_fp32, compact=False)
+        opts = TokenOptions("triton", None, 1.0, -100, chunk, accum_fp32)
+        lp, lse, gh, gw, gb = linear_token_pass(hidden, w, None, labels, coef.neg(), None, (True, True, False), opts,
+                                                compact=False)
         value = (coef * lp).sum()
         del lse, gb
         one = torch.ones((), dtype=torch.float32, device=hidden.device)

@@ -22,17 +22,8 @@ import math
 import torch
 from torch.library import triton_op
 
-from .._validation import data_checks_enabled
+from .._validation import data_checks_enabled, importance_overflow_message
 from ..core.token import launchable
-
-
-def importance_overflow_message(weighting: str) -> str:
-    return (
-        f"VAR weights are not finite (weighting={weighting!r}): exp(R[i,i]/beta - log Z_i) "
-        "overflowed float32. With sequence-summed ref log-probs log Z_i is very negative, so "
-        "importance weights are unbounded. Use logp_reduction='mean' for ref_logps and the "
-        "policy, weighting='posterior' (bounded by B), or a larger beta."
-    )
 
 
 def _as_group_strides(t: torch.Tensor) -> tuple[int, int, int]:
