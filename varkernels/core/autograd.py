@@ -32,7 +32,7 @@ import torch
 from torch.library import triton_op
 
 from .linear import run_linear_token
-from .token import TokenOptions, launchable, require_cpu_op, rne_bf16, run_token
+from .token import TokenOptions, require_cpu_op, rne_bf16, run_token
 
 # ---------------------------------------------------------------------------------- scaling
 
@@ -45,7 +45,7 @@ def scale_triton_launch(g: torch.Tensor, s: torch.Tensor) -> None:
 
     n = g.numel()
     block = 4096
-    launchable(_scale_kernel)[(triton.cdiv(n, block),)](g_ptr=g, s_ptr=s, N=n, BLOCK=block, RNE_BF16=rne_bf16(g))
+    torch.library.wrap_triton(_scale_kernel)[(triton.cdiv(n, block),)](g_ptr=g, s_ptr=s, N=n, BLOCK=block, RNE_BF16=rne_bf16(g))
 
 
 scale_triton = triton_op("varkernels::scale_triton", mutates_args={"g"})(scale_triton_launch)

@@ -174,22 +174,32 @@ def capture_launches(module: types.ModuleType, *names: str, as_on_gpu: bool = Tr
     """Replace the kernels ``names`` of ``module`` by recorders while the block runs.
 
     Launchers that import the kernel at call time (``from ._triton_kernels import k``) see the
-    recorder; nothing is executed, so the launcher can be called with ``meta`` tensors of the full
+    recorder, which ``torch.library.wrap_triton`` passes through while the block runs (it accepts
+    only Triton kernels otherwise); nothing is executed, so the launcher can be called with ``meta`` tensors of the full
     production shape. With ``as_on_gpu`` the interpreter is switched off (``TRITON_INTERPRET=0``)
     for the block, so launchers that choose a configuration for the interpreter choose the one
     of a GPU run. Yields the list of recorded ``Launch``es.
     """
+    import torch
+
     launches: list = []
     originals = {name: getattr(module, name) for name in names}
+    wrap_triton = torch.library.wrap_triton
+
+    def wrap_or_record(kernel):  # the launchers call torch.library.wrap_triton(kernel)[grid](...)
+        return kernel if isinstance(kernel, _Recorder) else wrap_triton(kernel)
+
     with contextlib.ExitStack() as stack:
         if as_on_gpu:
             stack.enter_context(triton.knobs.runtime.scope())  # restores the knob and the environment
             triton.knobs.runtime.interpret = False
         try:
+            torch.library.wrap_triton = wrap_or_record
             for name, kernel in originals.items():
                 setattr(module, name, _Recorder(name, kernel, launches))
             yield launches
         finally:
+            torch.library.wrap_triton = wrap_triton
             for name, kernel in originals.items():
                 setattr(module, name, kernel)
 

@@ -23,7 +23,6 @@ import torch
 from torch.library import triton_op
 
 from .._validation import data_checks_enabled, importance_overflow_message
-from ..core.token import launchable
 
 
 def _as_group_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -46,7 +45,7 @@ def var_weights_triton_launch(
     log_z = torch.empty(k * B, dtype=torch.float32, device=rewards.device)
     srg, srr, src = _as_group_strides(rewards)
     sqg, sqr, sqc = _as_group_strides(ref_logps)
-    launchable(_var_weights_kernel)[(k * B,)](
+    torch.library.wrap_triton(_var_weights_kernel)[(k * B,)](
         r_ptr=rewards, q_ptr=ref_logps, w_ptr=w, log_z_ptr=log_z, B=B,
         stride_rg=srg, stride_rr=srr, stride_rc=src, stride_qg=sqg, stride_qr=sqr, stride_qc=sqc,
         inv_beta=1.0 / beta, log_b=math.log(B),
