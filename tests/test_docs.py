@@ -118,6 +118,7 @@ def test_fragments_are_composed_into_the_public_docstrings():
     shared = _docs.FRAGMENTS["shift_labels"]
     users = [n for n, fn in PUBLIC.items() if shared in (fn.__doc__ or "")]
     assert {"fused_var_loss", "weighted_nll", "sequence_logps"} <= set(users), users
+    assert _docs.FRAGMENTS["weights"].split("\n")[0] in reference.weighted_nll_reference.__doc__
     for name in ("fused_linear_var_loss", "linear_weighted_nll", "linear_sequence_logps"):
         assert _docs.FRAGMENTS["chunk_size"].split("\n")[0] in PUBLIC[name].__doc__, name
 

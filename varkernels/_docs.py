@@ -17,8 +17,7 @@ FRAGMENTS = {
     "labels": "labels: [B, T] int64/int32; ``ignore_index`` marks prompt and padding.",
     "weights": (
         "weights: [B] (per sequence) or [B, T] (per token, indexed like labels and shifted with them),\n"
-        "float; constants: a tensor that requires grad is an error (pass ``weights.detach()``).\n"
-        "Any sign; NaN/±inf are an error."
+        "float constants of any sign."
     ),
     "shift_labels": "shift_labels: Hugging Face causal shift (position t predicts labels[:, t+1]); no copy of logits.",
     "transforms": "softcap, temperature: logit transforms c·tanh(ℓ/c), then ℓ/τ.",

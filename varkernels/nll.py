@@ -31,7 +31,7 @@ class NLLOutput(NamedTuple):
 
     Attributes:
         loss: [] float32 scalar, differentiable w.r.t. the policy.
-        policy_logps: [N] float32, c_i·Σ_t lp[i, t]: the sequence log-probs reduced like ``reduction``
+        policy_logps: [B] float32, c_i·Σ_t lp[i, t]: the sequence log-probs reduced like ``reduction``
             (unweighted, detached; 0 for a row without tokens).
     """
 
@@ -102,14 +102,16 @@ def weighted_nll(
     return_aux: bool = False,
     backend: str = "auto",
 ):
-    """Weighted NLL from policy logits, without materialising [N, T, V] log-probabilities.
+    """Weighted NLL from policy logits, without materialising [B, T, V] log-probabilities.
 
-    loss = −(1/N)·Σ_i c_i·Σ_t w[i, t]·lp[i, t], c_i = 1 ("sum") or 1/n_i ("mean"); see the module docstring.
+    loss = −(1/B)·Σ_i c_i·Σ_t w[i, t]·lp[i, t], c_i = 1 ("sum") or 1/n_i ("mean"); see the module docstring.
 
     Args:
         {logits}
         {labels}
         {weights}
+            A weight tensor that requires grad is an error (no gradient flows into the weights: pass
+            ``weights.detach()``), and so are NaN and ±inf.
         reduction: "mean" (default: per sequence over its non-ignored tokens) or "sum".
         {shift_labels}
         {transforms}
@@ -147,7 +149,7 @@ def linear_weighted_nll(
     return_aux: bool = False,
     backend: str = "auto",
 ):
-    """Weighted NLL from the last hidden states and the lm_head weight, never holding [N, T, V] logits.
+    """Weighted NLL from the last hidden states and the lm_head weight, never holding [B, T, V] logits.
 
     Args:
         {hidden}

@@ -1,7 +1,7 @@
 """Plain PyTorch VAR loss: docs/design.md §1 written out, readable first, used as the ground truth.
 
-Every kernel in varkernels is tested against these functions. This module imports only the leaf
-``_validation`` (shared shape rules and messages), never the kernels it checks. They materialise the full
+Every kernel in varkernels is tested against these functions. This module imports only the leaves
+``_validation`` (shared shape rules and messages) and ``_docs``, never the kernels it checks. They materialise the full
 [B, T, V] log-softmax, so they are meant for checking and for small shapes, not for training
 (``backend="torch"`` of the public ops is the memory-light PyTorch path).
 
@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from ._docs import compose
 from ._validation import VAROutput, importance_overflow_message, pair_form, shifted_labels
 
 
@@ -194,6 +195,7 @@ def linear_sequence_logps_reference(
     return sequence_logps_reference(logits, labels, **kwargs)
 
 
+@compose
 def weighted_nll_reference(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -206,15 +208,16 @@ def weighted_nll_reference(
     temperature: float = 1.0,
     return_aux: bool = False,
 ):
-    """Weighted NLL: loss = −(1/N)·Σ_i c_i·Σ_t w[i, t]·lp[i, t], c_i = 1 ("sum") or 1/n_i ("mean").
+    """Weighted NLL: loss = −(1/B)·Σ_i c_i·Σ_t w[i, t]·lp[i, t], c_i = 1 ("sum") or 1/n_i ("mean").
 
     Args:
-        logits: [N, T, V]. labels: [N, T].
-        weights: [N] (one weight per sequence, the same for each of its tokens) or [N, T] (per token,
-            indexed like ``labels``: shifted with them when ``shift_labels``). Constants (detached here).
+        logits: [B, T, V].
+        {labels}
+        {weights}
     Returns:
         scalar loss (float32, or float64 for float64 inputs), or ``(loss, policy_logps)`` with
-        policy_logps [N] = c_i·Σ_t lp[i, t] (detached, unweighted).
+        policy_logps [B] = c_i·Σ_t lp[i, t] (detached, unweighted). Weights that require grad are detached
+        here; ``weighted_nll`` rejects them.
     """
     lp, mask = token_logps_reference(
         logits, labels, ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap,
