@@ -13,14 +13,10 @@
 5. ``VARTrainer`` trains the policy (initialised from the reference) with the fused-linear VAR loss.
 6. Both models sample fresh responses for held-out prompts; the last line prints their mean reward.
 
-<<<<<<< HEAD
 The language, reward, model and sampler live in ``examples/_toy.py`` (shared with
 ``compare_methods.py``).
 
-Run: ``python examples/toy_alignment.py`` (about 2-4 minutes on 2 CPU cores).
-=======
-Run: ``python examples/toy_alignment.py`` (45 s wall on 2 CPU cores shared with other jobs, 2026-11-29).
->>>>>>> issue12
+Run: ``python examples/toy_alignment.py`` (docs/trainer.md gives its run time on this project's machine).
 """
 
 from __future__ import annotations

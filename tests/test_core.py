@@ -13,6 +13,7 @@ from helpers import assert_close, make_labels, make_pairs, require_backend
 import varkernels
 from varkernels.core import linear as core_linear
 from varkernels.core.autograd import linear_token_forward, token_forward
+from varkernels.core.token import TokenOptions
 from varkernels.reference import (
     linear_sequence_logps_reference,
     linear_var_loss_reference,
@@ -73,8 +74,7 @@ def reward_weighted_nll(logits, labels, weights, *, backend):
     """loss = −Σ_i a_i·mean_t lp[i, t] with fixed per-sequence weights a (e.g. advantage-weighted SFT)."""
     n = (labels != IGNORE).sum(dim=1).clamp(min=1).float()
     coef = (-weights / n).unsqueeze(1).expand_as(labels).reshape(-1)
-    loss, _ = token_forward(logits, labels.reshape(-1).contiguous(), coef, backend=backend, softcap=None,
-                            inv_temperature=1.0, ignore_index=IGNORE)
+    loss, _ = token_forward(logits, labels.reshape(-1).contiguous(), coef, TokenOptions(backend))
     return loss
 
 
@@ -336,8 +336,10 @@ def test_cuda_path_runs_on_fake_tensors():
                 self.gemms.append(tuple(m.dtype for m in mats))
             return func(*args, **(kwargs or {}))
 
+    from varkernels.testing.costmodel import fake_cuda_shim  # slicing and out= of fake CUDA tensors
+
     B, T, H, V = 2, 64, 128, 1024
-    with FakeTensorMode(allow_non_fake_inputs=False), Record() as rec:
+    with FakeTensorMode(allow_non_fake_inputs=False), fake_cuda_shim(), Record() as rec:
         bf16 = dict(device="cuda", dtype=torch.bfloat16)
         logits = torch.empty(B, T, V, **bf16)
         labels = torch.zeros(B, T, dtype=torch.long, device="cuda")
@@ -349,15 +351,13 @@ def test_cuda_path_runs_on_fake_tensors():
         weight = torch.empty(V, H, **bf16)
         coef = torch.empty(B * T, device="cuda")
         lp, lse, gh, gw, gb = core_linear.linear_token_pass(
-            hidden, weight, None, labels.view(-1), coef, None, True, True, False, "triton", None, 1.0, IGNORE, 32,
-            compact=False,
+            hidden, weight, None, labels.view(-1), coef, None, (True, True, False), TokenOptions("triton", chunk_size=32),
         )
         assert gh.shape == hidden.shape and gh.dtype == torch.bfloat16
         assert gw.shape == (V, H) and gw.dtype == torch.float32
-        loss, lp2 = linear_token_forward(hidden, weight, None, labels.view(-1), coef, backend="triton", softcap=None,
-                                         inv_temperature=1.0, ignore_index=IGNORE, chunk_size=32)
-        _, lp3 = token_forward(logits, labels.view(-1), None, backend="triton", softcap=None, inv_temperature=1.0,
-                               ignore_index=IGNORE)
+        loss, lp2 = linear_token_forward(hidden, weight, None, labels.view(-1), coef,
+                                         TokenOptions("triton", chunk_size=32))
+        _, lp3 = token_forward(logits, labels.view(-1), None, TokenOptions("triton"))
         assert lp3.shape == (B * T,)
     ops = set(rec.ops)
     assert "varkernels.token_triton.default" in ops and "varkernels.var_weights_triton.default" in ops

@@ -42,8 +42,20 @@ def test_fused_linear_gemms_are_bf16_with_an_fp32_weight_gradient():
     assert "varkernels.token_triton" in {r.name for r in tr.ops if r.how == "kernel"}
 
 
-def test_token_kernel_declares_two_reads_and_one_write():
+def test_token_kernel_follows_the_launchers_choice():
+    """V = 1000 fits on chip: the launcher (token_kernel_config) takes the single-pass kernel, one read."""
     B, T, V = 2, 8, 1000
+    with FakeTensorMode():
+        logits = torch.empty(B, T, V, device="cuda", dtype=torch.bfloat16)
+        labels = torch.zeros(B * T, dtype=torch.long, device="cuda")
+        tr = cm.varkernels_logits(logits, labels, torch.empty(B * T, device="cuda"))
+    (k,) = [r for r in tr.ops if r.name == "varkernels.token_triton"]
+    N = B * T
+    assert k.reads == N * V * 2 + N * 8 + N * 4 and k.note.startswith("1 read"), k
+
+
+def test_token_kernel_declares_two_reads_and_one_write():
+    B, T, V = 2, 8, 40000  # above the single-pass kernel's 32768: the tiled two-sweep kernel
     with FakeTensorMode():
         logits = torch.empty(B, T, V, device="cuda", dtype=torch.bfloat16)
         labels = torch.zeros(B * T, dtype=torch.long, device="cuda")

@@ -1,46 +1,39 @@
 """Backend selection (``backend=`` of every public op, docs/design.md §2).
 
 ``"auto"``: CUDA tensors → Triton; CPU tensors → the C++ kernel of csrc/ when it is built,
-else the chunked PyTorch path. ``"triton"`` on CPU tensors needs ``TRITON_INTERPRET=1`` (set
-before triton is imported). ``"cpu"`` forces the C++ kernel; ``"torch"`` the PyTorch path.
+else the chunked PyTorch path; other devices (``meta``) → the PyTorch path. ``"triton"`` on CPU
+tensors needs ``TRITON_INTERPRET=1`` (set before triton is imported). ``"cpu"`` forces the C++
+kernel; ``"torch"`` the PyTorch path (which also runs on CPU tensors).
 
-Both probes below are ``torch.compiler.assume_constant_result``: under ``torch.compile`` they run
-once at trace time and their answer is a constant of the graph (no graph break on the loader's
-lock or on the environment).
+``cpu_extension_available`` is ``torch.compiler.assume_constant_result``: under ``torch.compile``
+it runs once at trace time and its answer is a constant of the graph (no graph break on the
+loader's lock). Imports only the leaves ``_env``, ``_validation`` and ``csrc_loader``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
+from . import csrc_loader
+from ._env import HAS_TRITON, triton_interpret
 from ._validation import BACKENDS, check_option
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-
-@torch.compiler.assume_constant_result
-def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+__all__ = ["HAS_TRITON", "cpu_extension_available", "require_cpu_extension", "resolve_backend", "triton_interpret"]
 
 
 @torch.compiler.assume_constant_result
 def cpu_extension_available() -> bool:
     """True when the C++ CPU kernel is built (or can be JIT-built) on this machine; loads it."""
-    from .csrc_loader import load_extension
-
-    return load_extension(required=False) is not None
+    return csrc_loader.load_extension(required=False) is not None
 
 
-def _require_cpu_extension() -> None:
-    from .csrc_loader import load_extension
-
-    load_extension(required=True)  # raises RuntimeError naming the cause
+def require_cpu_extension() -> None:
+    """Load the C++ CPU kernel or raise the loader's RuntimeError naming the cause."""
+    csrc_loader.load_extension(required=True)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs on ``device``: "triton" | "cpu" | "torch" (errors name what is missing)."""
     check_option("backend", backend, BACKENDS)
     if backend == "auto":
         if device.type == "cuda":
@@ -61,5 +54,5 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
         if not cpu_extension_available():
-            _require_cpu_extension()
+            require_cpu_extension()
     return backend

@@ -1,5 +1,11 @@
 """Option names and input validation for every varkernels op (the one place checks live).
 
+A leaf module: it imports nothing of varkernels, so every layer (the ops, the VAR layer, the
+reference, the training side) can use the same rules. The shape rules of rewards / ref_logps
+(:func:`pair_form`, :func:`check_pair_inputs`), the option checks (:func:`check_option`,
+:func:`check_options`) and the number checks (:func:`check_positive`, :func:`check_positive_int`)
+exist here once.
+
 Validation follows docs/design.md §2: each bad input raises ``ValueError`` / ``TypeError`` that names the
 argument, what was expected and what was given, and nothing of the caller's is modified before
 the error is raised (all checks run before any kernel touches memory).
@@ -24,6 +30,7 @@ REDUCTIONS = ("mean", "sum")
 LOGP_REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "cpu", "torch")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CONSTANT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # rewards, ref_logps, weights
 
 
 class VAROutput(NamedTuple):
@@ -48,6 +55,34 @@ class VAROutput(NamedTuple):
 def check_option(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def check_positive_int(name: str, value, allow_none: bool = False) -> None:
+    """``value`` is a Python int >= 1 (bool is not an int here), or None when ``allow_none``."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+
+OPTION_VALUES = {"weighting": WEIGHTINGS, "logp_reduction": REDUCTIONS, "reduction": REDUCTIONS, "backend": BACKENDS}
+
+
+def check_options(**options) -> None:
+    """Check the keyword options of the losses by name: ``weighting``, ``logp_reduction``, ``reduction``,
+    ``backend`` (one of their strings), ``beta``, ``temperature`` (numbers > 0), ``softcap`` (> 0 or None),
+    ``chunk_size`` (a positive int or None). Other names are not options of the losses (TypeError)."""
+    for name, value in options.items():
+        if name in OPTION_VALUES:
+            check_option(name, value, OPTION_VALUES[name])
+        elif name in ("beta", "temperature"):
+            check_positive(name, value)
+        elif name == "softcap":
+            check_positive(name, value, allow_none=True)
+        elif name == "chunk_size":
+            check_positive_int(name, value, allow_none=True)
+        else:
+            raise TypeError(f"check_options: {name!r} is not a checked option")
 
 
 def check_positive(name: str, value, allow_none: bool = False) -> None:
@@ -95,7 +130,12 @@ def check_policy_inputs(
         raise ValueError(f"{logits_name} must be non-empty, got shape {tuple(logits.shape)}")
 
 
-def _pair_form(name: str, t: torch.Tensor, rows: int) -> tuple[int, int, bool]:
+def pair_form(name: str, t: torch.Tensor, rows: int) -> tuple[int, int, bool]:
+    """(k, B, cross_pairs) of rewards or ref_logps ``t`` for ``rows`` = k·B policy rows; ValueError otherwise.
+
+    [B, B] / [k, B, B]: cross-pair; [B] / [k, B]: shared context. A 2-D [a, b] tensor is cross-pair when
+    a = b = rows, shared-context when a·b = rows.
+    """
     shape = tuple(t.shape)
     if len(shape) == 1 and shape[0] == rows:
         return 1, rows, False
@@ -111,18 +151,23 @@ def _pair_form(name: str, t: torch.Tensor, rows: int) -> tuple[int, int, bool]:
     )
 
 
-def check_pair_inputs(rewards: torch.Tensor, ref_logps: torch.Tensor, rows: int) -> tuple[int, int, bool]:
-    """Static checks of rewards/ref_logps against ``rows`` = k·B policy rows.
+def check_pair_inputs(
+    rewards: torch.Tensor, ref_logps: torch.Tensor, rows: int, groups: Optional[int] = None
+) -> tuple[int, int, bool]:
+    """Static checks of rewards/ref_logps against ``rows`` = k·B policy rows; returns (k, B, cross_pairs).
 
-    Accepted shapes (k groups of B; k = 1 may drop its leading dimension):
-    cross-pair [B, B] or [k, B, B]; shared-context [B] or [k, B]. Returns (k, B, cross_pairs).
-    A 2-D [a, b] tensor is cross-pair when a = b = rows, shared-context when a·b = rows.
+    Accepted shapes (k groups of B; k = 1 may drop its leading dimension): cross-pair [B, B] or
+    [k, B, B]; shared-context [B] or [k, B] (:func:`pair_form`). ``groups``: k is known (a dataset of
+    k groups) and the leading group dimension is required.
     """
-    float_dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-    _check_tensor("rewards", rewards, float_dtypes)
-    _check_tensor("ref_logps", ref_logps, float_dtypes)
-    form = _pair_form("rewards", rewards, rows)
-    if _pair_form("ref_logps", ref_logps, rows) != form or rewards.shape != ref_logps.shape:
+    _check_tensor("rewards", rewards, CONSTANT_DTYPES)
+    _check_tensor("ref_logps", ref_logps, CONSTANT_DTYPES)
+    if groups is not None and (rewards.dim() not in (2, 3) or rewards.shape[0] != groups):
+        raise ValueError(
+            f"rewards must have shape [k, B, B] or [k, B] with k = {groups} groups, got {tuple(rewards.shape)}"
+        )
+    form = pair_form("rewards", rewards, rows)
+    if pair_form("ref_logps", ref_logps, rows) != form or rewards.shape != ref_logps.shape:
         raise ValueError(
             "rewards and ref_logps must have the same shape (both cross-pair or both shared-context); "
             f"got rewards {tuple(rewards.shape)} and ref_logps {tuple(ref_logps.shape)}"
@@ -130,13 +175,54 @@ def check_pair_inputs(rewards: torch.Tensor, ref_logps: torch.Tensor, rows: int)
     return form
 
 
+def importance_overflow_message(weighting: str) -> str:
+    """The FloatingPointError text of non-finite VAR weights (the kernels and the reference raise it)."""
+    return (
+        f"VAR weights are not finite (weighting={weighting!r}): exp(R[i,i]/beta - log Z_i) "
+        "overflowed float32. With sequence-summed ref log-probs log Z_i is very negative, so "
+        "importance weights are unbounded. Use logp_reduction='mean' for ref_logps and the "
+        "policy, weighting='posterior' (bounded by B), or a larger beta."
+    )
+
+
+def check_weights(weights: torch.Tensor, labels_shape: tuple) -> None:
+    """Static checks of the weights of a weighted NLL: [N] or [N, T] like labels, a float constant.
+
+    A weight that requires grad is an error: no gradient flows into the weights (the gradient of
+    the policy is computed in the forward from their values), so silently dropping one would hide
+    a bug in the caller's graph.
+    """
+    _check_tensor("weights", weights, CONSTANT_DTYPES)
+    N, T = labels_shape
+    if tuple(weights.shape) not in ((N,), (N, T)):
+        raise ValueError(
+            f"weights must have shape [N] = {(N,)} (per sequence) or [N, T] = {(N, T)} (per token, like labels), "
+            f"got {tuple(weights.shape)}"
+        )
+    if weights.requires_grad:
+        raise ValueError(
+            "weights must be a constant: no gradient flows into them, got a tensor that requires grad; "
+            "pass weights.detach()"
+        )
+
+
+def check_inplace(logits: torch.Tensor, inplace: bool) -> None:
+    """inplace=True writes the gradient over the logits: their elements must not share memory."""
+    if inplace and any(st == 0 and n > 1 for st, n in zip(logits.stride(), logits.shape)):
+        raise ValueError(
+            "inplace=True needs logits whose elements do not share memory; got strides "
+            f"{tuple(logits.stride())} for shape {tuple(logits.shape)} (an expand()ed view): pass "
+            "logits.contiguous() or use inplace=False"
+        )
+
+
 def data_checks_enabled(*tensors) -> bool:
-    """False under ``torch.compile`` and for fake tensors: data checks need real values and a sync."""
+    """False under ``torch.compile`` and for fake or meta tensors: data checks need real values and a sync."""
     if torch.compiler.is_compiling():
         return False
     from torch._subclasses.fake_tensor import is_fake
 
-    return not any(t is not None and is_fake(t) for t in tensors)
+    return not any(t is not None and (t.device.type == "meta" or is_fake(t)) for t in tensors)
 
 
 def check_values(
@@ -145,31 +231,34 @@ def check_values(
     ignore_index: int,
     rewards: Optional[torch.Tensor] = None,
     ref_logps: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
 ) -> None:
     """Data-dependent checks, one host sync for all of them (eager mode only, see the module docstring)."""
-    if not data_checks_enabled(labels, rewards):
+    if not data_checks_enabled(labels, rewards, ref_logps, weights):
         return
     bad_label = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-    flags = [bad_label.any()]
+    flags = {"labels": bad_label.any()}
+    if weights is not None:
+        flags["weights"] = ~torch.isfinite(weights).all()
     if rewards is not None:
-        flags += [torch.isnan(rewards).any(), torch.isinf(rewards).any()]
-        flags += [torch.isnan(ref_logps).any(), (ref_logps == math.inf).any()]
+        flags["rewards"] = ~torch.isfinite(rewards).all()
+        flags["ref_logps"] = torch.isnan(ref_logps).any() | (ref_logps == math.inf).any()
         # A row whose every pair is impossible (all ref_logps = -inf) has Ẑ_i = 0: w_i undefined.
-        flags += [torch.isneginf(ref_logps).all(dim=-1).any()]
-    values = torch.stack(flags).tolist()
-    if values[0]:
+        flags["impossible_row"] = torch.isneginf(ref_logps).all(dim=-1).any()
+    bad = dict(zip(flags, torch.stack(list(flags.values())).tolist()))
+    if bad["labels"]:
         idx = bad_label.nonzero()[0].tolist()
         raise ValueError(
             f"labels must be in [0, V) = [0, {vocab_size}) or ignore_index={ignore_index}; "
             f"got {labels[tuple(idx)].item()} at index {tuple(idx)}"
         )
-    if rewards is None:
-        return
-    if values[1] or values[2]:
+    if bad.get("weights"):
+        raise ValueError("weights must be finite; got NaN or ±inf")
+    if bad.get("rewards"):
         raise ValueError("rewards must be finite; got NaN or ±inf")
-    if values[3] or values[4]:
+    if bad.get("ref_logps"):
         raise ValueError("ref_logps must not be NaN or +inf (-inf is allowed: an impossible response)")
-    if values[5]:
+    if bad.get("impossible_row"):
         raise ValueError(
             "ref_logps has a row whose every entry is -inf: no response is possible under that "
             "prompt, so its partition function is 0 and its weight is undefined"
@@ -207,65 +296,9 @@ def check_linear(hidden, weight, bias, chunk_size, grad_accum_dtype=torch.float3
             raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},), got {got}")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
-    if chunk_size is not None and (
-        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_positive_int("chunk_size", chunk_size, allow_none=True)
     if grad_accum_dtype not in (torch.float32, weight.dtype):
         raise ValueError(
             f"grad_accum_dtype must be torch.float32 or the weight's dtype ({weight.dtype}), got {grad_accum_dtype!r}"
         )
     check_same_device(hidden=hidden, weight=weight, bias=bias)
-
-
-class Checked(NamedTuple):
-    """What :func:`check_call` hands to the compute path."""
-
-    backend: str  # resolved: "triton" | "cpu" | "torch"
-    labels: torch.Tensor  # [B, T], shifted when shift_labels
-    groups: int  # k (1 without rewards)
-    group_size: int  # B rows per group
-    cross_pairs: bool
-
-
-def check_call(
-    name: str,
-    x: torch.Tensor,
-    labels: torch.Tensor,
-    vocab_size: int,
-    *,
-    ignore_index: int,
-    shift_labels: bool,
-    softcap,
-    temperature,
-    backend: str,
-    rewards: Optional[torch.Tensor] = None,
-    ref_logps: Optional[torch.Tensor] = None,
-    beta=None,
-    weighting: Optional[str] = None,
-    logp_reduction: Optional[str] = None,
-) -> Checked:
-    """Every check of a public op, run before any kernel touches memory.
-
-    x ([B, T, *], logits or hidden) against labels, the logit transforms, the VAR options and
-    rewards/ref_logps when given, devices, the backend, then the data-dependent values (one host
-    sync, eager mode only). The labels are shifted (Hugging Face causal convention) when
-    ``shift_labels``; x is never copied.
-    """
-    from ._backend import resolve_backend
-
-    if weighting is not None:
-        check_option("weighting", weighting, WEIGHTINGS)
-        check_option("logp_reduction", logp_reduction, REDUCTIONS)
-        check_positive("beta", beta)
-    check_positive("temperature", temperature)
-    check_positive("softcap", softcap, allow_none=True)
-    check_policy_inputs(name, x, labels, vocab_size)
-    k, group, cross = 1, x.shape[0], False
-    if rewards is not None or ref_logps is not None:
-        k, group, cross = check_pair_inputs(rewards, ref_logps, x.shape[0])
-    check_same_device(**{name: x, "labels": labels, "rewards": rewards, "ref_logps": ref_logps})
-    backend = resolve_backend(backend, x.device)
-    check_values(labels, vocab_size, ignore_index, rewards, ref_logps)
-    labels_eff = shifted_labels(labels, ignore_index) if shift_labels else labels
-    return Checked(backend, labels_eff, k, group, cross)

@@ -16,9 +16,10 @@ from typing import Optional
 
 import torch
 
-from ._validation import LOGP_REDUCTIONS, check_call, check_linear, check_option
+from ._docs import compose
+from ._prepare import prepare_call
+from ._validation import LOGP_REDUCTIONS, check_option
 from .core.autograd import linear_token_forward, token_forward
-from .core.linear import default_chunk_size
 
 
 def reduce_token_logps(lp: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str):
@@ -31,6 +32,7 @@ def reduce_token_logps(lp: torch.Tensor, labels: torch.Tensor, ignore_index: int
     return s
 
 
+@compose
 def sequence_logps(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -45,24 +47,23 @@ def sequence_logps(
     """Log-probs of ``labels`` under ``logits``, differentiable, without [B, T, V] log-probs.
 
     Args:
-        logits: [B, T, V] float32/bfloat16/float16. labels: [B, T] int64/int32.
+        {logits}
+        {labels}
         reduction: "mean" (per non-ignored token; 0 for an all-ignored row), "sum", or "none".
+        {shift_labels}
+        {transforms}
+        {backend}
     Returns:
         float32 [B] ("mean"/"sum") or [B, T] ("none", 0 at ignored positions).
     """
     check_option("reduction", reduction, LOGP_REDUCTIONS)
-    V = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() == 3 else 0
-    checked = check_call(
-        "logits", logits, labels, V, ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap,
-        temperature=temperature, backend=backend,
-    )
-    _, lp = token_forward(
-        logits, checked.labels.reshape(-1).contiguous(), None, backend=checked.backend, softcap=softcap,
-        inv_temperature=1.0 / float(temperature), ignore_index=ignore_index,
-    )
-    return reduce_token_logps(lp.view(labels.shape), checked.labels, ignore_index, reduction)
+    call = prepare_call("logits", logits, labels, ignore_index=ignore_index, shift_labels=shift_labels,
+                        softcap=softcap, temperature=temperature, backend=backend)
+    _, lp = token_forward(logits, call.flat_labels, None, call.opts)
+    return reduce_token_logps(lp.view(labels.shape), call.labels, ignore_index, reduction)
 
 
+@compose
 def linear_sequence_logps(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -82,20 +83,18 @@ def linear_sequence_logps(
 
     Differentiable w.r.t. hidden, weight and bias; the forward saves only the per-token
     logsumexp, the backward recomputes each logits chunk. Under ``torch.no_grad()`` nothing is
-    saved (reference scoring). ``chunk_size`` and ``grad_accum_dtype`` as in
-    :func:`varkernels.fused_linear_var_loss`. Returns float32 [B] ("mean"/"sum") or [B, T] ("none").
+    saved (reference scoring). Returns float32 [B] ("mean"/"sum") or [B, T] ("none").
+
+    Args:
+        {hidden}
+        {weight}
+        labels, reduction and the other keywords: as in :func:`sequence_logps`.
+        {chunk_size}
+        {grad_accum_dtype}
     """
     check_option("reduction", reduction, LOGP_REDUCTIONS)
-    check_linear(hidden, weight, bias, chunk_size, grad_accum_dtype)
-    V = weight.shape[0]
-    checked = check_call(
-        "hidden", hidden, labels, V, ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap,
-        temperature=temperature, backend=backend,
-    )
-    _, lp = linear_token_forward(
-        hidden, weight, bias, checked.labels.reshape(-1).contiguous(), None, backend=checked.backend,
-        softcap=softcap, inv_temperature=1.0 / float(temperature), ignore_index=ignore_index,
-        chunk_size=chunk_size or default_chunk_size(V, hidden.device.type, hidden.element_size()),
-        accum_fp32=grad_accum_dtype == torch.float32,
-    )
-    return reduce_token_logps(lp.view(labels.shape), checked.labels, ignore_index, reduction)
+    call = prepare_call("hidden", hidden, labels, head=(weight, bias), ignore_index=ignore_index,
+                        shift_labels=shift_labels, softcap=softcap, temperature=temperature, backend=backend,
+                        chunk_size=chunk_size, grad_accum_dtype=grad_accum_dtype)
+    _, lp = linear_token_forward(hidden, weight, bias, call.flat_labels, None, call.opts)
+    return reduce_token_logps(lp.view(labels.shape), call.labels, ignore_index, reduction)

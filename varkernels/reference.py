@@ -1,6 +1,7 @@
 """Plain PyTorch VAR loss: docs/design.md §1 written out, readable first, used as the ground truth.
 
-Every kernel in varkernels is tested against these functions. They materialise the full
+Every kernel in varkernels is tested against these functions. This module imports only the leaves
+``_validation`` (shared shape rules and messages) and ``_docs``, never the kernels it checks. They materialise the full
 [B, T, V] log-softmax, so they are meant for checking and for small shapes, not for training
 (``backend="torch"`` of the public ops is the memory-light PyTorch path).
 
@@ -14,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from ._validation import VAROutput, shifted_labels
-from .var.weights import importance_overflow_message  # the error text only: the maths stays here
+from ._docs import compose
+from ._validation import VAROutput, importance_overflow_message, pair_form, shifted_labels
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -121,18 +122,6 @@ def ess(weights: torch.Tensor) -> torch.Tensor:
     return weights.sum() ** 2 / (weights * weights).sum()
 
 
-def _groups(rewards: torch.Tensor, rows: int) -> tuple[int, int, bool]:
-    """(k, B, cross_pairs) of rewards for ``rows`` policy rows: [B, B] / [B] is one group,
-    [k, B, B] / [k, B] is k groups of B."""
-    if rewards.dim() == 3:
-        return rewards.shape[0], rewards.shape[1], True
-    if rewards.dim() == 2 and tuple(rewards.shape) == (rows, rows):
-        return 1, rows, True
-    if rewards.dim() == 2:
-        return rewards.shape[0], rewards.shape[1], False
-    return 1, rows, False
-
-
 def var_loss_reference(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -163,7 +152,7 @@ def var_loss_reference(
         logits, labels, reduction=logp_reduction, ignore_index=ignore_index,
         shift_labels=shift_labels, softcap=softcap, temperature=temperature,
     )
-    k, B, cross = _groups(rewards, s.shape[0])
+    k, B, cross = pair_form("rewards", rewards, s.shape[0])
     R = rewards.reshape((k, B, B) if cross else (k, B))
     Q = ref_logps.reshape(R.shape)
     losses, ws, log_zs, esss = [], [], [], []
@@ -204,3 +193,55 @@ def linear_sequence_logps_reference(
     if bias is not None:
         logits = logits + bias
     return sequence_logps_reference(logits, labels, **kwargs)
+
+
+@compose
+def weighted_nll_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    shift_labels: bool = False,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+    return_aux: bool = False,
+):
+    """Weighted NLL: loss = −(1/B)·Σ_i c_i·Σ_t w[i, t]·lp[i, t], c_i = 1 ("sum") or 1/n_i ("mean").
+
+    Args:
+        logits: [B, T, V].
+        {labels}
+        {weights}
+    Returns:
+        scalar loss (float32, or float64 for float64 inputs), or ``(loss, policy_logps)`` with
+        policy_logps [B] = c_i·Σ_t lp[i, t] (detached, unweighted). Weights that require grad are detached
+        here; ``weighted_nll`` rejects them.
+    """
+    lp, mask = token_logps_reference(
+        logits, labels, ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap,
+        temperature=temperature,
+    )
+    w = weights.detach().to(lp.dtype)
+    if w.dim() == 1:
+        w = w.unsqueeze(1).expand_as(lp)
+    elif shift_labels:
+        w = torch.cat([w[:, 1:], torch.zeros_like(w[:, :1])], dim=1)
+    n = mask.sum(-1).to(lp.dtype)
+    c = torch.ones_like(n) if reduction == "sum" else 1.0 / n.clamp(min=1)
+    loss = -(c * (w * lp).sum(-1)).sum() / lp.shape[0]
+    if not return_aux:
+        return loss
+    return loss, (c * lp.sum(-1)).detach()
+
+
+def linear_weighted_nll_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, *, bias=None, **kwargs
+):
+    """Weighted NLL from hidden states [N, T, H] and an lm_head weight [V, H] (+ bias [V]).
+
+    The logits are ``F.linear(hidden, weight, bias)``, as an ``nn.Linear`` head computes them: in 16-bit
+    dtypes the bias is added before the one rounding to the logits' dtype."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return weighted_nll_reference(logits, labels, weights, **kwargs)

@@ -2,14 +2,14 @@
 
 Each path has two gradient modes, chosen by the layer above:
 
-* **forward mode** (``coef`` given, [B·T] fp32): the caller knows d value / d lp[n] = coef[n] before
-  the forward (true of any loss Σ_n coef[n]·lp[n] whose coefficients do not depend on the policy,
-  e.g. VAR's stop-gradient weights). The op returns value = Σ_n coef[n]·lp[n] and computes its
+* **forward mode** (``dlp`` given, [B·T] fp32): the caller knows d value / d lp[n] = dlp[n] before
+  the forward (true of any loss Σ_n dlp[n]·lp[n] whose coefficients do not depend on the policy,
+  e.g. VAR's stop-gradient weights). The op returns value = Σ_n dlp[n]·lp[n] and computes its
   gradient during the forward; backward only rescales it by the incoming scalar (skipped when that
   is exactly 1). One pass over the vocabulary less than recomputing, and ``inplace`` can write the
   gradient over the logits.
-* **backward mode** (``coef=None``): the op returns differentiable token log-probs lp; the forward
-  saves only the per-token logsumexp, and backward recomputes softmax with coef = −grad_lp (for
+* **backward mode** (``dlp=None``): the op returns differentiable token log-probs lp; the forward
+  saves only the per-token logsumexp, and backward recomputes softmax with dlp = grad_lp (for
   DPO-style losses and anything whose coefficients depend on lp).
 
 Both return ``(value, lp)``: value is a differentiable fp32 scalar in forward mode (0 otherwise),
@@ -31,8 +31,8 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
-from .linear import linear_token_op
-from .token import launchable, rne_bf16, token_op
+from .linear import run_linear_token
+from .token import TokenOptions, require_cpu_op, rne_bf16, run_token
 
 # ---------------------------------------------------------------------------------- scaling
 
@@ -45,7 +45,7 @@ def scale_triton_launch(g: torch.Tensor, s: torch.Tensor) -> None:
 
     n = g.numel()
     block = 4096
-    launchable(_scale_kernel)[(triton.cdiv(n, block),)](g_ptr=g, s_ptr=s, N=n, BLOCK=block, RNE_BF16=rne_bf16(g))
+    torch.library.wrap_triton(_scale_kernel)[(triton.cdiv(n, block),)](g_ptr=g, s_ptr=s, N=n, BLOCK=block, RNE_BF16=rne_bf16(g))
 
 
 scale_triton = triton_op("varkernels::scale_triton", mutates_args={"g"})(scale_triton_launch)
@@ -86,9 +86,9 @@ def _saved_once(ctx, op_name: str) -> tuple:
         ) from e
 
 
-def _weighted_value(coef: torch.Tensor, lp: torch.Tensor, rows: int) -> torch.Tensor:
-    """Σ_n coef[n]·lp[n], summed per sequence row first (a fixed order: deterministic)."""
-    return (coef * lp).view(rows, -1).sum(dim=1).sum()
+def _weighted_value(dlp: torch.Tensor, lp: torch.Tensor, rows: int) -> torch.Tensor:
+    """Σ_n dlp[n]·lp[n], summed per sequence row first (a fixed order: deterministic)."""
+    return (dlp * lp).view(rows, -1).sum(dim=1).sum()
 
 
 # ---------------------------------------------------------------------------------- logits form
@@ -98,29 +98,25 @@ class TokenFunction(torch.autograd.Function):
     """(value, lp) from logits [B, T, V]; see the module docstring for the two modes."""
 
     @staticmethod
-    def forward(ctx, x, labels, coef, backend, softcap, inv_temperature, ignore_index, inplace, needs_grad):
+    def forward(ctx, x, labels, dlp, opts, inplace, needs_grad):
         B = x.shape[0]
-        ctx.backend, ctx.forward_mode = backend, coef is not None
-        ctx.opts = (softcap, inv_temperature, ignore_index)
+        ctx.opts, ctx.forward_mode = opts, dlp is not None
         xd = x.detach()
-        if coef is not None:
+        if dlp is not None:
             grad = None
             if needs_grad:
                 grad = xd if inplace else torch.empty_like(xd)
-            # the kernels write coef'·(softmax − onehot) = coef'·(−d lp/dx): coef' = −d value/d lp
-            lp, _ = token_op(backend, xd, labels, coef.neg(), grad, softcap=softcap,
-                             inv_temperature=inv_temperature, ignore_index=ignore_index)
+            lp, _ = run_token(xd, labels, dlp, grad, None, opts)
             if grad is not None:
                 if inplace and not torch.compiler.is_compiling():
                     # The kernels write through raw pointers: tell autograd that x changed, so a node
                     # that saved it (e.g. tanh's output) raises instead of using the gradient as logits.
                     torch.autograd.graph.increment_version(x)
                 ctx.save_for_backward(grad)
-            value = _weighted_value(coef, lp, B)
+            value = _weighted_value(dlp, lp, B)
             ctx.mark_non_differentiable(lp)
             return value, lp
-        lp, lse = token_op(backend, xd, labels, softcap=softcap, inv_temperature=inv_temperature,
-                           ignore_index=ignore_index)
+        lp, lse = run_token(xd, labels, None, None, None, opts)
         if needs_grad:
             ctx.save_for_backward(x, labels, lse)
         value = lp.new_zeros(())
@@ -131,32 +127,26 @@ class TokenFunction(torch.autograd.Function):
     def backward(ctx, grad_value, grad_lp):
         if ctx.forward_mode:
             (grad,) = _saved_once(ctx, "token op (forward-mode gradient)")
-            grad = scale_grad_(grad, grad_value, ctx.backend)
-            return grad, None, None, None, None, None, None, None, None
+            return scale_grad_(grad, grad_value, ctx.opts.backend), None, None, None, None, None
         x, labels, lse = ctx.saved_tensors
-        softcap, inv_temperature, ignore_index = ctx.opts
         grad = torch.empty_like(x)
-        coef = grad_lp.reshape(-1).to(torch.float32).neg().contiguous()
-        token_op(ctx.backend, x.detach(), labels, coef, grad, lse, softcap=softcap,
-                 inv_temperature=inv_temperature, ignore_index=ignore_index)
-        return grad, None, None, None, None, None, None, None, None
+        run_token(x.detach(), labels, grad_lp.reshape(-1).to(torch.float32).contiguous(), grad, lse, ctx.opts)
+        return grad, None, None, None, None, None
 
 
 def token_forward(
     x: torch.Tensor,
     labels: torch.Tensor,
-    coef: Optional[torch.Tensor],
+    dlp: Optional[torch.Tensor],
+    opts: TokenOptions,
     *,
-    backend: str,
-    softcap: Optional[float],
-    inv_temperature: float,
-    ignore_index: int,
     inplace: bool = False,
 ):
-    """(value, lp [B·T]) of the logits form; labels, coef: [B·T] contiguous (see the module docstring)."""
+    """(value, lp [B·T]) of the logits form; labels, dlp (d value / d lp): [B·T] contiguous (see the module
+    docstring); opts: the call's :class:`~varkernels.core.token.TokenOptions`."""
+    require_cpu_op(opts.backend)
     needs_grad = torch.is_grad_enabled() and x.requires_grad
-    return TokenFunction.apply(x, labels, coef, backend, softcap, inv_temperature, ignore_index, inplace,
-                               needs_grad)
+    return TokenFunction.apply(x, labels, dlp, opts, inplace, needs_grad)
 
 
 # ---------------------------------------------------------------------------------- fused-linear form
@@ -165,34 +155,25 @@ def token_forward(
 class LinearTokenFunction(torch.autograd.Function):
     """(value, lp) from hidden [B, T, H], weight [V, H], bias [V] | None; same two modes.
 
-    Forward mode keeps grad_weight / grad_bias in their accumulators (fp32 unless ``accum_fp32`` is
+    Forward mode keeps grad_weight / grad_bias in their accumulators (fp32 unless ``opts.accum_fp32`` is
     False) until backward, so the upstream scale is applied before the rounding to the parameter dtype.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, coef, backend, softcap, inv_temperature, ignore_index,
-                chunk_size, accum_fp32, wants):
+    def forward(ctx, hidden, weight, bias, labels, dlp, opts, wants):
         B = hidden.shape[0]
-        ctx.backend, ctx.forward_mode, ctx.wants = backend, coef is not None, wants
-        ctx.opts = (softcap, inv_temperature, ignore_index, chunk_size, accum_fp32)
+        ctx.opts, ctx.forward_mode, ctx.wants = opts, dlp is not None, wants
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         hd, wd = hidden.detach(), weight.detach()
         bd = bias.detach() if bias is not None else None
-        if coef is not None:
-            run_coef = coef.neg() if any(wants) else None  # kernel convention: −d value/d lp
-            lp, _, gh, gw, gb = linear_token_op(
-                hd, wd, bd, labels, run_coef, None, *wants, backend, softcap, inv_temperature, ignore_index,
-                chunk_size, accum_fp32,
-            )
+        if dlp is not None:
+            lp, _, gh, gw, gb = run_linear_token(hd, wd, bd, labels, dlp if any(wants) else None, None, wants, opts)
             if any(wants):
                 ctx.save_for_backward(gh, gw, gb)
-            value = _weighted_value(coef, lp, B)
+            value = _weighted_value(dlp, lp, B)
             ctx.mark_non_differentiable(lp)
             return value, lp
-        lp, lse, *_ = linear_token_op(
-            hd, wd, bd, labels, None, None, False, False, False, backend, softcap, inv_temperature, ignore_index,
-            chunk_size, accum_fp32,
-        )
+        lp, lse, *_ = run_linear_token(hd, wd, bd, labels, None, None, (False, False, False), opts)
         if any(wants):
             ctx.save_for_backward(hidden, weight, bias, labels, lse)
         value = lp.new_zeros(())
@@ -205,19 +186,18 @@ class LinearTokenFunction(torch.autograd.Function):
         if ctx.forward_mode:
             grads = _saved_once(ctx, "fused-linear token op (forward-mode gradient)")
             out = [
-                scale_grad_(g, grad_value, ctx.backend).to(dt) if want and g.numel() else None
+                scale_grad_(g, grad_value, ctx.opts.backend).to(dt) if want and g.numel() else None
                 for g, dt, want in zip(grads, ctx.dtypes, wants)
             ]
-            return (*out, None, None, None, None, None, None, None, None, None)
+            return (*out, None, None, None, None)
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        softcap, inv_temperature, ignore_index, chunk_size, accum_fp32 = ctx.opts
-        coef = grad_lp.reshape(-1).to(torch.float32).neg().contiguous()
-        _, _, gh, gw, gb = linear_token_op(
-            hidden.detach(), weight.detach(), bias.detach() if bias is not None else None, labels, coef, lse,
-            *wants, ctx.backend, softcap, inv_temperature, ignore_index, chunk_size, accum_fp32,
+        dlp = grad_lp.reshape(-1).to(torch.float32).contiguous()
+        _, _, gh, gw, gb = run_linear_token(
+            hidden.detach(), weight.detach(), bias.detach() if bias is not None else None, labels, dlp, lse, wants,
+            ctx.opts,
         )
         out = [g.to(dt) if want and g.numel() else None for g, dt, want in zip((gh, gw, gb), ctx.dtypes, wants)]
-        return (*out, None, None, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None)
 
 
 def linear_token_forward(
@@ -225,22 +205,16 @@ def linear_token_forward(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     labels: torch.Tensor,
-    coef: Optional[torch.Tensor],
-    *,
-    backend: str,
-    softcap: Optional[float],
-    inv_temperature: float,
-    ignore_index: int,
-    chunk_size: int,
-    accum_fp32: bool = True,
+    dlp: Optional[torch.Tensor],
+    opts: TokenOptions,
 ):
-    """(value, lp [B·T]) of the fused-linear form (see the module docstring); ``accum_fp32``: the
-    weight/bias gradients accumulate in fp32 (default) or in the parameters' dtype."""
+    """(value, lp [B·T]) of the fused-linear form (see the module docstring); ``opts.chunk_size`` rows per
+    chunk, ``opts.accum_fp32``: the weight/bias gradients accumulate in fp32 or in the parameters' dtype."""
+    require_cpu_op(opts.backend)
     grad_on = torch.is_grad_enabled()
     wants = (
         grad_on and hidden.requires_grad,
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
-    return LinearTokenFunction.apply(hidden, weight, bias, labels, coef, backend, softcap, inv_temperature,
-                                     ignore_index, chunk_size, accum_fp32, wants)
+    return LinearTokenFunction.apply(hidden, weight, bias, labels, dlp, opts, wants)

@@ -21,10 +21,9 @@ for); with ``lse_in`` the token op skips its logsumexp sweep (backward of the lo
 
 Registered as the operator ``varkernels::linear_token_pass`` (a ``torch.library.custom_op`` with a
 fake implementation): under ``torch.compile`` the whole loop is one node of the graph, so its
-chunk count and the row compaction never become graph breaks or shape guards. The Python
-function :func:`linear_token_pass` can also be called directly, e.g. on fake CUDA tensors to
-record every op the CUDA path issues; it then skips the compaction (``compact=False``: every row
-is processed, ignored rows get a zero gradient), whose output size depends on the labels' values.
+chunk count and the row compaction never become graph breaks or shape guards. On tensors without
+values (fake or meta: the driver run for its shapes, e.g. by varkernels.testing's cost model) there
+is nothing to compact by: every row is processed and ignored rows get a zero gradient.
 """
 
 from __future__ import annotations
@@ -34,7 +33,8 @@ from typing import Optional
 import torch
 from torch.library import custom_op
 
-from .token import token_op
+from .._validation import data_checks_enabled
+from .token import TokenOptions, kernel_coef, token_op
 
 # Memory budget of one [chunk, V] logits block, counted in fp32 bytes. CPU: 32 MiB keeps the
 # extra memory of the loss at ~0.2x naive's at B=4, T=512, V=32000 (benchmarks/bench_fused_linear.py)
@@ -61,10 +61,6 @@ def _accumulate_weight_grad(gw: torch.Tensor, g: torch.Tensor, h_c: torch.Tensor
     if g.dtype == gw.dtype:  # fp32 throughout, or a half-precision accumulator (accum_fp32=False)
         return gw.addmm_(g.t(), h_c)
     if gw.device.type == "cuda":
-        from torch._subclasses.fake_tensor import is_fake
-
-        if is_fake(gw):  # out= of fake CUDA tensors needs a CUDA build of torch: the same GEMM, out of place
-            return torch.addmm(gw, g.t(), h_c, out_dtype=torch.float32)
         return torch.addmm(gw, g.t(), h_c, out_dtype=torch.float32, out=gw)
     return gw.addmm_(g.t().float(), h_c.float())
 
@@ -76,23 +72,18 @@ def linear_token_pass(
     labels: torch.Tensor,
     coef: Optional[torch.Tensor],
     lse_in: Optional[torch.Tensor],
-    want_hidden: bool,
-    want_weight: bool,
-    want_bias: bool,
-    backend: str,
-    softcap: Optional[float],
-    inv_temperature: float,
-    ignore_index: int,
-    chunk_size: int,
-    accum_fp32: bool = True,
-    compact: bool = True,
+    wants: tuple,
+    opts: TokenOptions,
 ):
     """One chunked pass. hidden [B, T, H]; weight [V, H]; bias [V] | None; labels [B·T];
-    coef, lse_in [B·T] fp32 | None.
+    coef (the kernels' convention, see token.py), lse_in [B·T] fp32 | None; wants: (hidden, weight, bias)
+    gradients asked for; opts: the call's :class:`TokenOptions`.
 
     Returns (lp [B·T] fp32, lse [B·T] fp32, grad_hidden [B, T, H] | [0], grad_weight [V, H] fp32 | [0],
     grad_bias [V] fp32 | [0]); a gradient is an empty [0] tensor unless ``coef`` is given and it is wanted.
     """
+    want_hidden, want_weight, want_bias = wants
+    backend, softcap, inv_temperature, ignore_index, chunk_size, accum_fp32 = opts
     B, T, H = hidden.shape
     V = weight.shape[0]
     N = B * T
@@ -105,11 +96,11 @@ def linear_token_pass(
     gw = torch.zeros(V, H, dtype=acc, device=dev) if has_grad and want_weight else hidden.new_empty(0)
     gb = (torch.zeros(V, dtype=acc, device=dev)
           if has_grad and want_bias and bias is not None else hidden.new_empty(0))
-    if compact:  # prompt and padding rows cost nothing (one host sync for the count)
+    if data_checks_enabled(labels):  # prompt and padding rows cost nothing (one host sync for the count)
         idx = torch.nonzero(labels != ignore_index).squeeze(1)
         n_rows = idx.numel()
-    else:  # every row, in slices of the flattened rows (hidden is copied only if it cannot be viewed so)
-        idx, n_rows = None, N
+    else:  # fake or meta labels, no values to compact by: every row, in slices of the flattened rows
+        idx, n_rows = None, N  # (ignored rows get a zero gradient; hidden is copied only if it cannot be viewed)
         h_flat = hidden.reshape(N, H)
         gh_flat = gh.view(N, H) if gh.numel() else gh
     w_t = weight.t()
@@ -126,13 +117,13 @@ def linear_token_pass(
                 t[i_c] = v
 
             h_c = hidden[b_c, t_c]  # [n, H] gathered rows, no copy of the whole hidden
-        else:  # narrow(), not t[c0:c1]: Python indexing of fake CUDA tensors needs a CUDA build
+        else:
 
             def take(t):
-                return t.narrow(0, c0, n)
+                return t[c0 : c0 + n]
 
-            def put(t, v):  # t is zero-initialised and each row written once: += is the copy
-                t.narrow(0, c0, n).add_(v)  # (copy_ of fake CUDA tensors needs a CUDA build)
+            def put(t, v):
+                t[c0 : c0 + n] = v
 
             h_c = take(h_flat)
         logits_c = torch.addmm(bias, h_c, w_t) if bias is not None else h_c @ w_t
@@ -179,19 +170,16 @@ def _linear_token_pass_op(
     chunk_size: int,
     accum_fp32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return linear_token_pass(
-        hidden, weight, bias, labels, coef, lse_in, want_hidden, want_weight, want_bias, backend,
-        softcap, inv_temperature, ignore_index, chunk_size, accum_fp32,
-    )
+    opts = TokenOptions(backend, softcap, inv_temperature, ignore_index, chunk_size, accum_fp32)
+    return linear_token_pass(hidden, weight, bias, labels, coef, lse_in, (want_hidden, want_weight, want_bias), opts)
 
 
 @_linear_token_pass_op.register_fake
-def _(hidden, weight, bias, labels, coef, lse_in, want_hidden, want_weight, want_bias, backend,
-      softcap, inv_temperature, ignore_index, chunk_size, accum_fp32):
+def _(hidden, weight, bias, labels, coef, lse_in, want_hidden, want_weight, want_bias, *flat_opts):
     B, T, H = hidden.shape
     V = weight.shape[0]
     f32 = torch.float32
-    acc = f32 if accum_fp32 else weight.dtype
+    acc = f32 if TokenOptions(*flat_opts).accum_fp32 else weight.dtype
     has_grad = coef is not None
     gh = torch.empty_like(hidden) if has_grad and want_hidden else hidden.new_empty(0)
     gw = hidden.new_empty(V, H, dtype=acc) if has_grad and want_weight else hidden.new_empty(0)
@@ -199,6 +187,16 @@ def _(hidden, weight, bias, labels, coef, lse_in, want_hidden, want_weight, want
     return hidden.new_empty(B * T, dtype=f32), hidden.new_empty(B * T, dtype=f32), gh, gw, gb
 
 
-def linear_token_op(*args):
-    """The registered operator (the arguments of :func:`linear_token_pass` up to ``accum_fp32``)."""
-    return torch.ops.varkernels.linear_token_pass(*args)
+def run_linear_token(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    dlp: Optional[torch.Tensor],
+    lse_in: Optional[torch.Tensor],
+    wants: tuple,
+    opts: TokenOptions,
+):
+    """The registered operator with ``dlp`` = d value / d lp (or None: no gradient): the torch.library
+    boundary of the fused-linear form, where ``opts`` is flattened and the sign fixed (``kernel_coef``)."""
+    return torch.ops.varkernels.linear_token_pass(hidden, weight, bias, labels, kernel_coef(dlp), lse_in, *wants, *opts)

@@ -22,38 +22,55 @@ Operators (schema shared by the three, ``grad`` is the only argument written)::
   (V ≤ 32768; 16384 with a softcap or unaligned 16-bit rows), else the tiled two-sweep
   ``_var_token_kernel`` (``token_kernel_config``). On CPU tensors they run in the Triton interpreter.
 * ``token_cpu`` — the C++ kernel of csrc/, registered there with ``TORCH_LIBRARY_FRAGMENT``;
-  its fake implementation is registered here once the extension is loaded.
+  its fake implementation is registered here, by the loader's ``on_load`` hook, once the extension
+  is loaded (the module that owns an operator registers its fake).
 * ``token_torch`` — chunked PyTorch (never more than a chunk of fp32 rows alive), a
   ``torch.library.custom_op``.
 
 Each has a fake implementation, so the op runs on fake tensors (and under ``torch.compile``) and
 can be recorded with its shapes.
+
+The layers above pass one options record, :class:`TokenOptions`, and coefficients in their own
+convention, ``dlp`` = d value / d lp. :func:`run_token` (and ``run_linear_token`` of linear.py) is
+the torch.library boundary: the record is flattened into the operator's plain arguments there, and
+the sign is fixed once, by :func:`kernel_coef` (the kernels write coef·(softmax − onehot) =
+−coef·d lp/dx, so coef = −dlp).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
-from torch.library import custom_op, register_fake, triton_op, wrap_triton
+from torch.library import custom_op, register_fake, triton_op
 
-from .._backend import triton_interpret
+from .. import csrc_loader
+from .._backend import cpu_extension_available, require_cpu_extension
+from .._env import triton_interpret
 
 CHUNK_BYTES = 16 * 2**20  # fp32 bytes per chunk buffer of the PyTorch path; ~3 such buffers are alive
+
+
+class TokenOptions(NamedTuple):
+    """The options of one call, built where the call is prepared (varkernels/_prepare.py) and passed down
+    unchanged; flattened into plain operator arguments only at the torch.library boundary."""
+
+    backend: str  # resolved: "triton" | "cpu" | "torch"
+    softcap: Optional[float] = None
+    inv_temperature: float = 1.0
+    ignore_index: int = -100
+    chunk_size: int = 0  # fused-linear form: token rows per chunk
+    accum_fp32: bool = True  # fused-linear form: weight/bias gradients accumulate in fp32
+
+
+def kernel_coef(dlp: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The kernels' coefficient from d value / d lp: coef = −dlp (the one place the sign is fixed)."""
+    return None if dlp is None else dlp.neg()
 
 
 def _fake_token(x, labels, coef, grad, lse_in, softcap, inv_temperature, ignore_index):
     n = x.shape[0] * x.shape[1]
     return x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32)
-
-
-def launchable(kernel):
-    """``wrap_triton(kernel)``, or the kernel itself when it is not a plain ``triton.jit`` function
-    (a launch recorder of varkernels.testing.aot). Launchers call their kernel through this."""
-    try:
-        return wrap_triton(kernel)
-    except RuntimeError:
-        return kernel
 
 
 def rne_bf16(out) -> bool:
@@ -86,7 +103,9 @@ def token_triton_launch(
     lp = torch.empty(N, dtype=torch.float32, device=x.device)
     lse = torch.empty(N, dtype=torch.float32, device=x.device)
     gs = grad.stride() if grad is not None else (0, 0, 0)
-    launchable(kernel)[(N,)](
+    # torch.library.wrap_triton, looked up at the call: Inductor sees the kernel (testing.aot's launch
+    # recorders stand in for it while they record)
+    torch.library.wrap_triton(kernel)[(N,)](
         x_ptr=x, grad_ptr=grad, labels_ptr=labels, coef_ptr=coef, lse_in_ptr=lse_in,
         lp_ptr=lp, lse_ptr=lse,
         T=T, V=V,
@@ -187,10 +206,20 @@ _CPU_FAKE_REGISTERED = []
 
 def register_cpu_fake() -> None:
     """Register the fake implementation of ``varkernels::token_cpu`` (its schema comes from the
-    extension; called by the loader right after loading it)."""
+    extension: run by the loader right after loading it, see ``csrc_loader.on_load``)."""
     if not _CPU_FAKE_REGISTERED:
         register_fake("varkernels::token_cpu")(_fake_token)
         _CPU_FAKE_REGISTERED.append(True)
+
+
+csrc_loader.on_load(register_cpu_fake)
+
+
+def require_cpu_op(backend: str) -> None:
+    """Load the C++ kernel (and register its fake) before ``backend="cpu"`` dispatches to it, so a
+    direct caller of the core does not depend on a public op having loaded it first."""
+    if backend == "cpu" and not cpu_extension_available():
+        require_cpu_extension()  # raises RuntimeError naming the cause
 
 
 # ------------------------------------------------------------------------------------ dispatch
@@ -220,3 +249,16 @@ def token_op(
     else:
         op = torch.ops.varkernels.token_torch
     return op(x, labels, coef, grad, lse_in, softcap, inv_temperature, ignore_index)
+
+
+def run_token(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    dlp: Optional[torch.Tensor],
+    grad: Optional[torch.Tensor],
+    lse_in: Optional[torch.Tensor],
+    opts: TokenOptions,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token op with ``dlp`` = d value / d lp [B·T] fp32 (or None: no gradient); see the module docstring."""
+    return token_op(opts.backend, x, labels, kernel_coef(dlp), grad, lse_in, softcap=opts.softcap,
+                    inv_temperature=opts.inv_temperature, ignore_index=opts.ignore_index)

@@ -17,8 +17,7 @@ from the launcher itself:
     spec = launch_spec(launches[0].kernel, launches[0].kwargs)
     results = compile_specs([spec], archs=(80, 90))   # {(spec, "sm_80"): {"regs": .., "local": ..}, ...}
 
-``launch_spec`` repeats what ``JITFunction.run`` does before compiling: it evaluates the
-``triton.heuristics`` of the wrapper (the ``HAS_*`` switches), turns ``None`` arguments into
+``launch_spec`` repeats what ``JITFunction.run`` does before compiling: it turns ``None`` arguments into
 ``constexpr None`` (what triton 3.x does with a ``None`` pointer: the branch using it is never
 traced), turns integers equal to 1 into ``constexpr 1`` (a unit stride) and marks pointers and
 integers divisible by 16 with ``tt.divisibility``. Tensors on the ``meta`` device are enough: only
@@ -104,7 +103,7 @@ def cuobjdump_path() -> str | None:
 
 
 def _unwrap(kernel) -> list:
-    """[outermost wrapper, ..., innermost Python function] of a (heuristics-wrapped) kernel."""
+    """[the kernel object, ..., the Python function it wraps] (JITFunction or interpreter kernel → fn)."""
     chain = [kernel]
     while hasattr(chain[-1], "fn") and not isinstance(chain[-1], types.FunctionType):
         chain.append(chain[-1].fn)
@@ -152,7 +151,7 @@ class Launch:
     """One kernel launch as the launcher wrote it: ``kernel[grid](**kwargs)``."""
 
     name: str
-    kernel: Any  # the original object (with its triton.heuristics)
+    kernel: Any  # the original kernel object
     grid: Any
     kwargs: dict
 
@@ -175,22 +174,32 @@ def capture_launches(module: types.ModuleType, *names: str, as_on_gpu: bool = Tr
     """Replace the kernels ``names`` of ``module`` by recorders while the block runs.
 
     Launchers that import the kernel at call time (``from ._triton_kernels import k``) see the
-    recorder; nothing is executed, so the launcher can be called with ``meta`` tensors of the full
+    recorder, which ``torch.library.wrap_triton`` passes through while the block runs (it accepts
+    only Triton kernels otherwise); nothing is executed, so the launcher can be called with ``meta`` tensors of the full
     production shape. With ``as_on_gpu`` the interpreter is switched off (``TRITON_INTERPRET=0``)
     for the block, so launchers that choose a configuration for the interpreter choose the one
     of a GPU run. Yields the list of recorded ``Launch``es.
     """
+    import torch
+
     launches: list = []
     originals = {name: getattr(module, name) for name in names}
+    wrap_triton = torch.library.wrap_triton
+
+    def wrap_or_record(kernel):  # the launchers call torch.library.wrap_triton(kernel)[grid](...)
+        return kernel if isinstance(kernel, _Recorder) else wrap_triton(kernel)
+
     with contextlib.ExitStack() as stack:
         if as_on_gpu:
             stack.enter_context(triton.knobs.runtime.scope())  # restores the knob and the environment
             triton.knobs.runtime.interpret = False
         try:
+            torch.library.wrap_triton = wrap_or_record
             for name, kernel in originals.items():
                 setattr(module, name, _Recorder(name, kernel, launches))
             yield launches
         finally:
+            torch.library.wrap_triton = wrap_triton
             for name, kernel in originals.items():
                 setattr(module, name, kernel)
 
@@ -225,11 +234,6 @@ def launch_spec(kernel, launch_kwargs: dict) -> KernelSpec:
     params = _kernel_params(kernel)
     names = [p.name for p in params]
     args = dict(launch_kwargs)
-    for wrapper in chain[:-1]:  # triton.heuristics, outermost first; each sees the values set before it
-        values = getattr(wrapper, "values", None)
-        if isinstance(values, dict):
-            for name, heur in values.items():
-                args[name] = heur(dict(args))
     options = {k: args.pop(k) for k in list(args) if k not in names}
     num_warps = int(options.pop("num_warps", 4))  # triton's default for NVIDIA
 
@@ -408,10 +412,10 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, arch, num_warps: i
     """Compile ``kernel`` for ``sm_<arch>`` and report the cubin's resources.
 
     Args:
-        kernel: a JITFunction, a ``triton.heuristics`` wrapper or an interpreter kernel.
+        kernel: a JITFunction or an interpreter kernel.
         signature: {arg name: "*bf16" | "i32" | "fp32" | "constexpr" | ...} for every argument.
             ``None`` pointers are "constexpr" with value None in ``constexprs`` (what triton 3.x
-            does at launch); the HAS_* switches of ``triton.heuristics`` must be given explicitly.
+            does at launch).
         constexprs: {arg name: value} for every "constexpr" entry.
         arch: 80, 90 (or "sm_80", ...). num_warps: as in the launch.
         attrs: {(arg index,): [["tt.divisibility", 16]]}, as ``launch_spec`` derives them; default none.
@@ -423,8 +427,8 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, arch, num_warps: i
     fn = _unwrap(kernel)[-1]
     missing = [k for k, v in signature.items() if v == "constexpr" and k not in constexprs]
     if missing:
-        raise ValueError(f"{fn.__name__}: constexprs missing for {missing} (the HAS_* values of "
-                         "triton.heuristics and None pointers must be given explicitly)")
+        raise ValueError(f"{fn.__name__}: constexprs missing for {missing} (the HAS_* switches and None "
+                         "pointers must be given explicitly)")
     spec = KernelSpec(
         fn.__module__, fn.__name__, tuple(signature.items()), tuple(constexprs.items()),
         tuple((k, tuple(tuple(a) for a in v)) for k, v in sorted((attrs or {}).items())),

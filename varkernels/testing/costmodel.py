@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import unittest.mock
 import weakref
 from typing import Callable, Optional
 
@@ -235,12 +236,13 @@ class Assumptions:
     target_fraction: fraction of token rows with a target (the others are skipped by the kernels);
     unit_grad_output: the upstream gradient of the loss is exactly 1 (``loss.backward()``), so the
     scaling kernel returns at once; token_single_pass_max_v: largest V for which the token kernel
-    reads each logit once (0: always the two-pass kernel).
+    reads each logit once; None (default): the launcher's own choice, ``token_kernel_config`` (the
+    single-pass kernel for rows that fit on chip, else the tiled two-sweep one).
     """
 
     target_fraction: float = 1.0
     unit_grad_output: bool = True
-    token_single_pass_max_v: int = 0
+    token_single_pass_max_v: Optional[int] = None
 
 
 def _token_traffic(args, kwargs, a: Assumptions):
@@ -248,11 +250,18 @@ def _token_traffic(args, kwargs, a: Assumptions):
     reads the logits twice (logsumexp sweep, then the gradient sweep) and writes the gradient once;
     with lse_in (or a single-pass kernel) one read; without a gradient one read and no write."""
     x, labels, coef, grad, lse_in = args[:5]
+    softcap = args[5] if len(args) > 5 else None
     B, T, V = x.shape
     rows = B * T * a.target_fraction
     row_bytes = V * x.element_size()
     has_grad = grad is not None
-    single = lse_in is not None or not has_grad or V <= a.token_single_pass_max_v
+    if a.token_single_pass_max_v is None:
+        from ..core._triton_kernels import _var_token_kernel_single, token_kernel_config
+
+        single_kernel = token_kernel_config(V, x.dtype, softcap=softcap)[0] is _var_token_kernel_single
+    else:
+        single_kernel = V <= a.token_single_pass_max_v
+    single = lse_in is not None or not has_grad or single_kernel
     reads = rows * row_bytes * (1 if single else 2) + tensor_bytes(labels)
     reads += sum(tensor_bytes(t) for t in (coef, lse_in) if t is not None)
     writes = (rows * V * grad.element_size() if has_grad else 0) + 2 * 4 * B * T  # lp, lse fp32
@@ -276,7 +285,7 @@ def _var_weights_traffic(args, kwargs, a: Assumptions):
 
 
 # op name (str(func.overloadpacket)) -> fn(args, kwargs, Assumptions) -> (reads, writes, note). Extend here
-# when a kernel is added (e.g. a single-pass token kernel: set Assumptions.token_single_pass_max_v).
+# when a kernel is added.
 KERNEL_TRAFFIC = {
     "varkernels.token_triton": _token_traffic,
     "varkernels.scale_triton": _scale_traffic,
@@ -433,11 +442,17 @@ class CostTracer(TorchDispatchMode):
 class fake_cuda_shim(TorchFunctionMode):
     """Routes the few Python-level tensor methods that fail on fake CUDA tensors of a CPU build of
     torch ("not linked with support for cuda devices": their bindings take a CUDA device guard) to the
-    aten ops they issue: ``copy_`` and basic slicing / tensor indexing in ``__getitem__`` / ``__setitem__``."""
+    aten ops they issue: ``copy_`` and basic slicing / tensor indexing in ``__getitem__`` / ``__setitem__``;
+    and ``torch.addmm(..., out=acc)`` (the weight-gradient GEMM of the CUDA path) to the same GEMM out of
+    place, which :class:`CostTracer` records as written into ``acc`` (``inplace_accumulate``)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         aten = torch.ops.aten
+        out = kwargs.get("out")
+        if func is torch.addmm and isinstance(out, torch.Tensor) and out.device.type == "cuda":
+            torch.addmm(*args, **{k: v for k, v in kwargs.items() if k != "out"})
+            return out
         if func is torch.Tensor.copy_:
             return aten.copy_.default(args[0], args[1])
         if func is torch.Tensor.__getitem__:
@@ -539,33 +554,56 @@ class CountedTrace:
 
 
 # ----------------------------------------------------------------------------------------------
-# varkernels' CUDA path, driven as its autograd Functions would drive it
+# varkernels' CUDA path, driven through its autograd Functions
+
+
+class _Ctx:
+    """What the autograd Functions use of ``ctx``, so that their own forward and backward run without the
+    autograd engine (autograd on fake CUDA tensors aborts a CPU build of torch)."""
+
+    saved_tensors: tuple = ()
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+    def mark_non_differentiable(self, *tensors):
+        pass
+
+
+def _linear_op_body(hidden, weight, bias, labels, dlp, lse_in, wants, opts):
+    """``run_linear_token`` with the operator's Python body (``linear_token_pass``) in place of the operator,
+    whose fake implementation would give only the output shapes: every op of the chunk loop is recorded."""
+    from ..core.linear import linear_token_pass
+    from ..core.token import kernel_coef
+
+    return linear_token_pass(hidden, weight, bias, labels, kernel_coef(dlp), lse_in, wants, opts)
 
 
 def varkernels_linear(hidden, weight, labels, coef, *, master_weight=None, chunk_size=None, accum_fp32=True,
                       tf32=False, assumptions=None) -> Trace:
-    """Trace ``fused_linear_var_loss``'s computation on fake CUDA tensors: the forward of
-    ``LinearTokenFunction`` in forward mode (``linear_token_pass``, gradients computed in the forward,
-    ``compact=False``: every row processed), then its backward (scale by the upstream gradient, cast to
-    the parameter dtype). ``master_weight`` (fp32): the trainer's autocast step, ``weight = master.to(bf16)``
-    first and the bf16 weight gradient cast back to fp32 at the end (``hidden``/``weight`` dtype bf16).
-    Returns the trace; returned gradients: grad_hidden and the weight gradient in the parameter's dtype."""
-    from ..core.autograd import scale_grad_
-    from ..core.linear import default_chunk_size, linear_token_pass
+    """Trace ``fused_linear_var_loss``'s computation on fake CUDA tensors: ``LinearTokenFunction``'s own
+    forward in forward mode (labels, coef: [B·T], coef = d loss / d lp; gradients computed in the forward,
+    every row processed: fake labels have no values to compact by), then its own backward (scale by the
+    upstream gradient 1, cast to the parameter dtype). ``master_weight`` (fp32): the trainer's autocast
+    step, ``weight = master.to(bf16)`` first and the bf16 weight gradient cast back to fp32 at the end
+    (``hidden``/``weight`` dtype bf16). Returned gradients: grad_hidden and the weight gradient in the
+    parameter's dtype."""
+    from ..core.autograd import LinearTokenFunction
+    from ..core.linear import default_chunk_size
+    from ..core.token import TokenOptions
 
     V = (master_weight if master_weight is not None else weight).shape[0]
-    chunk = chunk_size or default_chunk_size(V, "cuda", hidden.element_size())
+    opts = TokenOptions("triton", chunk_size=chunk_size or default_chunk_size(V, "cuda", hidden.element_size()),
+                        accum_fp32=accum_fp32)
 
     def run():
         w = master_weight.to(hidden.dtype) if master_weight is not None else weight
-        lp, lse, gh, gw, gb = linear_token_pass(hidden, w, None, labels, coef.neg(), None, True, True, False,
-                                                "triton", None, 1.0, -100, chunk, accum_fp32, compact=False)
-        value = (coef * lp).sum()
-        del lse, gb
+        ctx = _Ctx()
+        with unittest.mock.patch("varkernels.core.autograd.run_linear_token", _linear_op_body):
+            value, lp = LinearTokenFunction.forward(ctx, hidden, w, None, labels, coef, opts, (True, True, False))
         one = torch.ones((), dtype=torch.float32, device=hidden.device)
-        gh = scale_grad_(gh, one, "triton").to(hidden.dtype)
-        gw_param = scale_grad_(gw, one, "triton").to(w.dtype)
-        del gw
+        gh, gw_param, *_ = LinearTokenFunction.backward(ctx, one, None)
+        del ctx  # the fp32 accumulators
         if master_weight is not None:
             gw_param = gw_param.to(master_weight.dtype)  # autograd's backward of weight.to(bf16)
             del w
@@ -575,17 +613,15 @@ def varkernels_linear(hidden, weight, labels, coef, *, master_weight=None, chunk
 
 
 def varkernels_logits(logits, labels, coef, *, tf32=False, assumptions=None) -> Trace:
-    """Trace ``fused_var_loss``'s token op on fake CUDA logits: ``TokenFunction`` forward mode with a
-    gradient buffer (``inplace=False``), then its backward (scale by the upstream gradient)."""
-    from ..core.autograd import scale_grad_
-    from ..core.token import token_op
+    """Trace ``fused_var_loss``'s token op on fake CUDA logits: ``TokenFunction``'s own forward in forward
+    mode with a gradient buffer (``inplace=False``), then its own backward (scale by the upstream gradient)."""
+    from ..core.autograd import TokenFunction
+    from ..core.token import TokenOptions
 
     def run():
-        grad = torch.empty_like(logits)
-        lp, _ = token_op("triton", logits, labels, coef.neg(), grad, softcap=None, inv_temperature=1.0,
-                         ignore_index=-100)
-        value = (coef * lp).sum()
-        grad = scale_grad_(grad, torch.ones((), dtype=torch.float32, device=logits.device), "triton")
+        ctx = _Ctx()
+        value, lp = TokenFunction.forward(ctx, logits, labels, coef, TokenOptions("triton"), False, True)
+        grad = TokenFunction.backward(ctx, torch.ones((), dtype=torch.float32, device=logits.device), None)[0]
         return value, grad
 
     return trace_call(run, returned=lambda r: [r[1]], tf32=tf32, assumptions=assumptions)

@@ -1,10 +1,9 @@
-"""The VAR loss: a thin layer on the core's forward-mode token op.
+"""The VAR loss: VAR weights → the weighted NLL (varkernels/nll.py).
 
-rewards and reference log-probs → weights w (varkernels/var/weights.py) → per-token coefficients
-coef[n] = −w_i·c_i/(k·B) for every token n of row i (c_i = 1 for "sum", 1/n_i for "mean") → the
-core computes loss = Σ_n coef[n]·lp[n] = −(1/k)·Σ_g (1/B)·Σ_{i in g} w_i·s_i and its gradient in
-one pass (varkernels/core/autograd.py). The weights do not depend on the policy, which is what
-lets the gradient be computed during the forward.
+rewards and reference log-probs → per-sequence weights w (varkernels/var/weights.py) → the
+weighted NLL with ``reduction=logp_reduction`` over the N = k·B rows: loss = −(1/N)·Σ_i w_i·s_i =
+−(1/k)·Σ_g (1/B)·Σ_{i in g} w_i·s_i, its gradient computed in the same pass. The weights do not
+depend on the policy, which is what lets the gradient be computed during the forward.
 """
 
 from __future__ import annotations
@@ -14,40 +13,28 @@ from typing import Optional
 
 import torch
 
-from .._validation import VAROutput, check_call, check_linear, check_option, check_positive
-from ..core.autograd import linear_token_forward, token_forward
-from ..core.linear import default_chunk_size
+from .._prepare import prepare_call
+from .._validation import VAROutput, check_inplace, check_options
+from .._docs import compose
+from ..nll import linear_nll_forward, nll_forward, sequence_values
 from .weights import group_ess, var_weights
 
 
-def sequence_coefficients(labels: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
-    """c_i as [B] fp32: 1 for "sum", 1/n_i for "mean" (1 when n_i = 0: s_i = 0 anyway)."""
-    if reduction == "sum":
-        return torch.ones(labels.shape[0], dtype=torch.float32, device=labels.device)
-    n = (labels != ignore_index).sum(dim=1).clamp(min=1)
-    return 1.0 / n.to(torch.float32)
-
-
-def _var_coefficients(checked, rewards, ref_logps, *, beta, weighting, logp_reduction, ignore_index):
-    """(per-token coef [k·B·T], seq_coef c [k·B], weights [k·B], log_z [k·B])."""
-    labels = checked.labels
-    N, T = labels.shape
-    weights, log_z = var_weights(
-        rewards, ref_logps, groups=checked.groups, group_size=checked.group_size,
-        cross_pairs=checked.cross_pairs, beta=beta, weighting=weighting, backend=checked.backend,
+def _var_weights(call, rewards, ref_logps, *, beta, weighting):
+    """(weights [k·B], log_z [k·B]) fp32 of a prepared call."""
+    return var_weights(
+        rewards, ref_logps, groups=call.groups, group_size=call.group_size,
+        cross_pairs=call.cross_pairs, beta=beta, weighting=weighting, backend=call.backend,
     )
-    seq_coef = sequence_coefficients(labels, ignore_index, logp_reduction)
-    coef = (weights * seq_coef).mul_(-1.0 / N).unsqueeze(1).expand(N, T).reshape(-1)
-    return coef, seq_coef, weights, log_z
 
 
 def _output(loss, lp, seq_coef, weights, log_z, groups, return_aux):
     if not return_aux:
         return loss
-    s = lp.detach().view(seq_coef.shape[0], -1).sum(dim=1) * seq_coef
-    return VAROutput(loss, weights, log_z, s, group_ess(weights, groups))
+    return VAROutput(loss, weights, log_z, sequence_values(lp, seq_coef), group_ess(weights, groups))
 
 
+@compose
 def fused_var_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -71,47 +58,36 @@ def fused_var_loss(
     w_i the stop-gradient VAR weight of row i inside its group g (docs/design.md §1).
 
     Args:
-        logits: [k·B, T, V] float32/bfloat16/float16, any strides.
-        labels: [k·B, T] int64/int32; ``ignore_index`` marks prompt and padding.
+        {logits}
+        {labels}
         rewards: [B, B] with rewards[i, j] = r(x_i, y_j), or [B] (shared-context form); for k
             groups [k, B, B] or [k, B] (each group normalised inside itself).
         ref_logps: same shape as rewards, log π_ref(y_j | x_i) reduced like ``logp_reduction``.
         beta: temperature β > 0 of the optimal policy.
         weighting: "posterior" (default, w ∝ π_ref·exp(r/β), bounded by B) or "importance".
         logp_reduction: "mean" (default, per-token average) or "sum" over non-ignored tokens.
-        shift_labels: Hugging Face causal shift (position t predicts labels[:, t+1]); no copy of logits.
-        softcap, temperature: logit transforms c·tanh(ℓ/c), then ℓ/τ.
-        inplace: overwrite ``logits`` with its gradient (saves a [B, T, V] buffer; destroys logits).
-            Nothing is written under ``torch.no_grad()``.
+        {shift_labels}
+        {transforms}
+        {inplace}
         return_aux: return a ``VAROutput`` (loss, weights, log_z, policy_logps, ess).
-        backend: "auto" | "triton" | "cpu" | "torch".
+        {backend}
     Returns:
         float32 scalar loss, or ``VAROutput``. The logits gradient has the logits' dtype.
-        The graph supports one backward (compute the loss again for a second one).
+        {one_backward}
+    Here B is k·B: k groups of B rows in one call.
     """
-    V = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() == 3 else 0
-    checked = check_call(
-        "logits", logits, labels, V, ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap,
-        temperature=temperature, backend=backend, rewards=rewards, ref_logps=ref_logps, beta=beta,
-        weighting=weighting, logp_reduction=logp_reduction,
-    )
-    if inplace and any(st == 0 and n > 1 for st, n in zip(logits.stride(), logits.shape)):
-        raise ValueError(
-            "inplace=True needs logits whose elements do not share memory; got strides "
-            f"{tuple(logits.stride())} for shape {tuple(logits.shape)} (an expand()ed view): pass "
-            "logits.contiguous() or use inplace=False"
-        )
-    coef, seq_coef, weights, log_z = _var_coefficients(
-        checked, rewards, ref_logps, beta=beta, weighting=weighting, logp_reduction=logp_reduction,
-        ignore_index=ignore_index,
-    )
-    loss, lp = token_forward(
-        logits, checked.labels.reshape(-1).contiguous(), coef, backend=checked.backend, softcap=softcap,
-        inv_temperature=1.0 / float(temperature), ignore_index=ignore_index, inplace=inplace,
-    )
-    return _output(loss, lp, seq_coef, weights, log_z, checked.groups, return_aux)
+    check_options(weighting=weighting, logp_reduction=logp_reduction, beta=beta)
+    call = prepare_call("logits", logits, labels, ignore_index=ignore_index, shift_labels=shift_labels,
+                        softcap=softcap, temperature=temperature, backend=backend, rewards=rewards,
+                        ref_logps=ref_logps)
+    check_inplace(logits, inplace)
+    weights, log_z = _var_weights(call, rewards, ref_logps, beta=beta, weighting=weighting)
+    loss, lp, seq_coef = nll_forward(call, logits, weights, reduction=logp_reduction, shift_labels=shift_labels,
+                                     inplace=inplace)
+    return _output(loss, lp, seq_coef, weights, log_z, call.groups, return_aux)
 
 
+@compose
 def fused_linear_var_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -135,43 +111,32 @@ def fused_linear_var_loss(
     """VAR loss from the last hidden states and the lm_head weight, never holding [B, T, V] logits.
 
     Args:
-        hidden: [k·B, T, H] float32/bfloat16/float16, any strides (never copied, also with shift_labels).
-        weight: [V, H] as ``lm_head.weight``, dtype of hidden. bias: [V] or None (keyword-only).
+        {hidden}
+        {weight}
         labels, rewards, ref_logps and the other keywords: as in :func:`fused_var_loss` (k groups in
             one call share one fp32 weight-gradient accumulator).
-        chunk_size: token rows per chunk; default ``default_chunk_size(V, device, dtype)`` (a 32 MiB
-            block of fp32 logits on CPU, 256 MiB of logits in their dtype on CUDA).
-        grad_accum_dtype: dtype of the weight/bias gradient accumulators: torch.float32 (default:
-            rounded once, at the end) or the weight's dtype (V·H·2 bytes less for bf16/fp16 weights,
-            one rounding per chunk; README gives the measured error).
+        {chunk_size}
+        {grad_accum_dtype}
     Returns:
         float32 scalar loss or ``VAROutput``. Gradients of hidden, weight and bias are computed in the
         forward (weight/bias accumulated in fp32, returned in their dtype); one backward per graph.
         The logits chunks are temporaries, always overwritten by their gradient (no ``inplace`` option).
     """
-    V = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
-    check_linear(hidden, weight, bias, chunk_size, grad_accum_dtype)
-    checked = check_call(
-        "hidden", hidden, labels, V, ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap,
-        temperature=temperature, backend=backend, rewards=rewards, ref_logps=ref_logps, beta=beta,
-        weighting=weighting, logp_reduction=logp_reduction,
-    )
-    coef, seq_coef, weights, log_z = _var_coefficients(
-        checked, rewards, ref_logps, beta=beta, weighting=weighting, logp_reduction=logp_reduction,
-        ignore_index=ignore_index,
-    )
-    loss, lp = linear_token_forward(
-        hidden, weight, bias, checked.labels.reshape(-1).contiguous(), coef, backend=checked.backend,
-        softcap=softcap, inv_temperature=1.0 / float(temperature), ignore_index=ignore_index,
-        chunk_size=chunk_size or default_chunk_size(V, hidden.device.type, hidden.element_size()),
-        accum_fp32=grad_accum_dtype == torch.float32,
-    )
-    return _output(loss, lp, seq_coef, weights, log_z, checked.groups, return_aux)
+    check_options(weighting=weighting, logp_reduction=logp_reduction, beta=beta)
+    call = prepare_call("hidden", hidden, labels, head=(weight, bias), ignore_index=ignore_index,
+                        shift_labels=shift_labels, softcap=softcap, temperature=temperature, backend=backend,
+                        chunk_size=chunk_size, grad_accum_dtype=grad_accum_dtype, rewards=rewards,
+                        ref_logps=ref_logps)
+    weights, log_z = _var_weights(call, rewards, ref_logps, beta=beta, weighting=weighting)
+    loss, lp, seq_coef = linear_nll_forward(call, hidden, weight, bias, weights, reduction=logp_reduction,
+                                            shift_labels=shift_labels)
+    return _output(loss, lp, seq_coef, weights, log_z, call.groups, return_aux)
 
 
 _VAR_OPTIONS = [
     name for name, p in inspect.signature(fused_var_loss).parameters.items() if p.kind is p.KEYWORD_ONLY
 ]
+_CHECKED = ("beta", "temperature", "softcap", "weighting", "logp_reduction", "backend")
 
 
 class VARLoss(torch.nn.Module):
@@ -185,17 +150,7 @@ class VARLoss(torch.nn.Module):
         unknown = sorted(set(options) - set(_VAR_OPTIONS))
         if unknown:
             raise TypeError(f"VARLoss got unknown options {unknown}; expected some of {_VAR_OPTIONS}")
-        if "beta" in options:
-            check_positive("beta", options["beta"])
-        if "temperature" in options:
-            check_positive("temperature", options["temperature"])
-        if "softcap" in options:
-            check_positive("softcap", options["softcap"], allow_none=True)
-        from .._validation import BACKENDS, REDUCTIONS, WEIGHTINGS
-
-        for name, allowed in (("weighting", WEIGHTINGS), ("logp_reduction", REDUCTIONS), ("backend", BACKENDS)):
-            if name in options:
-                check_option(name, options[name], allowed)
+        check_options(**{k: v for k, v in options.items() if k in _CHECKED})
         self.options = options
 
     def forward(self, logits, labels, rewards, ref_logps, **overrides):

@@ -22,17 +22,7 @@ import math
 import torch
 from torch.library import triton_op
 
-from .._validation import data_checks_enabled
-from ..core.token import launchable
-
-
-def importance_overflow_message(weighting: str) -> str:
-    return (
-        f"VAR weights are not finite (weighting={weighting!r}): exp(R[i,i]/beta - log Z_i) "
-        "overflowed float32. With sequence-summed ref log-probs log Z_i is very negative, so "
-        "importance weights are unbounded. Use logp_reduction='mean' for ref_logps and the "
-        "policy, weighting='posterior' (bounded by B), or a larger beta."
-    )
+from .._validation import data_checks_enabled, importance_overflow_message
 
 
 def _as_group_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -55,7 +45,7 @@ def var_weights_triton_launch(
     log_z = torch.empty(k * B, dtype=torch.float32, device=rewards.device)
     srg, srr, src = _as_group_strides(rewards)
     sqg, sqr, sqc = _as_group_strides(ref_logps)
-    launchable(_var_weights_kernel)[(k * B,)](
+    torch.library.wrap_triton(_var_weights_kernel)[(k * B,)](
         r_ptr=rewards, q_ptr=ref_logps, w_ptr=w, log_z_ptr=log_z, B=B,
         stride_rg=srg, stride_rr=srr, stride_rc=src, stride_qg=sqg, stride_qr=sqr, stride_qc=sqc,
         inv_beta=1.0 / beta, log_b=math.log(B),
