@@ -6,9 +6,12 @@ Public API (docs/design.md §2):
     sequence_logps(logits, labels, reduction=...)          differentiable, [B] or [B,T] fp32
     linear_sequence_logps(hidden, weight, labels, ...)     differentiable, [B] or [B,T] fp32
     var_loss_reference(...)                                plain PyTorch, the spec in code
+    release_grad_buffers(), set_grad_buffer_cache(...), grad_buffer_stats()
+                                                           the CPU gradient-buffer cache (README: Use)
 """
 
 from ._validation import VAROutput
+from .core._grad_buffers import grad_buffer_stats, release_grad_buffers, set_grad_buffer_cache
 from .logps import linear_sequence_logps, sequence_logps
 from .reference import linear_var_loss_reference, var_loss_reference
 from .var import VARLoss, fused_linear_var_loss, fused_var_loss
@@ -43,6 +46,9 @@ __all__ = [
     "linear_sequence_logps",
     "var_loss_reference",
     "linear_var_loss_reference",
+    "release_grad_buffers",
+    "set_grad_buffer_cache",
+    "grad_buffer_stats",
     "__version__",
     *_LAZY,
 ]

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
+from ._grad_buffers import grad_buffer_like
 from .linear import linear_token_op
 from .token import launchable, rne_bf16, token_op
 
@@ -106,7 +107,7 @@ class TokenFunction(torch.autograd.Function):
         if coef is not None:
             grad = None
             if needs_grad:
-                grad = xd if inplace else torch.empty_like(xd)
+                grad = xd if inplace else grad_buffer_like(xd)  # already-touched pages (_grad_buffers.py)
             # the kernels write coef'·(softmax − onehot) = coef'·(−d lp/dx): coef' = −d value/d lp
             lp, _ = token_op(backend, xd, labels, coef.neg(), grad, softcap=softcap,
                              inv_temperature=inv_temperature, ignore_index=ignore_index)
