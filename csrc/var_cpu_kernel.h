@@ -273,10 +273,14 @@ inline void block_exp_scale(const float* z, const float* t, float lse, float sca
 // dst[0:n] = src[0:n] with non-temporal (streaming) stores: for a gradient buffer that is not x, whose
 // lines are not in cache, a plain store first reads every line from memory (read for ownership), one
 // extra DRAM read of the whole [B, T, V] gradient; streaming stores write it without reading it.
-// SSE's 16-byte form is in every x86-64 instruction set; the caller issues the store fence.
+// AVX-512 writes whole 64-byte lines; SSE's 16-byte form is in every x86-64 instruction set. The caller
+// issues the store fence.
 inline void stream_row(const float* src, float* dst, int64_t n) {
   int64_t i = 0;
-#if defined(__SSE2__)
+#if defined(CPU_CAPABILITY_AVX512)  // whole 64-byte lines per store
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63) != 0; ++i) dst[i] = src[i];
+  for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+#elif defined(__SSE2__)
   for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0; ++i) dst[i] = src[i];
   for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
 #endif
