@@ -131,8 +131,8 @@ def main(argv=None):
               f"= write + {(r['median_s'] - floor) * 1e3:.1f} ms")
         rows.append({"run": run, **machine_info(), "git": git_revision(), "load_avg_1min": load, "strategy": name,
                      "B": args.B, "T": args.T, "V": args.V, "bytes": x.numel() * 4, "median_s": r["median_s"],
-                     "p20_s": r["p20_s"], "p80_s": r["p80_s"], "reps": r["reps"], "over_touched_s": r["median_s"] - floor,
-                     "first_call_s": r["first_call_s"]})
+                     "p20_s": r["p20_s"], "p80_s": r["p80_s"], "reps": r["reps"],
+                     "over_touched_s": r["median_s"] - floor, "first_call_s": r["first_call_s"]})
     path = RESULTS / "grad_buffers.csv" if args.save else RESULTS / "local" / "grad_buffers.csv"
     append_csv(path, rows)
     print(f"rows of run {run} appended to {path}")
