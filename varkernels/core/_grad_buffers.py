@@ -2,8 +2,8 @@
 
 Why: the logits form writes its gradient into a fresh [B, T, V] buffer on every call. A fresh
 buffer of that size is mmap-ed by the C library and every 4 KiB page of it faults on its first
-write: at B=8, T=512, V=32000 fp32 (500 MiB) that is ~140 ms on this project's 2-core machine,
-three times the kernel's own sweeps (``benchmarks/bench_grad_buffers.py``). Transparent huge pages
+write: at B=8, T=512, V=32000 fp32 (500 MiB) that is ~140-150 ms on this project's 2-core machine,
+more than the whole loss takes (``benchmarks/bench_grad_buffers.py``). Transparent huge pages
 would cut the faults but make the time depend on the machine's memory state (with ``defrag =
 madvise`` a fragmented machine stalls for hundreds of milliseconds on compaction). Instead, as
 the CUDA caching allocator does for device memory, a gradient buffer whose tensor is freed (the
