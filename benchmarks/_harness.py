@@ -89,14 +89,81 @@ def machine_info() -> dict:
     }
 
 
+THP_DIR = Path("/sys/kernel/mm/transparent_hugepage")
+PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42
+
+
+def _bracketed(path: Path) -> str:
+    """The selected word of a sysfs choice file ("always [madvise] never" -> "madvise"), "-" if unreadable."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return "-"
+    return text[text.index("[") + 1 : text.index("]")] if "[" in text else text.strip()
+
+
+def anon_huge_kib(path: str = "/proc/meminfo") -> int | str:
+    """AnonHugePages (KiB) of the machine (/proc/meminfo) or of this process (/proc/self/smaps_rollup)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return "-"
+
+
+def _prctl(option: int, arg: int = 0) -> int:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(option, arg, 0, 0, 0)
+
+
+def disable_thp_for_process() -> bool:
+    """``prctl(PR_SET_THP_DISABLE, 1)``: no transparent huge pages for this process (and its children),
+    whatever the machine's mode; the machine's settings are not touched. True if it took effect."""
+    try:
+        return _prctl(PR_SET_THP_DISABLE, 1) == 0 and _prctl(PR_GET_THP_DISABLE) == 1
+    except (OSError, AttributeError):
+        return False
+
+
+def thp_disabled_for_process() -> int | str:
+    try:
+        return _prctl(PR_GET_THP_DISABLE)
+    except (OSError, AttributeError):
+        return "-"
+
+
+_ANON_HUGE_BEFORE = anon_huge_kib()  # at import: the start of the benchmark's process
+
+
+def memory_state() -> dict:
+    """The machine's memory state that moves CPU timings of large fresh buffers (the kernel's THP mode and
+    defrag mode, whether THP is disabled for this process) and AnonHugePages of the machine when the
+    harness was imported (the run's start) and now, and of this process now. Added to every CSV row."""
+    return {"thp_enabled": _bracketed(THP_DIR / "enabled"), "thp_defrag": _bracketed(THP_DIR / "defrag"),
+            "thp_disabled_process": thp_disabled_for_process(),
+            "anon_huge_kib_before": _ANON_HUGE_BEFORE, "anon_huge_kib_after": anon_huge_kib(),
+            "anon_huge_kib_process": anon_huge_kib("/proc/self/smaps_rollup")}
+
+
 def append_csv(path: Path, rows: list) -> None:
     """Append ``rows`` (dicts) to the CSV at ``path``, writing its header if the file is new.
+
+    Every row gets the columns of ``memory_state()`` (THP modes, AnonHugePages before and after) and,
+    unless it has a load column already, ``load_avg_1min``: one place for every benchmark script.
 
     When the rows carry columns the file does not have yet (or lack some it has), the file is
     rewritten once with the union of the columns, old columns first: earlier rows keep their
     values and get empty cells for the new columns, so no row is ever misaligned with the header."""
     if not rows:
         return
+    state, load = memory_state(), load_average()
+    rows = [{**r, **{k: v for k, v in state.items() if k not in r},
+             **({} if "load_avg_1min" in r or "load_1min" in r else {"load_avg_1min": load})} for r in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(k for r in rows for k in r))
     old_rows = []

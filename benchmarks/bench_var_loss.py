@@ -3,6 +3,7 @@
     bash scripts/bench.sh                          # set-up, then this script: B=8 T=512 V=32000 fp32
     python benchmarks/bench_var_loss.py --V 128256 --T 128 --dtype bfloat16
     python benchmarks/bench_var_loss.py --save     # also append to the committed CSV, redraw the plot
+    python benchmarks/bench_var_loss.py --thp-disable   # prctl(PR_SET_THP_DISABLE, 1): no huge pages here
 
 Providers (each a full forward + backward of the loss, gradient left in ``logits.grad``):
     naive          benchmarks/naive.py: log_softmax + gather + masked mean + weights, autograd
@@ -18,6 +19,10 @@ time, the ratio to naive (naive median / provider median: > 1 is faster), and th
 machine's floor (_harness.floor_sweeps: one max sweep + one exp sweep + one scale sweep over the
 logits, timed in the same rounds). Peak memory: extra resident memory of one call beyond what is
 resident before it, gradient included (_harness.peak_memory_bytes), also as a multiple of the logits.
+The fused providers' gradient buffer comes from varkernels' CPU gradient-buffer cache
+(varkernels/core/_grad_buffers.py): between calls the cache holds the freed gradient's buffer, which is
+therefore resident before each call; "held" is what it holds after the run, and "footprint" = peak extra
++ held is the memory the provider needs, as a multiple of the logits.
 
 Rows (run id, machine, versions, load average, config, provider, times, memory, ratios) go to
 benchmarks/results/local/var_loss.csv, which git ignores. ``--save`` appends them to the committed
@@ -38,6 +43,7 @@ from _harness import (  # noqa: E402
     FLOOR_SWEEPS,
     RESULTS,
     append_csv,
+    disable_thp_for_process,
     fix_mmap_threshold,
     floor_sweeps,
     fmt_bytes,
@@ -49,10 +55,11 @@ from _harness import (  # noqa: E402
 )
 from naive import naive_var_loss  # noqa: E402
 
-from varkernels import fused_var_loss  # noqa: E402
+from varkernels import fused_var_loss, grad_buffer_stats, release_grad_buffers  # noqa: E402
 from varkernels._backend import resolve_backend  # noqa: E402
 
 PROVIDERS = ("naive", "fused", "fused_inplace", "fused_torch")
+CACHED = ("fused", "fused_torch")  # their gradient buffer comes from the gradient-buffer cache
 LOCAL_CSV = RESULTS / "local" / "var_loss.csv"  # git-ignored
 SAVED_CSV = RESULTS / "var_loss.csv"  # committed: README figures come from its rows
 
@@ -94,7 +101,12 @@ def main(argv=None):
                    help=f"append the rows to {SAVED_CSV.relative_to(RESULTS.parent.parent)} (committed) and "
                         "redraw var_loss.png from them, instead of the git-ignored results/local/")
     p.add_argument("--csv", default=None, help="write the rows to this CSV instead")
+    p.add_argument("--thp-disable", action="store_true",
+                   help="prctl(PR_SET_THP_DISABLE, 1) first: no transparent huge pages for this process (the "
+                        "machine's setting is untouched); recorded in the rows' thp_disabled_process")
     args = p.parse_args(argv)
+    if args.thp_disable and not disable_thp_for_process():
+        raise SystemExit("--thp-disable: prctl(PR_SET_THP_DISABLE, 1) did not take effect on this OS")
     csv_path = Path(args.csv) if args.csv else SAVED_CSV if args.save else LOCAL_CSV
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fix_mmap_threshold()  # every tensor >= 1 MiB is mmap-ed: peak RSS counts live tensors
@@ -113,6 +125,8 @@ def main(argv=None):
     calls = build_calls(names, logits, labels, rewards, ref_logps)
     calls.update(floor_sweeps(logits))
     results = measure_interleaved(calls, device=device, reps=args.reps)
+    held = grad_buffer_stats()["cached_bytes"] if device == "cpu" else 0
+    release_grad_buffers()
     floor = {k: results.pop(k) for k in FLOOR_SWEEPS}
     floor_s = None if any(isinstance(v, Exception) for v in floor.values()) else sum(
         v["median_s"] for v in floor.values())
@@ -126,24 +140,33 @@ def main(argv=None):
         print("floor: " + " + ".join(f"{k.replace('sweep_', '')} sweep {floor[k]['median_s'] * 1e3:.1f} ms"
                                       for k in FLOOR_SWEEPS) + f" = {floor_s * 1e3:.1f} ms")
     print(f"{'provider':30s} {'median ms':>10s} {'p20-p80 ms':>15s} {'x naive':>8s} {'x floor':>8s} "
-          f"{'peak extra':>11s} {'x logits':>9s}")
+          f"{'peak extra':>11s} {'x logits':>9s} {'held':>9s} {'footprint':>10s}")
     load = load_average()
     rows = []
+
+    def footprint(n, r):
+        return r["peak_extra_bytes"] + (held if n in CACHED else 0)
+
     for n, r in ok.items():
         x_naive = base["median_s"] / r["median_s"] if base else float("nan")
         x_floor = r["median_s"] / floor_s if floor_s else float("nan")
         spread = f"{r['p20_s'] * 1e3:.1f}-{r['p80_s'] * 1e3:.1f}"
         print(f"{labels_of[n]:30s} {r['median_s'] * 1e3:10.1f} {spread:>15s} {x_naive:7.2f}x {x_floor:7.2f}x "
-              f"{fmt_bytes(r['peak_extra_bytes']):>11s} {r['peak_extra_bytes'] / logits_bytes:8.2f}x")
+              f"{fmt_bytes(r['peak_extra_bytes']):>11s} {r['peak_extra_bytes'] / logits_bytes:8.2f}x "
+              f"{fmt_bytes(held if n in CACHED else 0):>9s} {footprint(n, r) / logits_bytes:9.2f}x")
         rows.append({"run": run, **machine_info(), "load_avg_1min": load, "provider": n,
                      "backend": auto if n in ("fused", "fused_inplace") else ("torch" if n == "fused_torch" else "-"),
                      "B": args.B, "T": args.T, "V": args.V, "dtype": args.dtype, "device": device,
                      "median_s": r["median_s"], "p20_s": r["p20_s"], "p80_s": r["p80_s"], "reps": r["reps"],
                      "interleaved": True, "peak_extra_bytes": r["peak_extra_bytes"],
                      "peak_extra_x_logits": r["peak_extra_bytes"] / logits_bytes,
+                     "grad_cache_held_bytes": held if n in CACHED else 0,
+                     "footprint_x_logits": footprint(n, r) / logits_bytes,
                      "floor_s": floor_s if floor_s else "", "x_floor": x_floor if floor_s else "",
                      "speedup_vs_naive": x_naive if base else "", "first_call_s": r["first_call_s"]})
-    print("x naive = naive median / provider median (> 1: faster than naive); x floor = provider median / floor")
+    print("x naive = naive median / provider median (> 1: faster than naive); x floor = provider median / floor; "
+          "held = the gradient-buffer cache after the run (resident before each call of fused / fused_torch); "
+          "footprint = (peak extra + held) / logits")
     append_csv(csv_path, rows)
     print(f"rows of run {run} appended to {csv_path}" + ("" if args.save or args.csv else
                                                          " (git-ignored; --save appends to the committed CSV)"))

@@ -329,6 +329,115 @@ def count_cce(c: Case) -> cm.Trace:
     return tr
 
 
+# ---------------------------------------------------------------------------------------- log-prob heads
+
+
+def trace_varkernels_linear_logps(c: Case) -> cm.Trace:
+    """``linear_sequence_logps`` (backward mode) as its autograd Function drives it on fake CUDA tensors: the
+    forward pass (one logits GEMM per chunk, the logsumexp saved), then the backward pass with the
+    per-token upstream gradient (logits recomputed, grad_h and grad_W: three GEMMs per chunk) and the casts
+    to the parameter dtype. Four GEMMs in all, where ``fused_linear_var_loss`` (forward mode) does three."""
+    from varkernels.core.linear import default_chunk_size, linear_token_pass
+
+    chunk = default_chunk_size(c.V, "cuda", 2)
+    with FakeTensorMode():
+        h = _cuda(B, c.T, c.H)
+        labels = torch.zeros(c.tokens, dtype=torch.long, device="cuda")
+        w32 = _cuda(c.V, c.H, dtype=F32) if c.master else None
+        w_in = None if c.master else _cuda(c.V, c.H)
+        grad_lp = _cuda(c.tokens, dtype=F32)
+
+        def run():
+            w = w32.to(BF16) if c.master else w_in
+            lp, lse, *_ = linear_token_pass(h, w, None, labels, None, None, False, False, False, "triton", None, 1.0,
+                                            -100, chunk, True, compact=False)
+            _, _, gh, gw, gb = linear_token_pass(h, w, None, labels, grad_lp.neg(), lse, True, True, False,
+                                                 "triton", None, 1.0, -100, chunk, True, compact=False)
+            gh, gw_param = gh.to(BF16), gw.to(w.dtype)
+            del gw, gb, lse
+            if c.master:
+                gw_param = gw_param.to(F32)  # autograd's backward of weight.to(bf16)
+                del w
+            return lp, gh, gw_param
+
+        tr = cm.trace_call(run, returned=lambda r: [r[1], r[2]])
+    tr.method = f"traced, backward mode (chunk {chunk} rows, fp32 accumulator)"
+    return tr
+
+
+TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768  # trl/kernels/chunked_logprob.py TOKEN_CHUNK_SIZE; trainer chunk_size
+
+
+def count_trl_chunked_logprob(c: Case) -> cm.Trace:
+    """TRL 1.16's ``ChunkedLogProbFunction`` as its patched causal-LM forward calls it on a Triton device
+    (trl/trainer/utils.py: only the valid positions, ``hidden[mask]``, then ``masked_scatter``): tiles of
+    [4096 tokens, 32768 vocabulary] in a reused bf16 buffer. Forward: per tile one logits GEMM (``torch.mm``
+    into the tile) and a Triton kernel folding it into online-logsumexp statistics (one read). Backward:
+    per tile the logits recomputed, a Triton kernel turning the tile into its gradient in place (one read,
+    one write), and grad_h / grad_W accumulated by ``addmm(..., out_dtype=float32)`` into fp32 buffers, cast
+    to the parameter dtype at the end: four GEMMs. Counted from that code, not traced: its Triton kernels
+    cannot run on fake tensors. With an fp32 master weight (autocast) each tile's weight slice is cast to
+    bf16 where it is used (``weight[start:end].to(compute_dtype)``, forward and backward), and grad_W stays
+    fp32 (the weight's dtype)."""
+    N, H, V = c.tokens, c.H, c.V
+    k = cm.CountedTrace()
+    tok = [min(TRL_TOKEN_CHUNK, N - s) for s in range(0, N, TRL_TOKEN_CHUNK)]
+    voc = [min(TRL_VOCAB_CHUNK, V - s) for s in range(0, V, TRL_VOCAB_CHUNK)]
+    # forward: the gathered valid rows (saved for backward), seven [N] fp32 statistics, the tile buffer
+    h_sel = k.alloc(N * H * 2)
+    k.kernel("hidden[mask] (gather)", N * H * 2, N * H * 2)
+    stats = k.alloc(7 * N * 4)
+    k.kernel("statistics init (full/zeros)", 0, 7 * N * 4)
+    buf = k.alloc(min(N, TRL_TOKEN_CHUNK) * TRL_VOCAB_CHUNK * 2)
+
+    def weight_tile(vt):
+        if c.master:
+            k.kernel("weight[start:end].to(bf16)", vt * H * 4, vt * H * 2)
+
+    for n in tok:
+        for vt in voc:
+            weight_tile(vt)
+            k.gemm(n, vt, H, BF16, BF16, name="tile = h·W[v0:v1]ᵀ (forward)")
+            k.kernel("_forward_kernel (online logsumexp, 1 read)", n * vt * 2 + 6 * n * 4, 3 * n * 4)
+    k.free(buf)
+    k.kernel("logprobs = target - log_z", 3 * N * 4, 2 * N * 4)
+    k.free(stats)
+    k.alloc(2 * N * 4)  # log_z (saved), logprobs
+    # backward
+    gh32 = k.alloc(N * H * 4)
+    gw32 = k.alloc(V * H * 4)
+    k.kernel("zeros grad_hidden, grad_weight (fp32)", 0, N * H * 4 + V * H * 4)
+    buf = k.alloc(min(N, TRL_TOKEN_CHUNK) * TRL_VOCAB_CHUNK * 2)
+    for n in tok:
+        for vt in voc:
+            weight_tile(vt)
+            k.gemm(n, vt, H, BF16, BF16, name="tile = h·W[v0:v1]ᵀ (backward recompute)")
+            k.kernel("_backward_kernel (gradient in place: 1 read, 1 write)", n * vt * 2 + 3 * n * 4, n * vt * 2)
+            k.gemm(n, H, vt, BF16, F32, name="grad_h += tile·W (addmm out_dtype fp32)", accumulate=True)
+            k.gemm(vt, H, n, BF16, F32, name="grad_W += tileᵀ·h (addmm out_dtype fp32)", accumulate=True)
+    k.free(buf)
+    k.alloc(N * H * 2)
+    k.kernel("grad_hidden.to(bf16)", N * H * 4, N * H * 2)
+    k.free(gh32)
+    if not c.master:
+        k.alloc(V * H * 2)
+        k.kernel("grad_weight.to(bf16)", V * H * 4, V * H * 2)
+        k.free(gw32)
+    k.kernel("masked_scatter backward: zeros + index_put", N * H * 2, 2 * N * H * 2)
+    k.free(h_sel)
+    returned = N * H * 2 + (V * H * 4 if c.master else V * H * 2)
+    tr = k.trace(returned)
+    tr.method = (f"counted (published algorithm; tiles {TRL_TOKEN_CHUNK} tokens x {TRL_VOCAB_CHUNK} vocabulary, "
+                 "fp32 accumulators)")
+    return tr
+
+
+LOGPS_PROVIDERS = [
+    ("linear", "varkernels[logps] (backward mode)", trace_varkernels_linear_logps),
+    ("linear", "trl[chunked_logprob]", count_trl_chunked_logprob),
+]
+
+
 # ---------------------------------------------------------------------------------------- table
 
 
@@ -342,6 +451,7 @@ PROVIDERS = [
     ("logits", "varkernels[triton]", trace_varkernels_logits),
     ("logits", "naive", lambda c: trace_naive(c, "logits")),
     ("logits", "liger[ce]", count_liger_ce),
+    *LOGPS_PROVIDERS,
 ]
 
 

@@ -27,6 +27,14 @@ form ``linear`` (input: hidden [B, T, H] and lm-head weight [V, H])
     cce[cce]               Cut Cross-Entropy ``linear_cross_entropy(h, W, y, reduction="none",
                            impl="cce")`` (Triton; default ``filter_eps="high"`` gradient filtering)
     cce[torch_compile]     the same call with ``impl="torch_compile"`` (its CPU-capable path)
+    varkernels[logps]      VAR on ``linear_sequence_logps(h, W, labels, reduction="mean")``: the log-prob
+                           primitive's backward mode (logits recomputed in backward: four GEMMs, where
+                           ``fused_linear_var_loss``'s forward mode does three)
+    trl[chunked_logprob]   TRL 1.16's chunked fused head ``trl.kernels.ChunkedLogProbFunction`` (what its
+                           trainers call for per-token log-probs), called as TRL's patched forward calls
+                           it off Triton devices: every position scored (labels clamped, masked after),
+                           TRL's vocabulary chunk (``_CHUNKED_LOGPROB_CHUNK_SIZE``); backward mode, four
+                           GEMMs, fp32 gradient accumulators; on CPU its PyTorch tile path
     torch[linear_cross_entropy]
                            PyTorch's own chunked ``torch.nn.functional.linear_cross_entropy(h, W, y,
                            reduction="none", options=torch.nn.LinearCrossEntropyOptions())`` (torch ≥
@@ -336,6 +344,39 @@ def _torch_lce_providers(form: str, device: torch.device) -> list:
     return [Provider(name, form, desc, loss)]
 
 
+def _logps_providers(form: str, device: torch.device) -> list:
+    """varkernels' log-prob primitive (backward mode) and TRL's chunked log-prob head, each with the
+    VAR reduction of ``var_from_token_logps`` on top."""
+    if form == "logits":
+        return []
+    from varkernels import linear_sequence_logps
+
+    def ours(x):
+        s = linear_sequence_logps(x.hidden, x.weight, x.labels, reduction="none")
+        return var_from_token_logps(s, x.labels, x.rewards, x.ref_logps)
+
+    out = [Provider("varkernels[logps]", form, 'linear_sequence_logps(h, W, labels, reduction="none") + VAR', ours)]
+    name = "trl[chunked_logprob]"
+    desc = "trl.kernels.ChunkedLogProbFunction (TRL 1.16's chunked log-prob head) + VAR"
+    try:
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    except Exception as e:  # noqa: BLE001
+        return [*out, Provider(name, form, desc, skip=_import_error("trl.kernels.chunked_logprob", e))]
+    try:
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as vocab_chunk
+    except Exception:  # noqa: BLE001 - a private name: TRL 1.16's value
+        vocab_chunk = 32768
+
+    def trl_loss(x):
+        B, T, H = x.hidden.shape
+        lp = ChunkedLogProbFunction.apply(x.hidden.reshape(B * T, H), x.weight, None,
+                                          x.labels.clamp(min=0).reshape(-1), 1.0, vocab_chunk, None, 1.0,
+                                          ("log_probs",))[0]
+        return var_from_token_logps(lp.view(B, T), x.labels, x.rewards, x.ref_logps)
+
+    return [*out, Provider(name, form, desc, trl_loss)]
+
+
 def get_providers(form: str, device="cpu") -> list:
     """All providers of ``form`` ("logits" | "linear"), runnable or with the reason they are not."""
     if form not in FORMS:
@@ -352,7 +393,7 @@ def get_providers(form: str, device="cpu") -> list:
         compiled = Provider("torch.compile(naive)", form, "torch.compile(naive_linear_var_loss)",
                             lambda x: _compiled_naive(form)(x.hidden, x.weight, x.labels, x.rewards, x.ref_logps))
     return [naive, compiled, *_varkernels_providers(form, device), *_liger_providers(form, device),
-            *_cce_providers(form, device), *_torch_lce_providers(form, device)]
+            *_cce_providers(form, device), *_torch_lce_providers(form, device), *_logps_providers(form, device)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,11 +21,6 @@
 
 #include <string>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#include <unistd.h>
-#endif
-
 #include "var_cpu_args.h"
 
 // Hash of csrc/ passed by the build (csrc_loader.extra_cflags) so the loader can tell a stale
@@ -115,26 +110,6 @@ bool ranges_intersect(const at::Tensor& a, const at::Tensor& b) {
   return a0 < b1 && b0 < a1;
 }
 
-// A fresh gradient buffer is written once, by the kernel, and every 4 KiB page of it faults on
-// first touch: ~110 ms of the 500 MiB buffer of B=8, T=512, V=32000 fp32 on this project's machine,
-// more than the kernel's own sweeps. Transparent huge pages cut that to 1/512 as many faults, but
-// machines often run THP in "madvise" mode, so the buffer is advised before the kernel writes it.
-// Only for buffers the kernel is the first to write (not x itself), and only above 4 MiB.
-void advise_huge_pages(const at::Tensor& g) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr int64_t kMinBytes = int64_t{4} << 20;
-  const int64_t bytes = g.numel() * static_cast<int64_t>(g.element_size());
-  if (bytes < kMinBytes || !g.is_contiguous()) return;
-  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const auto begin = reinterpret_cast<uintptr_t>(g.data_ptr());
-  const uintptr_t lo = (begin + page - 1) / page * page;
-  const uintptr_t hi = (begin + static_cast<uintptr_t>(bytes)) / page * page;
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only: errors ignored
-#else
-  (void)g;
-#endif
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> token_op(const at::Tensor& x, const at::Tensor& labels,
@@ -188,7 +163,6 @@ std::tuple<at::Tensor, at::Tensor> token_op(const at::Tensor& x, const at::Tenso
       TORCH_CHECK(!ranges_intersect(x, g), "token_op: grad must be x itself (the same view, inplace) or memory "
                                            "disjoint from x; their address ranges intersect");
     }
-    if (!same_view) advise_huge_pages(g);
     a.grad = g.data_ptr();
     a.g_kind = float_kind(g, "grad");
     a.sgb = g.stride(0);

@@ -270,6 +270,29 @@ inline void block_exp_scale(const float* z, const float* t, float lse, float sca
   }
 }
 
+// dst[0:n] = src[0:n] with non-temporal (streaming) stores: for a gradient buffer that is not x, whose
+// lines are not in cache, a plain store first reads every line from memory (read for ownership), one
+// extra DRAM read of the whole [B, T, V] gradient; streaming stores write it without reading it.
+// AVX-512 writes whole 64-byte lines; SSE's 16-byte form is in every x86-64 instruction set. The caller
+// issues the store fence.
+inline void stream_row(const float* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)  // whole 64-byte lines per store
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63) != 0; ++i) dst[i] = src[i];
+  for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+#elif defined(__SSE2__)
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0; ++i) dst[i] = src[i];
+  for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+#endif
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 // ---------------------------------------------------------------- one row
 
 struct Scratch {
@@ -337,12 +360,14 @@ void token_row(const TokenArgs& a, const Transform& f, int64_t n, int64_t y, Scr
   // fp32 grad with unit stride is written directly; otherwise the block is built in fp32 in the
   // row buffer and then cast / scattered.
   const bool direct_g = std::is_same<G, float>::value && a.sgv == 1;
+  // fp32 unit-stride grad that is not x: built in the row buffer, then streamed (stream_row)
+  const bool stream_g = direct_g && a.grad != a.x;
   const float coef = a.coef[n];
   const float dscale = coef * a.inv_temperature;
   for (int64_t v0 = 0, k = 0; v0 < V; v0 += kBlock, ++k) {
     const int64_t len = std::min(kBlock, V - v0);
     float* sb = s.z.data() + v0;  // row buffer block: e_b (sweep 1) or z_b (lse_in)
-    float* gb = direct_g ? reinterpret_cast<float*>(grow) + v0 : sb;
+    float* gb = direct_g && !stream_g ? reinterpret_cast<float*>(grow) + v0 : sb;
     float* tb = tbuf ? tbuf + v0 : nullptr;
     const bool has_y = y >= v0 && y < v0 + len;
     // dz/dx at the target; tb holds this block's tanh(x/c) once sweep 1 or fill_z has run
@@ -363,7 +388,11 @@ void token_row(const TokenArgs& a, const Transform& f, int64_t n, int64_t y, Scr
       block_scale(sb, tb, pk * dscale, len, gb);
     }
     if (has_y) gb[y - v0] = gy;
-    if (!direct_g) store_row(gb, grow, a.sgv, v0, len);
+    if (stream_g) {
+      stream_row(gb, reinterpret_cast<float*>(grow) + v0, len);
+    } else if (!direct_g) {
+      store_row(gb, grow, a.sgv, v0, len);
+    }
   }
 }
 
@@ -400,6 +429,7 @@ void token_rows(TokenArgs& a) {
         token_row<T, G>(a, f, n, y, s);
       }
     }
+    stream_fence();  // this thread's streaming stores are visible before parallel_for returns
   });
   if (bad.load() < N) {
     a.bad_row = bad.load();

@@ -186,3 +186,22 @@ def test_fused_linear_bad_inputs_name_the_argument():
         fused_linear_var_loss(h, W, y, R, Q, chunk_size=0)
     with pytest.raises(ValueError, match="labels must be in"):
         fused_linear_var_loss(h, W, y.clamp(min=0) + 40, R, Q)
+
+
+def test_cpu_bf16_weight_grad_is_the_fp32_gemm_and_restores_the_matmul_mode():
+    """On CPU the bf16 weight-gradient GEMM runs on fp32 copies in oneDNN's bf16 math mode: the copies hold
+    bf16 values, so it must equal the fp32 GEMM up to fp32 summation order, and leave the mode as it was."""
+    from varkernels.core.linear import _accumulate_weight_grad
+
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(300, 1000, generator=g).bfloat16()
+    h_c = torch.randn(300, 256, generator=g).bfloat16()
+    acc = torch.randn(1000, 256, generator=g)
+    truth = acc.double() + grad.t().double() @ h_c.double()
+    flags = torch.backends.mkldnn.matmul
+    before = flags.fp32_precision
+    out = _accumulate_weight_grad(acc.clone(), grad, h_c)
+    assert flags.fp32_precision == before
+    fp32 = acc.clone().addmm_(grad.t().float(), h_c.float())
+    err, ref_err = (out.double() - truth).abs().max().item(), (fp32.double() - truth).abs().max().item()
+    assert err <= 2 * ref_err + 1e-6, (err, ref_err)  # fp32 sums, not one bf16 rounding (~1e-1 here)

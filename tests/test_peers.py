@@ -87,3 +87,28 @@ def test_provider_selection_by_exact_name_or_substring():
     picked = [n for n in names if _selected(n, ["naive", "varkernels", "linear_cross_entropy"], names)]
     assert picked == ["naive", "varkernels[cpu]", "varkernels[torch]", NAME]
     assert [n for n in names if _selected(n, None, names)] == names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["trl[chunked_logprob]", "varkernels[logps]"])
+def test_log_prob_head_peers_match_reference(name, dtype, one_torch_thread):
+    """VAR on TRL's chunked log-prob head and on varkernels' linear_sequence_logps: loss and gradients
+    within the tolerance policy of the reference (both return fp32 per-token log-probs)."""
+    from peers import get_providers, make_inputs
+
+    p = {q.name: q for q in get_providers("linear", "cpu")}[name]
+    if not p.runnable:
+        pytest.skip(f"{name} cannot run here: {p.skip}")
+    x = make_inputs("linear", 3, 16, 1000, dtype, H=16, seed=4)
+    loss = p.loss(x)
+    loss.backward()
+    ref, ref_gh, ref_gw = _reference(x, float64=False)
+    truth, truth_gh, truth_gw = _reference(x, float64=True)
+    B = x.labels.shape[0]
+    mask = x.labels != -100
+    n = mask.sum(-1, keepdim=True).clamp(min=1).double()
+    floor = lp_atol((truth.weights.double().unsqueeze(1) / (B * n) * mask).sum(-1))
+    assert_close(loss.detach().float(), ref.loss, truth.loss, name=f"{name} loss", atol_floor=floor)
+    assert x.hidden.grad.dtype == dtype and x.weight.grad.dtype == dtype
+    assert_close(x.hidden.grad, ref_gh, truth_gh, name=f"{name} hidden grad")
+    assert_close(x.weight.grad, ref_gw, truth_gw, name=f"{name} weight grad")

@@ -8,9 +8,12 @@ Public API (docs/design.md §2):
     weighted_nll(logits, labels, weights [B] | [B,T], ...)                      -> loss | NLLOutput
     linear_weighted_nll(hidden, weight, labels, weights, ...)                 the VAR-agnostic core, public
     var_loss_reference(...)                                plain PyTorch, the spec in code
+    release_grad_buffers(), set_grad_buffer_cache(...), grad_buffer_stats()
+                                                           the CPU gradient-buffer cache (README: Use)
 """
 
 from ._validation import VAROutput
+from .core._grad_buffers import grad_buffer_stats, release_grad_buffers, set_grad_buffer_cache
 from .logps import linear_sequence_logps, sequence_logps
 from .nll import NLLOutput, linear_weighted_nll, weighted_nll
 from .reference import linear_var_loss_reference, var_loss_reference
@@ -49,6 +52,9 @@ __all__ = [
     "linear_sequence_logps",
     "var_loss_reference",
     "linear_var_loss_reference",
+    "release_grad_buffers",
+    "set_grad_buffer_cache",
+    "grad_buffer_stats",
     "__version__",
     *_LAZY,
 ]

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
+from ._grad_buffers import grad_buffer_like
 from .linear import run_linear_token
 from .token import TokenOptions, require_cpu_op, rne_bf16, run_token
 
@@ -105,7 +106,7 @@ class TokenFunction(torch.autograd.Function):
         if dlp is not None:
             grad = None
             if needs_grad:
-                grad = xd if inplace else torch.empty_like(xd)
+                grad = xd if inplace else grad_buffer_like(xd)  # already-touched pages (_grad_buffers.py)
             lp, _ = run_token(xd, labels, dlp, grad, None, opts)
             if grad is not None:
                 if inplace and not torch.compiler.is_compiling():
