@@ -337,9 +337,14 @@ def trace_varkernels_linear_logps(c: Case) -> cm.Trace:
     forward pass (one logits GEMM per chunk, the logsumexp saved), then the backward pass with the
     per-token upstream gradient (logits recomputed, grad_h and grad_W: three GEMMs per chunk) and the casts
     to the parameter dtype. Four GEMMs in all, where ``fused_linear_var_loss`` (forward mode) does three."""
-    from varkernels.core.linear import default_chunk_size, linear_token_pass
+    import unittest.mock
+
+    from varkernels.core.autograd import LinearTokenFunction
+    from varkernels.core.linear import default_chunk_size
+    from varkernels.core.token import TokenOptions
 
     chunk = default_chunk_size(c.V, "cuda", 2)
+    opts = TokenOptions("triton", chunk_size=chunk)
     with FakeTensorMode():
         h = _cuda(B, c.T, c.H)
         labels = torch.zeros(c.tokens, dtype=torch.long, device="cuda")
@@ -348,13 +353,14 @@ def trace_varkernels_linear_logps(c: Case) -> cm.Trace:
         grad_lp = _cuda(c.tokens, dtype=F32)
 
         def run():
+            # LinearTokenFunction's own forward and backward (backward mode: dlp=None), with the operator's
+            # Python body traced in place of its fake, as cm.varkernels_linear does for forward mode
             w = w32.to(BF16) if c.master else w_in
-            lp, lse, *_ = linear_token_pass(h, w, None, labels, None, None, False, False, False, "triton", None, 1.0,
-                                            -100, chunk, True, compact=False)
-            _, _, gh, gw, gb = linear_token_pass(h, w, None, labels, grad_lp.neg(), lse, True, True, False,
-                                                 "triton", None, 1.0, -100, chunk, True, compact=False)
-            gh, gw_param = gh.to(BF16), gw.to(w.dtype)
-            del gw, gb, lse
+            ctx = cm._Ctx()
+            with unittest.mock.patch("varkernels.core.autograd.run_linear_token", cm._linear_op_body):
+                _, lp = LinearTokenFunction.forward(ctx, h, w, None, labels, None, opts, (True, True, False))
+                gh, gw_param, *_ = LinearTokenFunction.backward(ctx, None, grad_lp)
+            del ctx  # the saved logsumexp
             if c.master:
                 gw_param = gw_param.to(F32)  # autograd's backward of weight.to(bf16)
                 del w
