@@ -424,14 +424,14 @@ def run(args) -> Path:
 # ----------------------------------------------------------------------------- frontier suite: online methods
 
 
-# method: (knob, settings of the knob (the middle one is the learning-rate sweep's), variant)
+# (method, variant): (knob, its settings, the setting of the learning-rate sweep)
 FRONTIER = {
-    ("sft", ""): ("steps", (0.25, 1, 3)),  # × --steps
-    ("dpo", ""): ("beta", (0.03, 0.1, 1.0)),
-    ("var", "per-prompt B=8"): ("beta", (0.02, 0.1, 0.5)),
-    ("grpo", ""): ("kl_coef", (0.0, 0.1, 1.0)),
-    ("var-online", "policy"): ("beta", (0.03, 0.1, 0.3)),
-    ("var-online", "initial"): ("beta", (0.03, 0.1, 0.3)),
+    ("sft", ""): ("steps", (0.25, 1, 3), 1),  # × --steps
+    ("dpo", ""): ("beta", (0.03, 0.1, 1.0), 0.1),
+    ("var", "per-prompt B=8"): ("beta", (0.02, 0.1, 0.5), 0.1),
+    ("grpo", ""): ("kl_coef", (0.0, 0.1, 0.3, 1.0), 0.1),
+    ("var-online", "policy"): ("beta", (0.03, 0.1, 0.3, 1.0), 0.1),
+    ("var-online", "initial"): ("beta", (0.03, 0.1, 0.3, 1.0), 0.1),
 }
 LR_GRID = (1e-3, 3e-3, 1e-2)
 FRONTIER_COLUMNS = [
@@ -564,7 +564,7 @@ def train_method(setup, args, seed, tmp, method, variant, knob, value, lr, curve
 
 def run_frontier(args) -> Path:
     """Each method at every setting of its main knob, 3 seeds, with the learning rate chosen per method by
-    a sweep (seed 0, middle setting, highest mean reward on the validation prompts)."""
+    a sweep (seed 0, the method's sweep setting, highest mean reward on the validation prompts)."""
     out_dir = Path(args.out) if args.out else (
         Path(tempfile.mkdtemp(prefix="alignment-")) if args.quick else ROOT / "benchmarks" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -580,8 +580,11 @@ def run_frontier(args) -> Path:
     base = env_info(args)
     lr_grid = args.lr_grid
     methods = [m for m in FRONTIER if args.methods is None or m[0] in args.methods]
-    knobs = {m: (FRONTIER[m][0], tuple(max(1, round(v * args.steps)) for v in FRONTIER[m][1])
-                 if FRONTIER[m][0] == "steps" else FRONTIER[m][1]) for m in methods}
+    def scaled(knob, v):
+        return max(1, round(v * args.steps)) if knob == "steps" else v
+
+    knobs = {m: (FRONTIER[m][0], tuple(scaled(FRONTIER[m][0], v) for v in FRONTIER[m][1]),
+                 scaled(FRONTIER[m][0], FRONTIER[m][2])) for m in methods}
     curve_steps = sorted({max(1, round(args.steps * f)) for f in (0.25, 0.5, 0.75)} - {args.steps})
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FRONTIER_COLUMNS)
@@ -603,8 +606,7 @@ def run_frontier(args) -> Path:
         chosen, sweep_rows = {}, {}
         with tempfile.TemporaryDirectory() as tmp:
             for key in methods:  # the learning-rate sweep: seed 0, middle setting
-                knob, values = knobs[key]
-                mid = values[len(values) // 2]
+                knob, values, mid = knobs[key]
                 best = None
                 for lr in lr_grid:
                     policy, row = train_method(setup, args, 0, tmp, *key, knob, mid, lr, curve_steps)
@@ -618,10 +620,10 @@ def run_frontier(args) -> Path:
                 say(f"{' '.join(k for k in key if k)}: learning rate {best[1]:g} (validation reward {best[0]:.3f})")
             for seed in range(args.seeds):
                 for key in methods:
-                    knob, values = knobs[key]
+                    knob, values, mid = knobs[key]
                     lr = chosen[key]
                     for value in values:
-                        if seed == 0 and value == values[len(values) // 2]:  # the sweep's run: same seed and setting
+                        if seed == 0 and value == mid:  # the sweep's run: same seed and setting
                             row = {k: v for k, v in sweep_rows[(key, lr)].items() if k in FRONTIER_COLUMNS}
                             row["stage"] = "frontier"
                             writer.writerow({k: row.get(k, "") for k in FRONTIER_COLUMNS})
@@ -641,7 +643,7 @@ def _label(row) -> str:
 def frontier_tables(rows: list[dict]) -> str:
     """The learning-rate sweep, the frontier (mean ± std over seeds per setting) and the time split."""
     ok = [r for r in rows if r["status"] == "ok"]
-    out = ["Learning-rate sweep (seed 0, middle setting; chosen: highest validation reward)", "",
+    out = ["Learning-rate sweep (seed 0, one setting per method; chosen: highest validation reward)", "",
            "| method | knob = value | lr | validation reward | held-out reward | KL(π‖π_ref) | train s |",
            "|---|---|---|---|---|---|---|"]
     for r in (r for r in ok if r["stage"] == "lr-sweep"):

@@ -267,7 +267,7 @@ class OnlineVARTrainer(GRPOTrainer):
 
     def __init__(self, model, reward_funcs, args: Optional[OnlineVARConfig] = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, reward_processing_classes=None, callbacks=None,
-                 optimizers=(None, None), peft_config=None, **kwargs):
+                 optimizers=(None, None), quantization_config=None, peft_config=None, **kwargs):
         if args is None:
             name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
             args = OnlineVARConfig(f"{(name or 'model').split('/')[-1]}-OnlineVAR")
@@ -281,7 +281,8 @@ class OnlineVARTrainer(GRPOTrainer):
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class,
                          reward_processing_classes=reward_processing_classes, callbacks=callbacks,
-                         optimizers=optimizers, peft_config=peft_config, **kwargs)
+                         optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config,
+                         **kwargs)
         self.reward_funcs = [_checked_reward_func(f, n) if _is_plain_callable(f) else f
                              for f, n in zip(self.reward_funcs, self.reward_func_names)]
         self._var_rewards_per_func = None
