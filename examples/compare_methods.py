@@ -598,8 +598,17 @@ def run_frontier(args) -> Path:
             f.flush()
             setting = " ".join(str(row[k]) for k in ("stage", "method", "variant", "knob", "value") if row.get(k) not in (None, ""))
             say(f"{setting} lr {row.get('lr', '')} seed {seed}: reward {row['reward']:.3f}  KL {row['kl']:.3f}  "
-                f"val {row.get('val_reward', '') or '-'}  train {row.get('seconds', 0):.1f}s")
+                f"val {row.get('val_reward', '') or '-'}  train {row.get('seconds', 0):.1f}s  {row['status']}")
             return row
+
+        def attempt(seed, key, knob, value, lr):
+            """train_method, with a failure (e.g. a diverged run) recorded as the row's status, not raised."""
+            try:
+                return train_method(setup, args, seed, tmp, *key, knob, value, lr, curve_steps)
+            except (FloatingPointError, RuntimeError, ValueError) as e:
+                return None, {"method": key[0], "variant": key[1], "knob": knob, "value": value, "lr": lr,
+                              "reward": math.nan, "kl": math.nan, "status": f"{type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}"}
 
         for seed in range(args.seeds):
             record(setup.reference, seed, stage="frontier", method="reference", variant="", knob="", value="", seconds=0.0)
@@ -609,17 +618,22 @@ def run_frontier(args) -> Path:
                 knob, values, mid = knobs[key]
                 best = None
                 for lr in lr_grid:
-                    policy, row = train_method(setup, args, 0, tmp, *key, knob, mid, lr, curve_steps)
-                    val = sum(reward(setup.val_prompts, sample(policy, setup.val_prompts, seed=20_000))) / len(
-                        setup.val_prompts)
+                    policy, row = attempt(0, key, knob, mid, lr)
+                    val = math.nan
+                    if policy is not None:
+                        val = sum(reward(setup.val_prompts, sample(policy, setup.val_prompts, seed=20_000))) / len(
+                            setup.val_prompts)
                     row = record(policy, 0, stage="lr-sweep", val_reward=round(val, 4), **row)
                     sweep_rows[(key, lr)] = row
-                    if best is None or val > best[0]:
+                    if policy is not None and (best is None or val > best[0]):
                         best = (val, lr)
+                if best is None:
+                    say(f"{' '.join(k for k in key if k)}: every learning rate failed; method skipped")
+                    continue
                 chosen[key] = best[1]
                 say(f"{' '.join(k for k in key if k)}: learning rate {best[1]:g} (validation reward {best[0]:.3f})")
             for seed in range(args.seeds):
-                for key in methods:
+                for key in (m for m in methods if m in chosen):
                     knob, values, mid = knobs[key]
                     lr = chosen[key]
                     for value in values:
@@ -629,7 +643,7 @@ def run_frontier(args) -> Path:
                             writer.writerow({k: row.get(k, "") for k in FRONTIER_COLUMNS})
                             f.flush()
                             continue
-                        policy, row = train_method(setup, args, seed, tmp, *key, knob, value, lr, curve_steps)
+                        policy, row = attempt(seed, key, knob, value, lr)
                         record(policy, seed, stage="frontier", **row)
     say(f"rows written to {csv_path}")
     report_frontier(csv_path, out_dir)
