@@ -223,3 +223,42 @@ def test_bad_input_other_forms(case, edit, exc, pattern, form, backend):
     with pytest.raises(exc, match=pattern):
         _call_form(form, kw)
     assert_untouched(kw, before)
+
+
+# Inputs on the meta device (shapes without data, e.g. to size a step before allocating it): the data
+# checks are skipped, as for fake tensors, and every output has its shape and dtype.
+META_FORMS = ["fused_var_loss", "fused_linear_var_loss", "weighted_nll", "linear_weighted_nll", "sequence_logps",
+              "linear_sequence_logps"]
+
+
+@pytest.mark.parametrize("form", META_FORMS)
+def test_meta_inputs(form):
+    import varkernels
+
+    m = dict(device="meta")
+    H = 8
+    x = torch.empty(B, T, H if "linear" in form else V, requires_grad=True, **m)
+    weight = torch.empty(V, H, requires_grad=True, **m)
+    labels = torch.empty(B, T, dtype=torch.long, **m)
+    pairs = (torch.empty(B, B, **m), torch.empty(B, B, **m))
+    head = (weight,) if "linear" in form else ()
+    extra = {"fused_var_loss": pairs, "fused_linear_var_loss": pairs, "weighted_nll": (torch.empty(B, T, **m),),
+             "linear_weighted_nll": (torch.empty(B, **m),)}.get(form, ())
+    fn = getattr(varkernels, form)
+    if "logps" in form:
+        out = fn(x, *head, labels, reduction="none")
+        assert out.shape == (B, T) and out.dtype == torch.float32 and out.device.type == "meta"
+        out = fn(x, *head, labels)
+        assert out.shape == (B,)
+        loss = out.sum()
+    else:
+        out = fn(x, *head, labels, *extra, return_aux=True)
+        loss = out.loss
+        assert loss.shape == () and loss.dtype == torch.float32 and loss.device.type == "meta"
+        assert out.policy_logps.shape == (B,)
+        if form.endswith("var_loss"):
+            assert out.weights.shape == out.log_z.shape == (B,) and out.ess.shape == ()
+    loss.backward()
+    assert x.grad.shape == x.shape and x.grad.dtype == x.dtype and x.grad.device.type == "meta"
+    if head:
+        assert weight.grad.shape == weight.shape

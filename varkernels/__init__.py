@@ -5,11 +5,14 @@ Public API (docs/design.md §2):
     fused_linear_var_loss(hidden [B,T,H], weight [V,H], labels, rewards, ref_logps, ...)
     sequence_logps(logits, labels, reduction=...)          differentiable, [B] or [B,T] fp32
     linear_sequence_logps(hidden, weight, labels, ...)     differentiable, [B] or [B,T] fp32
+    weighted_nll(logits, labels, weights [B] | [B,T], ...)                      -> loss | NLLOutput
+    linear_weighted_nll(hidden, weight, labels, weights, ...)                 the VAR-agnostic core, public
     var_loss_reference(...)                                plain PyTorch, the spec in code
 """
 
 from ._validation import VAROutput
 from .logps import linear_sequence_logps, sequence_logps
+from .nll import NLLOutput, linear_weighted_nll, weighted_nll
 from .reference import linear_var_loss_reference, var_loss_reference
 from .var import VARLoss, fused_linear_var_loss, fused_var_loss
 
@@ -38,7 +41,10 @@ def __getattr__(name):
 
 __all__ = [
     "VAROutput",
+    "NLLOutput",
     "VARLoss",
+    "weighted_nll",
+    "linear_weighted_nll",
     "fused_var_loss",
     "fused_linear_var_loss",
     "sequence_logps",

@@ -34,7 +34,7 @@ def cpu_extension_available() -> bool:
     return load_extension(required=False) is not None
 
 
-def _require_cpu_extension() -> None:
+def require_cpu_extension() -> None:
     from .csrc_loader import load_extension
 
     load_extension(required=True)  # raises RuntimeError naming the cause
@@ -61,5 +61,5 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
         if not cpu_extension_available():
-            _require_cpu_extension()
+            require_cpu_extension()
     return backend

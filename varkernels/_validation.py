@@ -24,6 +24,7 @@ REDUCTIONS = ("mean", "sum")
 LOGP_REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "cpu", "torch")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CONSTANT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # rewards, ref_logps, weights
 
 
 class VAROutput(NamedTuple):
@@ -118,9 +119,8 @@ def check_pair_inputs(rewards: torch.Tensor, ref_logps: torch.Tensor, rows: int)
     cross-pair [B, B] or [k, B, B]; shared-context [B] or [k, B]. Returns (k, B, cross_pairs).
     A 2-D [a, b] tensor is cross-pair when a = b = rows, shared-context when a·b = rows.
     """
-    float_dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-    _check_tensor("rewards", rewards, float_dtypes)
-    _check_tensor("ref_logps", ref_logps, float_dtypes)
+    _check_tensor("rewards", rewards, CONSTANT_DTYPES)
+    _check_tensor("ref_logps", ref_logps, CONSTANT_DTYPES)
     form = _pair_form("rewards", rewards, rows)
     if _pair_form("ref_logps", ref_logps, rows) != form or rewards.shape != ref_logps.shape:
         raise ValueError(
@@ -130,13 +130,44 @@ def check_pair_inputs(rewards: torch.Tensor, ref_logps: torch.Tensor, rows: int)
     return form
 
 
+def check_weights(weights: torch.Tensor, labels_shape: tuple) -> None:
+    """Static checks of the weights of a weighted NLL: [N] or [N, T] like labels, a float constant.
+
+    A weight that requires grad is an error: no gradient flows into the weights (the gradient of
+    the policy is computed in the forward from their values), so silently dropping one would hide
+    a bug in the caller's graph.
+    """
+    _check_tensor("weights", weights, CONSTANT_DTYPES)
+    N, T = labels_shape
+    if tuple(weights.shape) not in ((N,), (N, T)):
+        raise ValueError(
+            f"weights must have shape [N] = {(N,)} (per sequence) or [N, T] = {(N, T)} (per token, like labels), "
+            f"got {tuple(weights.shape)}"
+        )
+    if weights.requires_grad:
+        raise ValueError(
+            "weights must be a constant: no gradient flows into them, got a tensor that requires grad; "
+            "pass weights.detach()"
+        )
+
+
+def check_inplace(logits: torch.Tensor, inplace: bool) -> None:
+    """inplace=True writes the gradient over the logits: their elements must not share memory."""
+    if inplace and any(st == 0 and n > 1 for st, n in zip(logits.stride(), logits.shape)):
+        raise ValueError(
+            "inplace=True needs logits whose elements do not share memory; got strides "
+            f"{tuple(logits.stride())} for shape {tuple(logits.shape)} (an expand()ed view): pass "
+            "logits.contiguous() or use inplace=False"
+        )
+
+
 def data_checks_enabled(*tensors) -> bool:
-    """False under ``torch.compile`` and for fake tensors: data checks need real values and a sync."""
+    """False under ``torch.compile`` and for fake or meta tensors: data checks need real values and a sync."""
     if torch.compiler.is_compiling():
         return False
     from torch._subclasses.fake_tensor import is_fake
 
-    return not any(t is not None and is_fake(t) for t in tensors)
+    return not any(t is not None and (t.device.type == "meta" or is_fake(t)) for t in tensors)
 
 
 def check_values(
@@ -145,31 +176,34 @@ def check_values(
     ignore_index: int,
     rewards: Optional[torch.Tensor] = None,
     ref_logps: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
 ) -> None:
     """Data-dependent checks, one host sync for all of them (eager mode only, see the module docstring)."""
-    if not data_checks_enabled(labels, rewards):
+    if not data_checks_enabled(labels, rewards, ref_logps, weights):
         return
     bad_label = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-    flags = [bad_label.any()]
+    flags = {"labels": bad_label.any()}
+    if weights is not None:
+        flags["weights"] = ~torch.isfinite(weights).all()
     if rewards is not None:
-        flags += [torch.isnan(rewards).any(), torch.isinf(rewards).any()]
-        flags += [torch.isnan(ref_logps).any(), (ref_logps == math.inf).any()]
+        flags["rewards"] = ~torch.isfinite(rewards).all()
+        flags["ref_logps"] = torch.isnan(ref_logps).any() | (ref_logps == math.inf).any()
         # A row whose every pair is impossible (all ref_logps = -inf) has Ẑ_i = 0: w_i undefined.
-        flags += [torch.isneginf(ref_logps).all(dim=-1).any()]
-    values = torch.stack(flags).tolist()
-    if values[0]:
+        flags["impossible_row"] = torch.isneginf(ref_logps).all(dim=-1).any()
+    bad = dict(zip(flags, torch.stack(list(flags.values())).tolist()))
+    if bad["labels"]:
         idx = bad_label.nonzero()[0].tolist()
         raise ValueError(
             f"labels must be in [0, V) = [0, {vocab_size}) or ignore_index={ignore_index}; "
             f"got {labels[tuple(idx)].item()} at index {tuple(idx)}"
         )
-    if rewards is None:
-        return
-    if values[1] or values[2]:
+    if bad.get("weights"):
+        raise ValueError("weights must be finite; got NaN or ±inf")
+    if bad.get("rewards"):
         raise ValueError("rewards must be finite; got NaN or ±inf")
-    if values[3] or values[4]:
+    if bad.get("ref_logps"):
         raise ValueError("ref_logps must not be NaN or +inf (-inf is allowed: an impossible response)")
-    if values[5]:
+    if bad.get("impossible_row"):
         raise ValueError(
             "ref_logps has a row whose every entry is -inf: no response is possible under that "
             "prompt, so its partition function is 0 and its weight is undefined"
@@ -244,6 +278,7 @@ def check_call(
     beta=None,
     weighting: Optional[str] = None,
     logp_reduction: Optional[str] = None,
+    weights: Optional[torch.Tensor] = None,
 ) -> Checked:
     """Every check of a public op, run before any kernel touches memory.
 
@@ -264,8 +299,10 @@ def check_call(
     k, group, cross = 1, x.shape[0], False
     if rewards is not None or ref_logps is not None:
         k, group, cross = check_pair_inputs(rewards, ref_logps, x.shape[0])
-    check_same_device(**{name: x, "labels": labels, "rewards": rewards, "ref_logps": ref_logps})
+    if weights is not None:
+        check_weights(weights, tuple(labels.shape))
+    check_same_device(**{name: x, "labels": labels, "rewards": rewards, "ref_logps": ref_logps, "weights": weights})
     backend = resolve_backend(backend, x.device)
-    check_values(labels, vocab_size, ignore_index, rewards, ref_logps)
+    check_values(labels, vocab_size, ignore_index, rewards, ref_logps, weights)
     labels_eff = shifted_labels(labels, ignore_index) if shift_labels else labels
     return Checked(backend, labels_eff, k, group, cross)

@@ -8,7 +8,9 @@ and the source hash.
 1. ``VARKERNELS_DISABLE_CPP=1``: no extension (``backend="auto"`` then takes the PyTorch path).
 2. The ahead-of-time build, ``varkernels.varkernels_cpu``, made by ``setup.py`` at install time.
    In a source checkout it is used only while it matches csrc/ (a hash of the sources is compiled
-   into it), so an edited kernel is never silently replaced by a stale binary.
+   into it), so an edited kernel is never silently replaced by a stale binary. The hash is read
+   from the file *before* the module is imported: importing registers the operator, and a JIT
+   build registering it a second time would abort the process (an uncatchable SIGABRT).
 3. Otherwise a JIT build with ``torch.utils.cpp_extension.load`` (ninja) into a cache directory,
    ``$VARKERNELS_CACHE_DIR`` or ``~/.cache/varkernels`` (``$XDG_CACHE_HOME`` honoured), one
    sub-directory per torch version, Python version and machine. The build happens once; an
@@ -16,7 +18,8 @@ and the source hash.
    then loads the first one's result).
 4. No compiler / ninja / Python headers, or a failed build: ONE warning naming the cause and
    ``None`` (``required=False``), or a ``RuntimeError`` with the same message (``required=True``,
-   i.e. ``backend="cpu"``).
+   i.e. ``backend="cpu"``). A stale ahead-of-time build replaced by a JIT build is also said in
+   one warning.
 
 Compiler flags are ``-O3`` (and ``-fopenmp`` on Linux, for ``at::parallel_for``), nothing
 machine-specific: the AVX2 and AVX-512 kernels are compiled side by side (csrc/var_cpu_isa_*.cpp,
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import logging
 import os
 import platform
@@ -113,18 +117,49 @@ def _missing_toolchain() -> str | None:
     return None
 
 
-def _load_aot():
-    """The module built by setup.py, if present and built from the current csrc/."""
+def aot_origin() -> str | None:
+    """File of the ahead-of-time module, found without importing it (None when it is not built)."""
     try:
-        mod = importlib.import_module(AOT_MODULE)
-    except (ImportError, OSError) as e:  # not built (VARKERNELS_SKIP_CPP_BUILD=1), or built for another torch
-        log.debug("varkernels: no ahead-of-time CPU extension (%s)", e)
+        spec = importlib.util.find_spec(AOT_MODULE)
+    except (ImportError, ValueError):
         return None
-    current = source_hash()
-    if current is not None and getattr(mod, "source_hash", None) != current:
-        log.info("varkernels: the prebuilt CPU extension is older than csrc/; using a JIT build instead")
+    return spec.origin if spec is not None and spec.origin not in (None, "built-in", "frozen") else None
+
+
+def stale_reason(origin: str, csrc: Path = CSRC) -> str | None:
+    """Why the binary ``origin`` was not built from the current csrc/, or None (also when the sources
+    are not shipped). Read from the file's bytes, where the hash is a string constant: importing the
+    module would register its operator, and a JIT build registering it again aborts the process."""
+    current = source_hash(csrc)
+    if current is None:
         return None
-    return mod
+    try:
+        data = Path(origin).read_bytes()
+    except OSError as e:
+        return f"the prebuilt CPU extension {origin} cannot be read ({e})"
+    if current.encode() in data:
+        return None
+    return f"the prebuilt CPU extension {origin} is older than csrc/ (its source hash is not {current})"
+
+
+def _load_aot():
+    """The module built by setup.py, if present and built from the current csrc/ (checked before it
+    is imported); a stale one is not imported and the reason is kept in ``_state["stale"]``."""
+    if AOT_MODULE in sys.modules:  # imported by someone already: its operator is registered, use it
+        return sys.modules[AOT_MODULE]
+    origin = aot_origin()
+    if origin is None:  # not built (VARKERNELS_SKIP_CPP_BUILD=1)
+        log.debug("varkernels: no ahead-of-time CPU extension")
+        return None
+    stale = stale_reason(origin)
+    if stale is not None:
+        _state["stale"] = stale
+        return None
+    try:
+        return importlib.import_module(AOT_MODULE)
+    except (ImportError, OSError) as e:  # built for another torch or Python
+        log.debug("varkernels: the ahead-of-time CPU extension does not load (%s)", e)
+        return None
 
 
 class _FileLock:
@@ -180,16 +215,18 @@ def _load():
     mod = _load_aot()
     if mod is not None:
         return mod, None
+    stale = _state.get("stale")
+    prefix = f"{stale}, and it cannot be JIT-built: " if stale else ""
     missing = _missing_toolchain()
     if missing is not None:
-        return None, missing
+        return None, prefix + missing
     try:
         return _build_jit(verbose=os.environ.get("VARKERNELS_VERBOSE_BUILD", "0") == "1"), None
     except Exception as e:  # compiler errors come back as RuntimeError / subprocess errors
         lines = str(e).strip().splitlines()
         tail = "\n".join(lines[-15:])
         hint = "set VARKERNELS_VERBOSE_BUILD=1 for the full log"
-        return None, f"the JIT build failed ({type(e).__name__}); {hint}:\n{tail}"
+        return None, f"{prefix}the JIT build failed ({type(e).__name__}); {hint}:\n{tail}"
 
 
 def load_extension(required: bool = False):
@@ -210,6 +247,12 @@ def load_extension(required: bool = False):
                 warnings.warn(
                     f"varkernels: the C++ CPU kernel is unavailable: {error}. "
                     "backend='auto' uses the PyTorch path on CPU (correct, slower).",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            elif mod is not None and "stale" in _state:
+                warnings.warn(
+                    f"varkernels: {_state['stale']}; using a JIT build of the current sources instead.",
                     RuntimeWarning,
                     stacklevel=3,
                 )

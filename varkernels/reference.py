@@ -204,3 +204,53 @@ def linear_sequence_logps_reference(
     if bias is not None:
         logits = logits + bias
     return sequence_logps_reference(logits, labels, **kwargs)
+
+
+def weighted_nll_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    shift_labels: bool = False,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+    return_aux: bool = False,
+):
+    """Weighted NLL: loss = −(1/N)·Σ_i c_i·Σ_t w[i, t]·lp[i, t], c_i = 1 ("sum") or 1/n_i ("mean").
+
+    Args:
+        logits: [N, T, V]. labels: [N, T].
+        weights: [N] (one weight per sequence, the same for each of its tokens) or [N, T] (per token,
+            indexed like ``labels``: shifted with them when ``shift_labels``). Constants (detached here).
+    Returns:
+        scalar loss (float32, or float64 for float64 inputs), or ``(loss, policy_logps)`` with
+        policy_logps [N] = c_i·Σ_t lp[i, t] (detached, unweighted).
+    """
+    lp, mask = token_logps_reference(
+        logits, labels, ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap,
+        temperature=temperature,
+    )
+    w = weights.detach().to(lp.dtype)
+    if w.dim() == 1:
+        w = w.unsqueeze(1).expand_as(lp)
+    elif shift_labels:
+        w = torch.cat([w[:, 1:], torch.zeros_like(w[:, :1])], dim=1)
+    n = mask.sum(-1).to(lp.dtype)
+    c = torch.ones_like(n) if reduction == "sum" else 1.0 / n.clamp(min=1)
+    loss = -(c * (w * lp).sum(-1)).sum() / lp.shape[0]
+    if not return_aux:
+        return loss
+    return loss, (c * lp.sum(-1)).detach()
+
+
+def linear_weighted_nll_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, *, bias=None, **kwargs
+):
+    """Weighted NLL from hidden states [N, T, H] and an lm_head weight [V, H] (+ bias [V]).
+
+    The logits are ``F.linear(hidden, weight, bias)``, as an ``nn.Linear`` head computes them: in 16-bit
+    dtypes the bias is added before the one rounding to the logits' dtype."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return weighted_nll_reference(logits, labels, weights, **kwargs)

@@ -32,7 +32,7 @@ import torch
 from torch.library import triton_op
 
 from .linear import linear_token_op
-from .token import launchable, rne_bf16, token_op
+from .token import launchable, require_cpu_op, rne_bf16, token_op
 
 # ---------------------------------------------------------------------------------- scaling
 
@@ -154,6 +154,7 @@ def token_forward(
     inplace: bool = False,
 ):
     """(value, lp [B·T]) of the logits form; labels, coef: [B·T] contiguous (see the module docstring)."""
+    require_cpu_op(backend)
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     return TokenFunction.apply(x, labels, coef, backend, softcap, inv_temperature, ignore_index, inplace,
                                needs_grad)
@@ -236,6 +237,7 @@ def linear_token_forward(
 ):
     """(value, lp [B·T]) of the fused-linear form (see the module docstring); ``accum_fp32``: the
     weight/bias gradients accumulate in fp32 (default) or in the parameters' dtype."""
+    require_cpu_op(backend)
     grad_on = torch.is_grad_enabled()
     wants = (
         grad_on and hidden.requires_grad,

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 from torch.library import custom_op, register_fake, triton_op, wrap_triton
 
-from .._backend import triton_interpret
+from .._backend import cpu_extension_available, require_cpu_extension, triton_interpret
 
 CHUNK_BYTES = 16 * 2**20  # fp32 bytes per chunk buffer of the PyTorch path; ~3 such buffers are alive
 
@@ -191,6 +191,13 @@ def register_cpu_fake() -> None:
     if not _CPU_FAKE_REGISTERED:
         register_fake("varkernels::token_cpu")(_fake_token)
         _CPU_FAKE_REGISTERED.append(True)
+
+
+def require_cpu_op(backend: str) -> None:
+    """Load the C++ kernel (and register its fake) before ``backend="cpu"`` dispatches to it, so a
+    direct caller of the core does not depend on a public op having loaded it first."""
+    if backend == "cpu" and not cpu_extension_available():
+        require_cpu_extension()  # raises RuntimeError naming the cause
 
 
 # ------------------------------------------------------------------------------------ dispatch

@@ -1,10 +1,9 @@
-"""The VAR loss: a thin layer on the core's forward-mode token op.
+"""The VAR loss: VAR weights → the weighted NLL (varkernels/nll.py).
 
-rewards and reference log-probs → weights w (varkernels/var/weights.py) → per-token coefficients
-coef[n] = −w_i·c_i/(k·B) for every token n of row i (c_i = 1 for "sum", 1/n_i for "mean") → the
-core computes loss = Σ_n coef[n]·lp[n] = −(1/k)·Σ_g (1/B)·Σ_{i in g} w_i·s_i and its gradient in
-one pass (varkernels/core/autograd.py). The weights do not depend on the policy, which is what
-lets the gradient be computed during the forward.
+rewards and reference log-probs → per-sequence weights w (varkernels/var/weights.py) → the
+weighted NLL with ``reduction=logp_reduction`` over the N = k·B rows: loss = −(1/N)·Σ_i w_i·s_i =
+−(1/k)·Σ_g (1/B)·Σ_{i in g} w_i·s_i, its gradient computed in the same pass. The weights do not
+depend on the policy, which is what lets the gradient be computed during the forward.
 """
 
 from __future__ import annotations
@@ -14,38 +13,23 @@ from typing import Optional
 
 import torch
 
-from .._validation import VAROutput, check_call, check_linear, check_option, check_positive
-from ..core.autograd import linear_token_forward, token_forward
-from ..core.linear import default_chunk_size
+from .._validation import VAROutput, check_call, check_inplace, check_linear, check_option, check_positive
+from ..nll import linear_nll_forward, nll_forward, sequence_values
 from .weights import group_ess, var_weights
 
 
-def sequence_coefficients(labels: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
-    """c_i as [B] fp32: 1 for "sum", 1/n_i for "mean" (1 when n_i = 0: s_i = 0 anyway)."""
-    if reduction == "sum":
-        return torch.ones(labels.shape[0], dtype=torch.float32, device=labels.device)
-    n = (labels != ignore_index).sum(dim=1).clamp(min=1)
-    return 1.0 / n.to(torch.float32)
-
-
-def _var_coefficients(checked, rewards, ref_logps, *, beta, weighting, logp_reduction, ignore_index):
-    """(per-token coef [k·B·T], seq_coef c [k·B], weights [k·B], log_z [k·B])."""
-    labels = checked.labels
-    N, T = labels.shape
-    weights, log_z = var_weights(
+def _var_weights(checked, rewards, ref_logps, *, beta, weighting):
+    """(weights [k·B], log_z [k·B]) fp32 of an already checked call."""
+    return var_weights(
         rewards, ref_logps, groups=checked.groups, group_size=checked.group_size,
         cross_pairs=checked.cross_pairs, beta=beta, weighting=weighting, backend=checked.backend,
     )
-    seq_coef = sequence_coefficients(labels, ignore_index, logp_reduction)
-    coef = (weights * seq_coef).mul_(-1.0 / N).unsqueeze(1).expand(N, T).reshape(-1)
-    return coef, seq_coef, weights, log_z
 
 
 def _output(loss, lp, seq_coef, weights, log_z, groups, return_aux):
     if not return_aux:
         return loss
-    s = lp.detach().view(seq_coef.shape[0], -1).sum(dim=1) * seq_coef
-    return VAROutput(loss, weights, log_z, s, group_ess(weights, groups))
+    return VAROutput(loss, weights, log_z, sequence_values(lp, seq_coef), group_ess(weights, groups))
 
 
 def fused_var_loss(
@@ -95,19 +79,11 @@ def fused_var_loss(
         temperature=temperature, backend=backend, rewards=rewards, ref_logps=ref_logps, beta=beta,
         weighting=weighting, logp_reduction=logp_reduction,
     )
-    if inplace and any(st == 0 and n > 1 for st, n in zip(logits.stride(), logits.shape)):
-        raise ValueError(
-            "inplace=True needs logits whose elements do not share memory; got strides "
-            f"{tuple(logits.stride())} for shape {tuple(logits.shape)} (an expand()ed view): pass "
-            "logits.contiguous() or use inplace=False"
-        )
-    coef, seq_coef, weights, log_z = _var_coefficients(
-        checked, rewards, ref_logps, beta=beta, weighting=weighting, logp_reduction=logp_reduction,
-        ignore_index=ignore_index,
-    )
-    loss, lp = token_forward(
-        logits, checked.labels.reshape(-1).contiguous(), coef, backend=checked.backend, softcap=softcap,
-        inv_temperature=1.0 / float(temperature), ignore_index=ignore_index, inplace=inplace,
+    check_inplace(logits, inplace)
+    weights, log_z = _var_weights(checked, rewards, ref_logps, beta=beta, weighting=weighting)
+    loss, lp, seq_coef = nll_forward(
+        checked, logits, weights, reduction=logp_reduction, ignore_index=ignore_index, shift_labels=shift_labels,
+        softcap=softcap, temperature=temperature, inplace=inplace,
     )
     return _output(loss, lp, seq_coef, weights, log_z, checked.groups, return_aux)
 
@@ -156,15 +132,11 @@ def fused_linear_var_loss(
         temperature=temperature, backend=backend, rewards=rewards, ref_logps=ref_logps, beta=beta,
         weighting=weighting, logp_reduction=logp_reduction,
     )
-    coef, seq_coef, weights, log_z = _var_coefficients(
-        checked, rewards, ref_logps, beta=beta, weighting=weighting, logp_reduction=logp_reduction,
-        ignore_index=ignore_index,
-    )
-    loss, lp = linear_token_forward(
-        hidden, weight, bias, checked.labels.reshape(-1).contiguous(), coef, backend=checked.backend,
-        softcap=softcap, inv_temperature=1.0 / float(temperature), ignore_index=ignore_index,
-        chunk_size=chunk_size or default_chunk_size(V, hidden.device.type, hidden.element_size()),
-        accum_fp32=grad_accum_dtype == torch.float32,
+    weights, log_z = _var_weights(checked, rewards, ref_logps, beta=beta, weighting=weighting)
+    loss, lp, seq_coef = linear_nll_forward(
+        checked, hidden, weight, bias, weights, reduction=logp_reduction, ignore_index=ignore_index,
+        shift_labels=shift_labels, softcap=softcap, temperature=temperature, chunk_size=chunk_size,
+        grad_accum_dtype=grad_accum_dtype,
     )
     return _output(loss, lp, seq_coef, weights, log_z, checked.groups, return_aux)
 
