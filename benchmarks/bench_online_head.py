@@ -59,13 +59,13 @@ def providers(hidden, weight, labels, w):
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
-    from varkernels.training.online import _linear_weighted_nll
+    from varkernels import linear_weighted_nll
 
     B, T = labels.shape
     N, H = B * T, hidden.shape[-1]
 
     def online_var():
-        _linear_weighted_nll(hidden, weight, labels, w, reduction="mean").backward()
+        linear_weighted_nll(hidden, weight, labels, w, reduction="mean").backward()
 
     def grpo_trl():
         lp, entropy, *_ = ChunkedLogProbFunction.apply(

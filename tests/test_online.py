@@ -35,7 +35,6 @@ from compare_methods import toy_text, toy_tokenizer, trl_reward  # noqa: E402
 from varkernels.training.online import (  # noqa: E402
     OnlineVARConfig,
     OnlineVARTrainer,
-    _linear_weighted_nll,
     online_var_weights,
 )
 
@@ -367,58 +366,9 @@ def test_none_for_every_function_is_unscorable_weight_zero(toy, tmp_path):
     torch.testing.assert_close(w, want, rtol=2e-5, atol=1e-6)
 
 
-def test_weights_helper_and_primitive_bad_input():
+def test_weights_helper_bad_input():
     with pytest.raises(ValueError, match="multiple of group_size=4"):
         online_var_weights(torch.zeros(6), 4, 0.1)
-    h, W = torch.randn(2, 3, 8), torch.randn(5, 8)
-    labels = torch.randint(0, 5, (2, 3))
-    with pytest.raises(ValueError, match=r"weights must have shape \[N\] = \(2,\) or \[N, T\] = \(2, 3\), got \(3,\)"):
-        _linear_weighted_nll(h, W, labels, torch.ones(3))
-    with pytest.raises(ValueError, match="weights must be finite"):
-        _linear_weighted_nll(h, W, labels, torch.tensor([1.0, float("nan")]))
-    with pytest.raises(ValueError, match="reduction"):
-        _linear_weighted_nll(h, W, labels, torch.ones(2), reduction="max")
-    with pytest.raises(TypeError, match="weights must be a torch.Tensor"):
-        _linear_weighted_nll(h, W, labels, [1.0, 1.0])
-
-
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("per_token", [False, True])
-def test_linear_weighted_nll_against_plain_pytorch(reduction, per_token):
-    """The private primitive: loss and the gradients of hidden and weight against full logits (float64 truth)."""
-    torch.manual_seed(1)
-    N, T, H, V = 3, 5, 8, 11
-    h = torch.randn(N, T, H, requires_grad=True)
-    W = torch.randn(V, H, requires_grad=True)
-    labels = torch.randint(0, V, (N, T))
-    labels[0, :2] = -100
-    labels[2] = -100  # an all-ignored row
-    w = torch.rand(N, T) if per_token else torch.rand(N) * 3
-
-    def plain(h, W, dtype):
-        h, W = h.detach().to(dtype).requires_grad_(), W.detach().to(dtype).requires_grad_()
-        lab = torch.full_like(labels, -100)
-        lab[:, :-1] = labels[:, 1:]  # shift_labels=True
-        ww = w.to(dtype)
-        if per_token:
-            ws = torch.zeros_like(ww)
-            ws[:, :-1] = ww[:, 1:]
-        else:
-            ws = ww[:, None].expand(N, T)
-        lp = torch.log_softmax(h @ W.T, -1).gather(-1, lab.clamp(min=0)[..., None]).squeeze(-1)
-        m = (lab != -100).to(dtype)
-        c = 1 / m.sum(1).clamp(min=1) if reduction == "mean" else torch.ones(N, dtype=dtype)
-        loss = -(c * (ws * lp * m).sum(1)).sum() / N
-        loss.backward()
-        return loss, h.grad, W.grad
-
-    loss = _linear_weighted_nll(h, W, labels, w, reduction=reduction, shift_labels=True, backend="torch")
-    loss.backward()
-    l32, gh32, gw32 = plain(h, W, torch.float32)
-    l64, gh64, gw64 = plain(h, W, torch.float64)
-    assert_close(loss.detach().double(), l32.detach().double(), l64.detach(), name="loss")
-    assert_close(h.grad.double(), gh32.double(), gh64, name="grad hidden")
-    assert_close(W.grad.double(), gw32.double(), gw64, name="grad weight")
 
 
 # ----------------------------------------------------------------------------- 2 processes

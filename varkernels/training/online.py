@@ -16,8 +16,8 @@ reward functions, datasets, PEFT, accelerate / DeepSpeed and logging are GRPO's.
    skipped, as in GRPO). A completion for which every function returned None (TRL: "unscorable")
    gets w = 0 and the group is normalised over its n scorable completions (w = n·softmax over them).
 2. The loss: the weighted NLL −(1/N)·Σ_i w_i·c_i·Σ_t log π_θ(y_i,t | ·) over the micro-batch
-   (c_i = 1/n_i for ``var_logp_reduction="mean"``, 1 for "sum"), computed in the fused-linear form
-   inside the output embedding's forward (where FSDP2 / ZeRO-3 have gathered the weight): the
+   (c_i = 1/n_i for ``var_logp_reduction="mean"``, 1 for "sum"): ``varkernels.linear_weighted_nll``
+   (the fused-linear form) inside the output embedding's forward (where FSDP2 / ZeRO-3 have gathered the weight): the
    chunked logits are turned into their gradient during the forward, three GEMMs per chunk, no
    [N, V] logits. The logged ``loss`` is this loss.
 3. Metrics: GRPO's (``reward``, ``reward_std``, ``rewards/<f>/*``, ``completions/*``,
@@ -40,14 +40,12 @@ import functools
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
-from .._validation import check_call, check_linear, check_option
-from ..core.autograd import linear_token_forward, token_forward
-from ..core.linear import default_chunk_size
-from ..var.loss import sequence_coefficients
+from .._validation import check_option
+from ..nll import linear_weighted_nll, weighted_nll
 from .lm_head import LMHead, unwrap_model
 
 try:  # the train extra: trl (and transformers)
@@ -58,108 +56,6 @@ except ImportError as e:  # pragma: no cover - exercised only without the train 
 
 VAR_REFERENCES = ("policy", "initial")
 REDUCTIONS = ("mean", "sum")
-
-
-# ----------------------------------------------------------------------------- the loss primitive
-
-
-class WeightedNLLOutput(NamedTuple):
-    loss: torch.Tensor  # float32 scalar
-    token_logps: torch.Tensor  # [N, T] fp32, detached; 0 at ignored positions
-
-
-def _linear_weighted_nll(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    bias: Optional[torch.Tensor] = None,
-    reduction: str = "mean",
-    chunk_size: Optional[int] = None,
-    grad_accum_dtype: torch.dtype = torch.float32,
-    ignore_index: int = -100,
-    shift_labels: bool = False,
-    softcap: Optional[float] = None,
-    temperature: float = 1.0,
-    return_aux: bool = False,
-    backend: str = "auto",
-):
-    """Weighted NLL from hidden states and the lm_head weight, never holding [N, T, V] logits.
-
-    loss = −(1/N)·Σ_i c_i·Σ_t w[i,t]·lp[i,t], c_i = 1 ("sum") or 1/n_i ("mean", n_i the row's
-    non-ignored tokens); ``weights`` [N] (one per sequence) or [N, T] (per token, indexed like
-    ``labels`` and shifted with them), constants. The gradient is computed during the forward
-    (the core's forward mode: coef[n] = −w[i,t]·c_i/N for token n = (i, t)).
-
-    Private stand-in with the signature of ``varkernels.linear_weighted_nll`` (being added to the
-    public API); online.py switches to it once it is there.
-    """
-    V = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
-    check_linear(hidden, weight, bias, chunk_size, grad_accum_dtype)
-    check_option("reduction", reduction, REDUCTIONS)
-    checked = check_call(
-        "hidden", hidden, labels, V, ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap,
-        temperature=temperature, backend=backend,
-    )
-    labels_eff = checked.labels
-    N, T = labels_eff.shape
-    w = _check_weights(weights, N, T, hidden.device)
-    if w.dim() == 2 and shift_labels:  # per-token weights are indexed like labels: shift them too
-        shifted = torch.zeros_like(w)
-        shifted[:, :-1] = w[:, 1:]
-        w = shifted
-    seq_coef = sequence_coefficients(labels_eff, ignore_index, reduction)  # [N]
-    per_row = w if w.dim() == 2 else w.unsqueeze(1).expand(N, T)
-    coef = (per_row * seq_coef.unsqueeze(1)).mul(-1.0 / max(N, 1))
-    coef = coef.masked_fill(labels_eff == ignore_index, 0.0).reshape(-1).contiguous()
-    loss, lp = linear_token_forward(
-        hidden, weight, bias, labels_eff.reshape(-1).contiguous(), coef, backend=checked.backend,
-        softcap=softcap, inv_temperature=1.0 / float(temperature), ignore_index=ignore_index,
-        chunk_size=chunk_size or default_chunk_size(V, hidden.device.type, hidden.element_size()),
-        accum_fp32=grad_accum_dtype == torch.float32,
-    )
-    if not return_aux:
-        return loss
-    return WeightedNLLOutput(loss, lp.detach().view(N, T))
-
-
-def _weighted_nll(logits, labels, weights, *, reduction="mean", ignore_index=-100, shift_labels=False,
-                  softcap=None, temperature=1.0, backend="auto"):
-    """The logits form of :func:`_linear_weighted_nll` (for heads that are not a plain nn.Linear)."""
-    V = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() == 3 else 0
-    check_option("reduction", reduction, REDUCTIONS)
-    checked = check_call(
-        "logits", logits, labels, V, ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap,
-        temperature=temperature, backend=backend,
-    )
-    labels_eff = checked.labels
-    N, T = labels_eff.shape
-    w = _check_weights(weights, N, T, logits.device)
-    seq_coef = sequence_coefficients(labels_eff, ignore_index, reduction)
-    coef = (w.unsqueeze(1).expand(N, T) * seq_coef.unsqueeze(1)).mul(-1.0 / max(N, 1))
-    coef = coef.masked_fill(labels_eff == ignore_index, 0.0).reshape(-1).contiguous()
-    loss, _ = token_forward(
-        logits, labels_eff.reshape(-1).contiguous(), coef, backend=checked.backend, softcap=softcap,
-        inv_temperature=1.0 / float(temperature), ignore_index=ignore_index,
-    )
-    return loss
-
-
-def _check_weights(weights, N: int, T: int, device) -> torch.Tensor:
-    if not isinstance(weights, torch.Tensor):
-        raise TypeError(f"weights must be a torch.Tensor of shape [N] or [N, T], got {type(weights).__name__}")
-    if tuple(weights.shape) not in ((N,), (N, T)):
-        raise ValueError(f"weights must have shape [N] = ({N},) or [N, T] = ({N}, {T}), got {tuple(weights.shape)}")
-    if not weights.dtype.is_floating_point:
-        raise TypeError(f"weights must be a floating-point tensor, got {weights.dtype}")
-    if weights.device != torch.device(device) and weights.device.type != torch.device(device).type:
-        raise ValueError(f"weights must be on {device}, got {weights.device}")
-    w = weights.detach().to(device=device, dtype=torch.float32)
-    if not bool(torch.isfinite(w).all()):
-        bad = int((~torch.isfinite(w)).nonzero()[0][0])
-        raise ValueError(f"weights must be finite, got {float(w.reshape(len(w), -1)[bad].view(-1)[0])} in row {bad}")
-    return w
 
 
 # ----------------------------------------------------------------------------- the weights
@@ -396,14 +292,14 @@ class OnlineVARTrainer(GRPOTrainer):
                     hidden, weight = hidden.to(dt), weight.to(dt)
                     bias = bias.to(dt) if bias is not None else None
                 with torch.autocast(device, enabled=False):
-                    loss = _linear_weighted_nll(hidden, weight, labels, weights, bias=bias, softcap=head.softcap,
-                                                **opts)
+                    loss = linear_weighted_nll(hidden, weight, labels, weights, bias=bias, softcap=head.softcap,
+                                               **opts)
                 return (loss,)
 
             loss = head.run_in_head(model, {"input_ids": input_ids, "attention_mask": attention_mask}, loss_fn)[0]
         else:  # a LoRA / quantised head: the model's logits
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-            loss = _weighted_nll(logits, labels, weights, softcap=head.softcap, **opts)
+            loss = weighted_nll(logits, labels, weights, softcap=head.softcap, **opts)
         if self.model.training:
             loss = loss / self.current_gradient_accumulation_steps
         return loss
