@@ -442,3 +442,32 @@ def test_two_ranks_weights_use_the_whole_group(tmp_path):
     local = torch.tensor([4 * x / sum(e0) for x in e0], dtype=torch.float64)
     if max(rewards[:4]) != min(rewards[:4]) or max(rewards) != min(rewards):
         assert not torch.allclose(got[:4], local, atol=1e-4)
+
+
+def test_peft_initial_reference_is_the_base_model(toy, tmp_path):
+    """PEFT with var_reference="initial": π_ref is the model with the adapter switched off. Second step's
+    q equals log π_base − log π_old, π_old the merged adapter at generation time (plain PyTorch here)."""
+    peft = pytest.importorskip("peft", reason="optional extra: pip install peft")
+    ref, lang, tok, names = toy
+    lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    holder = {}
+
+    def toy_reward(prompts, completions, completion_ids, **kw):
+        return holder["spy"].reward_func(prompts, completions, completion_ids)
+
+    trainer = OnlineVARTrainer(model=copy.deepcopy(ref), reward_funcs=toy_reward,
+                               args=config(tmp_path, var_reference="initial", max_steps=2, learning_rate=3e-2),
+                               train_dataset=dataset(lang, names), processing_class=tok,
+                               peft_config=peft.LoraConfig(**lora))
+    assert trainer.ref_model is None  # no copy: the adapter is switched off instead
+    spy = holder["spy"] = Spy(trainer, names)
+    trainer.train()
+    for step, batch in enumerate(spy.batches):
+        old = peft.get_peft_model(copy.deepcopy(ref), peft.LoraConfig(**lora))
+        missing, unexpected = old.load_state_dict(spy.states[step], strict=False)
+        assert not unexpected and not [k for k in missing if 'lora' in k], (missing, unexpected)
+        old = old.merge_and_unload()
+        q = seq_logps(ref, batch) - seq_logps(old, batch)
+        assert q.abs().max() > 1e-3  # init_lora_weights=False: the adapter changes the model from step 0
+        torch.testing.assert_close(batch["var_weights"].double(), expected_weights(spy.rewards[step], 0.2, q),
+                                   rtol=2e-5, atol=1e-6)
