@@ -650,6 +650,76 @@ def run_frontier(args) -> Path:
     return csv_path
 
 
+TIMING = [("grpo", "", "kl_coef", 0.0), ("grpo", "", "kl_coef", 0.1), ("var-online", "policy", "beta", 0.1),
+          ("var-online", "initial", "beta", 0.1)]
+
+
+def run_timing(args) -> Path:
+    """Wall time of the online methods, interleaved: ``--seeds`` rounds of [GRPO (KL coefficient 0 and
+    0.1), online VAR (policy, initial) at β = 0.1], each run at ``--lr`` with seed 0, so that a change of
+    load on the shared machine hits every method alike. The runs of a method are identical but for time
+    (fixed seeds); the held-out reward and KL of each run are recorded with its curve."""
+    out_dir = Path(args.out) if args.out else (
+        Path(tempfile.mkdtemp(prefix="alignment-")) if args.quick else ROOT / "benchmarks" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / "alignment_timing.csv"
+    start = time.time()
+    setup = Setup(args)
+    base = env_info(args)
+    curve_steps = sorted({max(1, round(args.steps * f)) for f in (0.25, 0.5, 0.75)} - {args.steps})
+    with open(csv_path, "w", newline="") as f, tempfile.TemporaryDirectory() as tmp:
+        writer = csv.DictWriter(f, fieldnames=FRONTIER_COLUMNS)
+        writer.writeheader()
+        r0, kl0 = evaluate(setup.reference, setup.reference, setup.eval_prompts, 10_000)
+        writer.writerow({k: v for k, v in {**base, "stage": "timing", "method": "reference", "seed": 0, "reward": r0,
+                                           "kl": kl0, "seconds": 0.0, "status": "ok"}.items() if k in FRONTIER_COLUMNS})
+        for rnd in range(args.seeds):
+            for method, variant, knob, value in TIMING:
+                load = round(os.getloadavg()[0], 2)
+                policy, row = train_method(setup, args, 0, tmp, method, variant, knob, value, args.lr, curve_steps)
+                row["reward"], row["kl"] = evaluate(policy, setup.reference, setup.eval_prompts, 10_000)
+                row = {**base, **row, "stage": f"timing round {rnd}", "seed": 0, "load_1min": load, "status": "ok"}
+                writer.writerow({k: row.get(k, "") for k in FRONTIER_COLUMNS})
+                f.flush()
+                print(f"[{time.time() - start:6.1f}s] round {rnd} {_label(row)} {knob}={value}: {row['seconds']:.1f} s "
+                      f"(generation {row['gen_seconds']:.1f}, scoring {row['score_seconds']:.1f}, update "
+                      f"{row['train_seconds']:.1f}) reward {row['reward']:.3f} KL {row['kl']:.2f} load {load}",
+                      flush=True)
+    report_timing(csv_path)
+    return csv_path
+
+
+def report_timing(csv_path) -> None:
+    rows = _read(csv_path)
+    print(timing_table(rows))
+    for target in (0.7, 0.8, 0.9):
+        print(f"\ntraining seconds to a held-out reward of {target} (median over rounds; n/r: not reached):")
+        for key, hits in time_to_reward(rows, target, stage="timing").items():
+            got = [h for h in hits if h is not None]
+            cell = f"{statistics.median(got):.1f} s" if got else "n/r"
+            print(f"  {key[0]} {key[1]}={key[2]}: {cell} ({len(got)}/{len(hits)} rounds reached it)")
+
+
+def timing_table(rows: list[dict]) -> str:
+    """Median over the rounds of each online method's wall time and its split."""
+    out = ["| method | knob = value | rounds | reward | KL | train s (median, min–max) | generation s | scoring s "
+           "| update s | s per step |", "|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for r in rows:
+        if r["method"] != "reference":
+            groups.setdefault((_label(r), r["knob"], r["value"]), []).append(r)
+    for (label, knob, value), g in groups.items():
+        def med(name):
+            return statistics.median(float(r[name]) for r in g)
+
+        secs = [float(r["seconds"]) for r in g]
+        out.append(f"| {label} | {knob} = {value} | {len(g)} | {float(g[0]['reward']):.3f} | {float(g[0]['kl']):.2f} "
+                   f"| {med('seconds'):.1f} ({min(secs):.1f}–{max(secs):.1f}) | {med('gen_seconds'):.1f} "
+                   f"| {med('score_seconds'):.1f} | {med('train_seconds'):.1f} "
+                   f"| {med('seconds') / float(g[0]['steps']):.3f} |")
+    return "\n".join(out)
+
+
 def _label(row) -> str:
     return " ".join(x for x in (row["method"], row["variant"]) if x)
 
@@ -688,17 +758,18 @@ def frontier_tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def time_to_reward(rows: list[dict], target: float) -> dict:
-    """Per online setting: mean over seeds of the training seconds at which the held-out reward first
-    reaches ``target`` (linear interpolation between the evaluated steps; None if never reached)."""
+def time_to_reward(rows: list[dict], target: float, stage: str = "frontier") -> dict:
+    """Per online setting: the training seconds of each run (seed or timing round) at which the held-out
+    reward first reaches ``target`` (linear interpolation between the evaluated steps, from the
+    reference's reward at 0 s; None if never reached). ``stage``: rows whose stage starts with it."""
     out: dict = {}
     for r in rows:
-        if r["stage"] != "frontier" or r["status"] != "ok" or r["method"] not in ("grpo", "var-online"):
+        if not r["stage"].startswith(stage) or r["status"] != "ok" or r["method"] not in ("grpo", "var-online"):
             continue
         pts = [(0.0, None)] + [(float(t), float(rw)) for _, t, rw, _ in (p.split(":") for p in r["curve"].split(";") if p)]
         pts.append((float(r["seconds"]), float(r["reward"])))
-        pts[0] = (0.0, next((ref for ref in [float(x["reward"]) for x in rows if x["method"] == "reference"
-                                              and x["seed"] == r["seed"]]), 0.0))
+        refs = [float(x["reward"]) for x in rows if x["method"] == "reference" and x["seed"] == r["seed"]]
+        pts[0] = (0.0, refs[0] if refs else 0.0)
         hit = None
         for (t0, r0), (t1, r1) in zip(pts, pts[1:]):
             if r1 >= target:
@@ -748,7 +819,7 @@ def plot_frontier(rows: list[dict], out_dir: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for label in ("grpo", "var-online policy", "var-online initial"):
         runs = [r for r in ok if _label(r) == label]
-        for value in sorted({float(r["value"]) for r in runs}):
+        for k, value in enumerate(sorted({float(r["value"]) for r in runs})):
             sel = [r for r in runs if float(r["value"]) == value]
             curves = []
             for r in sel:
@@ -757,7 +828,7 @@ def plot_frontier(rows: list[dict], out_dir: Path) -> None:
             n = min(len(c) for c in curves)
             t = [statistics.mean(c[i][0] for c in curves) for i in range(n)]
             y = [statistics.mean(c[i][1] for c in curves) for i in range(n)]
-            ax.plot(t, y, marker=".", color=colors[label], alpha=0.4 + 0.6 * (value == float(sel[0]["value"])),
+            ax.plot(t, y, marker=".", color=colors[label], linestyle=("-", "--", ":", "-.")[k % 4], alpha=0.85,
                     label=f"{label} {sel[0]['knob']}={value:g}")
     ax.set_xlabel("training wall time, s (generation + scoring + update; evaluation excluded)")
     ax.set_ylabel("mean reward on held-out prompts")
@@ -907,10 +978,11 @@ def main(argv=None) -> None:
                     help="skip the VAR runs with token-summed log-probs (B=8, cross-pair; all other VAR runs use "
                          "the mean over tokens, which keeps importance weights finite)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the models are tiny)")
-    ap.add_argument("--suite", choices=("all", "ablation", "frontier"), default="all",
+    ap.add_argument("--suite", choices=("all", "ablation", "frontier", "timing"), default="all",
                     help="ablation: VAR's B / weighting / form against SFT and DPO (alignment.csv); frontier: every "
                          "method at three settings of its main knob, online VAR and GRPO included, learning rates "
-                         "from a sweep (alignment_frontier.csv); all: both (default)")
+                         "from a sweep (alignment_frontier.csv); all: both (default); timing: the online methods' "
+                         "wall time, interleaved rounds (alignment_timing.csv; --seeds rounds)")
     ap.add_argument("--lr-grid", type=float, nargs="+", default=None,
                     help=f"frontier suite: learning rates of the sweep (default {' '.join(map(str, LR_GRID))}; "
                          "--quick: --lr)")
@@ -922,6 +994,8 @@ def main(argv=None) -> None:
             ap.error(f"--report: no such CSV file: {args.report}")
         if "frontier" in Path(args.report).name:
             report_frontier(args.report)
+        elif "timing" in Path(args.report).name:
+            report_timing(args.report)
         else:
             report(args.report)
         return
@@ -955,6 +1029,8 @@ def main(argv=None) -> None:
         run(args)
     if args.suite in ("all", "frontier"):
         run_frontier(args)
+    if args.suite == "timing":
+        run_timing(args)
 
 
 if __name__ == "__main__":
