@@ -840,9 +840,30 @@ def plot_frontier(rows: list[dict], out_dir: Path) -> None:
     plt.close(fig)
 
 
+def reward_within_kl(rows: list[dict], budgets=(1.0, 2.0, 4.0, 8.0)) -> str:
+    """Markdown: per method, the best mean reward (over seeds) among its settings whose mean KL is within
+    each budget — the frontier read at matched KL ("–": no setting that close to π_ref)."""
+    ok = [r for r in rows if r["status"] == "ok" and r["stage"] == "frontier" and r["method"] != "reference"]
+    points: dict = {}
+    for r in ok:
+        points.setdefault(_label(r), {}).setdefault(r["value"], []).append((float(r["kl"]), float(r["reward"])))
+    out = ["| method | " + " | ".join(f"KL ≤ {b:g}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for label, settings in points.items():
+        means = [(statistics.mean(p[0] for p in v), statistics.mean(p[1] for p in v), k) for k, v in settings.items()]
+        cells = []
+        for b in budgets:
+            inside = [m for m in means if m[0] <= b]
+            best = max(inside, key=lambda m: m[1]) if inside else None
+            cells.append(f"{best[1]:.3f} ({best[2]}, KL {best[0]:.2f})" if best else "–")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def report_frontier(csv_path, out_dir=None) -> None:
     rows = _read(csv_path)
     print(frontier_tables(rows))
+    print("\nBest mean reward within a KL budget (setting, its mean KL):\n")
+    print(reward_within_kl(rows))
     for target in (0.7, 0.8, 0.9):
         print(f"\ntraining seconds to a held-out reward of {target} (mean over seeds; n/r: not reached):")
         for key, hits in time_to_reward(rows, target).items():
