@@ -2,6 +2,7 @@
 
     python benchmarks/bench_online_head.py                   # N=B·T=2048 H=2048 V=32000, fp32 and bf16
     python benchmarks/bench_online_head.py --save            # append to the committed results/online_head.csv
+    (one torch thread unless --threads)
 
 Both start from the final hidden states [N, H] and the lm_head weight [V, H] and end with the
 gradients of both (hidden → loss → backward), every token a completion token:
@@ -91,8 +92,10 @@ def main(argv=None):
     p.add_argument("--V", type=int, default=32000)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     p.add_argument("--save", action="store_true", help="append to the committed results/online_head.csv")
     a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
     fix_mmap_threshold()
     run = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
     csv_path = SAVED_CSV if a.save else LOCAL_CSV
