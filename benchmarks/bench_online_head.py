@@ -130,7 +130,8 @@ def main(argv=None):
               f"{theirs['p20_s']:.2f}, p80 {theirs['p80_s']:.2f}), peak +{fmt_bytes(theirs['peak_extra_bytes'])} | "
               f"grpo_trl / online_var = {theirs['median_s'] / ours['median_s']:.2f}x")
     append_csv(csv_path, rows)
-    print(f"rows of run {run} appended to {csv_path}" + ("" if a.save else " (git-ignored; --save for the committed CSV)"))
+    note = "" if a.save else " (git-ignored; --save for the committed CSV)"
+    print(f"rows of run {run} appended to {csv_path}{note}")
 
 
 if __name__ == "__main__":

@@ -596,7 +596,8 @@ def run_frontier(args) -> Path:
             row = {**base, "seed": seed, "load_1min": round(os.getloadavg()[0], 2), "status": "ok", **row}
             writer.writerow({k: row.get(k, "") for k in FRONTIER_COLUMNS})
             f.flush()
-            setting = " ".join(str(row[k]) for k in ("stage", "method", "variant", "knob", "value") if row.get(k) not in (None, ""))
+            keys = ("stage", "method", "variant", "knob", "value")
+            setting = " ".join(str(row[k]) for k in keys if row.get(k) not in (None, ""))
             say(f"{setting} lr {row.get('lr', '')} seed {seed}: reward {row['reward']:.3f}  KL {row['kl']:.3f}  "
                 f"val {row.get('val_reward', '') or '-'}  train {row.get('seconds', 0):.1f}s  {row['status']}")
             return row
@@ -611,7 +612,8 @@ def run_frontier(args) -> Path:
                               f"{str(e).splitlines()[0] if str(e) else ''}"}
 
         for seed in range(args.seeds):
-            record(setup.reference, seed, stage="frontier", method="reference", variant="", knob="", value="", seconds=0.0)
+            record(setup.reference, seed, stage="frontier", method="reference", variant="", knob="", value="",
+                   seconds=0.0)
         chosen, sweep_rows = {}, {}
         with tempfile.TemporaryDirectory() as tmp:
             for key in methods:  # the learning-rate sweep: seed 0, middle setting
@@ -768,7 +770,8 @@ def time_to_reward(rows: list[dict], target: float, stage: str = "frontier") -> 
     for r in rows:
         if not r["stage"].startswith(stage) or r["status"] != "ok" or r["method"] not in ("grpo", "var-online"):
             continue
-        pts = [(0.0, None)] + [(float(t), float(rw)) for _, t, rw, _ in (p.split(":") for p in r["curve"].split(";") if p)]
+        evals = (p.split(":") for p in r["curve"].split(";") if p)
+        pts = [(0.0, None)] + [(float(t), float(rw)) for _, t, rw, _ in evals]
         pts.append((float(r["seconds"]), float(r["reward"])))
         refs = [float(x["reward"]) for x in rows if x["method"] == "reference" and x["seed"] == r["seed"]]
         pts[0] = (0.0, refs[0] if refs else 0.0)

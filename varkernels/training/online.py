@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -75,7 +74,9 @@ def online_var_weights(
     rewards, q: [M] (M a multiple of group_size), q = 0 when None; valid: [M] bool or None.
     """
     if rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards must be [M] with M a multiple of group_size={group_size}, got {tuple(rewards.shape)}")
+        raise ValueError(
+            f"rewards must be [M] with M a multiple of group_size={group_size}, got {tuple(rewards.shape)}"
+        )
     a = rewards.detach().float().view(-1, group_size) / float(beta)
     if q is not None:
         a = a + q.detach().float().view(-1, group_size)
@@ -275,7 +276,9 @@ class OnlineVARTrainer(GRPOTrainer):
         if return_outputs:
             raise ValueError("OnlineVARTrainer does not support returning outputs")
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
-        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         labels = torch.cat([torch.full_like(prompt_ids, -100), completion_ids.masked_fill(mask == 0, -100)], dim=1)
@@ -333,7 +336,7 @@ def _checked_reward_func(func, name: str):
                 )
         return out
 
-    if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None)):
+    if _grpo.is_async_callable(func):  # TRL's own test, so the wrapper is awaited where func would be
         @functools.wraps(func)
         async def checked_async(*args, **kwargs):
             return check(await func(*args, **kwargs), kwargs.get("completions"))
