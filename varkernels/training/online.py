@@ -175,6 +175,8 @@ class OnlineVARTrainer(GRPOTrainer):
         if args.var_reference == "initial" and peft_config is None and isinstance(model, torch.nn.Module) \
                 and not _grpo.is_peft_model(model):
             ref = copy.deepcopy(model)
+            # a forward patched by an earlier TRL trainer is bound to the original model: use the class's
+            ref.__dict__.pop("forward", None)
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class,
                          reward_processing_classes=reward_processing_classes, callbacks=callbacks,
