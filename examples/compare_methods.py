@@ -1,4 +1,10 @@
-"""Does it align? VAR against best-of-B SFT and DPO (TRL) on the toy task: reward vs KL, 3 seeds.
+"""Does it align? VAR against best-of-B SFT, DPO and GRPO (TRL) on the toy task: reward vs KL, 3 seeds.
+
+Three suites (``--suite``): ``ablation`` (below: offline VAR's B / weighting / form against SFT and DPO,
+alignment.csv), ``frontier`` (every method at three or four settings of its main knob, TRL's
+``GRPOTrainer`` and ``OnlineVARTrainer`` included, learning rates from a validation sweep,
+alignment_frontier.csv; see ``run_frontier``) and ``timing`` (the online methods' wall time in
+interleaved rounds, alignment_timing.csv). ``all`` (default) runs the first two.
 
 The toy task of ``toy_alignment.py`` (``examples/_toy.py``): a tiny Llama pre-trained on a synthetic
 language is the reference π_ref; the reward of a response is the fraction of its content tokens
@@ -33,8 +39,11 @@ Q, once per seed, B and form, shared by both weightings; DPO: building the ``DPO
 tokenizes the pairs; SFT: nothing to score).
 
 Run (the rows of benchmarks/results/alignment.csv; 8-11 minutes wall on the shared 2-core machine, 4 CPU-minutes):
-    python examples/compare_methods.py
-CI smoke run (every method trains, one seed, few steps; writes into --out or a temporary directory):
+    python examples/compare_methods.py --suite ablation
+The frontier (alignment_frontier.csv / .png, alignment_time.png; 16 minutes here) and the timing:
+    python examples/compare_methods.py --suite frontier
+    python examples/compare_methods.py --suite timing
+CI smoke run (every method of both suites trains, one seed, few steps; into --out or a temporary directory):
     python examples/compare_methods.py --quick --out /tmp/alignment
 Table (markdown, mean ± std per setting) and plot from a CSV, without training:
     python examples/compare_methods.py --report benchmarks/results/alignment.csv
