@@ -56,7 +56,8 @@ def toy():
 def config(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=2 * G, num_generations=G,
                 max_completion_length=MAX_NEW, max_steps=1, learning_rate=1e-3, logging_steps=1, report_to=[],
-                use_cpu=True, save_strategy="no", disable_tqdm=True, bf16=False, var_beta=0.2, seed=0)
+                use_cpu=True, save_strategy="no", disable_tqdm=True, bf16=False, var_beta=0.2, seed=0,
+                var_reference="policy")
     return OnlineVARConfig(**{**base, **kw})
 
 
@@ -206,9 +207,10 @@ def test_trains_online_and_held_out_reward_rises(toy, tmp_path):
     before = sum(reward(held_out, sample(ref, held_out, seed=5))) / len(held_out)
     policy = copy.deepcopy(ref)
     args = config(tmp_path, per_device_train_batch_size=16, num_generations=8, max_steps=24, learning_rate=3e-3,
-                  logging_steps=24, var_beta=0.1)
+                  logging_steps=24, var_beta=0.1, var_reference="initial")
+    # its own prompts (the fixture's Language is shared: its prompts depend on the tests run before)
     trainer = OnlineVARTrainer(model=policy, reward_funcs=trl_reward(names), args=args,
-                               train_dataset=dataset(lang, names, 64), processing_class=tok)
+                               train_dataset=dataset(Language(2), names, 64), processing_class=tok)
     losses = []
     inner = trainer.compute_loss
 
@@ -398,7 +400,7 @@ def _two_rank_worker(rank, world_size, port, out_dir):
         args = OnlineVARConfig(output_dir=out_dir, per_device_train_batch_size=4, num_generations=8,
                                max_completion_length=MAX_NEW, max_steps=1, learning_rate=1e-3, report_to=[],
                                use_cpu=True, save_strategy="no", disable_tqdm=True, bf16=False, var_beta=0.2,
-                               seed=0, logging_steps=1)
+                               seed=0, logging_steps=1, var_reference="policy")
         trainer = OnlineVARTrainer(model=model, reward_funcs=toy_reward, args=args,
                                    train_dataset=dataset(lang, names), processing_class=tok)
         got = {}

@@ -114,9 +114,11 @@ class OnlineVARConfig(GRPOConfig):
         default=0.1, metadata={"help": "VAR's β > 0: the target is ∝ π_ref·exp(r/β) (smaller: sharper weights)."}
     )
     var_reference: str = field(
-        default="policy",
-        metadata={"help": "'policy' (q = 0, target π_old·exp(r/β)) or 'initial' (q = log π_ref − log π_old, "
-                  "token sums; needs a reference model: a frozen copy of the initial model or the PEFT base)."},
+        default="initial",
+        metadata={"help": "'initial' (default: q = log π_ref − log π_old, token sums, the fixed target "
+                  "π_ref·exp(r/β); needs a reference model: a frozen copy of the initial model or the PEFT base) "
+                  "or 'policy' (q = 0, target π_old·exp(r/β); no reference model, but it collapsed in 2 of 12 "
+                  "runs of docs/alignment.md's frontier)."},
     )
     var_logp_reduction: str = field(
         default="mean", metadata={"help": "Per-completion reduction of the NLL: 'mean' over tokens or 'sum'."}
