@@ -441,6 +441,7 @@ FRONTIER = {
     ("grpo", ""): ("kl_coef", (0.0, 0.1, 0.3, 1.0), 0.1),
     ("var-online", "policy"): ("beta", (0.03, 0.1, 0.3, 1.0), 0.1),
     ("var-online", "initial"): ("beta", (0.03, 0.1, 0.3, 1.0), 0.1),
+    ("var-online", "initial sum"): ("beta", (0.03, 0.1, 0.3, 1.0), 0.1),  # var_logp_reduction="sum"
 }
 LR_GRID = (1e-3, 3e-3, 1e-2)
 FRONTIER_COLUMNS = [
@@ -526,7 +527,10 @@ def train_online(setup, args, seed, tmp, method, variant, value, curve_steps=())
     if method == "grpo":
         config, cls = GRPOConfig(**common, beta=float(value)), GRPOTrainer
     else:
-        config, cls = OnlineVARConfig(**common, var_beta=float(value), var_reference=variant), OnlineVARTrainer
+        reference, *reduction = variant.split()  # "initial", "policy", "initial sum"
+        config = OnlineVARConfig(**common, var_beta=float(value), var_reference=reference,
+                                 var_logp_reduction=reduction[0] if reduction else "mean")
+        cls = OnlineVARTrainer
     t0 = time.perf_counter()
     trainer = quiet(cls(model=setup.reference_dir(), reward_funcs=trl_reward(names), args=config, train_dataset=data,
                         processing_class=tok))
@@ -800,7 +804,7 @@ def plot_frontier(rows: list[dict], out_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     colors = {"sft": "tab:blue", "dpo": "tab:orange", "var per-prompt B=8": "tab:green", "grpo": "tab:purple",
-              "var-online policy": "tab:red", "var-online initial": "tab:brown"}
+              "var-online policy": "tab:red", "var-online initial": "tab:brown", "var-online initial sum": "tab:pink"}
     ok = [r for r in rows if r["status"] == "ok" and r["stage"] == "frontier"]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ref = [r for r in ok if r["method"] == "reference"]
@@ -831,7 +835,7 @@ def plot_frontier(rows: list[dict], out_dir: Path) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for label in ("grpo", "var-online policy", "var-online initial"):
+    for label in ("grpo", "var-online policy", "var-online initial", "var-online initial sum"):
         runs = [r for r in ok if _label(r) == label]
         for k, value in enumerate(sorted({float(r["value"]) for r in runs})):
             sel = [r for r in runs if float(r["value"]) == value]

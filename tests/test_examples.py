@@ -80,10 +80,10 @@ def check_frontier_quick(out: Path):
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
     front = [r for r in rows if r["stage"] == "frontier"]
     got = {(r["method"], r["variant"]) for r in front}
-    assert {("grpo", ""), ("var-online", "policy"), ("var-online", "initial"), ("sft", ""), ("dpo", ""),
-            ("var", "per-prompt B=8"), ("reference", "")} == got
+    assert {("grpo", ""), ("var-online", "policy"), ("var-online", "initial"), ("var-online", "initial sum"),
+            ("sft", ""), ("dpo", ""), ("var", "per-prompt B=8"), ("reference", "")} == got
     assert len([r for r in front if r["method"] == "grpo"]) == 4  # four KL coefficients, one seed
-    assert len([r for r in rows if r["stage"] == "lr-sweep"]) == 6  # one learning rate per method in --quick
+    assert len([r for r in rows if r["stage"] == "lr-sweep"]) == 7  # one learning rate per method in --quick
     ref = next(float(r["reward"]) for r in front if r["method"] == "reference")
     for r in front:
         if r["method"] in ("grpo", "var-online"):
