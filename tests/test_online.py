@@ -472,3 +472,27 @@ def test_peft_initial_reference_is_the_base_model(toy, tmp_path):
         assert q.abs().max() > 1e-3  # init_lora_weights=False: the adapter changes the model from step 0
         torch.testing.assert_close(batch["var_weights"].double(), expected_weights(spy.rewards[step], 0.2, q),
                                    rtol=2e-5, atol=1e-6)
+
+
+def test_head_benchmark_providers_compute_the_same_gradient():
+    """benchmarks/bench_online_head.py times two paths to the same gradient: with every token a
+    completion token and ρ = 1, GRPO's dapo loss −Σ A_i·lp / (B·T) and the weighted NLL
+    −(1/B)·Σ w_i·mean_t lp have equal gradients when A = w. (Also fails if TRL moves its chunked head.)"""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_online_head
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    torch.manual_seed(3)
+    B, T, H, V = 2, 5, 16, 37
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    labels = torch.randint(0, V, (B, T))
+    w = torch.rand(B) * 2
+    grads = {}
+    for name, fn in bench_online_head.providers(hidden, weight, labels, w).items():
+        hidden.grad = weight.grad = None
+        fn()
+        grads[name] = (hidden.grad.clone(), weight.grad.clone())
+    torch.testing.assert_close(grads["online_var"][0], grads["grpo_trl"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads["online_var"][1], grads["grpo_trl"][1], rtol=1e-5, atol=1e-6)
