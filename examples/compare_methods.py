@@ -1,4 +1,10 @@
-"""Does it align? VAR against best-of-B SFT and DPO (TRL) on the toy task: reward vs KL, 3 seeds.
+"""Does it align? VAR against best-of-B SFT, DPO and GRPO (TRL) on the toy task: reward vs KL, 3 seeds.
+
+Three suites (``--suite``): ``ablation`` (below: offline VAR's B / weighting / form against SFT and DPO,
+alignment.csv), ``frontier`` (every method at three or four settings of its main knob, TRL's
+``GRPOTrainer`` and ``OnlineVARTrainer`` included, learning rates from a validation sweep,
+alignment_frontier.csv; see ``run_frontier``) and ``timing`` (the online methods' wall time in
+interleaved rounds, alignment_timing.csv). ``all`` (default) runs the first two.
 
 The toy task of ``toy_alignment.py`` (``examples/_toy.py``): a tiny Llama pre-trained on a synthetic
 language is the reference π_ref; the reward of a response is the fraction of its content tokens
@@ -33,8 +39,11 @@ Q, once per seed, B and form, shared by both weightings; DPO: building the ``DPO
 tokenizes the pairs; SFT: nothing to score).
 
 Run (the rows of benchmarks/results/alignment.csv; 8-11 minutes wall on the shared 2-core machine, 4 CPU-minutes):
-    python examples/compare_methods.py
-CI smoke run (every method trains, one seed, few steps; writes into --out or a temporary directory):
+    python examples/compare_methods.py --suite ablation
+The frontier (alignment_frontier.csv / .png, alignment_time.png; 16 minutes here) and the timing:
+    python examples/compare_methods.py --suite frontier
+    python examples/compare_methods.py --suite timing
+CI smoke run (every method of both suites trains, one seed, few steps; into --out or a temporary directory):
     python examples/compare_methods.py --quick --out /tmp/alignment
 Table (markdown, mean ± std per setting) and plot from a CSV, without training:
     python examples/compare_methods.py --report benchmarks/results/alignment.csv
@@ -46,6 +55,7 @@ import argparse
 import copy
 import csv
 import datetime
+import functools
 import logging
 import math
 import os
@@ -66,6 +76,7 @@ from _toy import EOS, MAX_NEW, PAD, Language, pretrain, reward, sample, tiny_lla
 
 import varkernels  # noqa: E402
 from varkernels.training.data import VARDataset  # noqa: E402
+from varkernels.training.lm_head import unwrap_model  # noqa: E402
 from varkernels.training.pairs import paired_logps  # noqa: E402
 from varkernels.training.trainer import VARConfig, VARTrainer  # noqa: E402
 
@@ -105,6 +116,16 @@ class Setup:
         self.prompts = [prompts[i] for i in keep]
         self.responses = [flat[i * K: (i + 1) * K] for i in keep]  # [N][K]
         self.rewards = torch.tensor([reward([x] * K, ys) for x, ys in zip(self.prompts, self.responses)])  # [N, K]
+        # the frontier suite's learning-rate sweep selects on these (drawn last: nothing above changes)
+        self.val_prompts = lang.prompts(max(args.eval_prompts // 2, 1))
+        self._reference_dir = None
+
+    def reference_dir(self) -> str:
+        """π_ref saved once to a temporary directory: TRL's GRPOTrainer builds its KL reference from a path."""
+        if self._reference_dir is None:
+            self._reference_dir = tempfile.mkdtemp(prefix="toy-reference-")
+            self.reference.save_pretrained(self._reference_dir)
+        return self._reference_dir
 
     def best(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(prompt, best-of-K response) per prompt (the first best on ties)."""
@@ -409,6 +430,472 @@ def run(args) -> Path:
     return csv_path
 
 
+# ----------------------------------------------------------------------------- frontier suite: online methods
+
+
+# (method, variant): (knob, its settings, the setting of the learning-rate sweep)
+FRONTIER = {
+    ("sft", ""): ("steps", (0.25, 1, 3), 1),  # × --steps
+    ("dpo", ""): ("beta", (0.03, 0.1, 1.0), 0.1),
+    ("var", "per-prompt B=8"): ("beta", (0.02, 0.1, 0.5), 0.1),
+    ("grpo", ""): ("kl_coef", (0.0, 0.1, 0.3, 1.0), 0.1),
+    ("var-online", "policy"): ("beta", (0.03, 0.1, 0.3, 1.0), 0.1),
+    ("var-online", "initial"): ("beta", (0.03, 0.1, 0.3, 1.0), 0.1),
+    ("var-online", "initial sum"): ("beta", (0.03, 0.1, 0.3, 1.0), 0.1),  # var_logp_reduction="sum"
+}
+LR_GRID = (1e-3, 3e-3, 1e-2)
+FRONTIER_COLUMNS = [
+    "stage", "method", "variant", "knob", "value", "lr", "seed", "reward", "kl", "val_reward", "seconds",
+    "gen_seconds", "score_seconds", "train_seconds", "prep_seconds", "steps", "status", "var_weights_max", "var_ess",
+    "curve", "date", "threads", "load_1min", "torch", "transformers", "trl",
+]
+
+
+def toy_text(names, ids) -> str:
+    return " ".join(names[int(t)] for t in ids)
+
+
+def trl_reward(names):
+    """The toy reward in TRL's reward-function contract (prompts as text; completion ids)."""
+    index = {n: i for i, n in enumerate(names)}
+
+    def toy_reward(prompts, completions, completion_ids, **kwargs):
+        xs = [torch.tensor([index[w] for w in p.split()]) for p in prompts]
+        return reward(xs, [torch.tensor(list(c), dtype=torch.long) for c in completion_ids])
+
+    return toy_reward
+
+
+class Timers:
+    """Wall time of TRL's generation (``_generate``) and of the rest of ``_generate_and_score_completions``
+    (rewards, π_old / π_ref log-probs, weights: "scoring"), by wrapping the trainer instance's methods."""
+
+    def __init__(self, trainer):
+        self.gen = self.gen_score = 0.0
+        trainer._generate = self._timed(trainer._generate, "gen")
+        trainer._generate_and_score_completions = self._timed(trainer._generate_and_score_completions, "gen_score")
+
+    def _timed(self, fn, key):
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                setattr(self, key, getattr(self, key) + time.perf_counter() - t0)
+
+        return wrapper
+
+
+class EvalAt(transformers.TrainerCallback):
+    """Held-out reward and KL at some optimizer steps (the time-to-reward curve). The evaluation's
+    time is left out of the run's clock and the torch RNG is restored, so training is unchanged."""
+
+    def __init__(self, setup, seed, steps):
+        self.setup, self.seed, self.steps = setup, seed, set(steps)
+        self.start = None
+        self.eval_seconds = 0.0
+        self.points = []  # (step, training seconds so far, reward, kl)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step not in self.steps:
+            return
+        t0 = time.perf_counter()
+        rng = torch.get_rng_state()
+        r, kl = evaluate(model, self.setup.reference, self.setup.eval_prompts, 10_000 + self.seed)
+        torch.set_rng_state(rng)
+        model.train()
+        self.points.append((state.global_step, t0 - self.start - self.eval_seconds, r, kl))
+        self.eval_seconds += time.perf_counter() - t0
+
+
+def train_online(setup, args, seed, tmp, method, variant, value, curve_steps=()):
+    """TRL's GRPOTrainer (``value``: its KL coefficient ``beta``) or OnlineVARTrainer (``value``: var_beta,
+    ``variant``: var_reference) on the training prompts: ``args.steps`` steps of 2 prompts × K completions."""
+    import datasets
+    from trl import GRPOConfig, GRPOTrainer
+
+    from varkernels.training.online import OnlineVARConfig, OnlineVARTrainer
+
+    tok, names = toy_tokenizer()
+    data = datasets.Dataset.from_dict({"prompt": [toy_text(names, x) for x in setup.prompts]})
+    common = dict(**trainer_args(args, seed, tmp, SEQS_PER_STEP), num_generations=K, max_completion_length=MAX_NEW,
+                  bf16=False, temperature=1.0, top_k=0, top_p=1.0)
+    if method == "grpo":
+        config, cls = GRPOConfig(**common, beta=float(value)), GRPOTrainer
+    else:
+        reference, *reduction = variant.split()  # "initial", "policy", "initial sum"
+        config = OnlineVARConfig(**common, var_beta=float(value), var_reference=reference,
+                                 var_logp_reduction=reduction[0] if reduction else "mean")
+        cls = OnlineVARTrainer
+    t0 = time.perf_counter()
+    trainer = quiet(cls(model=setup.reference_dir(), reward_funcs=trl_reward(names), args=config, train_dataset=data,
+                        processing_class=tok))
+    prep = time.perf_counter() - t0
+    timers = Timers(trainer)
+    evals = EvalAt(setup, seed, curve_steps)
+    trainer.add_callback(evals)
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0 - evals.eval_seconds
+    stats = {"gen_seconds": timers.gen, "score_seconds": timers.gen_score - timers.gen,
+             "train_seconds": seconds - timers.gen_score}
+    logs = [h for h in trainer.state.log_history if "var/ess" in h]
+    if logs:
+        stats["var_ess"] = statistics.mean(h["var/ess"] for h in logs)
+        stats["var_weights_max"] = max(h["var/weights_max"] for h in logs)
+    policy = unwrap_model(trainer.model)
+    return policy, seconds, prep, stats, evals.points
+
+
+def train_method(setup, args, seed, tmp, method, variant, knob, value, lr, curve_steps=()):
+    """One frontier run: (policy, row fields)."""
+    a = copy.copy(args)
+    a.lr = lr
+    if knob == "steps":
+        a.steps = int(value)
+    elif knob == "beta" and method in ("dpo", "var"):
+        a.beta = float(value)
+    row = {"method": method, "variant": variant, "knob": knob, "value": value, "lr": lr, "steps": a.steps}
+    if method == "sft":
+        policy, sec, prep, _, _ = train_sft(setup, a, seed, tmp)
+        return policy, {**row, "seconds": sec, "train_seconds": sec, "prep_seconds": prep}
+    if method == "dpo":
+        policy, sec, prep, _, _ = train_dpo(setup, a, seed, tmp)
+        return policy, {**row, "seconds": sec, "train_seconds": sec, "prep_seconds": prep}
+    if method == "var":
+        ds, prep = build_var_dataset(setup, K, "per-prompt", seed, "mean")
+        policy, sec, _, stats = train_var(setup, a, seed, tmp, ds, "posterior")
+        return policy, {**row, "seconds": sec, "train_seconds": sec, "prep_seconds": prep, **stats}
+    policy, sec, prep, stats, points = train_online(setup, a, seed, tmp, method, variant, value, curve_steps)
+    curve = ";".join(f"{s}:{t:.2f}:{r:.4f}:{k:.3f}" for s, t, r, k in points)
+    return policy, {**row, "seconds": sec, "prep_seconds": prep, "curve": curve, **stats}
+
+
+def run_frontier(args) -> Path:
+    """Each method at every setting of its main knob, 3 seeds, with the learning rate chosen per method by
+    a sweep (seed 0, the method's sweep setting, highest mean reward on the validation prompts)."""
+    out_dir = Path(args.out) if args.out else (
+        Path(tempfile.mkdtemp(prefix="alignment-")) if args.quick else ROOT / "benchmarks" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / "alignment_frontier.csv"
+    start = time.time()
+
+    def say(msg):
+        print(f"[{time.time() - start:6.1f}s] {msg}", flush=True)
+
+    setup = Setup(args)
+    say(f"reference pre-trained (loss {setup.pretrain_loss:.3f}); {len(setup.prompts)} training prompts, "
+        f"{len(setup.val_prompts)} validation prompts, {len(setup.eval_prompts)} held-out prompts")
+    base = env_info(args)
+    lr_grid = args.lr_grid
+    methods = [m for m in FRONTIER if args.methods is None or m[0] in args.methods]
+    def scaled(knob, v):
+        return max(1, round(v * args.steps)) if knob == "steps" else v
+
+    knobs = {m: (FRONTIER[m][0], tuple(scaled(FRONTIER[m][0], v) for v in FRONTIER[m][1]),
+                 scaled(FRONTIER[m][0], FRONTIER[m][2])) for m in methods}
+    curve_steps = sorted({max(1, round(args.steps * f)) for f in (0.25, 0.5, 0.75)} - {args.steps})
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FRONTIER_COLUMNS)
+        writer.writeheader()
+
+        def record(policy, seed, **row):
+            if policy is not None:
+                row["reward"], row["kl"] = evaluate(policy, setup.reference, setup.eval_prompts, 10_000 + seed)
+            row = {**base, "seed": seed, "load_1min": round(os.getloadavg()[0], 2), "status": "ok", **row}
+            writer.writerow({k: row.get(k, "") for k in FRONTIER_COLUMNS})
+            f.flush()
+            keys = ("stage", "method", "variant", "knob", "value")
+            setting = " ".join(str(row[k]) for k in keys if row.get(k) not in (None, ""))
+            say(f"{setting} lr {row.get('lr', '')} seed {seed}: reward {row['reward']:.3f}  KL {row['kl']:.3f}  "
+                f"val {row.get('val_reward', '') or '-'}  train {row.get('seconds', 0):.1f}s  {row['status']}")
+            return row
+
+        def attempt(seed, key, knob, value, lr):
+            """train_method, with a failure (e.g. a diverged run) recorded as the row's status, not raised."""
+            try:
+                return train_method(setup, args, seed, tmp, *key, knob, value, lr, curve_steps)
+            except (FloatingPointError, RuntimeError, ValueError) as e:
+                return None, {"method": key[0], "variant": key[1], "knob": knob, "value": value, "lr": lr,
+                              "reward": math.nan, "kl": math.nan, "status": f"{type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}"}
+
+        for seed in range(args.seeds):
+            record(setup.reference, seed, stage="frontier", method="reference", variant="", knob="", value="",
+                   seconds=0.0)
+        chosen, sweep_rows = {}, {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for key in methods:  # the learning-rate sweep: seed 0, middle setting
+                knob, values, mid = knobs[key]
+                best = None
+                for lr in lr_grid:
+                    policy, row = attempt(0, key, knob, mid, lr)
+                    val = math.nan
+                    if policy is not None:
+                        val = sum(reward(setup.val_prompts, sample(policy, setup.val_prompts, seed=20_000))) / len(
+                            setup.val_prompts)
+                    row = record(policy, 0, stage="lr-sweep", val_reward=round(val, 4), **row)
+                    sweep_rows[(key, lr)] = row
+                    if policy is not None and (best is None or val > best[0]):
+                        best = (val, lr)
+                if best is None:
+                    say(f"{' '.join(k for k in key if k)}: every learning rate failed; method skipped")
+                    continue
+                chosen[key] = best[1]
+                say(f"{' '.join(k for k in key if k)}: learning rate {best[1]:g} (validation reward {best[0]:.3f})")
+            for seed in range(args.seeds):
+                for key in (m for m in methods if m in chosen):
+                    knob, values, mid = knobs[key]
+                    lr = chosen[key]
+                    for value in values:
+                        if seed == 0 and value == mid:  # the sweep's run: same seed and setting
+                            row = {k: v for k, v in sweep_rows[(key, lr)].items() if k in FRONTIER_COLUMNS}
+                            row["stage"] = "frontier"
+                            writer.writerow({k: row.get(k, "") for k in FRONTIER_COLUMNS})
+                            f.flush()
+                            continue
+                        policy, row = attempt(seed, key, knob, value, lr)
+                        record(policy, seed, stage="frontier", **row)
+    say(f"rows written to {csv_path}")
+    report_frontier(csv_path, out_dir)
+    return csv_path
+
+
+# two pairs at about the same KL on the frontier: without a reference model (GRPO KL coefficient 0,
+# online VAR "policy"), and with one (GRPO 0.3 and online VAR "initial" β = 0.1, both at KL ≈ 4)
+TIMING = [("grpo", "", "kl_coef", 0.0), ("var-online", "policy", "beta", 0.3), ("grpo", "", "kl_coef", 0.3),
+          ("var-online", "initial", "beta", 0.1)]
+
+
+def run_timing(args) -> Path:
+    """Wall time of the online methods, interleaved: ``--seeds`` rounds of ``TIMING`` (GRPO and online VAR,
+    with and without a reference model), each run at ``--lr`` with seed 0, so that a change of
+    load on the shared machine hits every method alike. The runs of a method are identical but for time
+    (fixed seeds); the held-out reward and KL of each run are recorded with its curve."""
+    out_dir = Path(args.out) if args.out else (
+        Path(tempfile.mkdtemp(prefix="alignment-")) if args.quick else ROOT / "benchmarks" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / "alignment_timing.csv"
+    start = time.time()
+    setup = Setup(args)
+    base = env_info(args)
+    curve_steps = sorted({max(1, round(args.steps * f)) for f in (0.25, 0.5, 0.75)} - {args.steps})
+    with open(csv_path, "w", newline="") as f, tempfile.TemporaryDirectory() as tmp:
+        writer = csv.DictWriter(f, fieldnames=FRONTIER_COLUMNS)
+        writer.writeheader()
+        r0, kl0 = evaluate(setup.reference, setup.reference, setup.eval_prompts, 10_000)
+        writer.writerow({k: v for k, v in {**base, "stage": "timing", "method": "reference", "seed": 0, "reward": r0,
+                                           "kl": kl0, "seconds": 0.0, "status": "ok"}.items() if k in FRONTIER_COLUMNS})
+        for rnd in range(args.seeds):
+            for method, variant, knob, value in TIMING:
+                load = round(os.getloadavg()[0], 2)
+                policy, row = train_method(setup, args, 0, tmp, method, variant, knob, value, args.lr, curve_steps)
+                row["reward"], row["kl"] = evaluate(policy, setup.reference, setup.eval_prompts, 10_000)
+                row = {**base, **row, "stage": f"timing round {rnd}", "seed": 0, "load_1min": load, "status": "ok"}
+                writer.writerow({k: row.get(k, "") for k in FRONTIER_COLUMNS})
+                f.flush()
+                print(f"[{time.time() - start:6.1f}s] round {rnd} {_label(row)} {knob}={value}: {row['seconds']:.1f} s "
+                      f"(generation {row['gen_seconds']:.1f}, scoring {row['score_seconds']:.1f}, update "
+                      f"{row['train_seconds']:.1f}) reward {row['reward']:.3f} KL {row['kl']:.2f} load {load}",
+                      flush=True)
+    report_timing(csv_path)
+    return csv_path
+
+
+def report_timing(csv_path) -> None:
+    rows = _read(csv_path)
+    print(timing_table(rows))
+    for target in (0.7, 0.8, 0.9):
+        print(f"\ntraining seconds to a held-out reward of {target} (median over rounds; n/r: not reached):")
+        for key, hits in time_to_reward(rows, target, stage="timing").items():
+            got = [h for h in hits if h is not None]
+            cell = f"{statistics.median(got):.1f} s" if got else "n/r"
+            print(f"  {key[0]} {key[1]}={key[2]}: {cell} ({len(got)}/{len(hits)} rounds reached it)")
+
+
+def timing_table(rows: list[dict]) -> str:
+    """Median over the rounds of each online method's wall time and its split."""
+    out = ["| method | knob = value | rounds | reward | KL | train s (median, min–max) | generation s | scoring s "
+           "| update s | s per step |", "|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for r in rows:
+        if r["method"] != "reference":
+            groups.setdefault((_label(r), r["knob"], r["value"]), []).append(r)
+    for (label, knob, value), g in groups.items():
+        def med(name):
+            return statistics.median(float(r[name]) for r in g)
+
+        secs = [float(r["seconds"]) for r in g]
+        out.append(f"| {label} | {knob} = {value} | {len(g)} | {float(g[0]['reward']):.3f} | {float(g[0]['kl']):.2f} "
+                   f"| {med('seconds'):.1f} ({min(secs):.1f}–{max(secs):.1f}) | {med('gen_seconds'):.1f} "
+                   f"| {med('score_seconds'):.1f} | {med('train_seconds'):.1f} "
+                   f"| {med('seconds') / float(g[0]['steps']):.3f} |")
+    return "\n".join(out)
+
+
+def _label(row) -> str:
+    return " ".join(x for x in (row["method"], row["variant"]) if x)
+
+
+def frontier_tables(rows: list[dict]) -> str:
+    """The learning-rate sweep, the frontier (mean ± std over seeds per setting) and the time split."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    out = ["Learning-rate sweep (seed 0, one setting per method; chosen: highest validation reward)", "",
+           "| method | knob = value | lr | validation reward | held-out reward | KL(π‖π_ref) | train s |",
+           "|---|---|---|---|---|---|---|"]
+    for r in (r for r in ok if r["stage"] == "lr-sweep"):
+        out.append(f"| {_label(r)} | {r['knob']} = {r['value']} | {float(r['lr']):g} | {float(r['val_reward']):.3f} "
+                   f"| {float(r['reward']):.3f} | {float(r['kl']):.2f} | {float(r['seconds']):.1f} |")
+    ref = {r["seed"]: float(r["reward"]) for r in ok if r["method"] == "reference"}
+    groups: dict = {}
+    for r in (r for r in ok if r["stage"] == "frontier"):
+        groups.setdefault((r["method"], r["variant"], r["knob"], r["value"]), []).append(r)
+    out += ["", "| method | knob = value | lr | runs | reward | Δreward vs ref | KL(π‖π_ref) | train s | generation s "
+            "| scoring s | update s | VAR ESS |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = ["reference"] + list(dict.fromkeys(m for m, _ in FRONTIER))
+    for key in sorted(groups, key=lambda k: (order.index(k[0]), k[1], float(k[3] or 0))):
+        g = groups[key]
+        if key[0] == "reference":
+            out.append(f"| reference | – | – | {len(g)} | {_pm([float(r['reward']) for r in g], 3)} | 0 | 0.00 "
+                       "| – | – | – | – | – |")
+            continue
+
+        def col(name, digits=1):
+            vals = [float(r[name]) for r in g if r.get(name) not in (None, "")]
+            return _pm(vals, digits) if vals else "–"
+
+        delta = [float(r["reward"]) - ref[r["seed"]] for r in g if r["seed"] in ref]
+        out.append(f"| {_label(g[0])} | {key[2]} = {key[3]} | {float(g[0]['lr']):g} | {len(g)} | "
+                   f"{col('reward', 3)} | {_pm(delta, 3)} | {col('kl', 2)} | {col('seconds')} | {col('gen_seconds')} "
+                   f"| {col('score_seconds')} | {col('train_seconds')} | {col('var_ess', 2)} |")
+    return "\n".join(out)
+
+
+def time_to_reward(rows: list[dict], target: float, stage: str = "frontier") -> dict:
+    """Per online setting: the training seconds of each run (seed or timing round) at which the held-out
+    reward first reaches ``target`` (linear interpolation between the evaluated steps, from the
+    reference's reward at 0 s; None if never reached). ``stage``: rows whose stage starts with it."""
+    out: dict = {}
+    for r in rows:
+        if not r["stage"].startswith(stage) or r["status"] != "ok" or r["method"] not in ("grpo", "var-online"):
+            continue
+        evals = (p.split(":") for p in r["curve"].split(";") if p)
+        pts = [(0.0, None)] + [(float(t), float(rw)) for _, t, rw, _ in evals]
+        pts.append((float(r["seconds"]), float(r["reward"])))
+        refs = [float(x["reward"]) for x in rows if x["method"] == "reference" and x["seed"] == r["seed"]]
+        pts[0] = (0.0, refs[0] if refs else 0.0)
+        hit = None
+        for (t0, r0), (t1, r1) in zip(pts, pts[1:]):
+            if r1 >= target:
+                hit = t0 + (t1 - t0) * ((target - r0) / (r1 - r0) if r1 > r0 else 1.0)
+                break
+        out.setdefault((_label(r), r["knob"], r["value"]), []).append(hit)
+    return out
+
+
+def plot_frontier(rows: list[dict], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"sft": "tab:blue", "dpo": "tab:orange", "var per-prompt B=8": "tab:green", "grpo": "tab:purple",
+              "var-online policy": "tab:red", "var-online initial": "tab:brown", "var-online initial sum": "tab:pink"}
+    ok = [r for r in rows if r["status"] == "ok" and r["stage"] == "frontier"]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ref = [r for r in ok if r["method"] == "reference"]
+    if ref:
+        ax.scatter([0.0], [statistics.mean(float(r["reward"]) for r in ref)], marker="*", s=150, color="black",
+                   label="reference")
+    for label, c in colors.items():
+        pts = {}
+        for r in (r for r in ok if _label(r) == label):
+            pts.setdefault(float(r["value"]), []).append((float(r["kl"]), float(r["reward"])))
+        if not pts:
+            continue
+        vals = sorted(pts)
+        kl = [statistics.mean(p[0] for p in pts[v]) for v in vals]
+        rw = [statistics.mean(p[1] for p in pts[v]) for v in vals]
+        err = [statistics.stdev(p[1] for p in pts[v]) if len(pts[v]) > 1 else 0.0 for v in vals]
+        ax.errorbar(kl, rw, yerr=err, marker="o", color=c, label=label, capsize=3, alpha=0.85)
+        knob = next(r["knob"] for r in ok if _label(r) == label)
+        for v, x, y in zip(vals, kl, rw):
+            ax.annotate(f"{knob}={v:g}", (x, y), fontsize=6, xytext=(3, -9), textcoords="offset points", color=c)
+    ax.set_xlabel("KL(π‖π_ref), nats per response (estimated on the evaluation samples)")
+    ax.set_ylabel("mean reward on held-out prompts")
+    ax.set_title("Toy alignment: reward–KL frontier (mean ± std over seeds per setting)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_dir / "alignment_frontier.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label in ("grpo", "var-online policy", "var-online initial", "var-online initial sum"):
+        runs = [r for r in ok if _label(r) == label]
+        for k, value in enumerate(sorted({float(r["value"]) for r in runs})):
+            sel = [r for r in runs if float(r["value"]) == value]
+            curves = []
+            for r in sel:
+                pts = [(float(t), float(rw)) for _, t, rw, _ in (p.split(":") for p in r["curve"].split(";") if p)]
+                curves.append(pts + [(float(r["seconds"]), float(r["reward"]))])
+            n = min(len(c) for c in curves)
+            t = [statistics.mean(c[i][0] for c in curves) for i in range(n)]
+            y = [statistics.mean(c[i][1] for c in curves) for i in range(n)]
+            ax.plot(t, y, marker=".", color=colors[label], linestyle=("-", "--", ":", "-.")[k % 4], alpha=0.85,
+                    label=f"{label} {sel[0]['knob']}={value:g}")
+    ax.set_xlabel("training wall time, s (generation + scoring + update; evaluation excluded)")
+    ax.set_ylabel("mean reward on held-out prompts")
+    ax.set_title("Time to reward: online VAR against GRPO (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "alignment_time.png", dpi=120)
+    plt.close(fig)
+
+
+def reward_within_kl(rows: list[dict], budgets=(1.0, 2.0, 4.0, 8.0)) -> str:
+    """Markdown: per method, the best mean reward (over seeds) among its settings whose mean KL is within
+    each budget — the frontier read at matched KL ("–": no setting that close to π_ref)."""
+    ok = [r for r in rows if r["status"] == "ok" and r["stage"] == "frontier" and r["method"] != "reference"]
+    points: dict = {}
+    for r in ok:
+        points.setdefault(_label(r), {}).setdefault(r["value"], []).append((float(r["kl"]), float(r["reward"])))
+    out = ["| method | " + " | ".join(f"KL ≤ {b:g}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for label, settings in points.items():
+        means = [(statistics.mean(p[0] for p in v), statistics.mean(p[1] for p in v), k) for k, v in settings.items()]
+        cells = []
+        for b in budgets:
+            inside = [m for m in means if m[0] <= b]
+            best = max(inside, key=lambda m: m[1]) if inside else None
+            cells.append(f"{best[1]:.3f} ({best[2]}, KL {best[0]:.2f})" if best else "–")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def report_frontier(csv_path, out_dir=None) -> None:
+    rows = _read(csv_path)
+    print(frontier_tables(rows))
+    print("\nBest mean reward within a KL budget (setting, its mean KL):\n")
+    print(reward_within_kl(rows))
+    for target in (0.7, 0.8, 0.9):
+        print(f"\ntraining seconds to a held-out reward of {target} (mean over seeds; n/r: not reached):")
+        for key, hits in time_to_reward(rows, target).items():
+            got = [h for h in hits if h is not None]
+            cell = f"{statistics.mean(got):.1f} s" if got else "n/r"
+            print(f"  {key[0]} {key[1]}={key[2]}: {cell} ({len(got)}/{len(hits)} seeds reached it)")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"failed: {_label(r)} {r['knob']}={r['value']} seed {r['seed']}: {r['status']}")
+    out_dir = Path(out_dir) if out_dir else Path(csv_path).parent
+    plot_frontier(rows, out_dir)
+    print(f"plots: {out_dir / 'alignment_frontier.png'}, {out_dir / 'alignment_time.png'}")
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -530,12 +1017,31 @@ def main(argv=None) -> None:
                     help="skip the VAR runs with token-summed log-probs (B=8, cross-pair; all other VAR runs use "
                          "the mean over tokens, which keeps importance weights finite)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the models are tiny)")
+    ap.add_argument("--suite", choices=("all", "ablation", "frontier", "timing"), default="all",
+                    help="ablation: VAR's B / weighting / form against SFT and DPO (alignment.csv); frontier: every "
+                         "method at three settings of its main knob, online VAR and GRPO included, learning rates "
+                         "from a sweep (alignment_frontier.csv); all: both (default); timing: the online methods' "
+                         "wall time, interleaved rounds (alignment_timing.csv; --seeds rounds)")
+    ap.add_argument("--lr-grid", type=float, nargs="+", default=None,
+                    help=f"frontier suite: learning rates of the sweep (default {' '.join(map(str, LR_GRID))}; "
+                         "--quick: --lr)")
+    ap.add_argument("--methods", nargs="+", default=None, choices=sorted({m for m, _ in FRONTIER}),
+                    help="frontier suite: only these methods (default all)")
     args = ap.parse_args(argv)
     if args.report:
         if not Path(args.report).is_file():
             ap.error(f"--report: no such CSV file: {args.report}")
-        report(args.report)
+        if "frontier" in Path(args.report).name:
+            report_frontier(args.report)
+        elif "timing" in Path(args.report).name:
+            report_timing(args.report)
+        else:
+            report(args.report)
         return
+    if args.lr_grid is None:
+        args.lr_grid = (args.lr,) if args.quick else LR_GRID
+    if not all(lr > 0 for lr in args.lr_grid):
+        ap.error(f"--lr-grid: learning rates must be > 0, got {args.lr_grid}")
     defaults = dict(seeds=(3, 1), steps=(120, 8), train_prompts=(256, 64), eval_prompts=(512, 128),
                     pretrain_steps=(300, 120), warmup=(10, 2))
     for name, (full, quick) in defaults.items():
@@ -558,7 +1064,12 @@ def main(argv=None) -> None:
         datasets.disable_progress_bars()
     except ImportError:
         pass
-    run(args)
+    if args.suite in ("all", "ablation"):
+        run(args)
+    if args.suite in ("all", "frontier"):
+        run_frontier(args)
+    if args.suite == "timing":
+        run_timing(args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""examples/compare_methods.py: the --quick run trains every method, and its DPO on
-linear_sequence_logps equals DPO computed from the model's logits."""
+"""examples/compare_methods.py: the --quick run trains every method of both suites (the ablation; the
+frontier with TRL's GRPO and online VAR), and its DPO on linear_sequence_logps equals DPO computed from
+the model's logits."""
 
 import csv
 import importlib
@@ -38,7 +39,7 @@ def test_compare_methods_quick(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / "compare_methods.py"), "--quick", "--out", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=420,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(tmp_path / "alignment.csv", newline="") as f:
@@ -66,6 +67,31 @@ def test_compare_methods_quick(tmp_path):
     assert sum(gain["var"]) / len(gain["var"]) > 0.05, gain
     dpo = next(r for r in rows if r["method"] == "dpo")
     assert float(dpo["dpo_check_loss_abs"]) < 1e-5 and float(dpo["dpo_check_grad_rel"]) < 1e-4
+    check_frontier_quick(tmp_path)
+
+
+def check_frontier_quick(out: Path):
+    """The frontier suite of the same --quick run: every method (TRL's GRPO and online VAR in both
+    reference modes included) at every setting of its knob, the sweep row reused for seed 0, the time
+    split of the online methods adding up, the plots written."""
+    with open(out / "alignment_frontier.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert (out / "alignment_frontier.png").stat().st_size > 0 and (out / "alignment_time.png").stat().st_size > 0
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    front = [r for r in rows if r["stage"] == "frontier"]
+    got = {(r["method"], r["variant"]) for r in front}
+    assert {("grpo", ""), ("var-online", "policy"), ("var-online", "initial"), ("var-online", "initial sum"),
+            ("sft", ""), ("dpo", ""), ("var", "per-prompt B=8"), ("reference", "")} == got
+    assert len([r for r in front if r["method"] == "grpo"]) == 4  # four KL coefficients, one seed
+    assert len([r for r in rows if r["stage"] == "lr-sweep"]) == 7  # one learning rate per method in --quick
+    ref = next(float(r["reward"]) for r in front if r["method"] == "reference")
+    for r in front:
+        if r["method"] in ("grpo", "var-online"):
+            parts = float(r["gen_seconds"]) + float(r["score_seconds"]) + float(r["train_seconds"])
+            assert abs(parts - float(r["seconds"])) < 1e-6 and float(r["gen_seconds"]) > 0, r
+            assert len(r["curve"].split(";")) >= 1 and float(r["kl"]) > 0.05, r
+    best_online = max(float(r["reward"]) for r in front if r["method"] == "var-online")
+    assert best_online > ref + 0.05, (best_online, ref)  # 8 steps of online VAR already help
 
 
 def _logits_dpo(policy, reference, batch, beta):

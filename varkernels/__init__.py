@@ -26,6 +26,8 @@ _LAZY = {
     "VARTrainer": "training.trainer",
     "VARConfig": "training.trainer",
     "compute_var_loss": "training.trainer",
+    "OnlineVARTrainer": "training.online",
+    "OnlineVARConfig": "training.online",
     "VARDataset": "training.data",
     "VARCollator": "training.data",
     "cross_pair_logps": "training.pairs",

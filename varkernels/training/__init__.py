@@ -10,6 +10,7 @@
     progress.py     the progress bar
     lm_head.py      the causal LM's output head for the fused-linear ops
     trainer.py      VARConfig / VARTrainer (a transformers.Trainer) and compute_var_loss
+    online.py       OnlineVARConfig / OnlineVARTrainer (on TRL's GRPOTrainer): online VAR
 """
 
 from .data import GroupShuffleSampler, VARCollator, VARDataset, make_groups
@@ -17,6 +18,7 @@ from .lm_head import LMHead, unwrap_model
 from .pairs import cross_pair_logps, cross_pair_rewards, paired_logps, paired_rewards
 
 _TRAINER = ("VARConfig", "VARTrainer", "compute_var_loss", "split_groups")
+_ONLINE = ("OnlineVARConfig", "OnlineVARTrainer")
 
 
 def __getattr__(name):
@@ -25,10 +27,14 @@ def __getattr__(name):
         from . import trainer
 
         return getattr(trainer, name)
+    if name in _ONLINE:  # online.py imports trl
+        from . import online
+
+        return getattr(online, name)
     raise AttributeError(f"module 'varkernels.training' has no attribute {name!r}")
 
 
 __all__ = [
     "GroupShuffleSampler", "VARCollator", "VARDataset", "make_groups", "LMHead", "unwrap_model",
-    "cross_pair_logps", "cross_pair_rewards", "paired_logps", "paired_rewards", *_TRAINER,
+    "cross_pair_logps", "cross_pair_rewards", "paired_logps", "paired_rewards", *_TRAINER, *_ONLINE,
 ]

@@ -1,0 +1,354 @@
+"""Online VAR on TRL's ``GRPOTrainer``: sample G completions per prompt, weight them, train the weighted NLL.
+
+A GRPO user switches by changing two class names (``GRPOConfig`` → ``OnlineVARConfig``,
+``GRPOTrainer`` → ``OnlineVARTrainer``) and setting ``var_beta``. Generation (transformers or vLLM),
+reward functions, datasets, PEFT, accelerate / DeepSpeed and logging are GRPO's. What changes:
+
+1. The weights. For the G completions y_1..y_G of one prompt (the whole group, gathered across
+   ranks, before ``_prepare_inputs`` shuffles the generation batch and splits it into micro-batches),
+
+       w_j = G · softmax_j(r_j / var_beta + q_j)
+
+   with ``var_reference="policy"``: q = 0 (the target π_old·exp(r/β), a step regularised toward the
+   sampling policy; no reference model), or ``"initial"``: q_j = log π_ref(y_j|x) − log π_old(y_j|x)
+   (token sums; self-normalised importance weights of the fixed target π_ref·exp(r/β), π_ref the
+   initial model). r is the ``reward_weights``-weighted sum of the reward functions (None terms
+   skipped, as in GRPO). A completion for which every function returned None (TRL: "unscorable")
+   gets w = 0 and the group is normalised over its n scorable completions (w = n·softmax over them).
+2. The loss: the weighted NLL −(1/N)·Σ_i w_i·c_i·Σ_t log π_θ(y_i,t | ·) over the micro-batch
+   (c_i = 1/n_i for ``var_logp_reduction="mean"``, 1 for "sum"): ``varkernels.linear_weighted_nll``
+   (the fused-linear form) inside the output embedding's forward (where FSDP2 / ZeRO-3 have gathered the weight): the
+   chunked logits are turned into their gradient during the forward, three GEMMs per chunk, no
+   [N, V] logits. The logged ``loss`` is this loss.
+3. Metrics: GRPO's (``reward``, ``reward_std``, ``rewards/<f>/*``, ``completions/*``,
+   ``num_tokens``, ``frac_reward_zero_std``) plus ``var/weights_max`` (largest weight of the
+   generation batch) and ``var/ess`` (mean over groups of (Σw)²/Σw², 1..G). The completions table's
+   ``advantage`` column holds the VAR weights.
+
+Overridden TRL 1.16 methods (each covered by tests/test_online.py): ``__init__``,
+``_calculate_rewards`` (keeps the gathered rewards for the weights; rejects NaN / ±inf from reward
+models), ``_generate_and_score_completions`` (adds ``var_weights`` to the generation batch) and
+``compute_loss``. Called, not overridden: ``_get_per_token_logps_and_entropies`` (π_old and π_ref
+log-probs for ``"initial"``). Callable reward functions are wrapped so that NaN or ±inf names the
+function and the completion.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .._validation import check_option
+from ..nll import linear_weighted_nll, weighted_nll
+from .lm_head import LMHead, unwrap_model
+
+try:  # the train extra: trl (and transformers)
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.trainer import grpo_trainer as _grpo
+except ImportError as e:  # pragma: no cover - exercised only without the train extra
+    raise ImportError('OnlineVARTrainer needs TRL: pip install "varkernels[train]"') from e
+
+VAR_REFERENCES = ("policy", "initial")
+REDUCTIONS = ("mean", "sum")
+
+
+# ----------------------------------------------------------------------------- the weights
+
+
+def online_var_weights(
+    rewards: torch.Tensor,
+    group_size: int,
+    beta: float,
+    q: Optional[torch.Tensor] = None,
+    valid: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """VAR weights of consecutive groups of ``group_size`` completions: [M] → [M] fp32.
+
+    w_j = n·softmax_j(r_j/β + q_j) within each group, over its ``valid`` (scorable) members,
+    n their number; invalid members get 0 (a group with none valid: all 0).
+    rewards, q: [M] (M a multiple of group_size), q = 0 when None; valid: [M] bool or None.
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"rewards must be [M] with M a multiple of group_size={group_size}, got {tuple(rewards.shape)}"
+        )
+    a = rewards.detach().float().view(-1, group_size) / float(beta)
+    if q is not None:
+        a = a + q.detach().float().view(-1, group_size)
+    if valid is None:
+        valid = torch.ones_like(a, dtype=torch.bool)
+    else:
+        valid = valid.view(-1, group_size)
+    a = a.masked_fill(~valid, -math.inf)
+    n = valid.sum(dim=1, keepdim=True).to(torch.float32)
+    any_valid = n > 0
+    w = torch.softmax(a.masked_fill(~any_valid, 0.0), dim=1) * n
+    w = w.masked_fill(~valid, 0.0)
+    return w.reshape(-1)
+
+
+def group_ess(weights: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(Σw)²/Σw² per group of ``group_size`` (0 for a group whose weights are all 0): [M] → [M / G]."""
+    w = weights.view(-1, group_size)
+    s2 = (w * w).sum(dim=1)
+    return torch.where(s2 > 0, w.sum(dim=1) ** 2 / s2.clamp_min(1e-30), torch.zeros_like(s2))
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class OnlineVARConfig(GRPOConfig):
+    """``GRPOConfig`` plus VAR's options. Every GRPO option keeps its meaning, except those of GRPO's
+    surrogate loss, which online VAR does not use (``loss_type``, ``epsilon*``, ``delta``,
+    ``scale_rewards``, ``importance_sampling_level``, ``multi_objective_aggregation``: ignored) and
+    the ones that would change the loss silently if ignored (rejected when not at their default:
+    ``beta`` ≠ 0, ``entropy_coef`` ≠ 0, ``top_entropy_quantile`` < 1, ``off_policy_mask_threshold``)."""
+
+    var_beta: float = field(
+        default=0.1, metadata={"help": "VAR's β > 0: the target is ∝ π_ref·exp(r/β) (smaller: sharper weights)."}
+    )
+    var_reference: str = field(
+        default="initial",
+        metadata={"help": "'initial' (default: q = log π_ref − log π_old, token sums, the fixed target "
+                  "π_ref·exp(r/β); needs a reference model: a frozen copy of the initial model or the PEFT base) "
+                  "or 'policy' (q = 0, target π_old·exp(r/β); no reference model, but it collapsed in 2 of 12 "
+                  "runs of docs/alignment.md's frontier)."},
+    )
+    var_logp_reduction: str = field(
+        default="mean", metadata={"help": "Per-completion reduction of the NLL: 'mean' over tokens or 'sum'."}
+    )
+
+    def __post_init__(self):
+        if isinstance(self.var_beta, bool) or not isinstance(self.var_beta, (int, float)) \
+                or not math.isfinite(self.var_beta) or self.var_beta <= 0:
+            raise ValueError(f"var_beta must be a finite number > 0 (VAR's β), got {self.var_beta!r}")
+        check_option("var_reference", self.var_reference, VAR_REFERENCES)
+        check_option("var_logp_reduction", self.var_logp_reduction, REDUCTIONS)
+        if not isinstance(self.num_generations, int) or self.num_generations < 2:
+            raise ValueError(
+                "num_generations must be >= 2: online VAR normalises each prompt's weights over its "
+                f"num_generations completions, got {self.num_generations!r}"
+            )
+        if self.beta != 0.0:
+            raise ValueError(
+                f"beta is GRPO's KL coefficient and must be 0.0 for online VAR, got {self.beta!r}: VAR's own "
+                "regularisation is var_beta (the target ∝ π_ref·exp(r/var_beta)); set var_reference='initial' to "
+                "keep the fixed target of the initial model"
+            )
+        if self.entropy_coef not in (0, 0.0) or getattr(self, "use_adaptive_entropy", False):
+            raise ValueError(f"entropy_coef must be 0 for online VAR (no entropy bonus), got {self.entropy_coef!r}")
+        if self.top_entropy_quantile != 1.0:
+            raise ValueError(f"top_entropy_quantile must be 1.0 for online VAR, got {self.top_entropy_quantile!r}")
+        if self.off_policy_mask_threshold is not None:
+            raise ValueError(
+                f"off_policy_mask_threshold must be None for online VAR, got {self.off_policy_mask_threshold!r}"
+            )
+        super().__post_init__()
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class OnlineVARTrainer(GRPOTrainer):
+    """``GRPOTrainer`` whose loss is online VAR's weighted NLL (see the module docstring).
+
+    Same arguments as ``GRPOTrainer``; ``args`` must be an :class:`OnlineVARConfig`.
+    """
+
+    _tag_names = ["trl", "var", "online-var"]
+    _name = "OnlineVAR"
+
+    def __init__(self, model, reward_funcs, args: Optional[OnlineVARConfig] = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, reward_processing_classes=None, callbacks=None,
+                 optimizers=(None, None), quantization_config=None, peft_config=None, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+            args = OnlineVARConfig(f"{(name or 'model').split('/')[-1]}-OnlineVAR")
+        if not isinstance(args, OnlineVARConfig):
+            raise TypeError(f"args must be an OnlineVARConfig, got {type(args).__name__}")
+        # "initial" needs π_ref, the model as it is now: copy a module before GRPOTrainer patches its forward
+        ref = None
+        if args.var_reference == "initial" and peft_config is None and isinstance(model, torch.nn.Module) \
+                and not _grpo.is_peft_model(model):
+            ref = copy.deepcopy(model)
+            # a forward patched by an earlier TRL trainer is bound to the original model: use the class's
+            ref.__dict__.pop("forward", None)
+        super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         reward_processing_classes=reward_processing_classes, callbacks=callbacks,
+                         optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config,
+                         **kwargs)
+        self.reward_funcs = [_checked_reward_func(f, n) if _is_plain_callable(f) else f
+                             for f, n in zip(self.reward_funcs, self.reward_func_names)]
+        self._var_rewards_per_func = None
+        self._var_heads = {}
+        if args.var_reference == "initial" and not _grpo.is_peft_model(self.model):
+            if ref is None:  # model given as a path: load it again, as GRPOTrainer loads its reference
+                init_kwargs = dict(args.model_init_kwargs or {})
+                init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+                init_kwargs.setdefault("dtype", self.model.dtype)
+                ref = _grpo.create_model_from_path(_grpo.get_config_model_id(self.model.config), **init_kwargs)
+            ref.requires_grad_(False).eval()
+            if args.disable_dropout:
+                _grpo.disable_dropout_in_model(ref)
+            _grpo.add_fused_lm_head(ref, temperature=self.temperature, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
+            if self.is_deepspeed_enabled:
+                ref = _grpo.prepare_deepspeed(ref, self.accelerator)
+            elif self.is_fsdp_enabled:
+                ref = _grpo.prepare_fsdp(ref, self.accelerator)
+            else:
+                ref = self.accelerator.prepare_model(ref, evaluation_mode=True)
+            self.ref_model = ref
+
+    # --------------------------------------------------------------------- rewards
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        # reward models (nn.Module) return logits: a NaN there is an error, not TRL's "None" (callables
+        # are checked by their wrapper, which sees None and NaN apart)
+        for i, f in enumerate(self.reward_funcs):
+            if isinstance(f, torch.nn.Module):
+                col = rewards_per_func[:, i]
+                if not bool(torch.isfinite(col).all()):
+                    j = int((~torch.isfinite(col)).nonzero()[0][0])
+                    raise ValueError(
+                        f"reward model {self.reward_func_names[i]!r} returned {float(col[j])} for completion {j} of "
+                        "the generation batch (gathered over ranks)"
+                    )
+        self._var_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    # --------------------------------------------------------------------- weights
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        G = self.num_generations if mode == "train" else self.num_generations_eval
+        rpf = self._var_rewards_per_func  # [M_global, F], every rank's completions in rank order
+        self._var_rewards_per_func = None
+        valid = ~torch.isnan(rpf).all(dim=1)
+        rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
+        q = None
+        if self.args.var_reference == "initial":
+            q = self.accelerator.gather(self._var_log_ratio(out, mode))
+        weights = online_var_weights(rewards, G, self.args.var_beta, q=q, valid=valid)
+        n_local = out["completion_ids"].shape[0]
+        start = self.accelerator.process_index * n_local
+        out["var_weights"] = weights[start: start + n_local].to(out["completion_ids"].device)
+        self._metrics[mode]["var/weights_max"].append(float(weights.max()))
+        self._metrics[mode]["var/ess"].append(float(group_ess(weights, G).mean()))
+        # the completions table's "advantage" column: the VAR weights of this generation batch
+        logged = self._logs["advantages"]
+        for _ in range(min(len(weights), len(logged))):
+            logged.pop()
+        logged.extend(weights.tolist())
+        return out
+
+    @torch.no_grad()
+    def _var_log_ratio(self, batch, mode) -> torch.Tensor:
+        """q = Σ_t (log π_ref − log π_old) over each local completion's tokens: [n_local] fp32."""
+        prompt_ids, completion_ids = batch["prompt_ids"], batch["completion_ids"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        keep = completion_ids.size(1)
+        mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
+        size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        old = batch.get("old_per_token_logps")
+        if old is None:
+            old, _, _ = self._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, keep,
+                                                                batch_size=size)
+        if self.ref_model is not None:
+            ref, _, _ = self._get_per_token_logps_and_entropies(self.ref_model, input_ids, attention_mask, keep,
+                                                                batch_size=size)
+        else:  # PEFT: the base model is the adapter switched off (or the adapter saved as "ref")
+            peft_model = self.accelerator.unwrap_model(self.model)
+            name = "ref" if "ref" in peft_model.peft_config else None
+            with _grpo.use_adapter(peft_model, adapter_name=name):
+                ref, _, _ = self._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, keep,
+                                                                    batch_size=size)
+        return ((ref.float() - old.float()) * mask).sum(dim=1)
+
+    # --------------------------------------------------------------------- loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("OnlineVARTrainer does not support returning outputs")
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        labels = torch.cat([torch.full_like(prompt_ids, -100), completion_ids.masked_fill(mask == 0, -100)], dim=1)
+        weights = inputs["var_weights"]
+        opts = dict(reduction=self.args.var_logp_reduction, shift_labels=True, temperature=self.temperature)
+        head = self._var_head(model)
+        if head.in_head:
+            def loss_fn(hidden, weight, bias):
+                # under autocast (GRPOConfig's default bf16=True) the head's matmul would run in the autocast
+                # dtype: the fused loss runs in it too, on casts of hidden and weight (as nn.Linear would)
+                device = hidden.device.type
+                if torch.is_autocast_enabled(device):
+                    dt = torch.get_autocast_dtype(device)
+                    hidden, weight = hidden.to(dt), weight.to(dt)
+                    bias = bias.to(dt) if bias is not None else None
+                with torch.autocast(device, enabled=False):
+                    loss = linear_weighted_nll(hidden, weight, labels, weights, bias=bias, softcap=head.softcap,
+                                               **opts)
+                return (loss,)
+
+            loss = head.run_in_head(model, {"input_ids": input_ids, "attention_mask": attention_mask}, loss_fn)[0]
+        else:  # a LoRA / quantised head: the model's logits
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            loss = weighted_nll(logits, labels, weights, softcap=head.softcap, **opts)
+        if self.model.training:
+            loss = loss / self.current_gradient_accumulation_steps
+        return loss
+
+    def _var_head(self, model) -> LMHead:
+        lm = unwrap_model(model)
+        head = self._var_heads.get(id(lm))
+        if head is None or head.module is not lm.get_output_embeddings():
+            head = self._var_heads[id(lm)] = LMHead(model)
+        return head
+
+
+# ----------------------------------------------------------------------------- reward checks
+
+
+def _is_plain_callable(f) -> bool:
+    return callable(f) and not isinstance(f, torch.nn.Module)
+
+
+def _checked_reward_func(func, name: str):
+    """``func`` with its outputs checked: NaN or ±inf raise, naming the function and the completion;
+    None passes (TRL: the function does not apply to that completion)."""
+
+    def check(out, completions):
+        for j, r in enumerate(out if isinstance(out, (list, tuple)) else []):
+            if r is not None and not math.isfinite(float(r)):
+                text = completions[j] if completions is not None and j < len(completions) else "?"
+                raise ValueError(
+                    f"reward function {name!r} returned {r} for completion {j} of the batch ({text!r}); a reward "
+                    "must be a finite number, or None where the function does not apply"
+                )
+        return out
+
+    if _grpo.is_async_callable(func):  # TRL's own test, so the wrapper is awaited where func would be
+        @functools.wraps(func)
+        async def checked_async(*args, **kwargs):
+            return check(await func(*args, **kwargs), kwargs.get("completions"))
+
+        return checked_async
+
+    @functools.wraps(func)
+    def checked(*args, **kwargs):
+        return check(func(*args, **kwargs), kwargs.get("completions"))
+
+    return checked
