@@ -372,3 +372,48 @@ def test_dataset_shared_context_form():
         VARDataset.build(prompts, responses, ref_model=model, reward=parity_reward, example_rewards=rewards)
     with pytest.raises(ValueError, match=r"len\(prompts\)=8 and len\(responses\)=7"):
         VARDataset.build(prompts, responses[:7], ref_model=model, example_rewards=rewards)
+
+
+def test_dataset_rewards_shapes_follow_the_loss_rules():
+    """Pre-scored rewards / ref_logps: the shape rules of the loss (check_pair_inputs) with the dataset's G and B."""
+    prompts, responses = random_lists(8, 1, 4, 25), random_lists(8, 1, 4, 26)
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    for shape in ((2, 4, 4), (2, 4)):
+        ds = VARDataset(prompts, responses, groups, torch.ones(shape, dtype=torch.int64), torch.zeros(shape))
+        assert ds.rewards.dtype == ds.ref_logps.dtype == torch.float32 and ds.rewards.shape == shape
+        assert ds.cross_pairs == (len(shape) == 3) and ds.group_size == 4
+    context = r"G = 2 groups of B = 4 examples.*\[G, B, B\] = \(2, 4, 4\).*\[G, B\] = \(2, 4\)"
+    bad = {
+        (4, 4): r"rewards must have shape \[k, B, B\] or \[k, B\] with k = 2 groups, got \(4, 4\)",
+        (2, 4, 3): r"rewards must have shape .*k\*B = 8.*got \(2, 4, 3\)",  # not square
+        (2, 3, 3): r"rewards must have shape .*k\*B = 8.*got \(2, 3, 3\)",  # B is not the groups'
+        (2, 5): r"rewards must have shape .*got \(2, 5\)",
+    }
+    for shape, pattern in bad.items():
+        with pytest.raises(ValueError, match=pattern + ".*" + context):
+            VARDataset(prompts, responses, groups, torch.zeros(shape), torch.zeros(shape))
+    with pytest.raises(ValueError, match=r"rewards and ref_logps must have the same shape.*\(2, 4, 4\).*\(2, 4\)"):
+        VARDataset(prompts, responses, groups, torch.zeros(2, 4, 4), torch.zeros(2, 4))
+    with pytest.raises(TypeError, match="rewards must be a torch.Tensor, got list"):
+        VARDataset(prompts, responses, groups, [[0.0] * 4] * 2, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"every group must have the same number B of examples, got group sizes \[3,"):
+        VARDataset(prompts, responses, [[0, 1, 2, 3], [4, 5, 6]], torch.zeros(2, 4), torch.zeros(2, 4))
+
+
+def test_group_size_and_batch_size_checks():
+    from varkernels.training.groups import check_group_size
+
+    for bad in (0, -2, 2.0, True, "4"):
+        with pytest.raises(ValueError, match=rf"group_size must be a positive int, got {bad!r}; a VAR group needs B"):
+            check_group_size(bad)
+        with pytest.raises(ValueError, match=rf"group_size must be a positive int, got {bad!r}$"):
+            make_groups(8, bad)
+    check_group_size(2)
+    model, x, y = tiny_llama(), random_lists(2, 1, 3, 27), random_lists(2, 1, 3, 28)
+    for bad in (0, 1.5, False):
+        for fn, target in ((cross_pair_logps, model), (paired_logps, model), (cross_pair_rewards, parity_reward),
+                           (paired_rewards, parity_reward)):
+            with pytest.raises(ValueError, match=rf"batch_size must be a positive int or None, got {bad!r}"):
+                fn(target, x, y, batch_size=bad)
+    with pytest.raises(ValueError, match=r"reduction must be one of \['mean', 'sum'\], got 'none'"):
+        paired_logps(model, x, y, reduction="none")

@@ -12,7 +12,7 @@ pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate"
 
 from varkernels.reference import linear_var_loss_reference  # noqa: E402
 from varkernels.training.data import VARCollator, VARDataset  # noqa: E402
-from varkernels.training.trainer import VARConfig, VARTrainer, compute_var_loss  # noqa: E402
+from varkernels.training.trainer import VARConfig, VARTrainer, compute_var_loss, split_groups  # noqa: E402
 
 V = 40
 
@@ -234,7 +234,7 @@ def test_trainer_smoke_logs_var_metrics(tmp_path, cross_pairs):
 
 
 def test_config_and_trainer_bad_inputs(tmp_path):
-    with pytest.raises(ValueError, match="beta must be a number > 0"):
+    with pytest.raises(ValueError, match=r"beta must be a finite number > 0, got 0\.0"):
         config(tmp_path, beta=0.0)
     with pytest.raises(ValueError, match="weighting must be one of"):
         config(tmp_path, weighting="uniform")
@@ -251,9 +251,33 @@ def test_config_and_trainer_bad_inputs(tmp_path):
     batch = VARCollator()([ds[0]])
     with pytest.raises(ValueError, match="batch is missing 'rewards'"):
         compute_var_loss(tiny_llama(), {k: v for k, v in batch.items() if k != "rewards"})
-    with pytest.raises(ValueError, match=r"rewards must have shape \[k, B, B\] or \[k, B\]"):
+    with pytest.raises(ValueError, match=r"rewards must have shape \(B, B\) = \(4, 4\) .*\(k, B, B\) / \(k, B\) with "
+                       r"k\*B = 4 .*got \(1, 3, 3\).*input_ids\.shape\[0\] = 4"):
         compute_var_loss(tiny_llama(), {**batch, "rewards": batch["rewards"][:, :3, :3],
                                         "ref_logps": batch["ref_logps"][:, :3, :3]})
+
+
+def test_config_options_use_the_loss_checks(tmp_path):
+    """VARConfig checks its options with the loss's own rules (varkernels._validation)."""
+    with pytest.raises(TypeError, match=r"beta must be a Python number > 0, got str '0\.5'"):
+        config(tmp_path, beta="0.5")
+    for bad in (float("inf"), float("nan"), -1):
+        with pytest.raises(ValueError, match=rf"beta must be a finite number > 0, got {bad!r}"):
+            config(tmp_path, beta=bad)
+    with pytest.raises(ValueError, match=r"loss_backend must be one of \['auto', 'triton', 'cpu', 'torch'\], got 'gp"):
+        config(tmp_path, loss_backend="gpu")
+    for name in ("max_length", "max_prompt_length", "max_completion_length", "scoring_batch_size"):
+        for bad in (0, 1.5, True):
+            with pytest.raises(ValueError, match=rf"{name} must be a positive int or None, got {bad!r}"):
+                config(tmp_path, **{name: bad})
+    assert config(tmp_path, beta=2, max_length=None).beta == 2
+    batch = VARCollator()([make_dataset()[0]])
+    with pytest.raises(ValueError, match=r"rewards and ref_logps must have the same shape.*\(1, 4, 4\).*\(1, 4\)"):
+        compute_var_loss(tiny_llama(), {**batch, "ref_logps": batch["ref_logps"][:, 0]})
+    with pytest.raises(TypeError, match="rewards must be a torch.Tensor, got list"):
+        compute_var_loss(tiny_llama(), {**batch, "rewards": batch["rewards"].tolist()})
+    assert split_groups(batch) == (1, 4, True)
+    assert split_groups({**batch, "rewards": batch["rewards"][0], "ref_logps": batch["ref_logps"][0]}) == (1, 4, True)
 
 
 # peft 0.21's get_peft_model calls transformers 5.24's deprecated is_gradient_checkpointing

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ._docs import compose
-from ._validation import VAROutput, importance_overflow_message, pair_form, shifted_labels
+from ._validation import WEIGHTINGS, VAROutput, check_option, importance_overflow_message, pair_form, shifted_labels
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -112,9 +112,8 @@ def var_log_weights(R: torch.Tensor, Q: torch.Tensor, beta: float, weighting: st
     log_z = torch.logsumexp(A, dim=-1) - math.log(B)
     if weighting == "posterior":
         return A.diagonal() - log_z, log_z
-    if weighting == "importance":
-        return R.diagonal() / beta - log_z, log_z
-    raise ValueError(f"weighting must be one of ['posterior', 'importance'], got {weighting!r}")
+    check_option("weighting", weighting, WEIGHTINGS)
+    return R.diagonal() / beta - log_z, log_z
 
 
 def ess(weights: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .._validation import check_positive_int
+
 MAX_FUSED_SIZE = 4096  # BLOCK_V cap: 16 fp32 values per thread at num_warps=8, no spills (see tests/test_compile.py)
 TOKEN_NUM_WARPS = 8
 
@@ -192,8 +194,7 @@ def token_kernel_config(V: int, dtype, *, softcap=None):
     logit kept for the gradient), not for 32 values of tanh's temporaries (16-104 bytes of stack)
     nor for 32 unaligned 16-bit loads' masks on sm_90 (8 bytes).
     """
-    if isinstance(V, bool) or not isinstance(V, int) or V < 1:
-        raise ValueError(f"token_kernel_config: V must be a positive int, got {V!r}")
+    check_positive_int("token_kernel_config: V", V)
     itemsize = getattr(dtype, "itemsize", None)
     if itemsize not in (2, 4):
         raise TypeError(f"token_kernel_config: dtype must be float32, bfloat16 or float16, got {dtype!r}")

@@ -32,7 +32,7 @@ from typing import Optional, Union
 
 import torch
 
-from .._validation import check_option
+from .._validation import REDUCTIONS, check_option, check_pair_inputs
 from . import distributed as _dist
 from . import scoring
 from .cache import (  # noqa: F401 - re-exported: the fingerprints are part of this module's API
@@ -95,21 +95,19 @@ class VARDataset(torch.utils.data.Dataset):
             bad = [k for k in g if not 0 <= k < len(self.prompts)]
             if bad:
                 raise ValueError(f"groups holds example index {bad[0]} outside [0, {len(self.prompts)})")
-        for name, t in (("rewards", rewards), ("ref_logps", ref_logps)):
-            if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3) or t.shape[0] != len(self.groups):
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{name} must have shape [G, B, B] or [G, B] with G = {len(self.groups)}, got {got}")
-        if rewards.shape != ref_logps.shape:
+        if len(sizes) != 1:
+            raise ValueError(f"every group must have the same number B of examples, got group sizes {sorted(sizes)}")
+        G, B = len(self.groups), next(iter(sizes))
+        # Any real dtype is taken (stored as float32); the shape rules are the loss's, with the dataset's G and B.
+        rewards, ref_logps = (t.float() if isinstance(t, torch.Tensor) else t for t in (rewards, ref_logps))
+        try:
+            check_pair_inputs(rewards, ref_logps, G * B, groups=G)
+        except ValueError as e:
             raise ValueError(
-                "rewards and ref_logps must have the same shape, "
-                f"got {tuple(rewards.shape)} and {tuple(ref_logps.shape)}"
-            )
-        if len(sizes) != 1 or rewards.shape[1] != next(iter(sizes)):
-            raise ValueError(
-                f"every group must have B = rewards.shape[1] = {rewards.shape[1]} examples, "
-                f"got group sizes {sorted(sizes)}"
-            )
-        self.rewards, self.ref_logps = rewards.float(), ref_logps.float()
+                f"{e}. The dataset has G = {G} groups of B = {B} examples: rewards and ref_logps must have shape "
+                f"[G, B, B] = {(G, B, B)} (cross-pair) or [G, B] = {(G, B)} (shared context)"
+            ) from None
+        self.rewards, self.ref_logps = rewards, ref_logps
         self.pad_token_id, self.ignore_index = int(pad_token_id), int(ignore_index)
         self.reduction = reduction
 
@@ -278,7 +276,7 @@ def _check_build_inputs(prompts, responses, ref_model, reward, example_rewards, 
             "use cross_pairs=False (the (B,) shared-context form) or pass a reward model/callable"
         )
     check_group_size(group_size)
-    check_option("reduction", reduction, ("mean", "sum"))
+    check_option("reduction", reduction, REDUCTIONS)
     # token ids checked here, against the models' vocabularies, so that errors name the user's examples
     check_token_lists(prompts, responses, vocab_size=LMHead(ref_model).vocab_size, same_length=True)
     if isinstance(reward, torch.nn.Module):

@@ -11,13 +11,17 @@ from collections.abc import Sequence
 
 import torch
 
+from .._validation import check_positive_int
+
 VAR_COLUMNS = ("input_ids", "attention_mask", "labels", "rewards", "ref_logps")
 
 
 def check_group_size(group_size) -> None:
     """A VAR group needs B >= 2 examples: with B = 1 every weight is exactly 1 (plain SFT)."""
-    if not isinstance(group_size, int) or isinstance(group_size, bool):
-        raise TypeError(f"group_size must be an int >= 2, got {type(group_size).__name__} {group_size!r}")
+    try:
+        check_positive_int("group_size", group_size)
+    except ValueError as e:
+        raise ValueError(f"{e}; a VAR group needs B >= 2 examples") from None
     if group_size < 2:
         raise ValueError(
             f"group_size must be an int >= 2, got {group_size}: the VAR weights are normalised inside a group, "
@@ -32,8 +36,7 @@ def make_groups(num_examples: int, group_size: int, *, seed: int = 0, drop_last:
     N mod B examples left over are dropped (every micro-batch has the same B, which the
     gradient-accumulation and DDP equivalences need); otherwise the last group is smaller.
     """
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    check_positive_int("group_size", group_size)
     if not isinstance(num_examples, int) or num_examples < group_size:
         raise ValueError(
             f"num_examples must be an int >= group_size = {group_size} (at least one full group), got {num_examples!r}"

@@ -34,6 +34,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from .._validation import REDUCTIONS, check_option, check_positive_int
 from .lm_head import LMHead, _model_device, _vocab_size, output_cache, unwrap_model
 from .progress import PROGRESS_MIN_PAIRS, progress_bar  # noqa: F401 - PROGRESS_MIN_PAIRS re-exported
 from .rewards import as_scores, classifier_scores, reward_name
@@ -100,11 +101,6 @@ def check_token_lists(
             f"prompts and responses must have the same length (one response per prompt), "
             f"got len(prompts)={len(prompts)} and len(responses)={len(responses)}"
         )
-
-
-def _check_batch_size(batch_size) -> None:
-    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
 
 
 def pad_left(seqs: Sequence[torch.Tensor], value: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,9 +199,13 @@ def _pair_logps_shared(model, head, pairs, prompts, responses, reduction, batch_
     return out
 
 
-def _check_reduction(reduction) -> None:
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be one of ['mean', 'sum'], got {reduction!r}")
+def _logps_head(model, prompts, responses, reduction, batch_size) -> LMHead:
+    """The checks of the log-prob scorers (the options, then the token ids against the model's vocabulary)."""
+    check_option("reduction", reduction, REDUCTIONS)
+    check_positive_int("batch_size", batch_size, allow_none=True)
+    head = LMHead(model)
+    check_token_lists(prompts, responses, vocab_size=head.vocab_size, same_length=True)
+    return head
 
 
 @torch.no_grad()
@@ -236,10 +236,7 @@ def cross_pair_logps(
     Returns:
         float32 [B, B] on CPU; row i = prompt i, column j = response j.
     """
-    _check_reduction(reduction)
-    _check_batch_size(batch_size)
-    head = LMHead(model)
-    check_token_lists(prompts, responses, vocab_size=head.vocab_size, same_length=True)
+    head = _logps_head(model, prompts, responses, reduction, batch_size)
     B, Bp = len(prompts), len(responses)
     bs = batch_size or Bp
     was_training = model.training
@@ -269,10 +266,7 @@ def paired_logps(
 
     Returns float32 [N] on CPU. ``batch_size`` sequences per forward (default 8).
     """
-    _check_reduction(reduction)
-    _check_batch_size(batch_size)
-    head = LMHead(model)
-    check_token_lists(prompts, responses, vocab_size=head.vocab_size, same_length=True)
+    head = _logps_head(model, prompts, responses, reduction, batch_size)
     bs = batch_size or 8
     pairs = [(i, i) for i in range(len(prompts))]
     was_training = model.training
@@ -329,12 +323,16 @@ def _score_reward_pairs(reward, pairs, prompts, responses, batch_size, bar, pad_
     return out
 
 
-def _check_reward(reward) -> None:
+def _check_reward_inputs(reward, prompts, responses, batch_size) -> None:
+    """The checks of the reward scorers (the reward, batch_size, the token ids against a reward model's vocabulary)."""
     if not (_is_model(reward) or callable(reward)):
         raise TypeError(
             "reward must be a transformers sequence-classification model (num_labels=1) or a callable "
             f"fn(prompts, responses) -> scores, got {type(reward).__name__}"
         )
+    check_positive_int("batch_size", batch_size, allow_none=True)
+    vocab = _vocab_size(unwrap_model(reward)) if _is_model(reward) else None
+    check_token_lists(prompts, responses, vocab_size=vocab, same_length=True)
 
 
 @torch.no_grad()
@@ -363,10 +361,7 @@ def cross_pair_rewards(
     Returns:
         float32 [B, B] on CPU.
     """
-    _check_reward(reward)
-    _check_batch_size(batch_size)
-    vocab = _vocab_size(unwrap_model(reward)) if _is_model(reward) else None
-    check_token_lists(prompts, responses, vocab_size=vocab, same_length=True)
+    _check_reward_inputs(reward, prompts, responses, batch_size)
     B, Bp = len(prompts), len(responses)
     bs = batch_size or Bp
     pairs = [(i, j) for i in range(B) for j in range(Bp)]
@@ -387,10 +382,7 @@ def paired_rewards(
     progress: Optional[bool] = None,
 ) -> torch.Tensor:
     """r(x_i, y_i) for matched lists (the diagonal of R). Returns float32 [N] on CPU."""
-    _check_reward(reward)
-    _check_batch_size(batch_size)
-    vocab = _vocab_size(unwrap_model(reward)) if _is_model(reward) else None
-    check_token_lists(prompts, responses, vocab_size=vocab, same_length=True)
+    _check_reward_inputs(reward, prompts, responses, batch_size)
     bs = batch_size or 8
     pairs = [(i, i) for i in range(len(prompts))]
     bar = progress_bar(len(pairs), "rewards", progress)

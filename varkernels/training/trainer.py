@@ -45,7 +45,14 @@ try:
 except ImportError as e:  # the scoring and data modules of varkernels.training work without it
     raise missing_extra("transformers", "train", "varkernels.training.trainer") from e
 
-from .._validation import LOGP_REDUCTIONS, WEIGHTINGS, VAROutput, check_option, check_positive  # noqa: E402
+from .._validation import (  # noqa: E402
+    BACKENDS,
+    VAROutput,
+    check_option,
+    check_options,
+    check_pair_inputs,
+    check_positive_int,
+)
 from .data import VARCollator, VARDataset
 from .groups import VAR_COLUMNS, check_group_size
 from .lm_head import LMHead
@@ -54,14 +61,13 @@ from .text import column_names, tokenize_examples
 
 logger = logging.getLogger(__name__)
 
-_LOSS_BACKENDS = ("auto", "triton", "cpu", "torch")
-
 
 def split_groups(batch: dict) -> tuple[int, int, bool]:
     """(k groups, B per group, cross_pairs) of a collated batch; raises ValueError on bad shapes.
 
     rewards/ref_logps: [k, B, B] (cross-pair) or [k, B] (shared context); a single group may
-    also come as [B, B] or [B].
+    also come as [B, B] or [B] — the rules of the loss (``varkernels._validation.check_pair_inputs``,
+    which raises TypeError for a non-tensor or a dtype the loss does not take).
     """
     for name in ("input_ids", "labels", "rewards", "ref_logps"):
         if name not in batch:
@@ -70,20 +76,10 @@ def split_groups(batch: dict) -> tuple[int, int, bool]:
                 "rewards/ref_logps [k, B, B] or [k, B] (see varkernels.training.data.VARCollator)"
             )
     N = batch["input_ids"].shape[0]
-    R, Q = batch["rewards"], batch["ref_logps"]
-    if R.shape != Q.shape:
-        raise ValueError(f"rewards and ref_logps must have the same shape, got {tuple(R.shape)} and {tuple(Q.shape)}")
-    if R.dim() == 3 and R.shape[1] == R.shape[2] and R.shape[0] * R.shape[1] == N:
-        return R.shape[0], R.shape[1], True
-    if R.dim() == 2 and R.shape[0] == R.shape[1] == N:
-        return 1, N, True
-    if R.dim() == 2 and R.shape[0] * R.shape[1] == N:
-        return R.shape[0], R.shape[1], False
-    if R.dim() == 1 and R.shape[0] == N:
-        return 1, N, False
-    raise ValueError(
-        f"rewards must have shape [k, B, B] or [k, B] with k*B = input_ids.shape[0] = {N}, got {tuple(R.shape)}"
-    )
+    try:  # the loss's own shape rules, with where the row count comes from
+        return check_pair_inputs(batch["rewards"], batch["ref_logps"], N)
+    except ValueError as e:
+        raise ValueError(f"batch: {e} (k*B = input_ids.shape[0] = {N} rows)") from None
 
 
 def compute_var_loss(
@@ -166,14 +162,6 @@ def _head_operands(weight, bias, hidden):
     return weight, bias, hidden
 
 
-def _opt_positive_int(name: str, value) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int or None, got {type(value).__name__} {value!r}")
-    check_positive(name, value)
-
-
 @dataclass
 class VARConfig(TrainingArguments):
     """``TrainingArguments`` plus the VAR loss options and, for text datasets, TRL's data options.
@@ -228,18 +216,13 @@ class VARConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta > 0:
-            raise ValueError(f"beta must be a number > 0, got {self.beta!r}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {self.weighting!r}")
-        if self.logp_reduction not in [r for r in LOGP_REDUCTIONS if r != "none"]:
-            raise ValueError(f"logp_reduction must be one of ['mean', 'sum'], got {self.logp_reduction!r}")
-        check_option("loss_backend", self.loss_backend, _LOSS_BACKENDS)
+        check_options(beta=self.beta, weighting=self.weighting, logp_reduction=self.logp_reduction)
+        check_option("loss_backend", self.loss_backend, BACKENDS)
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must be False for VAR: it would drop rewards and ref_logps")
         check_group_size(self.group_size)
         for name in ("max_length", "max_prompt_length", "max_completion_length", "scoring_batch_size"):
-            _opt_positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name), allow_none=True)
         if isinstance(self.model_init_kwargs, str):
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
         if self.model_init_kwargs is not None and not isinstance(self.model_init_kwargs, dict):
