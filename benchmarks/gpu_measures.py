@@ -136,7 +136,7 @@ def kernel_specs(B, T, V, dtype) -> dict:
     x = torch.empty(B, T, V, dtype=dtype, device="meta")
     f32 = dict(dtype=torch.float32, device="meta")
     r = torch.empty(1, B, B, **f32)
-    core_kernels = ("_var_token_kernel", "_var_token_kernel_single", "_scale_kernel")
+    core_kernels = ("_token_kernel", "_token_kernel_single", "_scale_kernel")
     with aot.capture_launches(_triton_kernels, *core_kernels) as ls, \
             aot.capture_launches(_weights_kernel, "_var_weights_kernel") as lw:
         var_weights_triton_launch(r, torch.empty_like(r), 1.0, True)
@@ -144,7 +144,7 @@ def kernel_specs(B, T, V, dtype) -> dict:
                             torch.empty_like(x), None, None, 1.0, -100)
         scale_triton_launch(torch.empty_like(x), torch.empty((), **f32))
     ls = [*lw, *ls]
-    names = {"_var_weights_kernel": "weights", "_var_token_kernel": "token", "_var_token_kernel_single": "token",
+    names = {"_var_weights_kernel": "weights", "_token_kernel": "token", "_token_kernel_single": "token",
              "_scale_kernel": "scale"}
     return {names[launch.name]: aot.launch_spec(launch.kernel, launch.kwargs) for launch in ls}
 

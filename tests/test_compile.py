@@ -19,7 +19,7 @@ same specialisation and the same cubin (``test_vocab_size_is_a_runtime_argument`
 Each distinct (kernel, specialisation, arch) is compiled once, by two worker processes, and
 looked up by every test that needs it; 32003 (not a multiple of 16) is a separate compile.
 
-The single-pass kernel (rows held on chip, ``_var_token_kernel_single``) is compiled at the
+The single-pass kernel (rows held on chip, ``_token_kernel_single``) is compiled at the
 configurations ``token_kernel_config`` gives: V = 32000 and its cap 32768 (one specialisation,
 BLOCK_V = 32768, num_warps = 32), with softcap 16000 and its cap 16384 (BLOCK_V = 16384,
 num_warps = 32), odd V 32003 in fp32 and 16003 in 16-bit dtypes, for every variant and dtype. It
@@ -46,7 +46,7 @@ VOCABS = (32000, 128256, 256000)
 ODD_VOCAB = 32003  # not a multiple of 16: no divisibility hint on V and the strides
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 B, T = 8, 512  # production-like shape; only meta tensors are allocated
-TOKEN_KERNELS = ("_var_token_kernel", "_var_token_kernel_single")  # whichever the launcher picks
+TOKEN_KERNELS = ("_token_kernel", "_token_kernel_single")  # whichever the launcher picks
 
 # Every meaningful combination of the token kernel's switches, named after the op that launches it.
 # (HAS_LSE_IN without HAS_GRAD is never launched.)
@@ -104,7 +104,7 @@ def single_spec(variant: str, dtype: str, V: int) -> aot.KernelSpec:
             torch.empty(N, **f32) if has_lse_in else None,
             softcap=softcap,
         )
-    assert [launch.name for launch in launches] == ["_var_token_kernel_single"], (variant, dtype, V)
+    assert [launch.name for launch in launches] == ["_token_kernel_single"], (variant, dtype, V)
     return _only(launches)
 
 
@@ -216,11 +216,11 @@ def test_vocab_size_is_a_runtime_argument(variant, dtype):
     16-divisible), so one cubin. (A launcher that takes the single-pass kernel for V ≤ its cap
     launches it at 32000; that launch is checked against token_kernel_config.)"""
     specs = {V: token_spec(variant, dtype, V) for V in VOCABS}
-    tiled = {s for s in specs.values() if s.name == "_var_token_kernel"}
+    tiled = {s for s in specs.values() if s.name == "_token_kernel"}
     assert len(tiled) == 1, [s.describe() for s in tiled]
     assert dict(next(iter(tiled)).constexprs)["BLOCK_V"] == _triton_kernels.MAX_FUSED_SIZE
     for V, spec in specs.items():
-        if spec.name == "_var_token_kernel_single":
+        if spec.name == "_token_kernel_single":
             softcap = TOKEN_VARIANTS[variant][2]
             _, block, num_warps = _triton_kernels.token_kernel_config(V, DTYPES[dtype], softcap=softcap)
             assert (dict(spec.constexprs)["BLOCK_V"], spec.num_warps) == (block, num_warps)
@@ -245,20 +245,20 @@ def test_compile_kernel_with_a_written_signature():
     spec = token_spec("var_loss", "fp32", 32000)
     signature = {name: ty for name, ty in spec.signature}
     constexprs = {name: value for name, value in spec.constexprs}
-    res = aot.compile_kernel(_triton_kernels._var_token_kernel, signature, constexprs, 90, spec.num_warps)
+    res = aot.compile_kernel(_triton_kernels._token_kernel, signature, constexprs, 90, spec.num_warps)
     assert res["arch"] == "sm_90" and res["local"] == 0 and 0 < res["regs"] <= 255
     assert 0 < res["est_occupancy"] <= 1
     with pytest.raises(ValueError, match="constexprs missing"):
-        aot.compile_kernel(_triton_kernels._var_token_kernel, signature, {}, 90, spec.num_warps)
+        aot.compile_kernel(_triton_kernels._token_kernel, signature, {}, 90, spec.num_warps)
 
 
 def test_parse_resource_usage():
     text = (
-        "\nResource usage:\n Common:\n  GLOBAL:11 CONSTANT[4]:8\n Function _var_token_kernel:\n"
+        "\nResource usage:\n Common:\n  GLOBAL:11 CONSTANT[4]:8\n Function _token_kernel:\n"
         "  REG:56 STACK:0 SHARED:1024 LOCAL:16 CONSTANT[0]:448 TEXTURE:0 SURFACE:0 SAMPLER:0\n"
     )
     usage = aot.parse_resource_usage(text)
-    assert usage == {"_var_token_kernel": {"REG": 56, "STACK": 0, "SHARED": 1024, "LOCAL": 16, "CONSTANT[0]": 448,
+    assert usage == {"_token_kernel": {"REG": 56, "STACK": 0, "SHARED": 1024, "LOCAL": 16, "CONSTANT[0]": 448,
                                            "TEXTURE": 0, "SURFACE": 0, "SAMPLER": 0}}
 
 

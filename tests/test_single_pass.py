@@ -1,7 +1,7 @@
-"""The single-pass token kernel ``_var_token_kernel_single`` (docs/design.md §3, §4.1) in the interpreter.
+"""The single-pass token kernel ``_token_kernel_single`` (docs/design.md §3, §4.1) in the interpreter.
 
 For rows that fit on chip the kernel holds the whole row in registers: one read of the logits,
-one write of the gradient. It takes the arguments of the tiled ``_var_token_kernel``, so the
+one write of the gradient. It takes the arguments of the tiled ``_token_kernel``, so the
 token op's launcher only swaps the kernel and (BLOCK_V, num_warps), which
 ``token_kernel_config(V, dtype, softcap=...)`` chooses. ``launch_token`` below mirrors
 ``varkernels.core.token.token_triton_launch`` with that choice (or a forced kernel); the tests run both
@@ -42,10 +42,10 @@ def launch_token(x, labels, coef, grad, lse_in, *, softcap=None, temperature=1.0
     N = B * T
     auto, block, num_warps = K.token_kernel_config(V, x.dtype, softcap=softcap)
     if kernel == "single":
-        fn, block = K._var_token_kernel_single, triton.next_power_of_2(V)
+        fn, block = K._token_kernel_single, triton.next_power_of_2(V)
         num_warps = min(32, max(4, block // 1024))  # the interpreter ignores it
     elif kernel == "tiled":
-        fn, block, num_warps = K._var_token_kernel, min(triton.next_power_of_2(V), K.MAX_FUSED_SIZE), K.TOKEN_NUM_WARPS
+        fn, block, num_warps = K._token_kernel, min(triton.next_power_of_2(V), K.MAX_FUSED_SIZE), K.TOKEN_NUM_WARPS
     else:
         fn = auto
     lp = torch.empty(N, dtype=torch.float32, device=x.device)
@@ -216,7 +216,7 @@ def test_inplace_and_strided(dtype):
 def test_auto_configuration_runs_single_pass():
     """The table picks the single-pass kernel at V = 32003 in fp32 without softcap, and its result passes."""
     kernel, block, num_warps = K.token_kernel_config(32003, torch.float32)
-    assert kernel is K._var_token_kernel_single and (block, num_warps) == (32768, 32)
+    assert kernel is K._token_kernel_single and (block, num_warps) == (32768, 32)
     x, labels, coef = _inputs(2, 3, 32003, torch.float32)
     _check(x, labels, coef, kernel="auto")
 
@@ -226,7 +226,7 @@ def test_auto_configuration_runs_single_pass():
 
 
 def test_token_kernel_config():
-    single, tiled = K._var_token_kernel_single, K._var_token_kernel
+    single, tiled = K._token_kernel_single, K._token_kernel
     cfg = K.token_kernel_config
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     two_pass = (tiled, K.MAX_FUSED_SIZE, K.TOKEN_NUM_WARPS)

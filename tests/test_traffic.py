@@ -30,7 +30,7 @@ from varkernels.testing.traffic import count_aten_traffic, count_triton_traffic,
 B, T, V = 2, 8, 4099  # V = 4096 + 3: one full BLOCK_V tile and a masked tail of 3 lanes
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BOUND = 1.1
-TOKEN_KERNELS = ("_var_token_kernel", "_var_token_kernel_single")
+TOKEN_KERNELS = ("_token_kernel", "_token_kernel_single")
 
 
 def _inputs(dtype, labels_kind):
@@ -67,7 +67,7 @@ def test_triton_loss_traffic_within_two_reads_one_write(dtype, labels_kind):
     row = V * logits.element_size()
     valid = int((labels != -100).sum())
     token = _token_kernel(kernels)
-    reads = 2 if token == "_var_token_kernel" else 1  # sweeps over every non-ignored row
+    reads = 2 if token == "_token_kernel" else 1  # sweeps over every non-ignored row
     ideal = reads * valid * row + B * T * row  # the reads of the non-ignored rows, one write of the gradient
     assert kernels.launches == {"_var_weights_kernel": 1, token: 1, "_scale_kernel": 1}, kernels.launches
     assert ideal <= kernels.total <= BOUND * ideal, (
@@ -176,7 +176,7 @@ def test_single_pass_traffic_is_one_read_one_write(dtype, V, labels_kind, mode):
     grad = torch.empty_like(x) if mode != "logps_fwd" else None
     with count_triton_traffic() as t:
         launch_token(x, labels, coef if grad is not None else None, grad, lse_in, kernel="single")
-    assert dict(t.launches) == {"_var_token_kernel_single": 1}
+    assert dict(t.launches) == {"_token_kernel_single": 1}
     loads, stores, floor = _expected_single_pass(x, labels, mode)
     assert (t.loads, t.stores) == (loads, stores), t.summary()
     ratio = t.total / floor
@@ -202,9 +202,9 @@ def test_fused_loss_uses_the_single_pass_kernel():
     """With token_kernel_config's choice at V = 4099, the whole VAR loss (weights, token op,
     rescale) moves one read + one write of the logits, plus O(B·T + B²)."""
     kernel, _, _ = K.token_kernel_config(V, torch.float32)
-    assert kernel is K._var_token_kernel_single
+    assert kernel is K._token_kernel_single
     logits, labels, rewards, ref_logps = _inputs(torch.float32, "dense")
     kernels, _ = _fused_traffic(logits, labels, rewards, ref_logps)
-    assert _token_kernel(kernels) == "_var_token_kernel_single", kernels.launches
+    assert _token_kernel(kernels) == "_token_kernel_single", kernels.launches
     floor = 2 * B * T * V * logits.element_size()
     assert floor < kernels.total <= 1.01 * floor, kernels.summary()

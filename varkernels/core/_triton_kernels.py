@@ -2,7 +2,7 @@
 
 The core's kernels know nothing of VAR (its weight kernel lives in varkernels/var/weights.py):
 
-* ``_var_token_kernel`` — one program per token row n of the logits ([B, T, V] with any strides):
+* ``_token_kernel`` — one program per token row n of the logits ([B, T, V] with any strides):
 
       z      = transform(x[n, :])                # softcap c·tanh(x/c), then /τ   (fp32)
       lse[n] = logsumexp(z)                      # sweep 1: online max / sum, exp2 with log2(e)
@@ -17,7 +17,7 @@ The core's kernels know nothing of VAR (its weight kernel lives in varkernels/va
   The HAS_* switches are passed by the launcher (varkernels/core/token.py), not derived with
   ``triton.heuristics``: ``torch.library.wrap_triton`` accepts only plain ``triton.jit`` kernels.
 
-* ``_var_token_kernel_single`` — the same op and arguments for rows that fit on chip (V ≤ 32768):
+* ``_token_kernel_single`` — the same op and arguments for rows that fit on chip (V ≤ 32768):
   the row is held in registers, read once, its gradient written once. ``token_kernel_config(V,
   dtype, softcap=...)`` picks the kernel, BLOCK_V and num_warps for a launch.
 
@@ -63,7 +63,7 @@ def _cast_out(b_x, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
 
 
 @triton.jit
-def _var_token_kernel(
+def _token_kernel(
     x_ptr, grad_ptr, labels_ptr, coef_ptr, lse_in_ptr,  # inputs (grad_ptr may alias x_ptr)
     lp_ptr, lse_ptr,  # outputs: [N] fp32 each
     T, V,  # shapes: N = B·T rows of V logits
@@ -173,12 +173,12 @@ SINGLE_PASS_VALUES_PER_THREAD_TIGHT = 16
 def token_kernel_config(V: int, dtype, *, softcap=None):
     """(kernel, BLOCK_V, num_warps) of the token op for rows of V logits of ``dtype``.
 
-    Rows that fit on chip take ``_var_token_kernel_single`` (one read of the row, one write of
+    Rows that fit on chip take ``_token_kernel_single`` (one read of the row, one write of
     its gradient) with BLOCK_V = next_pow2(V) and num_warps such that each thread holds at most
     32 values (4 ≤ num_warps ≤ 32), i.e. V ≤ SINGLE_PASS_MAX_V = 32768. Two cases hold 16 values
     per thread, i.e. V ≤ SINGLE_PASS_MAX_V_TIGHT = 16384: a ``softcap`` (tanh's temporaries), and
     16-bit logits whose rows are not 16-byte aligned (V not a multiple of 8: scalar loads, one
-    mask per value). Longer rows take the tiled two-sweep ``_var_token_kernel`` with BLOCK_V =
+    mask per value). Longer rows take the tiled two-sweep ``_token_kernel`` with BLOCK_V =
     min(next_pow2(V), MAX_FUSED_SIZE) and TOKEN_NUM_WARPS. Both kernels take the same arguments,
     so a launcher only swaps the kernel and these two launch parameters.
 
@@ -206,12 +206,12 @@ def token_kernel_config(V: int, dtype, *, softcap=None):
         cap, per_thread = SINGLE_PASS_MAX_V, SINGLE_PASS_VALUES_PER_THREAD
     if block <= cap:
         num_warps = min(32, max(4, block // (32 * per_thread)))
-        return _var_token_kernel_single, block, num_warps
-    return _var_token_kernel, min(block, MAX_FUSED_SIZE), TOKEN_NUM_WARPS
+        return _token_kernel_single, block, num_warps
+    return _token_kernel, min(block, MAX_FUSED_SIZE), TOKEN_NUM_WARPS
 
 
 @triton.jit
-def _var_token_kernel_single(
+def _token_kernel_single(
     x_ptr, grad_ptr, labels_ptr, coef_ptr, lse_in_ptr,  # inputs (grad_ptr may alias x_ptr)
     lp_ptr, lse_ptr,  # outputs: [N] fp32 each
     T, V,  # shapes: N = B·T rows of V logits
@@ -221,7 +221,7 @@ def _var_token_kernel_single(
     BLOCK_V: tl.constexpr, RNE_BF16: tl.constexpr,
     HAS_GRAD: tl.constexpr, HAS_LSE_IN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
-    """``_var_token_kernel`` for rows that fit on chip (V ≤ BLOCK_V): same arguments, same results.
+    """``_token_kernel`` for rows that fit on chip (V ≤ BLOCK_V): same arguments, same results.
 
     The row is loaded once as one BLOCK_V block and stays in registers: m = max z, e = 2^((z − m)·
     log2e), s = Σ e, then the gradient from the same registers, stored once. Per row: one read of
@@ -283,7 +283,7 @@ def _var_token_kernel_single(
             b_e = tl.exp2((b_z - b_shift) * LOG2E)
         b_sum = tl.sum(b_e, axis=0)
         b_log_s = tl.log(b_sum)
-    # lp = (z_y − m) − log s, not z_y − lse (see _var_token_kernel)
+    # lp = (z_y − m) − log s, not z_y − lse (see _token_kernel)
     tl.store(lp_ptr + i_n, (b_zy - b_m) - b_log_s)
     tl.store(lse_ptr + i_n, b_m + b_log_s)
 

@@ -18,9 +18,9 @@ Operators (schema shared by the three, ``grad`` is the only argument written)::
                                 int ignore_index) -> (Tensor lp, Tensor lse)
 
 * ``token_triton`` — ``torch.library.triton_op`` around the Triton token kernels (``wrap_triton``),
-  so Inductor sees them: the single-pass ``_var_token_kernel_single`` for rows that fit on chip
+  so Inductor sees them: the single-pass ``_token_kernel_single`` for rows that fit on chip
   (V ≤ 32768; 16384 with a softcap or unaligned 16-bit rows), else the tiled two-sweep
-  ``_var_token_kernel`` (``token_kernel_config``). On CPU tensors they run in the Triton interpreter.
+  ``_token_kernel`` (``token_kernel_config``). On CPU tensors they run in the Triton interpreter.
 * ``token_cpu`` — the C++ kernel of csrc/, registered there with ``TORCH_LIBRARY_FRAGMENT``;
   its fake implementation is registered here, by the loader's ``on_load`` hook, once the extension
   is loaded (the module that owns an operator registers its fake).

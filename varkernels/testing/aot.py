@@ -12,7 +12,7 @@ make no calls, so they need no stack otherwise).
 The compiled code must be the one a real launch would build, so the specialisation is taken
 from the launcher itself:
 
-    with capture_launches(_triton_kernels, "_var_token_kernel") as launches:
+    with capture_launches(_triton_kernels, "_token_kernel") as launches:
         token_triton(x_on_meta_device, ...)      # the launcher picks BLOCK_V, num_warps, strides
     spec = launch_spec(launches[0].kernel, launches[0].kwargs)
     results = compile_specs([spec], archs=(80, 90))   # {(spec, "sm_80"): {"regs": .., "local": ..}, ...}

@@ -256,9 +256,9 @@ def _token_traffic(args, kwargs, a: Assumptions):
     row_bytes = V * x.element_size()
     has_grad = grad is not None
     if a.token_single_pass_max_v is None:
-        from ..core._triton_kernels import _var_token_kernel_single, token_kernel_config
+        from ..core._triton_kernels import _token_kernel_single, token_kernel_config
 
-        single_kernel = token_kernel_config(V, x.dtype, softcap=softcap)[0] is _var_token_kernel_single
+        single_kernel = token_kernel_config(V, x.dtype, softcap=softcap)[0] is _token_kernel_single
     else:
         single_kernel = V <= a.token_single_pass_max_v
     single = lse_in is not None or not has_grad or single_kernel
