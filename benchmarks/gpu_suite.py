@@ -51,7 +51,6 @@ import argparse
 import csv
 import dataclasses
 import datetime
-import math
 import os
 import sys
 import time

@@ -351,7 +351,8 @@ def test_cuda_path_runs_on_fake_tensors():
         weight = torch.empty(V, H, **bf16)
         coef = torch.empty(B * T, device="cuda")
         lp, lse, gh, gw, gb = core_linear.linear_token_pass(
-            hidden, weight, None, labels.view(-1), coef, None, (True, True, False), TokenOptions("triton", chunk_size=32),
+            hidden, weight, None, labels.view(-1), coef, None, (True, True, False),
+            TokenOptions("triton", chunk_size=32),
         )
         assert gh.shape == hidden.shape and gh.dtype == torch.bfloat16
         assert gw.shape == (V, H) and gw.dtype == torch.float32

@@ -57,7 +57,7 @@ def test_dry_run_prints_the_staged_plan_within_budget(tmp_path):
     # the first parity case is the CUDA branch of the weight-gradient GEMM
     parity = text.split("3. parity", 1)[1]
     assert parity.splitlines()[1].split()[0] == "weight_grad_gemm", parity[:400]
-    for stage, (form, head, tokens) in gpu_suite.TIMING_STAGES.items():
+    for form, head, tokens in gpu_suite.TIMING_STAGES.values():
         assert f"{form} {head} tokens={tokens} bfloat16" in text
     assert "varkernels[triton]" in text and "varkernels[auto,param_accum]" in text and "rep=" in text
     assert not out_csv.exists() and not out_png.exists()

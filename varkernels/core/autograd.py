@@ -46,7 +46,8 @@ def scale_triton_launch(g: torch.Tensor, s: torch.Tensor) -> None:
 
     n = g.numel()
     block = 4096
-    torch.library.wrap_triton(_scale_kernel)[(triton.cdiv(n, block),)](g_ptr=g, s_ptr=s, N=n, BLOCK=block, RNE_BF16=rne_bf16(g))
+    grid = (triton.cdiv(n, block),)
+    torch.library.wrap_triton(_scale_kernel)[grid](g_ptr=g, s_ptr=s, N=n, BLOCK=block, RNE_BF16=rne_bf16(g))
 
 
 scale_triton = triton_op("varkernels::scale_triton", mutates_args={"g"})(scale_triton_launch)

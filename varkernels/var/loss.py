@@ -13,9 +13,9 @@ from typing import Optional
 
 import torch
 
+from .._docs import compose
 from .._prepare import prepare_call
 from .._validation import VAROutput, check_inplace, check_options
-from .._docs import compose
 from ..nll import linear_nll_forward, nll_forward, sequence_values
 from .weights import group_ess, var_weights
 
