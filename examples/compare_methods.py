@@ -369,15 +369,22 @@ def env_info(args) -> dict:
     }
 
 
-def run(args) -> Path:
+def _output(args, name: str):
+    """The CSV path of a suite (``--out``, else benchmarks/results, or a new temporary folder with --quick)
+    and its ``say``: a progress line prefixed with the seconds since the suite started."""
     out_dir = Path(args.out) if args.out else (
         Path(tempfile.mkdtemp(prefix="alignment-")) if args.quick else ROOT / "benchmarks" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / "alignment.csv"
     start = time.time()
 
     def say(msg):
         print(f"[{time.time() - start:6.1f}s] {msg}", flush=True)
+
+    return out_dir / name, say
+
+
+def run(args) -> Path:
+    csv_path, say = _output(args, "alignment.csv")
 
     setup = Setup(args)
     say(f"reference pre-trained (loss {setup.pretrain_loss:.3f}); {len(setup.prompts)} training prompts x {K} "
@@ -426,7 +433,7 @@ def run(args) -> Path:
                             continue
                         record(policy, seed, **row, seconds=sec, train_loss=loss, **stats)
     say(f"rows written to {csv_path}")
-    report(csv_path, out_dir / "alignment.png")
+    report(csv_path, csv_path.parent / "alignment.png")
     return csv_path
 
 
@@ -578,14 +585,7 @@ def train_method(setup, args, seed, tmp, method, variant, knob, value, lr, curve
 def run_frontier(args) -> Path:
     """Each method at every setting of its main knob, 3 seeds, with the learning rate chosen per method by
     a sweep (seed 0, the method's sweep setting, highest mean reward on the validation prompts)."""
-    out_dir = Path(args.out) if args.out else (
-        Path(tempfile.mkdtemp(prefix="alignment-")) if args.quick else ROOT / "benchmarks" / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / "alignment_frontier.csv"
-    start = time.time()
-
-    def say(msg):
-        print(f"[{time.time() - start:6.1f}s] {msg}", flush=True)
+    csv_path, say = _output(args, "alignment_frontier.csv")
 
     setup = Setup(args)
     say(f"reference pre-trained (loss {setup.pretrain_loss:.3f}); {len(setup.prompts)} training prompts, "
@@ -661,7 +661,7 @@ def run_frontier(args) -> Path:
                         policy, row = attempt(seed, key, knob, value, lr)
                         record(policy, seed, stage="frontier", **row)
     say(f"rows written to {csv_path}")
-    report_frontier(csv_path, out_dir)
+    report_frontier(csv_path, csv_path.parent)
     return csv_path
 
 
@@ -676,11 +676,7 @@ def run_timing(args) -> Path:
     with and without a reference model), each run at ``--lr`` with seed 0, so that a change of
     load on the shared machine hits every method alike. The runs of a method are identical but for time
     (fixed seeds); the held-out reward and KL of each run are recorded with its curve."""
-    out_dir = Path(args.out) if args.out else (
-        Path(tempfile.mkdtemp(prefix="alignment-")) if args.quick else ROOT / "benchmarks" / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / "alignment_timing.csv"
-    start = time.time()
+    csv_path, say = _output(args, "alignment_timing.csv")
     setup = Setup(args)
     base = env_info(args)
     curve_steps = sorted({max(1, round(args.steps * f)) for f in (0.25, 0.5, 0.75)} - {args.steps})
@@ -698,10 +694,9 @@ def run_timing(args) -> Path:
                 row = {**base, **row, "stage": f"timing round {rnd}", "seed": 0, "load_1min": load, "status": "ok"}
                 writer.writerow({k: row.get(k, "") for k in FRONTIER_COLUMNS})
                 f.flush()
-                print(f"[{time.time() - start:6.1f}s] round {rnd} {_label(row)} {knob}={value}: {row['seconds']:.1f} s "
-                      f"(generation {row['gen_seconds']:.1f}, scoring {row['score_seconds']:.1f}, update "
-                      f"{row['train_seconds']:.1f}) reward {row['reward']:.3f} KL {row['kl']:.2f} load {load}",
-                      flush=True)
+                say(f"round {rnd} {_label(row)} {knob}={value}: {row['seconds']:.1f} s "
+                    f"(generation {row['gen_seconds']:.1f}, scoring {row['score_seconds']:.1f}, update "
+                    f"{row['train_seconds']:.1f}) reward {row['reward']:.3f} KL {row['kl']:.2f} load {load}")
     report_timing(csv_path)
     return csv_path
 
