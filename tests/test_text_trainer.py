@@ -492,3 +492,14 @@ def test_reward_functions_contract_for_any_trainer():
         RewardFunctions([maybe], reward_processing_classes=[None, None])
     with pytest.raises(TypeError, match=r"reward_funcs\[1\] must be a callable"):
         RewardFunctions([maybe, 3])
+
+
+def test_reward_batch_size_is_checked():
+    """A batch size of 0 or below is an error naming it (it used to mean "all" or an empty range)."""
+    from varkernels.training.rewards import RewardFunctions, classifier_scores
+
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match=rf"batch_size must be a positive int or None, got {bad!r}"):
+            RewardFunctions([lambda prompts, completions, **kw: [1.0] * len(completions)], batch_size=bad)
+        with pytest.raises(ValueError, match=rf"batch_size must be a positive int or None, got {bad!r}"):
+            classifier_scores(None, [], batch_size=bad)

@@ -266,7 +266,8 @@ def test_config_options_use_the_loss_checks(tmp_path):
             config(tmp_path, beta=bad)
     with pytest.raises(ValueError, match=r"loss_backend must be one of \['auto', 'triton', 'cpu', 'torch'\], got 'gp"):
         config(tmp_path, loss_backend="gpu")
-    for name in ("max_length", "max_prompt_length", "max_completion_length", "scoring_batch_size"):
+    for name in ("max_length", "max_prompt_length", "max_completion_length", "scoring_batch_size",
+                 "loss_chunk_size"):
         for bad in (0, 1.5, True):
             with pytest.raises(ValueError, match=rf"{name} must be a positive int or None, got {bad!r}"):
                 config(tmp_path, **{name: bad})

@@ -43,6 +43,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .._validation import check_positive_int
 from .lm_head import _model_device, _vocab_size, unwrap_model
 
 Describe = Callable[[int], str]
@@ -142,6 +143,7 @@ def classifier_scores(
     batches without one). Returns float32 [N] on CPU.
     """
     n = len(seqs)
+    check_positive_int("batch_size", batch_size, allow_none=True)
     bs = batch_size or max(n, 1)
     config = _text_config(unwrap_model(model))
     own_pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
@@ -236,6 +238,7 @@ class RewardFunctions:
         self.funcs, self.processing_classes = funcs, procs
         self.weights = torch.tensor([float(w) for w in weights], dtype=torch.float32)
         self.names = [reward_name(f) for f in funcs]
+        check_positive_int("batch_size", batch_size, allow_none=True)
         self.batch_size = batch_size
 
     def __len__(self) -> int:

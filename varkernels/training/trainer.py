@@ -221,7 +221,8 @@ class VARConfig(TrainingArguments):
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must be False for VAR: it would drop rewards and ref_logps")
         check_group_size(self.group_size)
-        for name in ("max_length", "max_prompt_length", "max_completion_length", "scoring_batch_size"):
+        for name in ("max_length", "max_prompt_length", "max_completion_length", "scoring_batch_size",
+                     "loss_chunk_size"):
             check_positive_int(name, getattr(self, name), allow_none=True)
         if isinstance(self.model_init_kwargs, str):
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
