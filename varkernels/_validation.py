@@ -265,14 +265,20 @@ def check_values(
         )
 
 
+def shift_left(t: torch.Tensor, fill) -> torch.Tensor:
+    """[B, T] → [B, T] with out[:, t] = t[:, t+1] and the last position ``fill`` (a copy)."""
+    out = torch.full_like(t, fill)
+    out[:, :-1] = t[:, 1:]
+    return out
+
+
 def shifted_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Hugging Face causal shift: position t predicts labels[:, t+1]; the last predicts nothing.
 
-    Only the [B, T] labels are copied; logits / hidden states are never moved.
+    Only the [B, T] labels are copied; logits / hidden states are never moved. Per-token weights of the
+    weighted NLL shift the same way (``shift_left(weights, 0)``).
     """
-    out = torch.full_like(labels, ignore_index)
-    out[:, :-1] = labels[:, 1:]
-    return out
+    return shift_left(labels, ignore_index)
 
 
 def check_linear(hidden, weight, bias, chunk_size, grad_accum_dtype=torch.float32) -> None:

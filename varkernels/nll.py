@@ -22,7 +22,7 @@ import torch
 
 from ._docs import compose
 from ._prepare import Prepared, prepare_call
-from ._validation import check_inplace, check_options
+from ._validation import check_inplace, check_options, shift_left
 from .core.autograd import linear_token_forward, token_forward
 
 
@@ -47,13 +47,6 @@ def sequence_coefficients(labels: torch.Tensor, ignore_index: int, reduction: st
     return 1.0 / n.to(torch.float32)
 
 
-def shifted_weights(weights: torch.Tensor) -> torch.Tensor:
-    """Per-token weights [N, T] shifted like the labels: position t gets weights[:, t+1], the last 0."""
-    out = torch.zeros_like(weights)
-    out[:, :-1] = weights[:, 1:]
-    return out
-
-
 def token_coefficients(
     weights: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str, shift_labels: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +56,7 @@ def token_coefficients(
     if weights.dim() == 1:
         coef = (weights.float() * seq_coef).mul_(-1.0 / N).unsqueeze(1).expand(N, T).reshape(-1)
     else:
-        w = shifted_weights(weights.float()) if shift_labels else weights.float()
+        w = shift_left(weights.float(), 0.0) if shift_labels else weights.float()  # shifted like the labels
         coef = (w * seq_coef.mul(-1.0 / N).unsqueeze(1)).reshape(-1)
     return coef, seq_coef
 

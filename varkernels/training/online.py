@@ -45,6 +45,7 @@ import torch
 
 from .._validation import check_option
 from ..nll import linear_weighted_nll, weighted_nll
+from ..var.weights import group_ess
 from .lm_head import LMHead, unwrap_model
 
 try:  # the train extra: trl (and transformers)
@@ -90,13 +91,6 @@ def online_var_weights(
     w = torch.softmax(a.masked_fill(~any_valid, 0.0), dim=1) * n
     w = w.masked_fill(~valid, 0.0)
     return w.reshape(-1)
-
-
-def group_ess(weights: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(Σw)²/Σw² per group of ``group_size`` (0 for a group whose weights are all 0): [M] → [M / G]."""
-    w = weights.view(-1, group_size)
-    s2 = (w * w).sum(dim=1)
-    return torch.where(s2 > 0, w.sum(dim=1) ** 2 / s2.clamp_min(1e-30), torch.zeros_like(s2))
 
 
 # ----------------------------------------------------------------------------- config
@@ -242,7 +236,7 @@ class OnlineVARTrainer(GRPOTrainer):
         start = self.accelerator.process_index * n_local
         out["var_weights"] = weights[start: start + n_local].to(out["completion_ids"].device)
         self._metrics[mode]["var/weights_max"].append(float(weights.max()))
-        self._metrics[mode]["var/ess"].append(float(group_ess(weights, G).mean()))
+        self._metrics[mode]["var/ess"].append(float(group_ess(weights, weights.numel() // G)))
         # the completions table's "advantage" column: the VAR weights of this generation batch
         logged = self._logs["advantages"]
         for _ in range(min(len(weights), len(logged))):

@@ -94,6 +94,8 @@ def var_weights(rewards, ref_logps, *, groups: int, group_size: int, cross_pairs
 
 
 def group_ess(weights: torch.Tensor, groups: int) -> torch.Tensor:
-    """Effective sample size (Σw)² / Σw² of each group's weights, averaged over the k groups."""
+    """Effective sample size (Σw)² / Σw² of each group's weights, averaged over the k groups (a group
+    whose weights are all 0 — online VAR's group without a scorable completion — counts as 0)."""
     w = weights.view(groups, -1)
-    return (w.sum(dim=1) ** 2 / (w * w).sum(dim=1)).mean()
+    s2 = (w * w).sum(dim=1)
+    return torch.where(s2 > 0, w.sum(dim=1) ** 2 / s2.clamp_min(1e-30), torch.zeros_like(s2)).mean()
