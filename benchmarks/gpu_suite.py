@@ -374,8 +374,16 @@ def parity_one(op, dt_name, shape, opts, device="cuda", exp2_rel_err=None) -> No
     tests' (2 × PyTorch's error against a float64 truth + atol)."""
     import torch
     from helpers import (
-        EXP2_APPROX_REL_ERR, IGNORE_INDEX, assert_close, exp2_grad_atol, exp2_lp_atol, lp_atol, make_labels,
-        make_logits, make_pairs, reference_run,
+        EXP2_APPROX_REL_ERR,
+        IGNORE_INDEX,
+        assert_close,
+        exp2_grad_atol,
+        exp2_lp_atol,
+        lp_atol,
+        make_labels,
+        make_logits,
+        make_pairs,
+        reference_run,
     )
 
     from varkernels import fused_linear_var_loss, fused_var_loss, sequence_logps
@@ -881,13 +889,13 @@ def add_wheels(folder: str) -> list:
 
 def dry_run(args) -> int:
     """Imports and the staged plan; touches no GPU and writes nothing."""
+    import cost_model  # noqa: F401  (the estimates of the timing stages)
     import test_single_pass  # noqa: F401  (the token-kernel launcher and checks of the parity stage)
     import torch
     import triton
     from helpers import assert_close  # noqa: F401
     from peers import peer_versions
 
-    import cost_model  # noqa: F401  (the estimates of the timing stages)
     import varkernels  # noqa: F401
     from varkernels import fused_linear_var_loss, fused_var_loss, sequence_logps  # noqa: F401
     from varkernels.core import _triton_kernels as K

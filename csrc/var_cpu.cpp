@@ -33,6 +33,8 @@
 
 namespace varkernels {
 
+bool has_f32_gemm();  // var_cpu_gemm.cpp
+
 namespace DEFAULT {
 void token_kernel(TokenArgs& a);
 }
@@ -208,5 +210,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       pybind11::arg("name"),
       "Force the kernel of a lower instruction set (for tests); '' restores ATen's choice. Not thread-safe.");
+  m.def("has_f32_gemm", &varkernels::has_f32_gemm,
+        "Whether torch.ops.varkernels.gemm_f32 (bf16/fp16 inputs, fp32 output; MKL) runs in this PyTorch build.");
   m.attr("source_hash") = VARKERNELS_STR(VARKERNELS_SOURCE_HASH);
 }

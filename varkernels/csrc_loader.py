@@ -50,7 +50,9 @@ AOT_MODULE = "varkernels." + MODULE_NAME
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # Link order matters: the baseline unit comes before the AVX units, so an inline function that
 # several units emit out of line is resolved to its baseline copy (see csrc/var_cpu_isa_prelude.h).
-SOURCES = ("var_cpu.cpp", "var_cpu_isa_default.cpp", "var_cpu_isa_avx2.cpp", "var_cpu_isa_avx512.cpp")
+SOURCES = (
+    "var_cpu.cpp", "var_cpu_gemm.cpp", "var_cpu_isa_default.cpp", "var_cpu_isa_avx2.cpp", "var_cpu_isa_avx512.cpp"
+)
 CFLAGS = ("-O3", "-Wno-psabi")  # -Wno-psabi: GCC notes on the AVX-512 argument ABI, as in PyTorch's build
 # at::parallel_for is a header template: with PyTorch's OpenMP backend it only runs in parallel
 # when the extension itself is compiled with OpenMP (it then uses the libgomp torch has loaded).

@@ -32,8 +32,14 @@ import torch
 from torch.library import triton_op
 
 from ._grad_buffers import grad_buffer_like
-from .linear import run_linear_token
-from .token import TokenOptions, require_cpu_op, rne_bf16, run_token
+from .linear import (
+    DeferredWeightGrad,
+    deferred_weight_grad_applies,
+    finish_weight_grad,
+    linear_token_pass_deferred,
+    run_linear_token,
+)
+from .token import TokenOptions, kernel_coef, require_cpu_op, rne_bf16, run_token
 
 # ---------------------------------------------------------------------------------- scaling
 
@@ -169,9 +175,19 @@ class LinearTokenFunction(torch.autograd.Function):
         hd, wd = hidden.detach(), weight.detach()
         bd = bias.detach() if bias is not None else None
         if dlp is not None:
-            lp, _, gh, gw, gb = run_linear_token(hd, wd, bd, labels, dlp if any(wants) else None, None, wants, opts)
-            if any(wants):
-                ctx.save_for_backward(gh, gw, gb)
+            coef = kernel_coef(dlp) if any(wants) else None
+            deferred = None
+            if deferred_weight_grad_applies(hd, wd, coef, wants, opts):  # no fp32 [V, H] accumulator (linear.py)
+                deferred = linear_token_pass_deferred(hd, wd, bd, labels, coef, wants, opts)
+            ctx.deferred = deferred is not None
+            if deferred is not None:
+                lp, _, gh, gb, (storage, h_rows) = deferred
+                ctx.save_for_backward(gh, storage, gb, h_rows)
+            else:
+                lp, _, gh, gw, gb = run_linear_token(hd, wd, bd, labels, dlp if any(wants) else None, None, wants,
+                                                     opts)
+                if any(wants):
+                    ctx.save_for_backward(gh, gw, gb)
             value = _weighted_value(dlp, lp, B)
             ctx.mark_non_differentiable(lp)
             return value, lp
@@ -187,6 +203,16 @@ class LinearTokenFunction(torch.autograd.Function):
         wants = ctx.wants
         if ctx.forward_mode:
             grads = _saved_once(ctx, "fused-linear token op (forward-mode gradient)")
+            if ctx.deferred:  # grad_weight is finished here, with the upstream scale known, over its storage
+                gh, storage, gb, h_rows = grads
+                gw = finish_weight_grad(DeferredWeightGrad(storage, h_rows), grad_value, ctx.opts.backend)
+                torch.autograd.graph.increment_version(storage)  # (written in place: one backward per graph)
+                gh = scale_grad_(gh, grad_value, ctx.opts.backend).to(ctx.dtypes[0]) if wants[0] else None
+                if wants[2] and gb.numel():
+                    gb = scale_grad_(gb, grad_value, ctx.opts.backend).to(ctx.dtypes[2])
+                else:
+                    gb = None
+                return gh, gw, gb, None, None, None, None
             out = [
                 scale_grad_(g, grad_value, ctx.opts.backend).to(dt) if want and g.numel() else None
                 for g, dt, want in zip(grads, ctx.dtypes, wants)

@@ -28,11 +28,12 @@ is nothing to compact by: every row is processed and ignored rows get a zero gra
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch.library import custom_op
 
+from .. import csrc_loader
 from .._validation import data_checks_enabled
 from .token import TokenOptions, kernel_coef, token_op
 
@@ -54,22 +55,53 @@ def default_chunk_size(vocab_size: int, device_type: str = "cpu", element_size: 
     return max(MIN_CHUNK_ROWS, budget // per_row)
 
 
-def _accumulate_weight_grad(gw: torch.Tensor, g: torch.Tensor, h_c: torch.Tensor) -> torch.Tensor:
+def _accumulate_weight_grad(
+    gw: torch.Tensor, g: torch.Tensor, h_c: torch.Tensor, backend: str = "torch"
+) -> torch.Tensor:
     """gw (fp32) += gᵀ·h_c; returns gw. fp32 inputs: one addmm. bf16/fp16 on CUDA: the GEMM runs on
-    the tensor cores with an fp32 output (``out_dtype``), never on fp32 copies. On CPU, where no GEMM
-    takes half-precision inputs to an fp32 output (``out_dtype`` is CUDA-only in torch 2.13), the chunks
-    are upcast; for bf16 the fp32 GEMM then runs in oneDNN's bf16 math mode (``_bf16_math``): the fp32
-    copies hold bf16 values exactly, so its bf16 products are exact and its sums fp32 — the result of the
-    fp32 GEMM at the bf16 kernels' speed (2.6x faster on this project's AVX512-BF16 machine,
-    docs/benchmarks.md)."""
+    the tensor cores with an fp32 output (``out_dtype``), never on fp32 copies. On CPU with
+    ``backend="cpu"``: the C++ extension's ``gemm_f32`` (MKL's bf16/fp16 GEMM with an fp32 output,
+    :func:`f32_gemm_available`), again without copies. Otherwise (``backend="torch"``, or a PyTorch
+    build without MKL) the chunks are upcast, and for bf16 the fp32 GEMM runs in oneDNN's bf16 math
+    mode (``_bf16_math``): the copies hold bf16 values exactly, so its bf16 products are exact and its
+    sums fp32 — the result of the fp32 GEMM at the bf16 kernels' speed."""
     if g.dtype == gw.dtype:  # fp32 throughout, or a half-precision accumulator (accum_fp32=False)
         return gw.addmm_(g.t(), h_c)
     if gw.device.type == "cuda":
         return torch.addmm(gw, g.t(), h_c, out_dtype=torch.float32, out=gw)
+    if backend == "cpu" and f32_gemm_available() and g.dtype == h_c.dtype:
+        torch.ops.varkernels.gemm_f32(g.t(), h_c, gw, 1.0, 1.0)
+        return gw
     if g.dtype == torch.bfloat16 and h_c.dtype == torch.bfloat16:
         with _bf16_math():
             return gw.addmm_(g.t().float(), h_c.float())
     return gw.addmm_(g.t().float(), h_c.float())
+
+
+def f32_gemm_available() -> bool:
+    """True when ``torch.ops.varkernels.gemm_f32`` runs: the C++ extension is loaded and this PyTorch build
+    links MKL's half-precision GEMMs with an fp32 output (x86-64 wheels do; csrc/var_cpu_gemm.cpp)."""
+    if "f32_gemm" not in _F32_GEMM:
+        mod = csrc_loader.load_extension(required=False)
+        _F32_GEMM["f32_gemm"] = bool(mod is not None and getattr(mod, "has_f32_gemm", lambda: False)())
+    return _F32_GEMM["f32_gemm"]
+
+
+_F32_GEMM: dict = {}  # the answer of f32_gemm_available, asked once per process
+
+
+def _gemm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, alpha: float, backend: str) -> torch.Tensor:
+    """out (fp32) = alpha · a @ b for half-precision a, b: ``gemm_f32`` with ``backend="cpu"`` when it
+    runs, else fp32 copies (bf16: in oneDNN's bf16 math mode, exact as above)."""
+    if backend == "cpu" and f32_gemm_available():
+        torch.ops.varkernels.gemm_f32(a, b, out, alpha, 0.0)
+        return out
+    if a.dtype == torch.bfloat16:
+        with _bf16_math():
+            torch.mm(a.float(), b.float(), out=out)
+    else:
+        torch.mm(a.float(), b.float(), out=out)
+    return out.mul_(alpha) if alpha != 1.0 else out
 
 
 class _bf16_math:
@@ -168,11 +200,124 @@ def linear_token_pass(
             else:
                 put(gh_flat, g @ weight)
         if gw.numel():
-            gw = _accumulate_weight_grad(gw, g, h_c)
+            gw = _accumulate_weight_grad(gw, g, h_c, backend)
         if gb.numel():
             gb += g.sum(dim=0, dtype=torch.float32).to(gb.dtype)
         del logits_c, x, g  # free this chunk before the next one's GEMM: one chunk alive, not two
     return lp, lse, gh, gw, gb
+
+
+# ------------------------------------------------------------------------ the weight gradient in its own storage
+
+
+class DeferredWeightGrad(NamedTuple):
+    """What :func:`finish_weight_grad` needs: ``storage`` [V, H] in the weight's dtype, whose first V·n
+    elements hold the logits gradient transposed, gᵀ [V, n]; ``h_rows`` [n, H], the hidden rows it belongs to."""
+
+    storage: torch.Tensor
+    h_rows: torch.Tensor
+
+
+def deferred_weight_grad_applies(hidden, weight, coef, wants, opts) -> bool:
+    """Whether :func:`linear_token_pass_deferred` may run (its row-count condition is checked inside):
+    forward mode on CPU, a half-precision weight gradient with the fp32 accumulator, eager mode."""
+    return (
+        coef is not None
+        and wants[1]
+        and opts.accum_fp32
+        and hidden.device.type == "cpu"
+        and weight.dtype in (torch.bfloat16, torch.float16)
+        and hidden.dtype == weight.dtype
+        and opts.backend in ("cpu", "torch")
+        and data_checks_enabled(hidden)
+        and not torch.compiler.is_compiling()
+    )
+
+
+def linear_token_pass_deferred(hidden, weight, bias, labels, coef, wants, opts):
+    """Forward mode of the fused-linear form on CPU with a bf16/fp16 weight, without a [V, H] fp32 accumulator.
+
+    The chunked pass (:func:`linear_token_pass`) keeps grad_weight in an fp32 [V, H] accumulator from the
+    forward to the backward: twice the parameter's bytes. When the n non-ignored rows number at most H, the
+    logits gradient of all of them, g [n, V], takes no more room than grad_weight itself; it is stored there,
+    transposed (gᵀ [V, n] in the first V·n elements of a [V, H] tensor of the weight's dtype), and the backward
+    (:func:`finish_weight_grad`) turns it into grad_weight = s·gᵀ·h in place, once the upstream scale s is known:
+    one GEMM over all n rows with fp32 sums, scaled and rounded once, as the accumulator path does. Extra memory:
+    grad_weight itself, one [chunk, V] logits block and the gathered rows h [n, H], instead of an fp32 [V, H]
+    accumulator and the block.
+
+    Same arguments as :func:`linear_token_pass` (``coef`` given). Returns None when n = 0 or n > H (the caller
+    then runs the chunked pass), else (lp [B·T] fp32, lse [B·T] fp32, grad_hidden [B, T, H] | [0],
+    grad_bias [V] fp32 | [0], :class:`DeferredWeightGrad`). grad_hidden and grad_bias are computed chunk by
+    chunk as in the chunked pass.
+    """
+    want_hidden, _, want_bias = wants
+    backend, softcap, inv_temperature, ignore_index, chunk_size, _ = opts
+    B, T, H = hidden.shape
+    V = weight.shape[0]
+    idx = torch.nonzero(labels != ignore_index).squeeze(1)
+    n = idx.numel()
+    if n == 0 or n > H:
+        return None
+    dev, f32 = hidden.device, torch.float32
+    storage = torch.empty(V, H, dtype=weight.dtype, device=dev)  # becomes grad_weight
+    g_t = storage.view(-1)[: V * n].view(V, n)
+    b_i, t_i = idx // T, idx % T
+    h_rows = hidden[b_i, t_i]  # [n, H]: the rows the backward multiplies by
+    lab, cf = labels[idx].contiguous(), coef[idx].contiguous()
+    lp = torch.zeros(B * T, dtype=f32, device=dev)
+    lse = torch.zeros(B * T, dtype=f32, device=dev)
+    gh = torch.zeros_like(hidden) if want_hidden else hidden.new_empty(0)
+    gb = torch.zeros(V, dtype=f32, device=dev) if want_bias and bias is not None else hidden.new_empty(0)
+    chunk = min(chunk_size, n)
+    block = torch.empty(chunk, V, dtype=weight.dtype, device=dev)  # one logits block, reused
+    w_t = weight.t()
+    for c0 in range(0, n, chunk):
+        m = min(n, c0 + chunk) - c0
+        rows = slice(c0, c0 + m)
+        x = block[:m]
+        if bias is not None:
+            torch.addmm(bias, h_rows[rows], w_t, out=x)
+        else:
+            torch.mm(h_rows[rows], w_t, out=x)
+        x3 = x.unsqueeze(0)
+        lp_c, lse_c = token_op(backend, x3, lab[rows], cf[rows], x3, None, softcap=softcap,
+                               inv_temperature=inv_temperature, ignore_index=ignore_index)
+        lp[idx[rows]] = lp_c  # x now holds the gradient w.r.t. these logits
+        lse[idx[rows]] = lse_c
+        if gh.numel():
+            gh[b_i[rows], t_i[rows]] = x @ weight
+        if gb.numel():
+            gb += x.sum(dim=0, dtype=f32)
+        g_t[:, rows].copy_(x.t())
+    return lp, lse, gh, gb, DeferredWeightGrad(storage, h_rows)
+
+
+# fp32 rows of the backward's output tile: 4 MiB (512 rows at H = 2048)
+FINISH_TILE_BYTES = 4 * 2**20
+
+
+def finish_weight_grad(deferred: DeferredWeightGrad, scale: torch.Tensor, backend: str) -> torch.Tensor:
+    """grad_weight [V, H] = scale·gᵀ·h in the weight's dtype, written over ``deferred.storage`` (and returned).
+
+    Vocabulary tiles [v0, v1) go from the last to the first: the tile's fp32 product is computed from
+    gᵀ[v0:v1] (elements v0·n … v1·n of the storage) before it is rounded into rows v0 … v1 of grad_weight
+    (elements v0·H … v1·H). Since n ≤ H, that write reaches only gᵀ rows ≥ v0, which this tile and the tiles
+    before it (higher v) have already read; rows < v0 lie below v0·n ≤ v0·H and are untouched.
+    ``scale`` (the upstream gradient, a 0-dim tensor) multiplies the fp32 product before the one rounding.
+    """
+    storage, h_rows = deferred
+    V, H = storage.shape
+    n = h_rows.shape[0]
+    g_t = storage.view(-1)[: V * n].view(V, n)
+    s = float(scale)
+    rows = max(1, FINISH_TILE_BYTES // (4 * H))
+    tile = torch.empty(min(rows, V), H, dtype=torch.float32, device=storage.device)
+    for v1 in range(V, 0, -rows):
+        v0 = max(0, v1 - rows)
+        out = _gemm_f32(g_t[v0:v1], h_rows, tile[: v1 - v0], s, backend)
+        storage[v0:v1].copy_(out)
+    return storage
 
 
 @custom_op("varkernels::linear_token_pass", mutates_args=())
