@@ -181,8 +181,8 @@ class LinearTokenFunction(torch.autograd.Function):
                 deferred = linear_token_pass_deferred(hd, wd, bd, labels, coef, wants, opts)
             ctx.deferred = deferred is not None
             if deferred is not None:
-                lp, _, gh, gb, (storage, h_rows) = deferred
-                ctx.save_for_backward(gh, storage, gb, h_rows)
+                lp, _, gh, gb, kept = deferred
+                ctx.save_for_backward(gh, gb, *kept)
             else:
                 lp, _, gh, gw, gb = run_linear_token(hd, wd, bd, labels, dlp if any(wants) else None, None, wants,
                                                      opts)
@@ -204,9 +204,9 @@ class LinearTokenFunction(torch.autograd.Function):
         if ctx.forward_mode:
             grads = _saved_once(ctx, "fused-linear token op (forward-mode gradient)")
             if ctx.deferred:  # grad_weight is finished here, with the upstream scale known, over its storage
-                gh, storage, gb, h_rows = grads
-                gw = finish_weight_grad(DeferredWeightGrad(storage, h_rows), grad_value, ctx.opts.backend)
-                torch.autograd.graph.increment_version(storage)  # (written in place: one backward per graph)
+                gh, gb, *kept = grads
+                gw = finish_weight_grad(DeferredWeightGrad(*kept), grad_value, ctx.opts.backend)
+                torch.autograd.graph.increment_version(gw)  # (written in place: one backward per graph)
                 gh = scale_grad_(gh, grad_value, ctx.opts.backend).to(ctx.dtypes[0]) if wants[0] else None
                 if wants[2] and gb.numel():
                     gb = scale_grad_(gb, grad_value, ctx.opts.backend).to(ctx.dtypes[2])

@@ -28,6 +28,7 @@ is nothing to compact by: every row is processed and ignored rows get a zero gra
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -90,18 +91,19 @@ def f32_gemm_available() -> bool:
 _F32_GEMM: dict = {}  # the answer of f32_gemm_available, asked once per process
 
 
-def _gemm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, alpha: float, backend: str) -> torch.Tensor:
-    """out (fp32) = alpha · a @ b for half-precision a, b: ``gemm_f32`` with ``backend="cpu"`` when it
-    runs, else fp32 copies (bf16: in oneDNN's bf16 math mode, exact as above)."""
+def _gemm_f32(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, alpha: float, beta: float, backend: str
+) -> torch.Tensor:
+    """out (fp32) = alpha · a @ b + beta · out (beta 0 or 1) for half-precision a, b: ``gemm_f32`` with
+    ``backend="cpu"`` when it runs, else fp32 copies (bf16: in oneDNN's bf16 math mode, exact as above)."""
     if backend == "cpu" and f32_gemm_available():
-        torch.ops.varkernels.gemm_f32(a, b, out, alpha, 0.0)
+        torch.ops.varkernels.gemm_f32(a, b, out, alpha, beta)
         return out
-    if a.dtype == torch.bfloat16:
-        with _bf16_math():
+    with _bf16_math() if a.dtype == torch.bfloat16 else contextlib.nullcontext():
+        if beta == 0.0:
             torch.mm(a.float(), b.float(), out=out)
-    else:
-        torch.mm(a.float(), b.float(), out=out)
-    return out.mul_(alpha) if alpha != 1.0 else out
+            return out.mul_(alpha) if alpha != 1.0 else out
+        return out.addmm_(a.float(), b.float(), alpha=alpha)
 
 
 class _bf16_math:
@@ -211,10 +213,13 @@ def linear_token_pass(
 
 
 class DeferredWeightGrad(NamedTuple):
-    """What :func:`finish_weight_grad` needs: ``storage`` [V, H] in the weight's dtype, whose first V·n
-    elements hold the logits gradient transposed, gᵀ [V, n]; ``h_rows`` [n, H], the hidden rows it belongs to."""
+    """What :func:`finish_weight_grad` needs. The logits gradient of the n non-ignored rows, transposed, gᵀ [V, n],
+    is held in two parts: its first n₁ = min(n, H) columns in ``storage`` [V, H] (the weight's dtype; its first
+    V·n₁ elements, as a [V, n₁] matrix), which becomes grad_weight, and the other n − n₁ ≤ H columns in
+    ``extra`` [V, n − n₁] (empty when n ≤ H). ``h_rows`` [n, H]: the hidden rows they belong to."""
 
     storage: torch.Tensor
+    extra: torch.Tensor
     h_rows: torch.Tensor
 
 
@@ -234,19 +239,27 @@ def deferred_weight_grad_applies(hidden, weight, coef, wants, opts) -> bool:
     )
 
 
+def _stored_parts(storage: torch.Tensor, extra: torch.Tensor, n: int) -> tuple:
+    """(gᵀ's first n₁ columns as a [V, n₁] view of ``storage``, the rest: ``extra``)."""
+    V, H = storage.shape
+    n1 = min(n, H)
+    return storage.view(-1)[: V * n1].view(V, n1), extra
+
+
 def linear_token_pass_deferred(hidden, weight, bias, labels, coef, wants, opts):
     """Forward mode of the fused-linear form on CPU with a bf16/fp16 weight, without a [V, H] fp32 accumulator.
 
     The chunked pass (:func:`linear_token_pass`) keeps grad_weight in an fp32 [V, H] accumulator from the
-    forward to the backward: twice the parameter's bytes. When the n non-ignored rows number at most H, the
-    logits gradient of all of them, g [n, V], takes no more room than grad_weight itself; it is stored there,
-    transposed (gᵀ [V, n] in the first V·n elements of a [V, H] tensor of the weight's dtype), and the backward
-    (:func:`finish_weight_grad`) turns it into grad_weight = s·gᵀ·h in place, once the upstream scale s is known:
-    one GEMM over all n rows with fp32 sums, scaled and rounded once, as the accumulator path does. Extra memory:
-    grad_weight itself, one [chunk, V] logits block and the gathered rows h [n, H], instead of an fp32 [V, H]
-    accumulator and the block.
+    forward to the backward, V·H·2 bytes more than the gradient itself, and the two coexist at the final cast.
+    When the n non-ignored rows number at most 2·H, the logits gradient of all of them, g [n, V], needs no more
+    than that: it is kept transposed, its first min(n, H) columns in the very storage that becomes grad_weight
+    (:class:`DeferredWeightGrad`), the rest (n − H ≤ H columns) beside it. The backward
+    (:func:`finish_weight_grad`) then computes grad_weight = s·gᵀ·h in place once the upstream scale s is
+    known: GEMMs over all n rows with fp32 sums, scaled and rounded once, as the accumulator path does.
+    Extra memory: V·max(n − H, 0)·2 bytes, one [chunk, V] logits block and the gathered rows h [n, H], never
+    more than the accumulator's; no GEMM reads or writes a [V, H] accumulator per chunk.
 
-    Same arguments as :func:`linear_token_pass` (``coef`` given). Returns None when n = 0 or n > H (the caller
+    Same arguments as :func:`linear_token_pass` (``coef`` given). Returns None when n = 0 or n > 2·H (the caller
     then runs the chunked pass), else (lp [B·T] fp32, lse [B·T] fp32, grad_hidden [B, T, H] | [0],
     grad_bias [V] fp32 | [0], :class:`DeferredWeightGrad`). grad_hidden and grad_bias are computed chunk by
     chunk as in the chunked pass.
@@ -257,11 +270,13 @@ def linear_token_pass_deferred(hidden, weight, bias, labels, coef, wants, opts):
     V = weight.shape[0]
     idx = torch.nonzero(labels != ignore_index).squeeze(1)
     n = idx.numel()
-    if n == 0 or n > H:
+    if n == 0 or n > 2 * H:
         return None
     dev, f32 = hidden.device, torch.float32
+    n1 = min(n, H)
     storage = torch.empty(V, H, dtype=weight.dtype, device=dev)  # becomes grad_weight
-    g_t = storage.view(-1)[: V * n].view(V, n)
+    extra = torch.empty(V, n - n1, dtype=weight.dtype, device=dev)
+    parts = _stored_parts(storage, extra, n)
     b_i, t_i = idx // T, idx % T
     h_rows = hidden[b_i, t_i]  # [n, H]: the rows the backward multiplies by
     lab, cf = labels[idx].contiguous(), coef[idx].contiguous()
@@ -289,8 +304,12 @@ def linear_token_pass_deferred(hidden, weight, bias, labels, coef, wants, opts):
             gh[b_i[rows], t_i[rows]] = x @ weight
         if gb.numel():
             gb += x.sum(dim=0, dtype=f32)
-        g_t[:, rows].copy_(x.t())
-    return lp, lse, gh, gb, DeferredWeightGrad(storage, h_rows)
+        k = max(0, min(m, n1 - c0))  # rows of this chunk whose columns live in the storage
+        if k:
+            parts[0][:, c0 : c0 + k].copy_(x[:k].t())
+        if k < m:
+            parts[1][:, c0 + k - n1 : c0 + m - n1].copy_(x[k:].t())
+    return lp, lse, gh, gb, DeferredWeightGrad(storage, extra, h_rows)
 
 
 # fp32 rows of the backward's output tile: 4 MiB (512 rows at H = 2048)
@@ -300,22 +319,27 @@ FINISH_TILE_BYTES = 4 * 2**20
 def finish_weight_grad(deferred: DeferredWeightGrad, scale: torch.Tensor, backend: str) -> torch.Tensor:
     """grad_weight [V, H] = scale·gᵀ·h in the weight's dtype, written over ``deferred.storage`` (and returned).
 
-    Vocabulary tiles [v0, v1) go from the last to the first: the tile's fp32 product is computed from
-    gᵀ[v0:v1] (elements v0·n … v1·n of the storage) before it is rounded into rows v0 … v1 of grad_weight
-    (elements v0·H … v1·H). Since n ≤ H, that write reaches only gᵀ rows ≥ v0, which this tile and the tiles
-    before it (higher v) have already read; rows < v0 lie below v0·n ≤ v0·H and are untouched.
-    ``scale`` (the upstream gradient, a 0-dim tensor) multiplies the fp32 product before the one rounding.
+    Vocabulary tiles [v0, v1) go from the last to the first: the tile's fp32 product is computed from its rows
+    of gᵀ (in the storage: elements v0·n₁ … v1·n₁, n₁ = min(n, H); and in ``extra``) before it is rounded into
+    rows v0 … v1 of grad_weight (elements v0·H … v1·H). Since n₁ ≤ H, that write reaches only stored rows ≥ v0,
+    which this tile and the tiles before it (higher v) have already read; rows < v0 lie below v0·n₁ ≤ v0·H and
+    are untouched. ``scale`` (the upstream gradient, a 0-dim tensor) multiplies the fp32 product before the
+    one rounding.
     """
-    storage, h_rows = deferred
+    storage, extra, h_rows = deferred
     V, H = storage.shape
     n = h_rows.shape[0]
-    g_t = storage.view(-1)[: V * n].view(V, n)
+    g1, g2 = _stored_parts(storage, extra, n)
+    n1 = g1.shape[1]
+    h1, h2 = h_rows[:n1], h_rows[n1:]
     s = float(scale)
     rows = max(1, FINISH_TILE_BYTES // (4 * H))
     tile = torch.empty(min(rows, V), H, dtype=torch.float32, device=storage.device)
     for v1 in range(V, 0, -rows):
         v0 = max(0, v1 - rows)
-        out = _gemm_f32(g_t[v0:v1], h_rows, tile[: v1 - v0], s, backend)
+        out = _gemm_f32(g1[v0:v1], h1, tile[: v1 - v0], s, 0.0, backend)
+        if n > n1:
+            out = _gemm_f32(g2[v0:v1], h2, out, s, 1.0, backend)
         storage[v0:v1].copy_(out)
     return storage
 
