@@ -2,8 +2,9 @@
 
 * ``gemm_f32`` (csrc/var_cpu_gemm.cpp): MKL's bf16/fp16 GEMM with an fp32 output, against float64;
 * the deferred pass: with n ≤ 2·H non-ignored rows, g is kept transposed, its first H columns in
-  grad_weight's own storage (the rest beside it), and turned into grad_weight = s·gᵀ·h in the backward. It must give what the chunked pass's fp32 accumulator
-  gives (scaled, then rounded once), for every tile order hazard of writing over its own input.
+  grad_weight's own storage (the rest beside it), and turned into grad_weight = s·gᵀ·h in the backward.
+  It must give what the chunked pass's fp32 accumulator gives (scaled, then rounded once), for every tile
+  order hazard of writing over its own input.
 """
 
 import pytest
