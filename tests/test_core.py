@@ -236,8 +236,8 @@ def test_k_group_call_holds_one_weight_accumulator(backend, monkeypatch):
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_deferred_weight_grad_holds_no_fp32_accumulator(backend):
     """bf16 on CPU with n ≤ H target rows (so nothing beside the storage): the weight gradient is finished in
-    its own storage, so the peak beyond inputs and gradients stays far below the fp32 [V, H] accumulator (32 MiB here) that the chunked
-    pass holds (docs/design.md §3.3)."""
+    its own storage, so the peak beyond inputs and gradients stays far below the fp32 [V, H] accumulator
+    (32 MiB here) that the chunked pass holds (docs/design.md §3.3)."""
     require_backend(backend)
     import sys
 
