@@ -63,6 +63,17 @@ def test_gemm_f32_edge_cases_and_errors():
         torch.ops.varkernels.gemm_f32(torch.ones(4, 4, dtype=torch.bfloat16)[::2, ::2], x, torch.zeros(2, 2), 1.0, 0.0)
 
 
+def test_mkl_gemm_switch(monkeypatch):
+    """VARKERNELS_MKL_GEMM=0 turns gemm_f32 off (the fp32-copy path runs); the answer is asked once per process."""
+    _require_f32_gemm()
+    monkeypatch.setattr(lin, "_F32_GEMM", {})
+    monkeypatch.setenv("VARKERNELS_MKL_GEMM", "0")
+    assert not lin.f32_gemm_available()
+    monkeypatch.setattr(lin, "_F32_GEMM", {})
+    monkeypatch.delenv("VARKERNELS_MKL_GEMM")
+    assert lin.f32_gemm_available()
+
+
 @pytest.mark.parametrize("dtype", HALF)
 def test_accumulate_weight_grad_cpu_backend_uses_gemm_f32(dtype):
     """backend="cpu": gw += gᵀ·h through gemm_f32 (no fp32 copies), equal to the fp32 GEMM up to summation order."""

@@ -27,8 +27,8 @@ FRAGMENTS = {
     ),
     "backend": 'backend: "auto" | "triton" | "cpu" | "torch".',
     "chunk_size": (
-        "chunk_size: token rows per chunk; default ``default_chunk_size(V, device, dtype)`` (a 32 MiB\n"
-        "block of fp32 logits on CPU, 256 MiB of logits in their dtype on CUDA)."
+        "chunk_size: token rows per chunk; default ``default_chunk_size(V, device, dtype)`` (a block of\n"
+        "logits in their dtype: 32 MiB on CPU, 256 MiB on CUDA)."
     ),
     "grad_accum_dtype": (
         "grad_accum_dtype: dtype of the weight/bias gradient accumulators: torch.float32 (default:\n"

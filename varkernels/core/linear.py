@@ -29,6 +29,7 @@ is nothing to compact by: every row is processed and ignored rows get a zero gra
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -38,21 +39,23 @@ from .. import csrc_loader
 from .._validation import data_checks_enabled
 from .token import TokenOptions, kernel_coef, token_op
 
-# Memory budget of one [chunk, V] logits block, counted in fp32 bytes. CPU: 32 MiB keeps the
+# Memory budget of one [chunk, V] logits block, counted in the logits' dtype. CPU: 32 MiB keeps the
 # extra memory of the loss at ~0.2x naive's at B=4, T=512, V=32000 (benchmarks/bench_fused_linear.py)
-# while a 262-row matmul still runs at full speed. CUDA: 256 MiB, so the three matmuls stay large
+# while a 262-row fp32 matmul still runs at full speed; in bf16 the same budget gives 524 rows, and each
+# chunk's two GEMMs stream all of W once, so fewer chunks read W fewer times (bf16 GEMMs are fast enough
+# on AMX / AVX512-BF16 CPUs for that read to show). CUDA: 256 MiB, so the three matmuls stay large
 # enough for the tensor cores (e.g. 523 rows at V = 128256).
 CHUNK_BUDGET_BYTES = {"cpu": 32 * 2**20, "cuda": 256 * 2**20}
 MIN_CHUNK_ROWS = 16
 
 
 def default_chunk_size(vocab_size: int, device_type: str = "cpu", element_size: int = 4) -> int:
-    """Rows per chunk from ``CHUNK_BUDGET_BYTES``: 262 rows at V = 32000 on CPU (counted in fp32, which
-    the CPU kernels compute in); on CUDA counted in the logits' own dtype: 523 rows at V = 128256 in
-    fp32, 1046 in bf16 (fewer, larger GEMMs: each chunk's weight-gradient GEMM reads and writes the
-    whole [V, H] accumulator, so the chunk count sets that traffic)."""
+    """Rows per chunk from ``CHUNK_BUDGET_BYTES``, counted in the logits' own dtype: on CPU 262 rows at
+    V = 32000 in fp32, 524 in bf16; on CUDA 523 rows at V = 128256 in fp32, 1046 in bf16 (fewer, larger
+    GEMMs: each chunk's weight-gradient GEMM reads and writes the whole [V, H] accumulator, and each
+    chunk reads all of W, so the chunk count sets that traffic)."""
     budget = CHUNK_BUDGET_BYTES.get(device_type, CHUNK_BUDGET_BYTES["cpu"])
-    per_row = (element_size if device_type == "cuda" else 4) * vocab_size
+    per_row = element_size * vocab_size
     return max(MIN_CHUNK_ROWS, budget // per_row)
 
 
@@ -81,9 +84,12 @@ def _accumulate_weight_grad(
 
 def f32_gemm_available() -> bool:
     """True when ``torch.ops.varkernels.gemm_f32`` runs: the C++ extension is loaded and this PyTorch build
-    links MKL's half-precision GEMMs with an fp32 output (x86-64 wheels do; csrc/var_cpu_gemm.cpp)."""
+    links MKL's half-precision GEMMs with an fp32 output (x86-64 wheels do; csrc/var_cpu_gemm.cpp), unless
+    ``VARKERNELS_MKL_GEMM=0`` is set (then the fp32-copy path, e.g. to compare the two on a CPU where MKL's
+    bf16 kernels are not the fast ones: measured only on an Intel Xeon with AMX, docs/benchmarks.md)."""
     if "f32_gemm" not in _F32_GEMM:
-        mod = csrc_loader.load_extension(required=False)
+        off = os.environ.get("VARKERNELS_MKL_GEMM", "1") in ("0", "false", "False", "off")
+        mod = None if off else csrc_loader.load_extension(required=False)
         _F32_GEMM["f32_gemm"] = bool(mod is not None and getattr(mod, "has_f32_gemm", lambda: False)())
     return _F32_GEMM["f32_gemm"]
 
