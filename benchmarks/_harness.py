@@ -26,6 +26,15 @@ from varkernels.testing.memory import fix_mmap_threshold, peak_rss_bytes  # noqa
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def release_cached_buffers() -> None:
+    """Empty varkernels' CPU gradient-buffer cache (core/_grad_buffers.py), if varkernels is loaded."""
+    import sys
+
+    vk = sys.modules.get("varkernels")
+    if vk is not None and hasattr(vk, "release_grad_buffers"):
+        vk.release_grad_buffers()
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
     """Extra peak memory (bytes) of one call of ``fn`` beyond what is resident before it."""
     gc.collect()
@@ -233,7 +242,7 @@ def measure(fn: Callable[[], object], device: str = "cpu", reps: int = 3,
     return {**t, "peak_extra_bytes": mem, "first_call_s": first}
 
 
-def measure_interleaved(calls: dict, device: str = "cpu", reps: int = 3) -> dict:
+def measure_interleaved(calls: dict, device: str = "cpu", reps: int = 3, fresh_buffers: bool = False) -> dict:
     """``measure`` for several functions of one config, with the timed calls interleaved.
 
     ``calls`` maps a name to ``(fn, setup)``. Each function gets its warm-up call and its peak-memory
@@ -241,7 +250,12 @@ def measure_interleaved(calls: dict, device: str = "cpu", reps: int = 3) -> dict
     round 2, ...), so that a change of load on a shared machine during the config hits every
     function alike and their ratios stay comparable. On CUDA each function is ``measure``-d in turn
     (``do_bench`` is not disturbed by other users of the host). Returns name → ``measure``'s dict,
-    or name → the exception its warm-up or a timed call raised."""
+    or name → the exception its warm-up or a timed call raised.
+
+    ``fresh_buffers``: empty varkernels' gradient-buffer cache before each peak-memory call, so that the
+    peak counts the gradient buffer the call hands back (else it is resident before the call and only
+    the scripts that report the cache's "held" bytes beside the peak, like bench_var_loss.py, count it);
+    that call is then not timed (it pays the fresh buffer's page faults) and ``reps`` calls follow."""
     if device == "cuda":
         out = {}
         for name, (fn, setup) in calls.items():
@@ -257,14 +271,16 @@ def measure_interleaved(calls: dict, device: str = "cpu", reps: int = 3) -> dict
             first = wall_time(fn, device)
             setup()
             box = []
+            if fresh_buffers:
+                release_cached_buffers()
             mem = peak_memory_bytes(lambda: box.append(wall_time(fn, device)), device)
-            times[name] += box
+            times[name] += [] if fresh_buffers else box
             out[name] = {"peak_extra_bytes": mem, "first_call_s": first}
         except Exception as e:  # noqa: BLE001
             out[name] = e
         finally:
             setup()
-    for _ in range(reps - 1):
+    for _ in range(reps if fresh_buffers else reps - 1):
         for name, (fn, setup) in calls.items():
             if isinstance(out[name], Exception):
                 continue

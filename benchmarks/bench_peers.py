@@ -21,7 +21,8 @@ Part "time" (this process): forward + backward of the whole loss, upstream gradi
   after one warm-up call (first_call_s: compilation included), the timed calls of one config going
   round-robin over the providers so that a change of load on a shared machine hits all of them;
   the peak memory beyond the inputs (outputs and gradients included) from /proc VmHWM, with glibc's
-  mmap threshold fixed so it counts live tensors (benchmarks/_harness.py). On CUDA:
+  mmap threshold fixed so it counts live tensors, measured on an untimed call made with varkernels'
+  gradient-buffer cache emptied, so that the gradient it hands back is counted (benchmarks/_harness.py). On CUDA:
   triton.testing.do_bench and torch.cuda.max_memory_allocated, and the Triton providers run.
   Before timing, every provider's loss and gradients are checked against naive eager.
 Part "traffic" (a subprocess with TRITON_INTERPRET=1; docs/design.md §4.3, no GPU needed): bytes moved by one
@@ -139,7 +140,7 @@ def run_time(args, run: str) -> list:
                     results = measure_interleaved(
                         {p.name: (lambda p=p, x=own[p.name]: p.loss(x).backward(), own[p.name].zero_grad)
                          for p in runnable},
-                        device, reps=args.reps)
+                        device, reps=args.reps, fresh_buffers=True)
                     del own
                     naive = results.get("naive") if isinstance(results.get("naive"), dict) else None
                     for p in providers:
