@@ -193,9 +193,10 @@ def run_traffic(args, run: str) -> list:
     B = sizes["logits"]["B"]
     providers = {p.name: p for p in get_providers("logits", "cpu")}
     t1, t2 = gpu_measures.COUNT_T
-    bw = {arch: bandwidth for arch, (_, bandwidth) in gpu_measures.GPUS.items()}
+    bw = {arch: gpu.dram_bytes_per_s for arch, gpu in gpu_measures.GPUS.items()}
     note = "roofline ESTIMATE = bytes / peak DRAM bandwidth (" + ", ".join(
-        f"{arch} {gpu} {b / 1e12:.2f} TB/s" for arch, (gpu, b) in gpu_measures.GPUS.items()) + "); not measured"
+        f"{arch} {gpu.name} {gpu.dram_bytes_per_s / 1e12:.2f} TB/s" for arch, gpu in gpu_measures.GPUS.items()
+    ) + "); not measured"
     method = f"counted at B={B}, T={t1} and T={t2} (every token a target), extrapolated linearly in T"
 
     def liger_bytes(T, V, dtype):
