@@ -112,3 +112,23 @@ def test_log_prob_head_peers_match_reference(name, dtype, one_torch_thread):
     assert x.hidden.grad.dtype == dtype and x.weight.grad.dtype == dtype
     assert_close(x.hidden.grad, ref_gh, truth_gh, name=f"{name} hidden grad")
     assert_close(x.weight.grad, ref_gw, truth_gw, name=f"{name} weight grad")
+
+
+def test_traffic_part_runs_and_writes_its_estimates(tmp_path):
+    """``bench_peers.py --part traffic --quick`` (the interpreter count, ~6 s) runs end to end and writes rows with a
+    roofline estimate per GPU arch: it broke silently once when gpu_measures.GPUS changed shape."""
+    import csv
+    import os
+    import subprocess
+
+    pytest.importorskip("triton")
+    out = tmp_path / "peers.csv"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_peers.py"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, str(script), "--part", "traffic", "--quick", "--csv", str(out)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [row for row in csv.DictReader(out.open()) if row["part"] == "traffic" and row["status"] == "ok"]
+    assert {row["provider"] for row in rows} >= {"naive", "varkernels[triton]"}
+    assert all(float(row["est_us_sm_90"]) > 0 and float(row["est_us_sm_80"]) > float(row["est_us_sm_90"])
+               for row in rows)
