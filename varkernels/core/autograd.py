@@ -203,18 +203,15 @@ class LinearTokenFunction(torch.autograd.Function):
         wants = ctx.wants
         if ctx.forward_mode:
             grads = _saved_once(ctx, "fused-linear token op (forward-mode gradient)")
+            finished = None
             if ctx.deferred:  # grad_weight is finished here, with the upstream scale known, over its storage
                 gh, gb, *kept = grads
-                gw = finish_weight_grad(DeferredWeightGrad(*kept), grad_value, ctx.opts.backend)
-                torch.autograd.graph.increment_version(gw)  # (written in place: one backward per graph)
-                gh = scale_grad_(gh, grad_value, ctx.opts.backend).to(ctx.dtypes[0]) if wants[0] else None
-                if wants[2] and gb.numel():
-                    gb = scale_grad_(gb, grad_value, ctx.opts.backend).to(ctx.dtypes[2])
-                else:
-                    gb = None
-                return gh, gw, gb, None, None, None, None
+                finished = finish_weight_grad(DeferredWeightGrad(*kept), grad_value, ctx.opts.backend)
+                torch.autograd.graph.increment_version(finished)  # (written in place: one backward per graph)
+                grads = (gh, finished, gb)
             out = [
-                scale_grad_(g, grad_value, ctx.opts.backend).to(dt) if want and g.numel() else None
+                g if g is finished
+                else scale_grad_(g, grad_value, ctx.opts.backend).to(dt) if want and g.numel() else None
                 for g, dt, want in zip(grads, ctx.dtypes, wants)
             ]
             return (*out, None, None, None, None)
