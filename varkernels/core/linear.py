@@ -73,13 +73,7 @@ def _accumulate_weight_grad(
         return gw.addmm_(g.t(), h_c)
     if gw.device.type == "cuda":
         return torch.addmm(gw, g.t(), h_c, out_dtype=torch.float32, out=gw)
-    if backend == "cpu" and f32_gemm_available() and g.dtype == h_c.dtype:
-        torch.ops.varkernels.gemm_f32(g.t(), h_c, gw, 1.0, 1.0)
-        return gw
-    if g.dtype == torch.bfloat16 and h_c.dtype == torch.bfloat16:
-        with _bf16_math():
-            return gw.addmm_(g.t().float(), h_c.float())
-    return gw.addmm_(g.t().float(), h_c.float())
+    return _gemm_f32(g.t(), h_c, gw, 1.0, 1.0, backend)
 
 
 def f32_gemm_available() -> bool:
@@ -101,11 +95,13 @@ def _gemm_f32(
     a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, alpha: float, beta: float, backend: str
 ) -> torch.Tensor:
     """out (fp32) = alpha · a @ b + beta · out (beta 0 or 1) for half-precision a, b: ``gemm_f32`` with
-    ``backend="cpu"`` when it runs, else fp32 copies (bf16: in oneDNN's bf16 math mode, exact as above)."""
-    if backend == "cpu" and f32_gemm_available():
+    ``backend="cpu"`` when it runs, else fp32 copies (both bf16: in oneDNN's bf16 math mode, exact as in
+    :func:`_accumulate_weight_grad`)."""
+    if backend == "cpu" and a.dtype == b.dtype and f32_gemm_available():
         torch.ops.varkernels.gemm_f32(a, b, out, alpha, beta)
         return out
-    with _bf16_math() if a.dtype == torch.bfloat16 else contextlib.nullcontext():
+    both_bf16 = a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16
+    with _bf16_math() if both_bf16 else contextlib.nullcontext():
         if beta == 0.0:
             torch.mm(a.float(), b.float(), out=out)
             return out.mul_(alpha) if alpha != 1.0 else out
