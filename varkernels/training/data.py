@@ -1,58 +1,37 @@
 """VAR training sets: fixed groups with their scores, one item per group; ``VARDataset.build``.
 
 docs/design.md §5. The VAR weights of a micro-batch are normalised inside that micro-batch, so the
-micro-batch is a unit of the data, not of the loader. ``VARDataset.build`` is a short
-orchestration of the modules that each do one job:
-
-1. ``groups.make_groups``: the N examples are split once into fixed groups of B (seeded permutation).
-2. ``distributed``: under ``torch.distributed`` with N ranks each rank scores every N-th group
-   and the scores are all-gathered, so every rank ends with the whole (identical) dataset.
-3. ``cache``: the scores are cached on disk under a key made of the data, reference-model and
-   reward fingerprints and the scoring options (with a checksum of the scores: a truncated or
-   corrupted file is scored again), so a second run loads them.
-4. ``scoring.score_groups``: per group, R and Q (B×B each), or, with ``cross_pairs=False`` /
-   per-example rewards only, the (B,) shared-context form R[j] = r(x_j, y_j), Q[j] = log π_ref(y_j | x_j).
-5. One dataset item is one whole group. Any sampler over items (the ``Trainer``'s, or
-   ``groups.GroupShuffleSampler`` in a plain loop) shuffles whole groups each epoch;
-   ``groups.VARCollator`` stacks k groups into one batch without mixing them.
+micro-batch is a unit of the data. ``VARDataset.build`` groups the N examples once
+(``groups.make_groups``), looks the scores up in the cache (``cache``), splits the scoring of the
+rest over the ranks (``distributed``), scores R and Q per group (``scoring.score_groups``) and
+caches them. One item is one whole group; ``groups.VARCollator`` stacks k groups without mixing them.
 
 Sequences are x_i ⊕ y_i, right-padded; ``labels`` holds the response tokens and ``ignore_index``
 on prompt and padding, in the Hugging Face convention (the loss uses ``shift_labels=True``).
-The text side (TRL datasets, reward functions on text) is in ``text`` and ``rewards``; it ends
-in this same ``build``.
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import os
-import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from .._validation import REDUCTIONS, check_option, check_pair_inputs
 from . import distributed as _dist
 from . import scoring
-from .cache import (  # noqa: F401 - re-exported: the fingerprints are part of this module's API
-    CACHE_FORMAT,
-    cache_key,
-    cache_path,
-    fingerprint_model,
-    fingerprint_reward,
-    fingerprint_tokens,
-    hash_tensor,
-    load_scores,
-    remove_orphans,
-    save_scores,
-)
-from .groups import VAR_COLUMNS, GroupShuffleSampler, VARCollator, check_group_size, make_groups  # noqa: F401
+from .cache import load_scores, save_scores, score_key
+from .groups import VAR_COLUMNS, GroupShuffleSampler, VARCollator, check_group_size, make_groups
 from .lm_head import LMHead, _vocab_size, unwrap_model
 from .pairs import as_token_lists, check_token_lists
 
-# How long a rank waits in VARDataset.build for the others to reach it before raising (instead of
-# hanging in the first collective until the process group's own timeout).
+__all__ = ["VARDataset", "VARCollator", "GroupShuffleSampler", "make_groups"]
+
+# How long rank 0 waits in VARDataset.build for the other ranks (gloo) before raising instead of hanging.
 RENDEZVOUS_TIMEOUT_S = 600.0
 
 
@@ -124,17 +103,12 @@ class VARDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, g: int) -> dict:
         idx = self.groups[g]
-        seqs = [torch.cat([self.prompts[k].long(), self.responses[k].long()]) for k in idx]
-        T = max(s.numel() for s in seqs)
-        B = len(idx)
-        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((B, T), dtype=torch.long)
-        labels = torch.full((B, T), self.ignore_index, dtype=torch.long)
-        for r, (k, s) in enumerate(zip(idx, seqs)):
-            P = self.prompts[k].numel()
-            input_ids[r, : s.numel()] = s
-            attention_mask[r, : s.numel()] = 1
-            labels[r, P : s.numel()] = s[P:]
+        x, y = [self.prompts[k].long() for k in idx], [self.responses[k].long() for k in idx]
+        ignore = [torch.full_like(p, self.ignore_index) for p in x]
+        input_ids = pad_sequence([torch.cat(s) for s in zip(x, y)], batch_first=True, padding_value=self.pad_token_id)
+        labels = pad_sequence([torch.cat(s) for s in zip(ignore, y)], batch_first=True, padding_value=self.ignore_index)
+        attention_mask = pad_sequence([torch.ones(len(p) + len(r), dtype=torch.long) for p, r in zip(x, y)],
+                                      batch_first=True)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -151,10 +125,8 @@ class VARDataset(torch.utils.data.Dataset):
         for trainers that only take a ``datasets.Dataset`` (TRL's ``SFTTrainer``). Keep
         ``remove_unused_columns=False`` and :class:`VARCollator` as the data collator.
         """
-        try:
-            import datasets
-        except ImportError as exc:  # pragma: no cover - the message is the point
-            raise ImportError("VARDataset.to_hf_dataset needs the datasets package: pip install datasets") from exc
+        import datasets
+
         rows = [self[g] for g in range(len(self))]
         columns = {name: [row[name].tolist() for row in rows] for name in VAR_COLUMNS}
         return datasets.Dataset.from_dict(columns).with_format("torch")
@@ -201,13 +173,13 @@ class VARDataset(torch.utils.data.Dataset):
                 shared-context form (B scorings). Default True, False with ``example_rewards``.
             reduction: "mean" or "sum" for Q; must equal the trainer's ``logp_reduction``.
             share_prefix, batch_size: passed to :func:`cross_pair_logps`.
-            cache_dir: where the scores are cached (None: no cache). A file that does not load
-                or whose checksum does not match is reported (a warning) and scored again.
-                Temporary files of killed runs in that folder are removed. Under
+            cache_dir: where the scores are cached (None: no cache); the key is ``datasets``' Hasher over
+                the token ids, the reference's weights, the reward and the options (:mod:`.cache`). A file
+                that does not load or does not match is reported (a warning) and scored again. Under
                 ``torch.distributed`` the file is written once per node (by local rank 0).
-            model_fingerprint, reward_fingerprint: identities to use instead of hashing the
-                weights / the reward's parts. A reward that cannot be fingerprinted (see
-                :mod:`varkernels.training.cache`) is not cached, with a warning naming the part.
+            model_fingerprint, reward_fingerprint: identities to use instead of hashing the weights /
+                the reward (``Hasher.hash(reward)``). A reward the Hasher cannot pickle is not cached
+                (one warning per process).
             progress: a tqdm bar over groups; None shows it for ≥ 256 scored pairs.
             distributed: split the scoring over the ranks of the default ``torch.distributed``
                 process group (rank r scores groups r, r + N, ...; the scores are all-gathered,
@@ -221,45 +193,39 @@ class VARDataset(torch.utils.data.Dataset):
             prompts, responses, ref_model, reward, example_rewards, group_size, cross_pairs, reduction
         )
         groups = make_groups(len(prompts), group_size, seed=seed, drop_last=True)
+        shape = (len(groups), group_size, group_size) if cross_pairs else (len(groups), group_size)
         rank, world = _dist.rank_world(distributed)
-        if world > 1:
-            _dist.rendezvous(rank, world, RENDEZVOUS_TIMEOUT_S)
+        _dist.enter(rank, world, RENDEZVOUS_TIMEOUT_S)
+        make = functools.partial(cls, prompts, responses, groups, pad_token_id=pad_token_id,
+                                 ignore_index=ignore_index, reduction=reduction)
 
-        path = key = None
+        key = path = None
         if cache_dir is not None:
-            rew_fp = reward_fingerprint or _reward_fingerprint(reward, example_rewards)
-            if rew_fp is not None:
-                key = cache_key({
-                    "data": fingerprint_tokens(prompts, responses),
-                    "model": model_fingerprint or fingerprint_model(ref_model), "reward": rew_fp,
-                    "group_size": group_size, "seed": seed, "cross_pairs": bool(cross_pairs), "reduction": reduction,
-                })
-                path = cache_path(cache_dir, key)
-                if _dist.local_rank(rank) == 0:
-                    remove_orphans(cache_dir)
-                cached = load_scores(path, key, groups, cross_pairs)
-                # Under torch.distributed every rank must take the same branch (the scoring below is
-                # collective): use the cache only if every rank could read it.
-                if world > 1 and not _dist.all_ranks(cached is not None):
-                    cached = None
-                if cached is not None:
-                    return cls(prompts, responses, groups, *cached, pad_token_id=pad_token_id,
-                               ignore_index=ignore_index, reduction=reduction)
+            options = {"group_size": group_size, "seed": seed, "cross_pairs": bool(cross_pairs), "reduction": reduction}
+            key = score_key(prompts, responses, ref_model, reward if reward is not None else example_rewards, options,
+                            model_fingerprint=model_fingerprint, reward_fingerprint=reward_fingerprint)
+        if key is not None:
+            path = Path(cache_dir) / f"var-scores-{key}.pt"
+            cached = load_scores(path, key, groups, shape)
+            # every rank takes the same branch (the scoring below is collective): the cache only if all read it
+            if _dist.all_ranks(cached is not None, world):
+                return make(*cached)
 
-        mine = _dist.my_share(len(groups), rank, world)
-        empty = torch.empty((0, group_size, group_size) if cross_pairs else (0, group_size))
-        R_mine, Q_mine = (empty, empty) if not mine else scoring.score_groups(
-            [groups[g] for g in mine], prompts, responses, ref_model=ref_model, reward=reward,
-            example_rewards=example_rewards, cross_pairs=cross_pairs, reduction=reduction,
-            share_prefix=share_prefix, batch_size=batch_size, progress=progress if rank == 0 else False,
-        )
+        mine = list(range(rank, len(groups), world))  # round-robin: groups cost about the same
+        R_mine = Q_mine = torch.empty((0, *shape[1:]))
+        if mine:
+            R_mine, Q_mine = scoring.score_groups(
+                [groups[g] for g in mine], prompts, responses, ref_model=ref_model, reward=reward,
+                example_rewards=example_rewards, cross_pairs=cross_pairs, reduction=reduction,
+                share_prefix=share_prefix, batch_size=batch_size, progress=progress if rank == 0 else False,
+            )
         R, Q = _dist.gather_scores(len(groups), mine, R_mine, Q_mine, world)
         if path is not None:
-            if _dist.local_rank(rank) == 0:
+            if int(os.environ.get("LOCAL_RANK", rank)) == 0:
                 save_scores(path, key, groups, R, Q)
-            _dist.barrier(world)  # the file exists for every rank once build returns
-        return cls(prompts, responses, groups, R, Q, pad_token_id=pad_token_id, ignore_index=ignore_index,
-                   reduction=reduction)
+            if world > 1:
+                torch.distributed.barrier()  # the file exists for every rank once build returns
+        return make(R, Q)
 
 
 def _check_build_inputs(prompts, responses, ref_model, reward, example_rewards, group_size, cross_pairs, reduction):
@@ -297,25 +263,3 @@ def _check_build_inputs(prompts, responses, ref_model, reward, example_rewards, 
             k = int(bad[0])
             raise ValueError(f"example_rewards must be finite; got {example_rewards[k].item()} at example {k}")
     return cross_pairs, example_rewards
-
-
-def _reward_fingerprint(reward, example_rewards) -> Optional[str]:
-    """The reward's cache identity, or None (warned once) when it has none."""
-    if reward is None:
-        h = hashlib.sha256(b"example_rewards")
-        hash_tensor(h, example_rewards)
-        return h.hexdigest()
-    fp = fingerprint_reward(reward)
-    if fp is None:
-        why = reward.explain_unfingerprintable() if hasattr(reward, "explain_unfingerprintable") else ""
-        if not why:
-            from .cache import explain_unfingerprintable
-
-            why = explain_unfingerprintable(reward)
-        warnings.warn(
-            f"VARDataset.build: the scores are not cached, because the reward cannot be fingerprinted: {why} "
-            "has no stable identity. Pass reward_fingerprint='...' (a name that changes when the reward does) "
-            "to cache them",
-            stacklevel=3,
-        )
-    return fp

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from .._validation import check_positive_int
 
@@ -69,23 +70,12 @@ class VARCollator:
                 "TrainingArguments, and of TRL's SFTConfig) drops every column its model's forward (or "
                 "its signature columns) does not name: set remove_unused_columns=False"
             )
-        features = [
-            {c: torch.as_tensor(f[c], dtype=torch.float32 if c in ("rewards", "ref_logps") else torch.long)
-             for c in VAR_COLUMNS}
-            for f in features
-        ]
-        T = max(f["input_ids"].shape[1] for f in features)
-
-        def pad(t, value):
-            return torch.nn.functional.pad(t, (0, T - t.shape[1]), value=value)
-
-        return {
-            "input_ids": torch.cat([pad(f["input_ids"], self.pad_token_id) for f in features]),
-            "attention_mask": torch.cat([pad(f["attention_mask"], 0) for f in features]),
-            "labels": torch.cat([pad(f["labels"], self.ignore_index) for f in features]),
-            "rewards": torch.stack([f["rewards"] for f in features]),
-            "ref_logps": torch.stack([f["ref_logps"] for f in features]),
-        }
+        pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": self.ignore_index}
+        batch = {c: pad_sequence([r for f in features for r in torch.as_tensor(f[c], dtype=torch.long)],
+                                 batch_first=True, padding_value=value) for c, value in pads.items()}
+        for c in ("rewards", "ref_logps"):
+            batch[c] = torch.stack([torch.as_tensor(f[c], dtype=torch.float32) for f in features])
+        return batch
 
 
 class GroupShuffleSampler(torch.utils.data.Sampler):

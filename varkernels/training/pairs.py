@@ -33,12 +33,13 @@ from collections.abc import Sequence
 from typing import Callable, Optional, Union
 
 import torch
+from tqdm.auto import tqdm
 
 from .._validation import REDUCTIONS, check_option, check_positive_int
 from .lm_head import LMHead, _model_device, _vocab_size, output_cache, unwrap_model
-from .progress import PROGRESS_MIN_PAIRS, progress_bar  # noqa: F401 - PROGRESS_MIN_PAIRS re-exported
 from .rewards import as_scores, classifier_scores, reward_name
 
+PROGRESS_MIN_PAIRS = 256  # progress=None shows a tqdm bar from this many scored pairs on
 RewardFn = Callable[[list, list], Union[Sequence, torch.Tensor]]
 
 
@@ -243,7 +244,8 @@ def cross_pair_logps(
     model.eval()
     try:
         pairs = [(i, j) for i in range(B) for j in range(Bp)]
-        bar = progress_bar(len(pairs), "cross-pair log-probs", progress)
+        bar = tqdm(total=len(pairs), desc="cross-pair log-probs", leave=False,
+                   disable=not (progress or (progress is None and len(pairs) >= PROGRESS_MIN_PAIRS)))
         score = _pair_logps_shared if share_prefix else _pair_logps_separately
         q = score(model, head, pairs, prompts, responses, reduction, bs, bar)
         bar.close()
@@ -272,7 +274,8 @@ def paired_logps(
     was_training = model.training
     model.eval()
     try:
-        bar = progress_bar(len(pairs), "log-probs", progress)
+        bar = tqdm(total=len(pairs), desc="log-probs", leave=False,
+                   disable=not (progress or (progress is None and len(pairs) >= PROGRESS_MIN_PAIRS)))
         out = _pair_logps_separately(model, head, pairs, prompts, responses, reduction, bs, bar)
         bar.close()
         return out
@@ -365,7 +368,8 @@ def cross_pair_rewards(
     B, Bp = len(prompts), len(responses)
     bs = batch_size or Bp
     pairs = [(i, j) for i in range(B) for j in range(Bp)]
-    bar = progress_bar(len(pairs), "cross-pair rewards", progress)
+    bar = tqdm(total=len(pairs), desc="cross-pair rewards", leave=False,
+               disable=not (progress or (progress is None and len(pairs) >= PROGRESS_MIN_PAIRS)))
     r = _score_reward_pairs(reward, pairs, prompts, responses, bs, bar, pad_token_id)
     bar.close()
     return r.view(B, Bp)
@@ -385,7 +389,8 @@ def paired_rewards(
     _check_reward_inputs(reward, prompts, responses, batch_size)
     bs = batch_size or 8
     pairs = [(i, i) for i in range(len(prompts))]
-    bar = progress_bar(len(pairs), "rewards", progress)
+    bar = tqdm(total=len(pairs), desc="rewards", leave=False,
+               disable=not (progress or (progress is None and len(pairs) >= PROGRESS_MIN_PAIRS)))
     r = _score_reward_pairs(reward, pairs, prompts, responses, bs, bar, pad_token_id)
     bar.close()
     return r

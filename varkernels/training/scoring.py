@@ -1,4 +1,4 @@
-"""Scoring of fixed groups: R (rewards) and Q (reference log-probs) per group, one progress bar.
+"""Scoring of fixed groups: R (rewards) and Q (reference log-probs) per group, one tqdm bar over groups.
 
 Each group of B examples (user indices ``idx``) gets R[i, j] = r(x_idx[i], y_idx[j]) and
 Q[i, j] = log π_ref(y_idx[j] | x_idx[i]) ([B, B]), or their diagonals ([B], the shared-context
@@ -10,10 +10,10 @@ inside a group.
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from .lm_head import LMHead
-from .pairs import _pair_logps_separately, _pair_logps_shared, _score_reward_pairs
-from .progress import progress_bar
+from .pairs import PROGRESS_MIN_PAIRS, _pair_logps_separately, _pair_logps_shared, _score_reward_pairs
 
 
 def is_pair_scorer(reward) -> bool:
@@ -29,11 +29,12 @@ def score_groups(
     """(R, Q) of shape [G, B, B] (``cross_pairs``) or [G, B], float32 on CPU, for ``groups``."""
     B = len(groups[0])
     per_group = B * B if cross_pairs else B
-    bar = progress_bar(len(groups), "scoring VAR groups", progress, unit="group", pairs=len(groups) * per_group)
+    show = progress or (progress is None and len(groups) * per_group >= PROGRESS_MIN_PAIRS)
+    bar = tqdm(total=len(groups), desc="scoring VAR groups", unit="group", leave=False, disable=not show)
     head = LMHead(ref_model)
     was_training = ref_model.training
     ref_model.eval()
-    no_bar = progress_bar(0, "", False)
+    no_bar = tqdm(disable=True)
     R, Q = [], []
     try:
         for idx in groups:
