@@ -296,7 +296,11 @@ def _scoring_worker(rank, world_size, port, cache_dir, out_dir):
                 message = str(exc)
             with open(os.path.join(out_dir, "main_process_first.txt"), "w") as f:
                 f.write(message)
-        dist.barrier()  # rank 1 waits here, as in main_process_first; rank 0 joins after its error
+            os._exit(0)  # the error ends rank 0's job (its tags no longer match rank 1's barrier)
+        try:
+            dist.barrier()  # rank 1 waits here, as in main_process_first, until rank 0's exit breaks it
+        except RuntimeError:
+            os._exit(0)
     except BaseException:
         dist.destroy_process_group()
         raise
@@ -328,4 +332,5 @@ def test_build_scores_a_share_per_rank_and_matches_one_process(tmp_path):
                               group_size=4, cache_dir=cache, reward_fingerprint="parity")
     assert again.pairs == 0 and torch.equal(cached.ref_logps, torch.load(tmp_path / "rank0.pt")["ref_logps"])
     message = (tmp_path / "main_process_first.txt").read_text()
-    assert "only 1 of 2 ranks entered it" in message and "main_process_first()" in message, message
+    assert "not every rank entered it within 1 s" in message and "main_process_first()" in message, message
+    assert "Ranks 1 failed to pass monitoredBarrier" in message, message
