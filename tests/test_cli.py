@@ -45,7 +45,7 @@ def test_cli_trains_from_jsonl_with_a_yaml_config(tmp_path, monkeypatch):
         "logging_steps": 1, "max_steps": 5,
     }
     (tmp_path / "var.yaml").write_text(yaml.safe_dump(config))
-    trainer = cli.main(["--config", str(tmp_path / "var.yaml"), "--max_steps", "2"])  # the flag overrides the file
+    trainer = cli.run(["--config", str(tmp_path / "var.yaml"), "--max_steps", "2"])  # the flag overrides the file
     assert trainer.state.global_step == 2 and trainer.args.group_size == 4
 
     ds = trainer.train_dataset
@@ -65,13 +65,38 @@ def test_cli_trains_from_jsonl_with_a_yaml_config(tmp_path, monkeypatch):
     assert moved > 1e-4
 
 
+CONSOLE_SCRIPT = "import sys; from varkernels.training.cli import main; sys.exit(main())"  # what pip generates
+
+
+def test_console_script_exits_0_after_training(tmp_path):
+    """varkernels-train in a fresh process, as the console script runs it: it trains, saves and exits 0."""
+    import os
+    import subprocess
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(8, seed=21)))
+    llama(seed=5).save_pretrained(tmp_path / "policy")
+    tokenizer().save_pretrained(tmp_path / "policy")
+    (tmp_path / "rewards.py").write_text(REWARD_MODULE)
+    argv = ["--model_name_or_path", "policy", "--dataset_name", "train.jsonl", "--reward_funcs",
+            "rewards.py:count_topic", "--output_dir", "out", "--group_size", "4", "--max_steps", "1",
+            "--per_device_train_batch_size", "1", "--report_to", "none", "--use_cpu", "--save_strategy", "no",
+            "--disable_tqdm", "true"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT, *argv], cwd=tmp_path, env=env, timeout=300,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out" / "config.json").exists() and list((tmp_path / "out" / "var_scores").glob("*.pt"))
+
+
 def test_cli_errors_and_the_console_script():
     from varkernels.training import cli
 
-    with pytest.raises(ValueError, match=r"\.json / \.jsonl / \.parquet"):
-        cli.load_text_dataset("data.csv")
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        cli.load_text_dataset("missing.jsonl")
     with pytest.raises(ValueError, match="has no callable 'nope'"):
         cli.resolve_reward("json:nope")
     assert cli.resolve_reward("path/to/reward_model") == "path/to/reward_model"
+    with pytest.raises(SystemExit):  # argparse: the model and the dataset are required
+        cli.run(["--output_dir", "out"])
     pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     assert 'varkernels-train = "varkernels.training.cli:main"' in pyproject
