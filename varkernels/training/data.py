@@ -70,10 +70,9 @@ class VARDataset(torch.utils.data.Dataset):
         if len(self.groups) == 0:
             raise ValueError("groups must hold at least one group, got none")
         sizes = {len(g) for g in self.groups}
-        for g in self.groups:
-            bad = [k for k in g if not 0 <= k < len(self.prompts)]
-            if bad:
-                raise ValueError(f"groups holds example index {bad[0]} outside [0, {len(self.prompts)})")
+        bad = [k for g in self.groups for k in g if not 0 <= k < len(self.prompts)]
+        if bad:
+            raise ValueError(f"groups holds example index {bad[0]} outside [0, {len(self.prompts)})")
         if len(sizes) != 1:
             raise ValueError(f"every group must have the same number B of examples, got group sizes {sorted(sizes)}")
         G, B = len(self.groups), next(iter(sizes))
@@ -157,36 +156,28 @@ class VARDataset(torch.utils.data.Dataset):
         """Group, score and cache a VAR training set.
 
         Args:
-            prompts, responses: N 1-D integer tensors each (or lists of token ids, as a tokenizer
-                returns them); example k is (prompts[k], responses[k]). Text goes through
-                ``VARTrainer(train_dataset=..., processing_class=...)``, which ends here.
+            prompts, responses: N 1-D integer tensors (or lists of token ids) each; example k is
+                (prompts[k], responses[k]). Text goes through ``VARTrainer``, which ends here.
             ref_model: the frozen reference causal LM (Q comes from it, no gradients).
-            reward: a sequence-classification reward model or a callable ``fn(prompts, responses)``
-                on token ids (see :func:`varkernels.training.pairs.cross_pair_rewards`), or an
-                object scoring pairs of example indices (``score_pairs``, e.g.
-                :class:`varkernels.training.rewards.TextPairRewards`: TRL's reward functions on text).
-            example_rewards: N precomputed per-example rewards r(x_k, y_k) instead of ``reward``;
-                implies the (B,) shared-context form.
-            group_size: B >= 2, examples per micro-batch. seed: of the grouping (:func:`make_groups`);
-                the N mod B examples left over are dropped, so every micro-batch has the same B.
-            cross_pairs: True → R and Q are [B, B] per group (B² scorings); False → the (B,)
-                shared-context form (B scorings). Default True, False with ``example_rewards``.
+            reward: a sequence-classification reward model, a callable ``fn(prompts, responses)`` on
+                token ids (:func:`varkernels.training.pairs.cross_pair_rewards`), or an object with
+                ``score_pairs(pairs of example indices)`` (:class:`varkernels.training.rewards.TextPairRewards`).
+            example_rewards: N per-example rewards r(x_k, y_k) instead of ``reward`` (the (B,) form).
+            group_size, seed: B >= 2 examples per group, seeded grouping (:func:`make_groups`); the
+                N mod B examples left over are dropped.
+            cross_pairs: [B, B] R and Q per group (B² scorings) or the (B,) shared-context form.
+                Default True, False with ``example_rewards``.
             reduction: "mean" or "sum" for Q; must equal the trainer's ``logp_reduction``.
             share_prefix, batch_size: passed to :func:`cross_pair_logps`.
-            cache_dir: where the scores are cached (None: no cache); the key is ``datasets``' Hasher over
-                the token ids, the reference's weights, the reward and the options (:mod:`.cache`). A file
-                that does not load or does not match is reported (a warning) and scored again. Under
-                ``torch.distributed`` the file is written once per node (by local rank 0).
-            model_fingerprint, reward_fingerprint: identities to use instead of hashing the weights /
-                the reward (``Hasher.hash(reward)``). A reward the Hasher cannot pickle is not cached
-                (one warning per process).
-            progress: a tqdm bar over groups; None shows it for ≥ 256 scored pairs.
-            distributed: split the scoring over the ranks of the default ``torch.distributed``
-                process group (rank r scores groups r, r + N, ...; the scores are all-gathered,
-                every rank returns the same dataset). ``None`` (default): when a process group
-                with more than one rank is initialised. Every rank must call ``build`` at the same
-                point with the same arguments (the calls are collective): do not wrap it in
-                ``main_process_first()``, which runs it on one rank while the others wait.
+            cache_dir: where the scores are cached (None: no cache), keyed by :func:`.cache.score_key`;
+                a file that does not load or match is scored again (warned). Written by local rank 0.
+            model_fingerprint, reward_fingerprint: identities used instead of hashing the reference's
+                weights / ``Hasher.hash(reward)``. A reward that cannot be hashed is not cached (warned once).
+            progress: a tqdm bar over groups; None shows it from 256 scored pairs on.
+            distributed: split the scoring over the ranks of ``torch.distributed`` (rank r scores
+                groups r, r + N, ...; all-gathered, so every rank returns the same dataset). None: when
+                a process group is initialised. Every rank must call ``build`` at the same point: not
+                inside ``main_process_first()``, where the other ranks wait in a barrier.
         """
         prompts, responses = as_token_lists(prompts), as_token_lists(responses)
         cross_pairs, example_rewards = _check_build_inputs(

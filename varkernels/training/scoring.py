@@ -16,11 +16,6 @@ from .lm_head import LMHead
 from .pairs import PROGRESS_MIN_PAIRS, _pair_logps_separately, _pair_logps_shared, _score_reward_pairs
 
 
-def is_pair_scorer(reward) -> bool:
-    """A reward bound to the examples (``score_pairs(pairs of example indices)``): the text rewards."""
-    return callable(getattr(reward, "score_pairs", None))
-
-
 @torch.no_grad()
 def score_groups(
     groups, prompts, responses, *, ref_model, reward, example_rewards, cross_pairs, reduction,
@@ -48,7 +43,7 @@ def score_groups(
                                                 batch_size or 8, no_bar))
             if example_rewards is not None:
                 R.append(example_rewards[torch.tensor(idx)])
-            elif is_pair_scorer(reward):
+            elif callable(getattr(reward, "score_pairs", None)):  # a reward bound to the examples (text)
                 R.append(reward.score_pairs(pairs).float().reshape(Q[-1].shape))
             else:
                 bs = batch_size or (B if cross_pairs else 8)
