@@ -52,18 +52,9 @@ class VARDataset(torch.utils.data.Dataset):
     ``rewards`` / ``ref_logps`` [B, B] or [B]. Use :meth:`build` to score and cache.
     """
 
-    def __init__(
-        self,
-        prompts: Sequence[torch.Tensor],
-        responses: Sequence[torch.Tensor],
-        groups: Sequence[Sequence[int]],
-        rewards: torch.Tensor,
-        ref_logps: torch.Tensor,
-        *,
-        pad_token_id: int = 0,
-        ignore_index: int = -100,
-        reduction: Optional[str] = None,
-    ):
+    def __init__(self, prompts: Sequence[torch.Tensor], responses: Sequence[torch.Tensor],
+                 groups: Sequence[Sequence[int]], rewards: torch.Tensor, ref_logps: torch.Tensor, *,
+                 pad_token_id: int = 0, ignore_index: int = -100, reduction: Optional[str] = None):
         check_token_lists(prompts, responses, same_length=True)
         self.prompts, self.responses = list(prompts), list(responses)
         self.groups = [list(map(int, g)) for g in groups]
@@ -108,13 +99,8 @@ class VARDataset(torch.utils.data.Dataset):
         labels = pad_sequence([torch.cat(s) for s in zip(ignore, y)], batch_first=True, padding_value=self.ignore_index)
         attention_mask = pad_sequence([torch.ones(len(p) + len(r), dtype=torch.long) for p, r in zip(x, y)],
                                       batch_first=True)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "rewards": self.rewards[g],
-            "ref_logps": self.ref_logps[g],
-        }
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "rewards": self.rewards[g], "ref_logps": self.ref_logps[g]}
 
     def to_hf_dataset(self):
         """This dataset as a ``datasets.Dataset`` (one row per group, torch format).
@@ -132,26 +118,12 @@ class VARDataset(torch.utils.data.Dataset):
 
     @classmethod
     def build(
-        cls,
-        prompts: Sequence[torch.Tensor],
-        responses: Sequence[torch.Tensor],
-        *,
-        ref_model: torch.nn.Module,
-        reward=None,
-        example_rewards: Optional[Sequence[float]] = None,
-        group_size: int = 8,
-        seed: int = 0,
-        cross_pairs: Optional[bool] = None,
-        reduction: str = "mean",
-        share_prefix: bool = True,
-        batch_size: Optional[int] = None,
-        cache_dir: Optional[Union[str, os.PathLike]] = None,
-        model_fingerprint: Optional[str] = None,
-        reward_fingerprint: Optional[str] = None,
-        pad_token_id: int = 0,
-        ignore_index: int = -100,
-        progress: Optional[bool] = None,
-        distributed: Optional[bool] = None,
+        cls, prompts: Sequence[torch.Tensor], responses: Sequence[torch.Tensor], *, ref_model: torch.nn.Module,
+        reward=None, example_rewards: Optional[Sequence[float]] = None, group_size: int = 8, seed: int = 0,
+        cross_pairs: Optional[bool] = None, reduction: str = "mean", share_prefix: bool = True,
+        batch_size: Optional[int] = None, cache_dir: Optional[Union[str, os.PathLike]] = None,
+        model_fingerprint: Optional[str] = None, reward_fingerprint: Optional[str] = None, pad_token_id: int = 0,
+        ignore_index: int = -100, progress: Optional[bool] = None, distributed: Optional[bool] = None,
     ) -> VARDataset:
         """Group, score and cache a VAR training set.
 

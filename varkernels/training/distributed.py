@@ -42,9 +42,8 @@ def enter(rank: int, world: int, timeout_s: float) -> None:
 
 def all_ranks(flag: bool, world: int) -> bool:
     """True on every rank when ``flag`` is True on every rank (a collective call when world > 1)."""
-    flags = [flag]
+    flags = [flag] * world
     if world > 1:
-        flags = [None] * world
         dist.all_gather_object(flags, bool(flag))
     return all(flags)
 
