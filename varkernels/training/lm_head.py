@@ -26,21 +26,17 @@ import torch
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The causal LM inside DDP / DeepSpeed / accelerate / PEFT / ``torch.compile`` wrappers.
+    """The causal LM inside DDP / DeepSpeed / FSDP / ``torch.compile`` (accelerate's ``extract_model_from_parallel``)
+    and PEFT (``get_base_model``, which accelerate does not unwrap) wrappers.
 
     Only for reading ``lm_head``, the config and the forward's signature: the model is still
     *called* through its wrappers (so DDP's and the sharding engines' hooks fire).
     """
-    for _ in range(8):  # wrappers nest a few levels at most (compile → accelerate → DDP → PEFT)
-        orig = model._modules.get("_orig_mod") if isinstance(model, torch.nn.Module) else None
-        if isinstance(orig, torch.nn.Module):  # torch.compile's OptimizedModule
-            model = orig
-        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP, DeepSpeedEngine
-            model = model.module
-        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
-            model = model.get_base_model()
-        else:
-            break
+    from accelerate.utils import extract_model_from_parallel  # lazily: the scoring modules need no train extra
+
+    model = extract_model_from_parallel(model, keep_torch_compile=False)
+    if callable(getattr(model, "get_base_model", None)):  # peft.PeftModel
+        model = extract_model_from_parallel(model.get_base_model(), keep_torch_compile=False)
     return model
 
 
@@ -211,7 +207,7 @@ class _HeadSwap:
         self.calls = 0
         self.result = None
         self.saved = None
-        self.forward = _dynamo_disable(self._forward)
+        self.forward = torch._dynamo.disable(self._forward, recursive=True)
 
     @property
     def module(self):
@@ -249,13 +245,6 @@ def _swap_for(module) -> _HeadSwap:
     if swap is None:
         swap = _SWAPS[module] = _HeadSwap(module)
     return swap
-
-
-def _dynamo_disable(fn):
-    try:
-        return torch._dynamo.disable(fn, recursive=True)
-    except (AttributeError, TypeError):  # very old torch without dynamo
-        return fn
 
 
 def _decoder(lm) -> Optional[torch.nn.Module]:

@@ -47,6 +47,7 @@ from .._validation import check_option
 from ..nll import linear_weighted_nll, weighted_nll
 from ..var.weights import group_ess
 from .lm_head import LMHead, unwrap_model
+from .rewards import call_reward_func
 
 try:  # the train extra: trl (and transformers)
     from trl import GRPOConfig, GRPOTrainer
@@ -322,7 +323,8 @@ def _is_plain_callable(f) -> bool:
 
 def _checked_reward_func(func, name: str):
     """``func`` with its outputs checked: NaN or ±inf raise, naming the function and the completion;
-    None passes (TRL: the function does not apply to that completion)."""
+    None passes (TRL: the function does not apply to that completion). A function without ``**kwargs``
+    gets an error saying to add it (:func:`varkernels.training.rewards.call_reward_func`)."""
 
     def check(out, completions):
         for j, r in enumerate(out if isinstance(out, (list, tuple)) else []):
@@ -337,12 +339,12 @@ def _checked_reward_func(func, name: str):
     if _grpo.is_async_callable(func):  # TRL's own test, so the wrapper is awaited where func would be
         @functools.wraps(func)
         async def checked_async(*args, **kwargs):
-            return check(await func(*args, **kwargs), kwargs.get("completions"))
+            return check(await call_reward_func(func, name, *args, **kwargs), kwargs.get("completions"))
 
         return checked_async
 
     @functools.wraps(func)
     def checked(*args, **kwargs):
-        return check(func(*args, **kwargs), kwargs.get("completions"))
+        return check(call_reward_func(func, name, *args, **kwargs), kwargs.get("completions"))
 
     return checked

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from typing import Callable, Optional, Union
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from .._validation import REDUCTIONS, check_option, check_positive_int
 from .lm_head import LMHead, _model_device, _vocab_size, output_cache, unwrap_model
@@ -103,26 +104,11 @@ def check_token_lists(
         )
 
 
-def pad_left(seqs: Sequence[torch.Tensor], value: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad 1-D tensors to [N, max_len]; returns (padded int64, mask bool)."""
-    n, L = len(seqs), max(int(s.numel()) for s in seqs)
-    out = torch.full((n, L), value, dtype=torch.long, device=device)
-    mask = torch.zeros((n, L), dtype=torch.bool, device=device)
-    for k, s in enumerate(seqs):
-        out[k, L - s.numel() :] = s.to(device=device, dtype=torch.long)
-        mask[k, L - s.numel() :] = True
-    return out, mask
-
-
-def pad_right(seqs: Sequence[torch.Tensor], value: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad 1-D tensors to [N, max_len]; returns (padded int64, mask bool)."""
-    n, L = len(seqs), max(int(s.numel()) for s in seqs)
-    out = torch.full((n, L), value, dtype=torch.long, device=device)
-    mask = torch.zeros((n, L), dtype=torch.bool, device=device)
-    for k, s in enumerate(seqs):
-        out[k, : s.numel()] = s.to(device=device, dtype=torch.long)
-        mask[k, : s.numel()] = True
-    return out, mask
+def _pad(seqs: Sequence[torch.Tensor], side: str, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad 1-D tensors to [N, max_len] on ``side`` with 0; returns (padded int64, mask bool)."""
+    ids = pad_sequence([s.long() for s in seqs], batch_first=True, padding_side=side).to(device)
+    mask = pad_sequence([torch.ones_like(s, dtype=torch.bool) for s in seqs], batch_first=True, padding_side=side)
+    return ids, mask.to(device)
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -135,7 +121,7 @@ def _pair_logps_separately(model, head, pairs, prompts, responses, reduction, ba
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         seqs = [torch.cat([prompts[i].long(), responses[j].long()]) for i, j in chunk]
-        ids, mask = pad_right(seqs, 0, device)
+        ids, mask = _pad(seqs, "right", device)
         labels = torch.full_like(ids, ignore_index)
         for k, (i, j) in enumerate(chunk):
             p, r = prompts[i].numel(), responses[j].numel()
@@ -163,7 +149,7 @@ def _pair_logps_shared(model, head, pairs, prompts, responses, reduction, batch_
     for c in range(0, len(prompt_ids), batch_size):
         chunk_prompts = prompt_ids[c : c + batch_size]
         row_of = {i: r for r, i in enumerate(chunk_prompts)}
-        x, x_mask = pad_left([prompts[i] for i in chunk_prompts], 0, device)
+        x, x_mask = _pad([prompts[i] for i in chunk_prompts], "left", device)
         lens = x_mask.sum(1)
         x_pos = (x_mask.long().cumsum(1) - 1).clamp(min=0)
         feats, outputs = head.forward(
@@ -180,7 +166,7 @@ def _pair_logps_shared(model, head, pairs, prompts, responses, reduction, batch_
         for start in range(0, len(chunk_pairs), batch_size):
             batch = chunk_pairs[start : start + batch_size]
             rows = torch.tensor([row_of[i] for _, i, _ in batch], device=device)
-            ids, mask = pad_right([responses[j] for _, _, j in batch], 0, device)
+            ids, mask = _pad([responses[j] for _, _, j in batch], "right", device)
             L = ids.shape[1]
             past = copy.deepcopy(cache)
             past.batch_select_indices(rows)

@@ -42,8 +42,9 @@ from .._extras import missing_extra
 
 try:
     from transformers import Trainer, TrainingArguments
+    from trl.trainer.utils import create_model_from_path
 except ImportError as e:  # the scoring and data modules of varkernels.training work without it
-    raise missing_extra("transformers", "train", "varkernels.training.trainer") from e
+    raise missing_extra(e.name or "transformers", "train", "varkernels.training.trainer") from e
 
 from .._validation import (  # noqa: E402
     BACKENDS,
@@ -186,6 +187,9 @@ class VARConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: rewards/ref_logps must reach the loss."}
     )
+    include_num_input_tokens_seen: Union[str, bool] = field(
+        default="non_padding", metadata={"help": "Trainer's token count, logged as TRL's num_tokens too."}
+    )
     # --- text datasets (TRL's names where TRL has them)
     group_size: int = field(default=8, metadata={"help": "B >= 2: examples per VAR group (one in-batch Ẑ)."})
     cross_pairs: Optional[bool] = field(
@@ -233,14 +237,6 @@ class VARConfig(TrainingArguments):
 _METRICS = ("weights_mean", "weights_min", "weights_max", "ess", "log_z", "policy_logps", "ref_logps", "rewards")
 # TRL's names for the same quantities (GRPOTrainer): the mean reward and the mean of the groups' reward std
 _TRL_METRICS = {"reward": 8, "reward_std": 9}
-
-
-def _model_kwargs(args: VARConfig) -> dict:
-    kwargs = dict(args.model_init_kwargs or {})
-    dtype = kwargs.get("dtype")
-    if isinstance(dtype, str) and dtype != "auto":
-        kwargs["dtype"] = getattr(torch, dtype)
-    return kwargs
 
 
 def _is_var_data(ds) -> bool:
@@ -297,14 +293,10 @@ class VARTrainer(Trainer):
             args = VARConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-VAR")
         if not isinstance(args, VARConfig):
             raise TypeError(f"args must be a varkernels.training.VARConfig, got {type(args).__name__}")
-        if isinstance(model, str):
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(model, **_model_kwargs(args))
+        if isinstance(model, str):  # as TRL's trainers load it (dtype strings, device_map)
+            model = create_model_from_path(model, **(args.model_init_kwargs or {}))
         if isinstance(ref_model, str):
-            from transformers import AutoModelForCausalLM
-
-            ref_model = AutoModelForCausalLM.from_pretrained(ref_model, **_model_kwargs(args)).eval()
+            ref_model = create_model_from_path(ref_model, **(args.model_init_kwargs or {})).eval()
         text = not (_is_var_data(train_dataset) and _all_var_data(eval_dataset))
         if text and processing_class is None:
             processing_class = _load_tokenizer(model_id or getattr(getattr(model, "config", None), "_name_or_path", ""))
@@ -344,7 +336,7 @@ class VARTrainer(Trainer):
             if reward_funcs is not None:
                 self.reward_funcs = RewardFunctions(
                     reward_funcs, args.reward_weights, reward_processing_classes,
-                    model_init_kwargs=_model_kwargs(args), batch_size=args.scoring_batch_size,
+                    model_init_kwargs=args.model_init_kwargs, batch_size=args.scoring_batch_size,
                 )
                 for f in self.reward_funcs.funcs:
                     if isinstance(f, torch.nn.Module):
@@ -359,8 +351,6 @@ class VARTrainer(Trainer):
             else:
                 self.eval_dataset = self._score_text(eval_dataset, "eval_dataset")
         self._var_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._num_tokens = 0
-        self._tokens_pending = []
 
     def _score_text(self, dataset, name: str):
         """A text dataset → tokenised examples → ``VARDataset.build`` (scored and cached); others as they are."""
@@ -425,10 +415,6 @@ class VARTrainer(Trainer):
         )
         mode = "train" if model.training else "eval"
         self._record(mode, out, inputs)
-        if mode == "train":
-            mask = inputs.get("attention_mask")
-            count = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
-            self._tokens_pending.append(count.detach())  # summed over ranks at log time
         return (out.loss, out) if return_outputs else out.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -461,16 +447,8 @@ class VARTrainer(Trainer):
             prefix = "eval_" if mode == "eval" else ""
             logs.update({f"{prefix}var/{name}": round(v, 6) for name, v in zip(_METRICS, agg)})
             logs.update({f"{prefix}{name}": round(agg[i], 6) for name, i in _TRL_METRICS.items()})
-        if mode == "train":
-            if self._tokens_pending:
-                total = torch.stack(self._tokens_pending).sum()
-                self._tokens_pending = []
-                # every rank logs at the same steps (Trainer gathers the loss there too); torch.distributed
-                # directly, not accelerate's gather: under DeepSpeed on CPU accelerate counts one process
-                if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    torch.distributed.all_reduce(total)
-                self._num_tokens += int(total.item())
-            logs["num_tokens"] = self._num_tokens
+        if mode == "train" and self.args.include_num_input_tokens_seen != "no":
+            logs["num_tokens"] = self.state.num_input_tokens_seen  # TRL's name for Trainer's count
         super().log(logs, start_time)
 
 
