@@ -1,29 +1,13 @@
-"""Cross-pair scoring: the B×B matrices R[i, j] = r(x_i, y_j) and Q[i, j] = log π_ref(y_j | x_i).
+"""Cross-pair scoring: R[i, j] = r(x_i, y_j) and Q[i, j] = log π_ref(y_j | x_i), [B, B] float32 (docs/trainer.md).
 
-docs/design.md §5. Every VAR micro-batch of B (prompt, response) examples needs B² reward scores and B²
-reference log-probs. This module computes them:
-
-    cross_pair_logps(model, prompts, responses)   -> Q  [B, B] float32 (no-grad log-prob path)
-    cross_pair_rewards(reward, prompts, responses) -> R  [B, B] float32
-    paired_logps / paired_rewards                 -> the diagonals [N] (shared-context form)
-
-Prompts and responses are lists of 1-D integer tensors of token ids (no padding; the response
-holds exactly the tokens that are scored, EOS included if it is part of the response).
-
-Prefix sharing (``share_prefix=True``, default): the prompts run once, batched and left-padded,
-with a KV cache. Each batch of (prompt, response) continuations then takes a deep copy of that
-cache (``DynamicCache.update`` concatenates new keys onto the layer's tensors, so every
-continuation batch needs its own cache object), keeps one cache row per pair with
-``batch_select_indices`` and runs the responses on top of it, with position ids |x_i| + t and the
-prompt padding masked. The first response token is scored from the prompt's last hidden state.
-This costs B·|x| + B²·|y| token positions instead of B²·(|x| + |y|) for scoring every pair
-separately (``share_prefix=False``); both give the same values up to float rounding.
-
-Log-probs never materialise [B², T, V]: for a standard causal LM (``lm_head`` is an
-``nn.Linear``) the decoder's last hidden states (captured by a forward hook; the model runs with
-``logits_to_keep=1``) go through :func:`varkernels.linear_sequence_logps`
-in chunks; otherwise the model's logits go through :func:`varkernels.sequence_logps`, one
-continuation batch at a time. Gemma-style ``final_logit_softcapping`` is passed on as ``softcap``.
+``cross_pair_logps`` / ``cross_pair_rewards`` give the matrices, ``paired_logps`` / ``paired_rewards``
+the diagonals; prompts and responses are lists of unpadded 1-D token-id tensors. With
+``share_prefix=True`` the prompts run once, left-padded, with a KV cache; each continuation batch
+takes a deep copy of it (``DynamicCache.update`` concatenates in place), keeps one row per pair
+(``batch_select_indices``) and runs the responses on top with position ids |x_i| + t: B·|x| + B²·|y|
+positions instead of B²·(|x| + |y|). Log-probs never form [B², T, V]: a plain ``nn.Linear`` head goes
+through :func:`varkernels.linear_sequence_logps` on the decoder's hidden states, other heads through
+:func:`varkernels.sequence_logps` on the logits (``final_logit_softcapping`` passed as ``softcap``).
 """
 
 from __future__ import annotations
