@@ -327,6 +327,16 @@ def test_reward_function_of_wrong_length_names_the_function(toy, tmp_path):
         _train_with(toy, tmp_path, short_reward)
 
 
+def test_reward_function_without_kwargs_is_told_to_add_them(toy, tmp_path):
+    """Issue 25: GRPO calls reward functions with completion_ids, trainer_state, ...; one without **kwargs
+    gets an error naming it and the fix instead of a bare TypeError."""
+    def no_kwargs(prompts, completions):
+        return [0.5] * len(completions)
+
+    with pytest.raises(TypeError, match=r"reward function 'no_kwargs' does not accept .*add \*\*kwargs"):
+        _train_with(toy, tmp_path, no_kwargs)
+
+
 def test_reward_model_returning_nan_names_the_model(toy, tmp_path):
     ref, lang, tok, names = toy
     cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,

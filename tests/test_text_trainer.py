@@ -516,3 +516,37 @@ def test_reward_batch_size_is_checked():
             RewardFunctions([lambda prompts, completions, **kw: [1.0] * len(completions)], batch_size=bad)
         with pytest.raises(ValueError, match=rf"batch_size must be a positive int or None, got {bad!r}"):
             classifier_scores(None, [], batch_size=bad)
+
+
+def test_reward_function_without_kwargs_is_told_to_add_them():
+    """Issue 25: TRL's keywords (completion_ids, the other columns) reach every reward function; one written
+    without **kwargs gets an error naming it and the fix, not a bare 'unexpected keyword argument'."""
+    from varkernels.training.rewards import RewardFunctions
+
+    def strict(prompts, completions):
+        return [1.0] * len(completions)
+
+    with pytest.raises(TypeError, match=r"reward function 'strict' does not accept .*'completion_ids'.*add \*\*kwargs"):
+        RewardFunctions(strict).per_function(["w1"], [" w2"], completion_ids=[[5]])
+
+    def broken(prompts, completions, **kw):  # a TypeError of its own is not rewritten
+        return [len(c) + "x" for c in completions]
+
+    with pytest.raises(TypeError, match="unsupported operand"):
+        RewardFunctions(broken).per_function(["w1"], [" w2"], completion_ids=[[5]])
+
+
+def test_num_tokens_is_trainers_count_and_survives_a_resume(tmp_path):
+    """num_tokens is Trainer's num_input_tokens_seen (non-padding tokens, all ranks), kept in the checkpoint."""
+    tok, data = tokenizer(), rows(8, seed=15)
+    args = dict(save_strategy="steps", save_steps=1, max_steps=1)
+    first = VARTrainer(model=llama(), args=config(tmp_path, **args), train_dataset=data, processing_class=tok,
+                       reward_funcs=count_topic)
+    first.train()
+    ex, groups = first.train_dataset.examples, first.train_dataset.groups
+    tokens = [sum(len(ex.prompts[k]) + len(ex.completions[k]) for k in grp) for grp in groups]
+    assert first.state.log_history[0]["num_tokens"] in tokens
+    again = VARTrainer(model=llama(), args=config(tmp_path, **{**args, "max_steps": 2}), train_dataset=data,
+                       processing_class=tok, reward_funcs=count_topic)
+    again.train(resume_from_checkpoint=True)
+    assert again.state.log_history[-2]["num_tokens"] == sum(tokens)

@@ -387,3 +387,14 @@ def test_fp16_flag_on_cpu_trains_in_fp32(tmp_path, monkeypatch):
     rec = HeadRecorder(monkeypatch, model)
     VARTrainer(model=model, args=sgd_args(tmp_path, fp16=True), train_dataset=make_dataset()).train()
     assert rec.calls and all(h == torch.float32 and w == torch.float32 for _, h, w in rec.calls), rec.calls
+
+
+def test_unwrap_model_reaches_the_causal_lm_through_compile_and_peft():
+    """accelerate's extract_model_from_parallel (compile, DDP, DeepSpeed) plus PEFT's get_base_model."""
+    from varkernels.training.lm_head import unwrap_model
+
+    model = tiny_llama()
+    assert unwrap_model(torch.compile(model)) is model
+    peft = pytest.importorskip("peft", reason="optional extra: pip install peft")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    assert unwrap_model(torch.compile(lora)) is model and unwrap_model(lora) is model

@@ -1,23 +1,18 @@
 """The causal LM's output head, as the fused-linear ops need it.
 
-``unwrap_model`` finds the causal LM inside DDP / accelerate / PEFT / ``torch.compile`` wrappers;
-``LMHead`` decides whether the fused-linear path applies (a plain ``nn.Linear`` head, no logit
-scale) and runs it two ways:
+``unwrap_model`` finds the causal LM inside its wrappers; ``LMHead`` decides whether the fused-linear
+path applies (a plain ``nn.Linear`` head, no logit scale) and runs it two ways:
 
-- ``run_in_head`` (training): the model runs once with the head's ``forward`` temporarily replaced
-  by a function that receives the final hidden states [N, L, H] and the head's weight *as the
-  head's forward sees it*, and computes the loss there. Sharding engines make the whole weight
-  available exactly inside that forward (FSDP2 all-gathers the root's parameters, DeepSpeed
-  ZeRO-3 gathers the module's); outside it the weight is a shard (an FSDP2 ``DTensor``) or a
-  size-0 placeholder (ZeRO-3). The head returns a tiny [N, 1, 1] stand-in for the logits whose
-  autograd graph leads into the loss, so the engine's pre-backward hooks on the head's output
-  (which gather the weight again) run before the loss's backward.
-- ``forward`` (no-grad scoring): the decoder's output is captured by a forward hook while the
-  model runs with ``logits_to_keep=1``.
+- ``run_in_head`` (training): one forward with the head's ``forward`` replaced by the loss, which gets
+  the final hidden states and the weight *as the head's forward sees it* (whole also under FSDP2 and
+  ZeRO-3, which gather it only there). The head returns a tiny stand-in for the logits whose graph
+  leads into the loss, so the engines' pre-backward hooks on the head's output run first.
+- ``forward`` (no-grad scoring): the decoder's output is captured by a hook, with ``logits_to_keep=1``.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from typing import Optional
@@ -26,21 +21,17 @@ import torch
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The causal LM inside DDP / DeepSpeed / accelerate / PEFT / ``torch.compile`` wrappers.
+    """The causal LM inside DDP / DeepSpeed / FSDP / ``torch.compile`` (accelerate's ``extract_model_from_parallel``)
+    and PEFT (``get_base_model``, which accelerate does not unwrap) wrappers.
 
     Only for reading ``lm_head``, the config and the forward's signature: the model is still
     *called* through its wrappers (so DDP's and the sharding engines' hooks fire).
     """
-    for _ in range(8):  # wrappers nest a few levels at most (compile → accelerate → DDP → PEFT)
-        orig = model._modules.get("_orig_mod") if isinstance(model, torch.nn.Module) else None
-        if isinstance(orig, torch.nn.Module):  # torch.compile's OptimizedModule
-            model = orig
-        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP, DeepSpeedEngine
-            model = model.module
-        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
-            model = model.get_base_model()
-        else:
-            break
+    from accelerate.utils import extract_model_from_parallel  # lazily: the scoring modules need no train extra
+
+    model = extract_model_from_parallel(model, keep_torch_compile=False)
+    if callable(getattr(model, "get_base_model", None)):  # peft.PeftModel
+        model = extract_model_from_parallel(model.get_base_model(), keep_torch_compile=False)
     return model
 
 
@@ -88,7 +79,8 @@ class LMHead:
 
         ``hidden`` is [N, L, H] (the model is called with ``logits_to_keep=0``: every position
         reaches the head); ``weight``/``bias`` are the head's parameters as its forward sees them
-        (whole, also under FSDP2 / ZeRO-3). ``loss_fn`` returns a ``VAROutput`` (or a NamedTuple
+        (whole, also under FSDP2 / ZeRO-3), all three in the dtype of the head's matmul (the autocast
+        dtype under autocast, which is off inside ``loss_fn``). ``loss_fn`` returns a ``VAROutput`` (or a NamedTuple
         whose first field is the scalar loss). Returns it with ``loss`` tied to the model's
         output: its backward runs after the backward hooks the engine put on the head's and the
         root module's outputs. The model is called through its wrappers, so DDP's hooks fire.
@@ -98,7 +90,7 @@ class LMHead:
         swap = _swap_for(self.module)
         if self.keep_arg is not None:
             inputs = {**inputs, self.keep_arg: 0}
-        swap.begin(loss_fn)
+        swap.begin(functools.partial(_in_head_dtype, loss_fn))
         try:
             outputs = model(**inputs)
         finally:
@@ -150,6 +142,20 @@ class LMHead:
                 features, self.weight, labels, bias=self.bias, chunk_size=chunk_size, **opts
             )
         return varkernels.sequence_logps(features, labels, **opts)
+
+
+def _in_head_dtype(loss_fn, hidden, weight, bias):
+    """``loss_fn`` on the head's operands in the dtype the head's matmul would use: the autocast dtype
+    (``Trainer`` with ``bf16`` / ``fp16``; the casts are differentiable, so the fp32 master weight gets its
+    gradient), else the weight's; autocast is off inside the loss (its fp32 accumulators stay fp32)."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        hidden, weight, bias = hidden.to(dt), weight.to(dt), bias.to(dt) if bias is not None else None
+    elif hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    with torch.autocast(dev, enabled=False):
+        return loss_fn(hidden, weight, bias)
 
 
 def output_cache(outputs):
@@ -211,7 +217,7 @@ class _HeadSwap:
         self.calls = 0
         self.result = None
         self.saved = None
-        self.forward = _dynamo_disable(self._forward)
+        self.forward = torch._dynamo.disable(self._forward, recursive=True)
 
     @property
     def module(self):
@@ -249,13 +255,6 @@ def _swap_for(module) -> _HeadSwap:
     if swap is None:
         swap = _SWAPS[module] = _HeadSwap(module)
     return swap
-
-
-def _dynamo_disable(fn):
-    try:
-        return torch._dynamo.disable(fn, recursive=True)
-    except (AttributeError, TypeError):  # very old torch without dynamo
-        return fn
 
 
 def _decoder(lm) -> Optional[torch.nn.Module]:

@@ -1,36 +1,21 @@
 """Online VAR on TRL's ``GRPOTrainer``: sample G completions per prompt, weight them, train the weighted NLL.
 
-A GRPO user switches by changing two class names (``GRPOConfig`` → ``OnlineVARConfig``,
-``GRPOTrainer`` → ``OnlineVARTrainer``) and setting ``var_beta``. Generation (transformers or vLLM),
-reward functions, datasets, PEFT, accelerate / DeepSpeed and logging are GRPO's. What changes:
+A GRPO user changes ``GRPOConfig`` → ``OnlineVARConfig``, ``GRPOTrainer`` → ``OnlineVARTrainer`` and sets
+``var_beta``; generation, rewards, datasets, PEFT, distribution and logging stay GRPO's (docs/online.md).
 
-1. The weights. For the G completions y_1..y_G of one prompt (the whole group, gathered across
-   ranks, before ``_prepare_inputs`` shuffles the generation batch and splits it into micro-batches),
+1. Weights, per prompt over its whole group (gathered over ranks): w_j = n·softmax_j(r_j/var_beta + q_j)
+   over the n scorable completions (w = 0 where every reward function returned None), r the
+   ``reward_weights``-weighted sum (None terms skipped); q = 0 (``var_reference="policy"``) or
+   q_j = Σ_t log π_ref − log π_old (``"initial"``, π_ref the initial model).
+2. Loss: the weighted NLL −(1/N)·Σ_i w_i·c_i·Σ_t log π_θ(y_i,t | ·) (c_i = 1/n_i for "mean"), by
+   ``varkernels.linear_weighted_nll`` inside the output embedding's forward (no [N, V] logits).
+3. Metrics: GRPO's plus ``var/weights_max`` and ``var/ess``; the completions table's ``advantage``
+   column holds the VAR weights.
 
-       w_j = G · softmax_j(r_j / var_beta + q_j)
-
-   with ``var_reference="policy"``: q = 0 (the target π_old·exp(r/β), a step regularised toward the
-   sampling policy; no reference model), or ``"initial"``: q_j = log π_ref(y_j|x) − log π_old(y_j|x)
-   (token sums; self-normalised importance weights of the fixed target π_ref·exp(r/β), π_ref the
-   initial model). r is the ``reward_weights``-weighted sum of the reward functions (None terms
-   skipped, as in GRPO). A completion for which every function returned None (TRL: "unscorable")
-   gets w = 0 and the group is normalised over its n scorable completions (w = n·softmax over them).
-2. The loss: the weighted NLL −(1/N)·Σ_i w_i·c_i·Σ_t log π_θ(y_i,t | ·) over the micro-batch
-   (c_i = 1/n_i for ``var_logp_reduction="mean"``, 1 for "sum"): ``varkernels.linear_weighted_nll``
-   (the fused-linear form) inside the output embedding's forward (where FSDP2 / ZeRO-3 have gathered the weight): the
-   chunked logits are turned into their gradient during the forward, three GEMMs per chunk, no
-   [N, V] logits. The logged ``loss`` is this loss.
-3. Metrics: GRPO's (``reward``, ``reward_std``, ``rewards/<f>/*``, ``completions/*``,
-   ``num_tokens``, ``frac_reward_zero_std``) plus ``var/weights_max`` (largest weight of the
-   generation batch) and ``var/ess`` (mean over groups of (Σw)²/Σw², 1..G). The completions table's
-   ``advantage`` column holds the VAR weights.
-
-Overridden TRL 1.16 methods (each covered by tests/test_online.py): ``__init__``,
-``_calculate_rewards`` (keeps the gathered rewards for the weights; rejects NaN / ±inf from reward
-models), ``_generate_and_score_completions`` (adds ``var_weights`` to the generation batch) and
-``compute_loss``. Called, not overridden: ``_get_per_token_logps_and_entropies`` (π_old and π_ref
-log-probs for ``"initial"``). Callable reward functions are wrapped so that NaN or ±inf names the
-function and the completion.
+Overridden TRL 1.16 methods (each covered by tests/test_online.py): ``__init__``, ``_calculate_rewards``
+(keeps the gathered rewards; rejects NaN / ±inf from reward models), ``_generate_and_score_completions``
+(adds ``var_weights``) and ``compute_loss``; ``_get_per_token_logps_and_entropies`` is called. Callable
+reward functions are wrapped so that NaN / ±inf, or a missing ``**kwargs``, names the function.
 """
 
 from __future__ import annotations
@@ -47,6 +32,7 @@ from .._validation import check_option
 from ..nll import linear_weighted_nll, weighted_nll
 from ..var.weights import group_ess
 from .lm_head import LMHead, unwrap_model
+from .rewards import call_reward_func
 
 try:  # the train extra: trl (and transformers)
     from trl import GRPOConfig, GRPOTrainer
@@ -284,18 +270,8 @@ class OnlineVARTrainer(GRPOTrainer):
         opts = dict(reduction=self.args.var_logp_reduction, shift_labels=True, temperature=self.temperature)
         head = self._var_head(model)
         if head.in_head:
-            def loss_fn(hidden, weight, bias):
-                # under autocast (GRPOConfig's default bf16=True) the head's matmul would run in the autocast
-                # dtype: the fused loss runs in it too, on casts of hidden and weight (as nn.Linear would)
-                device = hidden.device.type
-                if torch.is_autocast_enabled(device):
-                    dt = torch.get_autocast_dtype(device)
-                    hidden, weight = hidden.to(dt), weight.to(dt)
-                    bias = bias.to(dt) if bias is not None else None
-                with torch.autocast(device, enabled=False):
-                    loss = linear_weighted_nll(hidden, weight, labels, weights, bias=bias, softcap=head.softcap,
-                                               **opts)
-                return (loss,)
+            def loss_fn(hidden, weight, bias):  # in the autocast dtype under GRPOConfig's default bf16=True
+                return (linear_weighted_nll(hidden, weight, labels, weights, bias=bias, softcap=head.softcap, **opts),)
 
             loss = head.run_in_head(model, {"input_ids": input_ids, "attention_mask": attention_mask}, loss_fn)[0]
         else:  # a LoRA / quantised head: the model's logits
@@ -322,7 +298,8 @@ def _is_plain_callable(f) -> bool:
 
 def _checked_reward_func(func, name: str):
     """``func`` with its outputs checked: NaN or ±inf raise, naming the function and the completion;
-    None passes (TRL: the function does not apply to that completion)."""
+    None passes (TRL: the function does not apply to that completion). A function without ``**kwargs``
+    gets an error saying to add it (:func:`varkernels.training.rewards.call_reward_func`)."""
 
     def check(out, completions):
         for j, r in enumerate(out if isinstance(out, (list, tuple)) else []):
@@ -337,12 +314,12 @@ def _checked_reward_func(func, name: str):
     if _grpo.is_async_callable(func):  # TRL's own test, so the wrapper is awaited where func would be
         @functools.wraps(func)
         async def checked_async(*args, **kwargs):
-            return check(await func(*args, **kwargs), kwargs.get("completions"))
+            return check(await call_reward_func(func, name, *args, **kwargs), kwargs.get("completions"))
 
         return checked_async
 
     @functools.wraps(func)
     def checked(*args, **kwargs):
-        return check(func(*args, **kwargs), kwargs.get("completions"))
+        return check(call_reward_func(func, name, *args, **kwargs), kwargs.get("completions"))
 
     return checked

@@ -1,29 +1,13 @@
-"""Cross-pair scoring: the B×B matrices R[i, j] = r(x_i, y_j) and Q[i, j] = log π_ref(y_j | x_i).
+"""Cross-pair scoring: R[i, j] = r(x_i, y_j) and Q[i, j] = log π_ref(y_j | x_i), [B, B] float32 (docs/trainer.md).
 
-docs/design.md §5. Every VAR micro-batch of B (prompt, response) examples needs B² reward scores and B²
-reference log-probs. This module computes them:
-
-    cross_pair_logps(model, prompts, responses)   -> Q  [B, B] float32 (no-grad log-prob path)
-    cross_pair_rewards(reward, prompts, responses) -> R  [B, B] float32
-    paired_logps / paired_rewards                 -> the diagonals [N] (shared-context form)
-
-Prompts and responses are lists of 1-D integer tensors of token ids (no padding; the response
-holds exactly the tokens that are scored, EOS included if it is part of the response).
-
-Prefix sharing (``share_prefix=True``, default): the prompts run once, batched and left-padded,
-with a KV cache. Each batch of (prompt, response) continuations then takes a deep copy of that
-cache (``DynamicCache.update`` concatenates new keys onto the layer's tensors, so every
-continuation batch needs its own cache object), keeps one cache row per pair with
-``batch_select_indices`` and runs the responses on top of it, with position ids |x_i| + t and the
-prompt padding masked. The first response token is scored from the prompt's last hidden state.
-This costs B·|x| + B²·|y| token positions instead of B²·(|x| + |y|) for scoring every pair
-separately (``share_prefix=False``); both give the same values up to float rounding.
-
-Log-probs never materialise [B², T, V]: for a standard causal LM (``lm_head`` is an
-``nn.Linear``) the decoder's last hidden states (captured by a forward hook; the model runs with
-``logits_to_keep=1``) go through :func:`varkernels.linear_sequence_logps`
-in chunks; otherwise the model's logits go through :func:`varkernels.sequence_logps`, one
-continuation batch at a time. Gemma-style ``final_logit_softcapping`` is passed on as ``softcap``.
+``cross_pair_logps`` / ``cross_pair_rewards`` give the matrices, ``paired_logps`` / ``paired_rewards``
+the diagonals; prompts and responses are lists of unpadded 1-D token-id tensors. With
+``share_prefix=True`` the prompts run once, left-padded, with a KV cache; each continuation batch
+takes a deep copy of it (``DynamicCache.update`` concatenates in place), keeps one row per pair
+(``batch_select_indices``) and runs the responses on top with position ids |x_i| + t: B·|x| + B²·|y|
+positions instead of B²·(|x| + |y|). Log-probs never form [B², T, V]: a plain ``nn.Linear`` head goes
+through :func:`varkernels.linear_sequence_logps` on the decoder's hidden states, other heads through
+:func:`varkernels.sequence_logps` on the logits (``final_logit_softcapping`` passed as ``softcap``).
 """
 
 from __future__ import annotations
@@ -33,6 +17,7 @@ from collections.abc import Sequence
 from typing import Callable, Optional, Union
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from .._validation import REDUCTIONS, check_option, check_positive_int
@@ -104,26 +89,11 @@ def check_token_lists(
         )
 
 
-def pad_left(seqs: Sequence[torch.Tensor], value: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad 1-D tensors to [N, max_len]; returns (padded int64, mask bool)."""
-    n, L = len(seqs), max(int(s.numel()) for s in seqs)
-    out = torch.full((n, L), value, dtype=torch.long, device=device)
-    mask = torch.zeros((n, L), dtype=torch.bool, device=device)
-    for k, s in enumerate(seqs):
-        out[k, L - s.numel() :] = s.to(device=device, dtype=torch.long)
-        mask[k, L - s.numel() :] = True
-    return out, mask
-
-
-def pad_right(seqs: Sequence[torch.Tensor], value: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad 1-D tensors to [N, max_len]; returns (padded int64, mask bool)."""
-    n, L = len(seqs), max(int(s.numel()) for s in seqs)
-    out = torch.full((n, L), value, dtype=torch.long, device=device)
-    mask = torch.zeros((n, L), dtype=torch.bool, device=device)
-    for k, s in enumerate(seqs):
-        out[k, : s.numel()] = s.to(device=device, dtype=torch.long)
-        mask[k, : s.numel()] = True
-    return out, mask
+def _pad(seqs: Sequence[torch.Tensor], side: str, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad 1-D tensors to [N, max_len] on ``side`` with 0; returns (padded int64, mask bool)."""
+    ids = pad_sequence([s.long() for s in seqs], batch_first=True, padding_side=side).to(device)
+    mask = pad_sequence([torch.ones_like(s, dtype=torch.bool) for s in seqs], batch_first=True, padding_side=side)
+    return ids, mask.to(device)
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -136,7 +106,7 @@ def _pair_logps_separately(model, head, pairs, prompts, responses, reduction, ba
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         seqs = [torch.cat([prompts[i].long(), responses[j].long()]) for i, j in chunk]
-        ids, mask = pad_right(seqs, 0, device)
+        ids, mask = _pad(seqs, "right", device)
         labels = torch.full_like(ids, ignore_index)
         for k, (i, j) in enumerate(chunk):
             p, r = prompts[i].numel(), responses[j].numel()
@@ -164,7 +134,7 @@ def _pair_logps_shared(model, head, pairs, prompts, responses, reduction, batch_
     for c in range(0, len(prompt_ids), batch_size):
         chunk_prompts = prompt_ids[c : c + batch_size]
         row_of = {i: r for r, i in enumerate(chunk_prompts)}
-        x, x_mask = pad_left([prompts[i] for i in chunk_prompts], 0, device)
+        x, x_mask = _pad([prompts[i] for i in chunk_prompts], "left", device)
         lens = x_mask.sum(1)
         x_pos = (x_mask.long().cumsum(1) - 1).clamp(min=0)
         feats, outputs = head.forward(
@@ -181,7 +151,7 @@ def _pair_logps_shared(model, head, pairs, prompts, responses, reduction, batch_
         for start in range(0, len(chunk_pairs), batch_size):
             batch = chunk_pairs[start : start + batch_size]
             rows = torch.tensor([row_of[i] for _, i, _ in batch], device=device)
-            ids, mask = pad_right([responses[j] for _, _, j in batch], 0, device)
+            ids, mask = _pad([responses[j] for _, _, j in batch], "right", device)
             L = ids.shape[1]
             past = copy.deepcopy(cache)
             past.batch_select_indices(rows)

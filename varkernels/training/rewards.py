@@ -1,47 +1,31 @@
-"""TRL's reward contract on text, for the offline and the online VAR trainers.
+"""TRL's reward contract on text (GRPOTrainer, TRL 1.16), for the offline and the online VAR trainers.
 
-The contract of TRL's ``GRPOTrainer`` (TRL 1.16), unchanged, so the reward functions and
-models a GRPO user already has work as they are:
-
-- a **callable** ``f(prompts, completions, **columns) -> list[float | None]``: ``prompts`` and
-  ``completions`` are strings (standard data) or lists of messages (conversational data: each
-  completion is ``[{"role": "assistant", "content": ...}]``); ``columns`` holds the dataset's other
-  columns, one value per pair, and ``completion_ids`` (the completion's token ids in the policy's
-  tokenizer). Write it with ``**kwargs`` to ignore what it does not use.
-- a **sequence-classification reward model** (``num_labels=1``), as an instance or a path / hub id
-  (loaded with ``AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
-  **model_init_kwargs)``), with its own tokenizer (``reward_processing_classes[i]``; for a path or
-  a model with ``config._name_or_path``, loaded from there when not given). The text
-  ``prompt + completion`` (conversational: the reward tokenizer's chat template over
-  ``prompt + completion``) is tokenised by that tokenizer (no special tokens added, as TRL does)
-  and scored in length-sorted batches, padded with the reward model's own pad token. A model
-  without ``pad_token_id`` is still scored in batches: the batch is padded with an id that none
-  of its sequences holds, set as the model's ``pad_token_id`` for the call only, so the score is
-  read at each sequence's last token, as an unpadded call would.
+- a **callable** ``f(prompts, completions, **kwargs) -> list[float | None]`` (strings, or lists of
+  messages for conversational data); ``kwargs`` holds the dataset's other columns, one value per
+  pair, and ``completion_ids`` (the policy's tokens);
+- a **sequence-classification reward model** (``num_labels=1``), an instance or a path, with its own
+  tokenizer (``reward_processing_classes[i]``, else loaded from ``config._name_or_path``); it reads
+  ``prompt + completion`` (conversational: the reward tokenizer's chat template, as GRPO does);
 - a **list** of them, combined as ``Σ_f w_f · r_f`` with ``reward_weights`` (default all 1).
 
-``None`` means what it means in TRL: "this function gives no reward for this pair" — the
-weighted sum skips it (``nansum``). When **every** function returns ``None`` for a pair, TRL's
-GRPO warns and leaves that completion out of its group statistics; VAR needs a reward for every
-(prompt, completion) pair of a group, so :class:`TextPairRewards` raises a ``ValueError`` naming
-the example(s) and the functions. A NaN or ±inf reward, a value that is not a number (a string,
-a list) and a list of the wrong length are errors naming the function and the example.
-
-``RewardFunctions`` is what a trainer builds once from ``reward_funcs`` / ``reward_weights`` /
-``reward_processing_classes``; ``per_function`` scores any list of (prompt, completion) pairs and
-``combine`` weights them, so an online trainer calls it on its generations as the offline
-trainer does on its B² cross pairs (:class:`TextPairRewards`).
+``None`` is TRL's "no reward from this function for this pair" (the weighted sum skips it); a pair
+that no function scores is an error here (:class:`TextPairRewards`: VAR needs every pair of a group).
+NaN, ±inf, a value that is not a number and a list of the wrong length are errors naming the
+function and the example. ``RewardFunctions`` is built once by a trainer; ``per_function`` scores any
+list of (prompt, completion) pairs and ``combine`` weights them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 from collections.abc import Sequence
 from typing import Callable, Optional
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from .._validation import check_positive_int
 from .lm_head import _model_device, _vocab_size, unwrap_model
@@ -56,13 +40,31 @@ def _default_describe(k: int) -> str:
 def reward_name(func) -> str:
     """The name TRL logs a reward under: a model's ``_name_or_path`` tail, a callable's ``__name__``."""
     if isinstance(func, torch.nn.Module):
-        config = getattr(func, "config", None)
-        path = getattr(config, "_name_or_path", "") or type(func).__name__
+        path = getattr(getattr(func, "config", None), "_name_or_path", "")
         return str(path).rstrip("/").split("/")[-1] or type(func).__name__
-    inner = getattr(func, "func", None)  # functools.partial
-    if inner is not None and callable(inner):
-        return reward_name(inner)
+    while callable(getattr(func, "func", None)):  # functools.partial (as trl's get_callable_name)
+        func = func.func
     return getattr(func, "__name__", None) or type(func).__name__
+
+
+def call_reward_func(func, name: str, *args, **kwargs):
+    """``func(*args, **kwargs)``; a function that refuses a keyword of the reward contract (no ``**kwargs``)
+    gets a ``TypeError`` naming it and saying what to add, instead of Python's bare one."""
+    try:
+        return func(*args, **kwargs)
+    except TypeError as e:
+        try:
+            params = inspect.signature(func).parameters
+        except (TypeError, ValueError):
+            raise e from None
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()) or all(k in params for k in kwargs):
+            raise
+        unknown = [k for k in kwargs if k not in params]
+        raise TypeError(
+            f"reward function {name!r} does not accept the keyword argument(s) {unknown}: reward functions are "
+            f"called as f(prompts=..., completions=..., **kwargs) with completion_ids and the dataset's other "
+            f"columns (TRL's contract); add **kwargs to its signature"
+        ) from e
 
 
 def as_scores(values, n: int, *, name: str, describe: Describe = _default_describe) -> torch.Tensor:
@@ -109,20 +111,10 @@ def as_scores(values, n: int, *, name: str, describe: Describe = _default_descri
 
 
 def _absent_id(seqs: Sequence[torch.Tensor], vocab_size: Optional[int]) -> int:
-    used = torch.unique(torch.cat([s.reshape(-1) for s in seqs])).tolist()
-    used = set(used)
-    top = vocab_size if vocab_size else max(used) + 2
-    for cand in range(top - 1, -1, -1):
-        if cand not in used:
-            return cand
-    return top  # every id of the vocabulary occurs: an id past it is never read (masked)
-
-
-def _text_config(model):
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        return config.get_text_config()
-    return config
+    used = set(torch.cat([s.reshape(-1) for s in seqs]).tolist())
+    top = vocab_size or max(used) + 2
+    # every id of the vocabulary occurs: an id past it is never read (masked)
+    return next((c for c in range(top - 1, -1, -1) if c not in used), top)
 
 
 @torch.no_grad()
@@ -134,41 +126,33 @@ def classifier_scores(
     pad_token_id: Optional[int] = None,
     bar=None,
 ) -> torch.Tensor:
-    """Scores of a sequence-classification model (``num_labels=1``) for N 1-D token sequences.
+    """Scores of a sequence-classification model (``num_labels=1``) for N 1-D token sequences: float32 [N] on CPU.
 
-    Length-sorted, right-padded batches of ``batch_size`` (default N). The pad id is
-    ``pad_token_id``, else the model's ``config.pad_token_id``; a model with neither gets an id
-    that no sequence of the batch holds, set as its ``pad_token_id`` for the call and restored
-    after (transformers reads the score at the last token that is not the pad id, and refuses
-    batches without one). Returns float32 [N] on CPU.
+    Length-sorted, right-padded batches of ``batch_size`` (default N). The pad id is ``pad_token_id``,
+    else the model's ``config.pad_token_id``, else an id that no sequence of the batch holds; it is set
+    as the model's ``pad_token_id`` for the call only (transformers reads the score at the last token
+    that is not the pad id, and refuses batches without one).
     """
-    n = len(seqs)
     check_positive_int("batch_size", batch_size, allow_none=True)
-    bs = batch_size or max(n, 1)
-    config = _text_config(unwrap_model(model))
-    own_pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
-    vocab = _vocab_size(unwrap_model(model))
-    device = _model_device(model)
+    n, lm = len(seqs), unwrap_model(model)
+    config = getattr(lm, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    saved = getattr(config, "pad_token_id", None)
+    own_pad = pad_token_id if pad_token_id is not None else saved
+    bs, device = batch_size or max(n, 1), _model_device(model)
     order = sorted(range(n), key=lambda k: seqs[k].numel())
     out = torch.empty(n, dtype=torch.float32)
     was_training = model.training
     model.eval()
-    saved = getattr(config, "pad_token_id", None) if config is not None else None
     try:
         for start in range(0, n, bs):
             batch = order[start : start + bs]
             chunk = [seqs[k].long() for k in batch]
-            pad = own_pad
-            if pad is None:
-                pad = _absent_id(chunk, vocab)
-                if config is not None:
-                    config.pad_token_id = pad
-            L = max(s.numel() for s in chunk)
-            ids = torch.full((len(chunk), L), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), L), dtype=torch.long)
-            for r, s in enumerate(chunk):
-                ids[r, : s.numel()] = s
-                mask[r, : s.numel()] = 1
+            pad = own_pad if own_pad is not None else _absent_id(chunk, _vocab_size(lm))
+            if config is not None:
+                config.pad_token_id = pad
+            ids = pad_sequence(chunk, batch_first=True, padding_value=pad)
+            mask = pad_sequence([torch.ones_like(s) for s in chunk], batch_first=True)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             if logits.dim() != 2 or logits.shape[1] != 1:
                 raise ValueError(
@@ -179,26 +163,17 @@ def classifier_scores(
             if bar is not None:
                 bar.update(len(batch))
     finally:
-        if config is not None and own_pad is None:
+        if config is not None:
             config.pad_token_id = saved
         model.train(was_training)
     return out
 
 
-def is_conversational(x) -> bool:
-    """A prompt or completion in TRL's conversational form: a list of {"role", "content"} dicts."""
-    return isinstance(x, (list, tuple)) and len(x) > 0 and isinstance(x[0], dict) and "role" in x[0]
-
-
 class RewardFunctions:
     """``reward_funcs`` / ``reward_weights`` / ``reward_processing_classes`` as TRL's GRPOTrainer takes them.
 
-    Args:
-        reward_funcs: a callable, a sequence-classification model, a path / hub id of one, or a list.
-        reward_weights: one float per function (default all 1).
-        reward_processing_classes: one tokenizer (or None) per function; only models read theirs.
-        model_init_kwargs: passed to ``from_pretrained`` for the functions given as paths.
-        batch_size: sequences per reward-model forward (default: all pairs of a call).
+    ``model_init_kwargs`` go to ``from_pretrained`` for the functions given as paths; ``batch_size``
+    sequences per reward-model forward (default: all pairs of a call).
     """
 
     def __init__(self, reward_funcs, reward_weights=None, reward_processing_classes=None, *,
@@ -213,33 +188,30 @@ class RewardFunctions:
                 f"reward_processing_classes must have one entry per reward function ({len(funcs)}), got {len(procs)}"
             )
         for i, f in enumerate(funcs):
-            if isinstance(f, str):
-                funcs[i], loaded_tok = _load_reward_model(f, model_init_kwargs)
-                procs[i] = procs[i] if procs[i] is not None else loaded_tok
-            elif isinstance(f, torch.nn.Module):
-                if procs[i] is None:
-                    procs[i] = _tokenizer_of(f, i)
+            if isinstance(f, str):  # as GRPOTrainer loads it
+                from transformers import AutoModelForSequenceClassification
+
+                funcs[i] = AutoModelForSequenceClassification.from_pretrained(
+                    f, num_labels=1, **(model_init_kwargs or {})).eval()
+            if isinstance(funcs[i], torch.nn.Module):
+                procs[i] = procs[i] if procs[i] is not None else _tokenizer_of(funcs[i], i)
             elif not callable(f):
                 raise TypeError(
-                    f"reward_funcs[{i}] must be a callable f(prompts, completions, **columns) -> list[float | None], "
+                    f"reward_funcs[{i}] must be a callable f(prompts, completions, **kwargs) -> list[float | None], "
                     f"a sequence-classification model or a path to one; got {type(f).__name__}"
                 )
-        if reward_weights is None:
-            weights = [1.0] * len(funcs)
-        else:
-            weights = list(reward_weights)
-            if len(weights) != len(funcs):
-                raise ValueError(
-                    f"reward_weights must have one weight per reward function ({len(funcs)}), got {len(weights)}"
-                )
-            for i, w in enumerate(weights):
-                if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-                    raise ValueError(f"reward_weights[{i}] must be a finite number, got {w!r}")
-        self.funcs, self.processing_classes = funcs, procs
+        weights = [1.0] * len(funcs) if reward_weights is None else list(reward_weights)
+        if len(weights) != len(funcs):
+            raise ValueError(
+                f"reward_weights must have one weight per reward function ({len(funcs)}), got {len(weights)}"
+            )
+        for i, w in enumerate(weights):
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise ValueError(f"reward_weights[{i}] must be a finite number, got {w!r}")
+        check_positive_int("batch_size", batch_size, allow_none=True)
+        self.funcs, self.processing_classes, self.batch_size = funcs, procs, batch_size
         self.weights = torch.tensor([float(w) for w in weights], dtype=torch.float32)
         self.names = [reward_name(f) for f in funcs]
-        check_positive_int("batch_size", batch_size, allow_none=True)
-        self.batch_size = batch_size
 
     def __len__(self) -> int:
         return len(self.funcs)
@@ -258,7 +230,7 @@ class RewardFunctions:
             if isinstance(func, torch.nn.Module):
                 out[:, f_idx] = self._model_scores(func, tok, prompts, completions)
             else:
-                values = func(prompts=list(prompts), completions=list(completions), **kwargs)
+                values = call_reward_func(func, name, prompts=list(prompts), completions=list(completions), **kwargs)
                 out[:, f_idx] = as_scores(values, n, name=name, describe=describe)
         return out
 
@@ -273,17 +245,16 @@ class RewardFunctions:
         return self.combine(self.per_function(prompts, completions, columns=columns, completion_ids=ids))
 
     def _model_scores(self, model, tok, prompts, completions) -> torch.Tensor:
-        texts = []
-        for p, c in zip(prompts, completions):
-            if is_conversational(p) or is_conversational(c):
-                texts.append(tok.apply_chat_template(list(p) + list(c), tokenize=False))
-            else:
-                texts.append(p + c)
+        from trl.data_utils import apply_chat_template, is_conversational  # GRPOTrainer's text for reward models
+
+        texts = [apply_chat_template({"messages": list(p) + list(c)}, tok)["text"]
+                 if is_conversational({"prompt": p}) or is_conversational({"completion": c}) else p + c
+                 for p, c in zip(prompts, completions)]
         seqs = [torch.tensor(tok(t, add_special_tokens=False)["input_ids"], dtype=torch.long) for t in texts]
         for k, s in enumerate(seqs):
             if s.numel() == 0:
                 raise ValueError(f"reward model {reward_name(model)!r}: the text of pair {k} tokenises to no tokens")
-        return classifier_scores(model, seqs, batch_size=self.batch_size, pad_token_id=None)
+        return classifier_scores(model, seqs, batch_size=self.batch_size)
 
     def fingerprint(self) -> Optional[str]:
         """Identity of the functions, models (weights), tokenizers and weights; None if a part has none."""
@@ -291,15 +262,9 @@ class RewardFunctions:
 
         parts = []
         for f, tok in zip(self.funcs, self.processing_classes):
-            fp = fingerprint_reward(f)
-            if fp is None:
-                return None
-            parts.append(fp)
-            if tok is not None:
-                tok_fp = fingerprint_value(tok)
-                if tok_fp is None:
-                    return None
-                parts.append(tok_fp)
+            parts += [fingerprint_reward(f)] + ([fingerprint_value(tok)] if tok is not None else [])
+        if None in parts:
+            return None
         parts.append(repr(self.weights.tolist()))
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
@@ -311,14 +276,6 @@ class RewardFunctions:
             if why:
                 return f"reward function {reward_name(f)!r}: {why}"
         return ""
-
-
-def _load_reward_model(path: str, model_init_kwargs: Optional[dict]):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    kwargs = dict(model_init_kwargs or {})
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
-    return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
 def _tokenizer_of(model, i: int):

@@ -1,33 +1,16 @@
-"""Text datasets in TRL's formats → token ids for ``VARDataset.build``: formatting and tokenisation.
+"""Text datasets in TRL's formats → token ids for ``VARDataset.build`` (docs/trainer.md, "VARTrainer from text").
 
-Accepted formats (TRL's names), standard (strings) or conversational (lists of
-``{"role", "content"}`` messages):
+Formats (TRL's names), standard or conversational: prompt/completion (one example per row) and
+preference (prompt/chosen/rejected: example 2r is the chosen response, 2r + 1 the rejected one).
+Other columns go to the reward functions (``reward`` is the per-example reward when there are none).
 
-- prompt/completion: columns ``prompt`` and ``completion``; each row is one example;
-- preference: ``prompt``, ``chosen`` and ``rejected``; each row gives two examples, the chosen
-  response (example 2r) and the rejected one (example 2r + 1), which then meet the other examples
-  in the random groups like any response.
-
-Other columns are passed to the reward functions (``reward`` is read as the per-example reward
-when there are no reward functions). Language-modelling data (``text`` / ``messages``) and
-preference data with an implicit prompt are rejected with a hint: VAR needs a prompt to
-condition on.
-
-Tokenisation, per example:
-
-- standard: ``prompt_ids = tok(prompt)["input_ids"]`` (with the tokenizer's special tokens, e.g.
-  BOS) and ``completion_ids = tok(completion, add_special_tokens=False)["input_ids"]``;
-- conversational: the chat template of the prompt with the generation prompt, and of prompt +
-  completion; the completion is what the second adds to the first (checked to be a prefix), and
-  each is tokenised without special tokens (the template carries them);
-- EOS is appended to the completion unless it already ends with it;
-- truncation: the prompt keeps its last ``max_prompt_length`` tokens, the completion its first
-  ``max_completion_length``, then the completion is cut so that prompt + completion fit in
-  ``max_length``. A completion left with no token (fully masked: nothing to train on) drops
-  the example, and the count is logged.
-
-The prompts and completions are tokenised separately because VAR scores every prompt with
-every completion of its group (x_i ⊕ y_j). The reward functions see the dataset's text as is.
+Per example: standard prompts are tokenised with the tokenizer's special tokens, completions
+without; conversational ones are split into prompt and completion text by
+``trl.data_utils.apply_chat_template`` and tokenised without special tokens. EOS is appended to
+the completion unless it ends with it. The prompt keeps its last ``max_prompt_length`` tokens, the
+completion its first ``max_completion_length``, then the completion is cut to fit ``max_length``;
+an example whose completion is left empty is dropped (counted and logged). Prompts and completions
+are tokenised separately because VAR scores every prompt with every completion of its group.
 """
 
 from __future__ import annotations
@@ -37,8 +20,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-
-from .rewards import is_conversational
+from trl.data_utils import apply_chat_template, is_conversational
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +85,8 @@ def _rows(dataset):
     return iter(dataset)
 
 
-def _ids(enc) -> list:
-    ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
-    return list(ids)
+def _is_messages(x) -> bool:
+    return isinstance(x, (list, tuple)) and bool(x) and is_conversational({"prompt": list(x)})
 
 
 def tokenize_examples(
@@ -133,34 +114,27 @@ def tokenize_examples(
             extra_cols = [c for c in row if c not in _TEXT_COLUMNS]
             out.columns = {c: [] for c in extra_cols}
         prompt = row["prompt"]
-        conversational = is_conversational(prompt)
-        if conversational:
-            out.conversational = True
-            prompt_text = tok.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True, **kw)
-            prompt_ids = _ids(tok(prompt_text, add_special_tokens=False))
-        else:
+        conversational = _is_messages(prompt)
+        out.conversational |= conversational
+        if not conversational:
             if not isinstance(prompt, str):
                 raise TypeError(f"{name} row {r}: 'prompt' must be a string or a list of messages, "
                                 f"got {type(prompt).__name__}")
-            prompt_ids = _ids(tok(prompt))
+            prompt_ids = list(tok(prompt)["input_ids"])
         for col in RESPONSE_COLUMNS[fmt]:
             k = len(out.prompts) + out.dropped
             label = f"example {k} ({name} row {r}" + (f", {col})" if fmt == "preference" else ")")
             completion = row[col]
-            if conversational != is_conversational(completion):
+            if conversational != _is_messages(completion):
                 raise ValueError(f"{label}: the prompt and the {col!r} must both be conversational or both strings")
-            if conversational:
-                full = tok.apply_chat_template(list(prompt) + list(completion), tokenize=False, **kw)
-                if not full.startswith(prompt_text):
-                    raise ValueError(
-                        f"{label}: the chat template of prompt + {col} does not start with the template of the prompt "
-                        "(with add_generation_prompt=True), so the completion cannot be split off"
-                    )
-                completion_ids = _ids(tok(full[len(prompt_text):], add_special_tokens=False))
+            if conversational:  # TRL's split of the chat template into prompt (with generation prompt) and completion
+                text = apply_chat_template({"prompt": list(prompt), "completion": list(completion)}, tok, **kw)
+                prompt_ids = list(tok(text["prompt"], add_special_tokens=False)["input_ids"])
+                completion_ids = list(tok(text["completion"], add_special_tokens=False)["input_ids"])
             else:
                 if not isinstance(completion, str):
                     raise TypeError(f"{label}: {col!r} must be a string, got {type(completion).__name__}")
-                completion_ids = _ids(tok(completion, add_special_tokens=False))
+                completion_ids = list(tok(completion, add_special_tokens=False)["input_ids"])
             if eos is not None and (not completion_ids or completion_ids[-1] != eos):
                 completion_ids = completion_ids + [eos]
             p_ids = prompt_ids[-max_prompt_length:] if max_prompt_length else list(prompt_ids)
@@ -178,13 +152,12 @@ def tokenize_examples(
                 out.dropped += 1
                 continue
             for what, ids in (("prompt", p_ids), (col, c_ids)):
-                if vocab_size is not None:
-                    bad = [t for t in ids if not 0 <= t < vocab_size]
-                    if bad:
-                        raise ValueError(
-                            f"{label}: the {what} has token id {bad[0]} outside the model's vocabulary "
-                            f"[0, {vocab_size}) (is processing_class the policy's tokenizer?)"
-                        )
+                bad = [t for t in ids if vocab_size is not None and not 0 <= t < vocab_size]
+                if bad:
+                    raise ValueError(
+                        f"{label}: the {what} has token id {bad[0]} outside the model's vocabulary "
+                        f"[0, {vocab_size}) (is processing_class the policy's tokenizer?)"
+                    )
             out.prompts.append(torch.tensor(p_ids, dtype=torch.long))
             out.completions.append(torch.tensor(c_ids, dtype=torch.long))
             out.prompt_texts.append(prompt)

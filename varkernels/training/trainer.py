@@ -1,29 +1,14 @@
-"""VAR training with ``transformers``: ``VARConfig``, ``VARTrainer`` and ``compute_var_loss``.
+"""VAR training with ``transformers``: ``VARConfig``, ``VARTrainer`` and ``compute_var_loss`` (docs/trainer.md).
 
-docs/design.md §5. ``VARTrainer`` takes what TRL's trainers take — ``model`` (a path or a module),
-``ref_model``, ``processing_class``, ``peft_config``, ``reward_funcs`` and text datasets in TRL's
-formats (:mod:`varkernels.training.text`) — tokenises, groups, scores and caches them through
-:meth:`VARDataset.build`, and trains; a pre-built ``VARDataset`` is used as it is.
-
-One training batch is k whole VAR groups (``per_device_train_batch_size = k`` items of a
-:class:`varkernels.training.data.VARDataset`), stacked by :class:`varkernels.training.data.VARCollator`:
-
-    input_ids, attention_mask, labels: [k·B, T]      rewards, ref_logps: [k, B, B] or [k, B]
-
-:func:`compute_var_loss` runs the model once, with the loss computed inside the output
-embedding's forward (:meth:`varkernels.training.lm_head.LMHead.run_in_head`): there it gets the
-final hidden states and the whole ``lm_head`` weight, also under FSDP2 / DeepSpeed ZeRO-3 (which
-gather it only around that forward and its backward) and in the autocast dtype that accelerate
-applies to the forward, and calls :func:`varkernels.fused_linear_var_loss` once on all k groups
-(rewards [k, B, B]: one fp32 weight-gradient accumulator, not k); the
-[k·B, T, V] logits are never formed. The batch loss is the mean of the k group losses.
-
-Exactness. Each group's weights are normalised inside the group, and a batch's loss is the mean
-over its groups, so for groups of one size B the update does not depend on how groups are spread
-over micro-batches, accumulation steps or ranks: k groups in one batch, k accumulation steps of
-one group (``Trainer`` divides each by the number of steps) and k DDP ranks of one group each (DDP
-averages gradients) all give the gradient of (1/k)·Σ_g loss_g. A group is never split: splitting
-one changes its in-batch partition function Ẑ.
+``VARTrainer`` takes what TRL's trainers take (``model`` as a path or a module, ``ref_model``,
+``processing_class``, ``peft_config``, ``reward_funcs``, text datasets in TRL's formats), tokenises,
+groups, scores and caches the data through :meth:`VARDataset.build`, and trains; a pre-built
+``VARDataset`` is used as it is. A batch is k whole groups (``input_ids`` / ``attention_mask`` /
+``labels`` [k·B, T], ``rewards`` / ``ref_logps`` [k, B, B] or [k, B]). :func:`compute_var_loss` computes
+the loss inside the output embedding's forward (:meth:`LMHead.run_in_head`: the whole weight also
+under FSDP2 / ZeRO-3, no [k·B, T, V] logits), one call for the k groups; the batch loss is the mean of
+the group losses, so for one B the update does not depend on how groups are spread over micro-batches,
+accumulation steps or ranks (docs/design.md §5). A group is never split (that changes its Ẑ).
 """
 
 from __future__ import annotations
@@ -41,9 +26,10 @@ import torch
 from .._extras import missing_extra
 
 try:
-    from transformers import Trainer, TrainingArguments
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from trl.trainer.utils import create_model_from_path, get_config_model_id
 except ImportError as e:  # the scoring and data modules of varkernels.training work without it
-    raise missing_extra("transformers", "train", "varkernels.training.trainer") from e
+    raise missing_extra(e.name or "transformers", "train", "varkernels.training.trainer") from e
 
 from .._validation import (  # noqa: E402
     BACKENDS,
@@ -135,7 +121,6 @@ def compute_var_loss(
                     f"lm_head received hidden states of shape {tuple(hidden.shape)}, expected "
                     f"[{labels.shape[0]}, {labels.shape[1]}, H] (every position of input_ids)"
                 )
-            weight, bias, hidden = _head_operands(weight, bias, hidden)
             # all k groups in one call: each normalised inside itself, one fp32 weight-gradient accumulator
             return varkernels.fused_linear_var_loss(hidden, weight, labels, R, Q, bias=bias, chunk_size=chunk_size,
                                                     **opts)
@@ -144,22 +129,6 @@ def compute_var_loss(
 
     logits = model(**inputs).logits
     return varkernels.fused_var_loss(logits, labels, R, Q, **opts)
-
-
-def _head_operands(weight, bias, hidden):
-    """lm_head operands for the fused-linear loss, in one dtype.
-
-    Under autocast (``Trainer`` with ``bf16=True`` / ``fp16=True``) ``lm_head`` would run in the
-    autocast dtype, so hidden, weight and bias are cast to it (the cast is differentiable: the
-    fp32 master weight gets its gradient). Otherwise hidden is cast to the weight's dtype.
-    """
-    dev = hidden.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        return weight.to(dt), bias.to(dt) if bias is not None else None, hidden.to(dt)
-    if hidden.dtype != weight.dtype:
-        hidden = hidden.to(weight.dtype)
-    return weight, bias, hidden
 
 
 @dataclass
@@ -185,6 +154,9 @@ class VARConfig(TrainingArguments):
     loss_backend: str = field(default="auto", metadata={"help": "'auto' | 'triton' | 'cpu' | 'torch'."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: rewards/ref_logps must reach the loss."}
+    )
+    include_num_input_tokens_seen: Union[str, bool] = field(
+        default="non_padding", metadata={"help": "Trainer's token count, logged as TRL's num_tokens too."}
     )
     # --- text datasets (TRL's names where TRL has them)
     group_size: int = field(default=8, metadata={"help": "B >= 2: examples per VAR group (one in-batch Ẑ)."})
@@ -235,14 +207,6 @@ _METRICS = ("weights_mean", "weights_min", "weights_max", "ess", "log_z", "polic
 _TRL_METRICS = {"reward": 8, "reward_std": 9}
 
 
-def _model_kwargs(args: VARConfig) -> dict:
-    kwargs = dict(args.model_init_kwargs or {})
-    dtype = kwargs.get("dtype")
-    if isinstance(dtype, str) and dtype != "auto":
-        kwargs["dtype"] = getattr(torch, dtype)
-    return kwargs
-
-
 def _is_var_data(ds) -> bool:
     if ds is None or isinstance(ds, (VARDataset, torch.utils.data.Dataset)) and not hasattr(ds, "column_names"):
         return True
@@ -255,35 +219,20 @@ def _is_var_data(ds) -> bool:
 class VARTrainer(Trainer):
     """``transformers.Trainer`` training a causal LM with the VAR loss, from text or from a ``VARDataset``.
 
-    Args (TRL's names and meanings):
-        model: a causal LM, or a path / hub id loaded with ``AutoModelForCausalLM.from_pretrained(model,
-            **args.model_init_kwargs)``.
-        ref_model: the reference π_ref (a module or a path). None: the initial policy. Every score
-            is computed here, in ``__init__``, before the first step, so the policy itself scores
-            them (under ``disable_adapter()`` with PEFT): no copy is kept in memory.
-        args: a :class:`VARConfig`.
-        train_dataset, eval_dataset: a :class:`VARDataset` (used as it is: ``VARDataset.to_hf_dataset``
-            too), or a text dataset in TRL's prompt/completion or preference format, standard or
-            conversational (``datasets.Dataset``, a list of rows or a dict of columns; see
-            :mod:`varkernels.training.text`).
-        processing_class: the policy's tokenizer (None: loaded from ``model``'s path).
-        reward_funcs, reward_processing_classes: TRL's reward contract (:mod:`varkernels.training.rewards`),
-            weighted by ``args.reward_weights``. Without them, a ``reward`` column gives one
-            reward per example (the shared-context form, ``cross_pairs=False``).
-        peft_config: a ``peft`` config; the policy becomes ``get_peft_model(model, peft_config)``.
+    Arguments have TRL's names and meanings. ``model`` / ``ref_model``: modules or paths (TRL's
+    ``create_model_from_path`` with ``args.model_init_kwargs``); ``ref_model=None`` is the initial policy
+    (under ``disable_adapter()`` with PEFT): every score is computed in ``__init__``, before the first
+    step. ``train_dataset`` / ``eval_dataset``: a :class:`VARDataset`, or text in TRL's prompt/completion or
+    preference format (:mod:`varkernels.training.text`), which becomes a ``VARDataset`` with the tokenised
+    examples as ``.examples``; ``trainer.dropped_examples`` counts the fully masked ones. ``reward_funcs``
+    / ``reward_processing_classes``: TRL's reward contract (:mod:`varkernels.training.rewards`), weighted
+    by ``args.reward_weights``; without them a ``reward`` column gives one reward per example
+    (``cross_pairs=False``). ``processing_class`` defaults to the tokenizer of ``model``'s path.
 
-    A text dataset becomes a :class:`VARDataset` in ``trainer.train_dataset`` / ``eval_dataset``, with
-    the tokenised examples attached as ``.examples`` (:class:`varkernels.training.text.TextExamples`:
-    token ids, texts, columns, names); ``trainer.dropped_examples`` counts the examples dropped as
-    fully masked per dataset.
-
-    The loss (:func:`compute_var_loss`) is exact under gradient accumulation and DDP for groups
-    of one size B (see the module docstring). Logged with the usual ``loss`` (averaged over the
-    logging interval, on this rank): ``var/weights_mean|min|max``, ``var/ess``, ``var/log_z``
-    (mean log Ẑ_i), ``var/policy_logps`` (mean s_i), ``var/ref_logps`` and ``var/rewards`` (means
-    of the diagonals Q[i, i], R[i, i]); TRL's ``reward`` (= ``var/rewards``), ``reward_std`` (the
-    groups' std of R[i, i], averaged) and ``num_tokens`` (tokens trained on so far, all ranks);
-    with an ``eval_`` prefix in evaluation (no ``num_tokens``).
+    Logged (per rank; ``eval_``-prefixed in evaluation): ``var/weights_mean|min|max``, ``var/ess``,
+    ``var/log_z``, ``var/policy_logps``, ``var/ref_logps``, ``var/rewards`` (means of the diagonals),
+    TRL's ``reward`` and ``reward_std`` (the groups' std of R[i, i], averaged) and, in training,
+    ``num_tokens`` (Trainer's ``num_input_tokens_seen``, all ranks).
     """
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean: Trainer divides by GA steps
@@ -291,28 +240,22 @@ class VARTrainer(Trainer):
     def __init__(self, model=None, ref_model=None, args: Optional[VARConfig] = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, reward_funcs=None,
                  reward_processing_classes=None, peft_config=None, **kwargs):
-        model_id = model if isinstance(model, str) else None
         if args is None:
-            name = (model_id or getattr(getattr(model, "config", None), "_name_or_path", "") or "model")
-            args = VARConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-VAR")
+            name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+            args = VARConfig(output_dir=f"{str(name or 'model').rstrip('/').split('/')[-1]}-VAR")
         if not isinstance(args, VARConfig):
             raise TypeError(f"args must be a varkernels.training.VARConfig, got {type(args).__name__}")
-        if isinstance(model, str):
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(model, **_model_kwargs(args))
+        if isinstance(model, str):  # as TRL's trainers load it (dtype strings, device_map)
+            model = create_model_from_path(model, **(args.model_init_kwargs or {}))
         if isinstance(ref_model, str):
-            from transformers import AutoModelForCausalLM
-
-            ref_model = AutoModelForCausalLM.from_pretrained(ref_model, **_model_kwargs(args)).eval()
+            ref_model = create_model_from_path(ref_model, **(args.model_init_kwargs or {})).eval()
         text = not (_is_var_data(train_dataset) and _all_var_data(eval_dataset))
-        if text and processing_class is None:
-            processing_class = _load_tokenizer(model_id or getattr(getattr(model, "config", None), "_name_or_path", ""))
+        path = get_config_model_id(getattr(model, "config", None))
+        if text and processing_class is None and path:  # as TRL's trainers: the model's own tokenizer
+            processing_class = AutoTokenizer.from_pretrained(path)
         if peft_config is not None:
-            try:
-                from peft import get_peft_model
-            except ImportError as exc:
-                raise ImportError("peft_config needs the peft package: pip install peft") from exc
+            from peft import get_peft_model
+
             model = get_peft_model(model, peft_config)
         if not text:
             for name, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
@@ -344,7 +287,7 @@ class VARTrainer(Trainer):
             if reward_funcs is not None:
                 self.reward_funcs = RewardFunctions(
                     reward_funcs, args.reward_weights, reward_processing_classes,
-                    model_init_kwargs=_model_kwargs(args), batch_size=args.scoring_batch_size,
+                    model_init_kwargs=args.model_init_kwargs, batch_size=args.scoring_batch_size,
                 )
                 for f in self.reward_funcs.funcs:
                     if isinstance(f, torch.nn.Module):
@@ -359,8 +302,6 @@ class VARTrainer(Trainer):
             else:
                 self.eval_dataset = self._score_text(eval_dataset, "eval_dataset")
         self._var_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._num_tokens = 0
-        self._tokens_pending = []
 
     def _score_text(self, dataset, name: str):
         """A text dataset → tokenised examples → ``VARDataset.build`` (scored and cached); others as they are."""
@@ -425,10 +366,6 @@ class VARTrainer(Trainer):
         )
         mode = "train" if model.training else "eval"
         self._record(mode, out, inputs)
-        if mode == "train":
-            mask = inputs.get("attention_mask")
-            count = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
-            self._tokens_pending.append(count.detach())  # summed over ranks at log time
         return (out.loss, out) if return_outputs else out.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -461,16 +398,8 @@ class VARTrainer(Trainer):
             prefix = "eval_" if mode == "eval" else ""
             logs.update({f"{prefix}var/{name}": round(v, 6) for name, v in zip(_METRICS, agg)})
             logs.update({f"{prefix}{name}": round(agg[i], 6) for name, i in _TRL_METRICS.items()})
-        if mode == "train":
-            if self._tokens_pending:
-                total = torch.stack(self._tokens_pending).sum()
-                self._tokens_pending = []
-                # every rank logs at the same steps (Trainer gathers the loss there too); torch.distributed
-                # directly, not accelerate's gather: under DeepSpeed on CPU accelerate counts one process
-                if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    torch.distributed.all_reduce(total)
-                self._num_tokens += int(total.item())
-            logs["num_tokens"] = self._num_tokens
+        if mode == "train" and self.args.include_num_input_tokens_seen != "no":
+            logs["num_tokens"] = self.state.num_input_tokens_seen  # TRL's name for Trainer's count
         super().log(logs, start_time)
 
 
@@ -478,20 +407,6 @@ def _all_var_data(ds) -> bool:
     if isinstance(ds, dict):
         return all(_is_var_data(v) for v in ds.values())
     return _is_var_data(ds)
-
-
-def _load_tokenizer(path: str):
-    if not path:
-        raise ValueError("the datasets hold text: pass processing_class (the policy's tokenizer)")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001 - the message says what to do
-        raise ValueError(
-            f"the datasets hold text and no processing_class was given; loading a tokenizer from {path!r} failed "
-            f"({type(exc).__name__}: {exc}): pass processing_class"
-        ) from exc
 
 
 __all__ = ["VARConfig", "VARTrainer", "compute_var_loss", "split_groups", "VARDataset", "VARCollator"]
