@@ -194,8 +194,10 @@ def test_deferred_pass_is_chosen_only_where_it_applies(monkeypatch):
     assert run(20, 16) == [True]  # H < n ≤ 2·H: the columns past H in a second tensor
     assert run(33, 16) == [False]  # n > 2·H: the chunked pass
     assert run(10, 16, backend="torch") == []  # the C++ backend's path only
-    declined = [("cpu", torch.float32, True, (True, True, False)), ("cpu", torch.bfloat16, False, (True, True, False)),
-                ("cpu", torch.bfloat16, True, (True, False, False)), ("torch", torch.bfloat16, True, (True, True, False))]
+    declined = [("cpu", torch.float32, True, (True, True, False)),
+                ("cpu", torch.bfloat16, False, (True, True, False)),
+                ("cpu", torch.bfloat16, True, (True, False, False)),
+                ("torch", torch.bfloat16, True, (True, True, False))]
     for backend, dtype, accum, wants in declined:
         h, W, _, y, dlp = _inputs(2, 20, 16, 97, dtype, 10)
         opts = TokenOptions(backend, chunk_size=8, accum_fp32=accum)
