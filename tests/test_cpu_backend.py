@@ -21,13 +21,13 @@ import torch
 from helpers import IGNORE_INDEX, assert_close, make_labels, make_logits, make_pairs, reference_run
 
 from varkernels import csrc_loader, fused_var_loss, sequence_logps
-from varkernels.core.token import token_op as _token_op
+from varkernels.core.token import token_kernel
 from varkernels.reference import sequence_logps_reference
 
 
 def token_op(backend, x, labels, coef=None, grad=None, lse_in=None, *, temperature=1.0, **opts):
     """The core token op with the public ``temperature`` keyword (the op takes 1/τ)."""
-    return _token_op(backend, x, labels, coef, grad, lse_in, inv_temperature=1.0 / temperature, **opts)
+    return token_kernel(backend)(x, labels, coef, grad, lse_in, inv_temperature=1.0 / temperature, **opts)
 
 
 EXT = csrc_loader.load_extension(required=False)

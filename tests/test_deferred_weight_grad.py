@@ -1,4 +1,4 @@
-"""The CPU fused-linear weight gradient without an fp32 [V, H] accumulator (varkernels/core/linear.py):
+"""The C++ backend's fused-linear weight gradient without an fp32 [V, H] accumulator (varkernels/core/linear_cpu.py):
 
 * ``gemm_f32`` (csrc/var_cpu_gemm.cpp): MKL's bf16/fp16 GEMM with an fp32 output, against float64;
 * the deferred pass: with n ≤ 2·H non-ignored rows, g is kept transposed, its first H columns in
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import varkernels.core.linear as lin
+import varkernels.core.linear_cpu as lcpu
 from varkernels import fused_linear_var_loss, linear_weighted_nll
 from varkernels.core.token import TokenOptions, kernel_coef
 
@@ -22,7 +23,7 @@ def _require_f32_gemm():
 
     if not cpu_extension_available():
         pytest.skip("the C++ extension is not built on this machine")
-    if not lin.f32_gemm_available():
+    if not lcpu.f32_gemm_available():
         pytest.skip("this PyTorch build does not link MKL's half-precision GEMMs (has_f32_gemm() is false)")
 
 
@@ -66,12 +67,12 @@ def test_gemm_f32_edge_cases_and_errors():
 def test_mkl_gemm_switch(monkeypatch):
     """VARKERNELS_MKL_GEMM=0 turns gemm_f32 off (the fp32-copy path runs); the answer is asked once per process."""
     _require_f32_gemm()
-    monkeypatch.setattr(lin, "_F32_GEMM", {})
+    monkeypatch.setattr(lcpu, "_F32_GEMM", {})
     monkeypatch.setenv("VARKERNELS_MKL_GEMM", "0")
-    assert not lin.f32_gemm_available()
-    monkeypatch.setattr(lin, "_F32_GEMM", {})
+    assert not lcpu.f32_gemm_available()
+    monkeypatch.setattr(lcpu, "_F32_GEMM", {})
     monkeypatch.delenv("VARKERNELS_MKL_GEMM")
-    assert lin.f32_gemm_available()
+    assert lcpu.f32_gemm_available()
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -107,7 +108,7 @@ def _inputs(B, T, H, V, dtype, n_targets, bias=False, seed=0):
 def _accumulator_grads(h, W, b, y, dlp, backend, chunk, scale):
     """The chunked pass's fp32 accumulators, scaled, rounded once to the parameters' dtype: what the deferred
     pass must reproduce (the same bf16 logits gradient g; only the fp32 summation order differs)."""
-    opts = TokenOptions(backend, None, 1.0, -100, chunk, True)
+    opts = TokenOptions(backend, chunk_size=chunk)
     lp, lse, gh, gw, gb = lin.linear_token_pass(h, W, b, y, kernel_coef(dlp), None, (True, True, b is not None), opts)
     return lp, gh, (gw * scale).to(W.dtype), (gb * scale).to(W.dtype) if b is not None else None
 
@@ -123,7 +124,6 @@ def _assert_within_one_rounding(got, want):
     assert (diff > 0).float().mean() < 0.01  # rare: a GEMM-order effect, not a systematic error
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("n_targets,H,bias,chunk", [
     (40, 40, False, 7),    # n = H: gᵀ fills the whole storage (row v of gᵀ is row v of grad_weight)
@@ -134,23 +134,21 @@ def _assert_within_one_rounding(got, want):
     (50, 40, False, 7),    # H < n ≤ 2·H: 10 columns of gᵀ beside the storage, a chunk across the boundary
     (80, 40, True, 262),   # n = 2·H, one chunk
 ])
-def test_deferred_equals_accumulator_scaled_then_rounded(backend, dtype, n_targets, H, bias, chunk, monkeypatch):
-    if backend == "cpu":
-        from helpers import require_backend
-
-        require_backend("cpu")
-    monkeypatch.setattr(lin, "FINISH_TILE_BYTES", 4 * H * 3)  # 3 vocabulary rows per tile: many tiles
+def test_deferred_equals_accumulator_scaled_then_rounded(dtype, n_targets, H, bias, chunk, monkeypatch):
+    _require_f32_gemm()
+    backend = "cpu"
+    monkeypatch.setattr(lcpu, "FINISH_TILE_BYTES", 4 * H * 3)  # 3 vocabulary rows per tile: many tiles
     B, T, V = 2, 50, 301
     h, W, b, y, dlp = _inputs(B, T, H, V, dtype, n_targets, bias=bias)
     scale = 0.37
     lp_ref, gh_ref, gw_ref, gb_ref = _accumulator_grads(h, W, b, y, dlp, backend, chunk, scale)
 
-    opts = TokenOptions(backend, None, 1.0, -100, chunk, True)
+    opts = TokenOptions(backend, chunk_size=chunk)
     wants = (True, True, bias)
-    assert lin.deferred_weight_grad_applies(h, W, kernel_coef(dlp), wants, opts)
-    lp, lse, gh, gb, deferred = lin.linear_token_pass_deferred(h, W, b, y, kernel_coef(dlp), wants, opts)
+    assert lcpu.forward_pass_applies(h, W, wants, opts)
+    lp, lse, gh, gb, deferred = lcpu.forward_pass(h, W, b, y, kernel_coef(dlp), wants, opts)
     assert torch.equal(lp, lp_ref)  # the same chunks of the same logits
-    gw = lin.finish_weight_grad(deferred, torch.tensor(scale), backend)
+    gw = lcpu.finish_weight_grad(deferred, torch.tensor(scale))
     assert gw.data_ptr() == deferred.storage.data_ptr()  # written over its own storage
     _assert_within_one_rounding(gw, gw_ref)
     assert torch.equal((gh.float() * scale).to(dtype), (gh_ref.float() * scale).to(dtype))
@@ -161,11 +159,12 @@ def test_deferred_equals_accumulator_scaled_then_rounded(backend, dtype, n_targe
 def test_a_wrong_tile_order_is_caught(monkeypatch):
     """The check above fails when the tiles go first to last: writing rows v0…v1 of grad_weight then destroys
     gᵀ rows that later tiles read (this is the hazard the backward order exists for)."""
-    monkeypatch.setattr(lin, "FINISH_TILE_BYTES", 4 * 40 * 3)
+    _require_f32_gemm()
+    monkeypatch.setattr(lcpu, "FINISH_TILE_BYTES", 4 * 40 * 3)
     h, W, b, y, dlp = _inputs(2, 30, 40, 301, torch.bfloat16, 25)  # n = 25 < H = 40
-    _, _, gw_ref, _ = _accumulator_grads(h, W, b, y, dlp, "torch", 7, 1.0)
-    opts = TokenOptions("torch", None, 1.0, -100, 7, True)
-    *_, deferred = lin.linear_token_pass_deferred(h, W, b, y, kernel_coef(dlp), (True, True, False), opts)
+    _, _, gw_ref, _ = _accumulator_grads(h, W, b, y, dlp, "cpu", 7, 1.0)
+    opts = TokenOptions("cpu", chunk_size=7)
+    *_, deferred = lcpu.forward_pass(h, W, b, y, kernel_coef(dlp), (True, True, False), opts)
     storage, _, h_rows = deferred
     V, H = storage.shape
     g_t = storage.view(-1)[: V * h_rows.shape[0]].view(V, h_rows.shape[0])
@@ -177,42 +176,40 @@ def test_a_wrong_tile_order_is_caught(monkeypatch):
 
 
 def test_deferred_pass_is_chosen_only_where_it_applies(monkeypatch):
-    """n ≤ 2·H on CPU in half precision with the fp32 accumulator: deferred. n > 2·H: the deferred pass declines
-    and the chunked pass runs. fp32, accum_fp32=False, no weight gradient, backward mode: never asked."""
-    import varkernels.core.autograd as ag
-
+    """backend="cpu", n ≤ 2·H in half precision with the fp32 accumulator: deferred. n > 2·H: the deferred pass
+    declines and the chunked pass runs. fp32, accum_fp32=False, no weight gradient, another backend: never asked."""
+    _require_f32_gemm()
     taken = []
-    real = lin.linear_token_pass_deferred
-    monkeypatch.setattr(ag, "linear_token_pass_deferred", lambda *a: taken.append(real(*a) is not None) or real(*a))
+    real = lcpu.forward_pass
+    monkeypatch.setattr(lcpu, "forward_pass", lambda *a: taken.append(real(*a) is not None) or real(*a))
 
-    def run(n_targets, H):
+    def run(n_targets, H, backend="cpu"):
         taken.clear()
         h, W, _, y, _ = _inputs(2, 20, H, 97, torch.bfloat16, n_targets)
         h.requires_grad_(), W.requires_grad_()
-        linear_weighted_nll(h, W, y.view(2, 20), torch.rand(2), backend="torch").backward()
+        linear_weighted_nll(h, W, y.view(2, 20), torch.rand(2), backend=backend).backward()
         return taken
 
     assert run(10, 16) == [True]
     assert run(20, 16) == [True]  # H < n ≤ 2·H: the columns past H in a second tensor
     assert run(33, 16) == [False]  # n > 2·H: the chunked pass
-    declined = [(torch.float32, True, (True, True, False)), (torch.bfloat16, False, (True, True, False)),
-                (torch.bfloat16, True, (True, False, False))]
-    for dtype, accum, wants in declined:
+    assert run(10, 16, backend="torch") == []  # the C++ backend's path only
+    declined = [("cpu", torch.float32, True, (True, True, False)),
+                ("cpu", torch.bfloat16, False, (True, True, False)),
+                ("cpu", torch.bfloat16, True, (True, False, False)),
+                ("torch", torch.bfloat16, True, (True, True, False))]
+    for backend, dtype, accum, wants in declined:
         h, W, _, y, dlp = _inputs(2, 20, 16, 97, dtype, 10)
-        opts = TokenOptions("torch", None, 1.0, -100, 8, accum)
-        assert not lin.deferred_weight_grad_applies(h, W, kernel_coef(dlp), wants, opts)
-    assert not lin.deferred_weight_grad_applies(h, W, None, (True, True, False), TokenOptions("torch"))
+        opts = TokenOptions(backend, chunk_size=8, accum_fp32=accum)
+        assert not lcpu.forward_pass_applies(h, W, wants, opts)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_deferred_public_loss_matches_the_chunked_pass(backend, monkeypatch):
+def test_deferred_public_loss_matches_the_chunked_pass(monkeypatch):
     """fused_linear_var_loss through the deferred pass against the same call forced onto the chunked pass, with an
     upstream scale that is not 1: grad_weight within one rounding, the loss and grad_hidden bitwise equal;
     the inputs are unchanged; a second backward through the graph raises."""
-    if backend == "cpu":
-        from helpers import require_backend
-
-        require_backend("cpu")
+    _require_f32_gemm()
+    backend = "cpu"
     g = torch.Generator().manual_seed(3)
     B, T, H, V = 3, 12, 48, 500
     h0 = torch.randn(B, T, H, generator=g).bfloat16()
@@ -228,10 +225,7 @@ def test_deferred_public_loss_matches_the_chunked_pass(backend, monkeypatch):
         return loss.detach(), h.grad, W.grad
 
     deferred = run()
-    monkeypatch.setattr(lin, "deferred_weight_grad_applies", lambda *a: False)
-    import varkernels.core.autograd as ag
-
-    monkeypatch.setattr(ag, "deferred_weight_grad_applies", lambda *a: False)
+    monkeypatch.setattr(lcpu, "forward_pass_applies", lambda *a: False)
     chunked = run()
     monkeypatch.undo()
     assert torch.equal(deferred[0], chunked[0]) and torch.equal(deferred[1], chunked[1])

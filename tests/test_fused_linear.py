@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close, require_backend
 
-from varkernels import fused_linear_var_loss, linear_sequence_logps
+from varkernels import fused_linear_var_loss, linear_sequence_logps, linear_weighted_nll
 from varkernels.reference import linear_sequence_logps_reference, linear_var_loss_reference
 
 BACKENDS = ["triton", "torch", "cpu"]
@@ -188,9 +188,78 @@ def test_fused_linear_bad_inputs_name_the_argument():
         fused_linear_var_loss(h, W, y.clamp(min=0) + 40, R, Q)
 
 
-def test_cpu_bf16_weight_grad_is_the_fp32_gemm_and_restores_the_matmul_mode():
-    """On CPU the bf16 weight-gradient GEMM runs on fp32 copies in oneDNN's bf16 math mode: the copies hold
-    bf16 values, so it must equal the fp32 GEMM up to fp32 summation order, and leave the mode as it was."""
+def _backend_settings() -> dict:
+    """Every plain setting under torch.backends (flags of the mkldnn, cudnn, cuda, mkl, opt_einsum, ... modules
+    and of their precision sub-objects such as ``mkldnn.matmul``), by dotted name."""
+    import types
+
+    import torch.backends as tb
+
+    out = {}
+    for name in dir(tb):
+        mod = getattr(tb, name)
+        if not isinstance(mod, types.ModuleType) or not mod.__name__.startswith("torch.backends."):
+            continue
+        names = set(dir(mod)) | set(dir(type(mod))) | set(dir(getattr(mod, "m", None) or mod))  # PropModule flags
+        for attr in sorted(names):
+            if attr.startswith("_") or attr == "m":
+                continue
+            try:
+                v = getattr(mod, attr)
+                if isinstance(v, (bool, int, float, str)) or v is None:
+                    out[f"{name}.{attr}"] = v
+                elif not callable(v) and hasattr(v, "fp32_precision"):
+                    out[f"{name}.{attr}.fp32_precision"] = v.fp32_precision
+            except Exception:  # a backend absent from this build (e.g. CUDA's on a CPU build)
+                continue
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_bf16_fused_linear_leaves_torch_backends_as_they_were(backend):
+    """Two threads running bf16 fused-linear losses change no process-wide setting (e.g. oneDNN's fp32 matmul
+    precision), not even for the duration of a call: every torch.backends setting reads the same while they run."""
+    require_backend(backend)
+    import threading
+
+    before = _backend_settings()
+    assert "mkldnn.matmul.fp32_precision" in before or not hasattr(torch.backends.mkldnn, "matmul")
+    seen, errors = [], []
+    stop = threading.Event()
+
+    def work(seed):
+        try:
+            g = torch.Generator().manual_seed(seed)
+            h = torch.randn(2, 40, 64, generator=g).bfloat16().requires_grad_()
+            W = torch.randn(500, 64, generator=g).bfloat16().requires_grad_()
+            y = torch.randint(0, 500, (2, 40), generator=g)
+            for _ in range(3):
+                linear_weighted_nll(h, W, y, torch.rand(2, generator=g), backend=backend, chunk_size=16).backward()
+        except Exception as e:  # reported below: an exception in a thread would be lost
+            errors.append(e)
+
+    def watch():
+        while not stop.is_set():
+            seen.append(_backend_settings())
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(2)]
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    watcher.join()
+    assert not errors, errors
+    assert _backend_settings() == before
+    assert all(s == before for s in seen), [
+        {k: v for k, v in s.items() if before.get(k) != v} for s in seen if s != before][:1]
+
+
+def test_cpu_bf16_weight_grad_is_the_fp32_gemm():
+    """Off the C++ backend's MKL GEMM, the bf16 weight-gradient GEMM runs on fp32 copies: they hold bf16 values
+    exactly, so it equals the fp32 GEMM up to fp32 summation order (not one bf16 rounding per chunk)."""
     from varkernels.core.linear import _accumulate_weight_grad
 
     g = torch.Generator().manual_seed(0)
@@ -198,10 +267,7 @@ def test_cpu_bf16_weight_grad_is_the_fp32_gemm_and_restores_the_matmul_mode():
     h_c = torch.randn(300, 256, generator=g).bfloat16()
     acc = torch.randn(1000, 256, generator=g)
     truth = acc.double() + grad.t().double() @ h_c.double()
-    flags = torch.backends.mkldnn.matmul
-    before = flags.fp32_precision
-    out = _accumulate_weight_grad(acc.clone(), grad, h_c)
-    assert flags.fp32_precision == before
+    out = _accumulate_weight_grad(acc.clone(), grad, h_c, "torch")
     fp32 = acc.clone().addmm_(grad.t().float(), h_c.float())
     err, ref_err = (out.double() - truth).abs().max().item(), (fp32.double() - truth).abs().max().item()
     assert err <= 2 * ref_err + 1e-6, (err, ref_err)  # fp32 sums, not one bf16 rounding (~1e-1 here)

@@ -94,6 +94,7 @@ def prepare_call(
     labels_eff = shifted_labels(labels, ignore_index) if shift_labels else labels
     if head is not None:
         chunk_size = chunk_size or default_chunk_size(vocab_size, x.device.type, x.element_size())
-    opts = TokenOptions(resolved, softcap, 1.0 / float(temperature), ignore_index, chunk_size or 0,
-                        grad_accum_dtype == torch.float32)
+    opts = TokenOptions(backend=resolved, softcap=softcap, inv_temperature=1.0 / float(temperature),
+                        ignore_index=ignore_index, chunk_size=chunk_size or 0,
+                        accum_fp32=grad_accum_dtype == torch.float32)
     return Prepared(opts, labels_eff, k, group, cross)

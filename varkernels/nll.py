@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._docs import compose
-from ._prepare import Prepared, prepare_call
+from ._prepare import prepare_call
 from ._validation import check_inplace, check_options, shift_left
 from .core.autograd import linear_token_forward, token_forward
 
@@ -66,20 +66,6 @@ def sequence_values(lp: torch.Tensor, seq_coef: torch.Tensor) -> torch.Tensor:
     return lp.detach().view(seq_coef.shape[0], -1).sum(dim=1) * seq_coef
 
 
-def nll_forward(call: Prepared, logits, weights, *, reduction: str, shift_labels: bool, inplace: bool = False):
-    """(loss, lp [N·T], c [N]) of the logits form, on a prepared call (VAR enters here)."""
-    dlp, seq_coef = token_coefficients(weights, call.labels, call.opts.ignore_index, reduction, shift_labels)
-    loss, lp = token_forward(logits, call.flat_labels, dlp, call.opts, inplace=inplace)
-    return loss, lp, seq_coef
-
-
-def linear_nll_forward(call: Prepared, hidden, weight, bias, weights, *, reduction: str, shift_labels: bool):
-    """(loss, lp [N·T], c [N]) of the fused-linear form, on a prepared call (VAR enters here)."""
-    dlp, seq_coef = token_coefficients(weights, call.labels, call.opts.ignore_index, reduction, shift_labels)
-    loss, lp = linear_token_forward(hidden, weight, bias, call.flat_labels, dlp, call.opts)
-    return loss, lp, seq_coef
-
-
 @compose
 def weighted_nll(
     logits: torch.Tensor,
@@ -119,8 +105,8 @@ def weighted_nll(
     call = prepare_call("logits", logits, labels, ignore_index=ignore_index, shift_labels=shift_labels,
                         softcap=softcap, temperature=temperature, backend=backend, weights=weights)
     check_inplace(logits, inplace)
-    loss, lp, seq_coef = nll_forward(call, logits, weights, reduction=reduction, shift_labels=shift_labels,
-                                     inplace=inplace)
+    dlp, seq_coef = token_coefficients(weights, call.labels, ignore_index, reduction, shift_labels)
+    loss, lp = token_forward(logits, call.flat_labels, dlp, call.opts, inplace=inplace)
     return NLLOutput(loss, sequence_values(lp, seq_coef)) if return_aux else loss
 
 
@@ -159,6 +145,6 @@ def linear_weighted_nll(
     call = prepare_call("hidden", hidden, labels, head=(weight, bias), ignore_index=ignore_index,
                         shift_labels=shift_labels, softcap=softcap, temperature=temperature, backend=backend,
                         chunk_size=chunk_size, grad_accum_dtype=grad_accum_dtype, weights=weights)
-    loss, lp, seq_coef = linear_nll_forward(call, hidden, weight, bias, weights, reduction=reduction,
-                                            shift_labels=shift_labels)
+    dlp, seq_coef = token_coefficients(weights, call.labels, ignore_index, reduction, shift_labels)
+    loss, lp = linear_token_forward(hidden, weight, bias, call.flat_labels, dlp, call.opts)
     return NLLOutput(loss, sequence_values(lp, seq_coef)) if return_aux else loss

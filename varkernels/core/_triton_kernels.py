@@ -50,6 +50,26 @@ def _tanh(u):
 
 
 @triton.jit
+def _transform(b_x, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    """The logit transform of the Triton kernels, fp32: (z, t) with z = (c·tanh(x/c))·(1/τ) and t = tanh(x/c),
+    kept for dz/dx (:func:`_dz`); without a softcap z = x·(1/τ) and t = x (unused)."""
+    if HAS_SOFTCAP:
+        b_t = _tanh(b_x / softcap)
+        return softcap * b_t * inv_temperature, b_t
+    else:
+        return b_x * inv_temperature, b_x
+
+
+@triton.jit
+def _dz(b_t, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    """dz/dx of :func:`_transform` from its t: (1 − t²)/τ with a softcap, else 1/τ."""
+    if HAS_SOFTCAP:
+        return (1.0 - b_t * b_t) * inv_temperature
+    else:
+        return inv_temperature
+
+
+@triton.jit
 def _cast_out(b_x, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
     """fp32 → ``dtype`` for a store. GPUs round fp32 → bf16 to nearest even; the Triton
     interpreter (3.9) truncates. With RNE_BF16 (set by the launchers only under the interpreter)
@@ -92,10 +112,7 @@ def _token_kernel(
         return
 
     # target logit, transformed like every other logit
-    b_xy = tl.load(p_x + y * stride_xv).to(tl.float32)
-    if HAS_SOFTCAP:
-        b_xy = softcap * _tanh(b_xy / softcap)
-    b_zy = b_xy * inv_temperature
+    b_zy, b_ty = _transform(tl.load(p_x + y * stride_xv).to(tl.float32), softcap, inv_temperature, HAS_SOFTCAP)
 
     if HAS_LSE_IN:
         b_m = tl.load(lse_in_ptr + i_n)  # lse = m + log s with m = lse, log s = 0
@@ -110,11 +127,10 @@ def _token_kernel(
         for v0 in range(0, V, BLOCK_V):
             o = v0 + o_v
             m_v = o < V
-            b_x = tl.load(p_x + o * stride_xv, mask=m_v, other=float("-inf")).to(tl.float32)
+            b_z, b_t1 = _transform(tl.load(p_x + o * stride_xv, mask=m_v, other=float("-inf")).to(tl.float32),
+                                   softcap, inv_temperature, HAS_SOFTCAP)
             if HAS_SOFTCAP:
-                # softcap maps the padding −inf to −c: mask again so padding adds nothing
-                b_x = tl.where(m_v, softcap * _tanh(b_x / softcap), float("-inf"))
-            b_z = b_x * inv_temperature
+                b_z = tl.where(m_v, b_z, float("-inf"))  # softcap maps the padding −inf to −c/τ: mask it again
             b_m_new = tl.maximum(b_m, tl.max(b_z, axis=0))
             # a tile of only −inf logits (masked vocabulary) so far: shift by 0, not by −inf (−inf − −inf = NaN)
             b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
@@ -133,14 +149,9 @@ def _token_kernel(
         for v0 in range(0, V, BLOCK_V):
             o = v0 + o_v
             m_v = o < V
-            b_x = tl.load(p_x + o * stride_xv, mask=m_v, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
-                b_t = _tanh(b_x / softcap)
-                b_dz = (1.0 - b_t * b_t) * inv_temperature
-                b_z = softcap * b_t * inv_temperature
-            else:
-                b_dz = inv_temperature
-                b_z = b_x * inv_temperature
+            b_z, b_t = _transform(tl.load(p_x + o * stride_xv, mask=m_v, other=0.0).to(tl.float32),
+                                  softcap, inv_temperature, HAS_SOFTCAP)
+            b_dz = _dz(b_t, inv_temperature, HAS_SOFTCAP)
             b_p = tl.exp2(((b_z - b_m) - b_log_s) * LOG2E)  # softmax, shifted like lp above
             b_p = tl.where(o == y, b_p - 1.0, b_p)
             b_g = b_coef * b_p * b_dz
@@ -251,16 +262,14 @@ def _token_kernel_single(
             tl.store(p_g + o_v * stride_gv, tl.zeros([BLOCK_V], dtype=tl.float32), mask=m_v)
         return
 
-    b_xy = tl.load(p_x + y * stride_xv).to(tl.float32)
-    if HAS_SOFTCAP:
-        b_xy = softcap * _tanh(b_xy / softcap)
-    b_zy = b_xy * inv_temperature
+    b_zy, b_ty = _transform(tl.load(p_x + y * stride_xv).to(tl.float32), softcap, inv_temperature, HAS_SOFTCAP)
 
     b_x = tl.load(p_x + o_v * stride_xv, mask=m_v, other=float("-inf")).to(tl.float32)
     # Register budget (see token_kernel_config): only one fp32 value per logit may stay alive across
     # the block reductions — z, then e = 2^((z − m)·log2e); with softcap, t = tanh(x/c), from
     # which z = t·(c/τ) is recomputed each time it is needed (written so that no product t·(c/τ)
-    # is shared between the uses, which would keep a second value per logit alive).
+    # is shared between the uses, which would keep a second value per logit alive). This factored
+    # form of _transform is the one place the row's transform is written out; dz/dx is _dz's.
     if HAS_SOFTCAP:
         b_k = softcap * inv_temperature
         b_t = tl.where(m_v, _tanh(b_x / softcap), float("-inf"))  # padding → z = −inf
@@ -298,9 +307,6 @@ def _token_kernel_single(
         else:
             b_p = b_e * (1.0 / b_sum)
         b_p = tl.where(o_v == y.to(tl.int32), b_p - 1.0, b_p)  # y < V ≤ BLOCK_V: an int32 compare per lane
-        if HAS_SOFTCAP:
-            b_tc = tl.maximum(b_t, -1.0)  # = t (tanh ≥ −1); −1 on the padding, so that 0 · dz is 0, not NaN
-            b_g = b_coef * b_p * ((1.0 - b_tc * b_tc) * inv_temperature)
-        else:
-            b_g = b_coef * b_p * inv_temperature
+        # t ≥ −1 is tanh's; the padding's −inf becomes −1, so that 0 · dz is 0, not NaN
+        b_g = b_coef * b_p * _dz(tl.maximum(b_t, -1.0) if HAS_SOFTCAP else b_z, inv_temperature, HAS_SOFTCAP)
         tl.store(p_g + o_v * stride_gv, _cast_out(b_g, grad_ptr.dtype.element_ty, RNE_BF16), mask=m_v)

@@ -31,15 +31,10 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
+from . import linear_cpu
 from ._grad_buffers import grad_buffer_like
-from .linear import (
-    DeferredWeightGrad,
-    deferred_weight_grad_applies,
-    finish_weight_grad,
-    linear_token_pass_deferred,
-    run_linear_token,
-)
-from .token import TokenOptions, kernel_coef, require_cpu_op, rne_bf16, run_token
+from .linear import _linear_token_pass_op  # noqa: F401 - registers varkernels::linear_token_pass
+from .token import TokenOptions, kernel_coef, require_cpu_op, rne_bf16, token_kernel
 
 # ---------------------------------------------------------------------------------- scaling
 
@@ -114,7 +109,7 @@ class TokenFunction(torch.autograd.Function):
             grad = None
             if needs_grad:
                 grad = xd if inplace else grad_buffer_like(xd)  # already-touched pages (_grad_buffers.py)
-            lp, _ = run_token(xd, labels, dlp, grad, None, opts)
+            lp, _ = token_kernel(opts.backend)(xd, labels, kernel_coef(dlp), grad, None, **opts.token_args())
             if grad is not None:
                 if inplace and not torch.compiler.is_compiling():
                     # The kernels write through raw pointers: tell autograd that x changed, so a node
@@ -124,7 +119,7 @@ class TokenFunction(torch.autograd.Function):
             value = _weighted_value(dlp, lp, B)
             ctx.mark_non_differentiable(lp)
             return value, lp
-        lp, lse = run_token(xd, labels, None, None, None, opts)
+        lp, lse = token_kernel(opts.backend)(xd, labels, None, None, None, **opts.token_args())
         if needs_grad:
             ctx.save_for_backward(x, labels, lse)
         value = lp.new_zeros(())
@@ -138,7 +133,8 @@ class TokenFunction(torch.autograd.Function):
             return scale_grad_(grad, grad_value, ctx.opts.backend), None, None, None, None, None
         x, labels, lse = ctx.saved_tensors
         grad = torch.empty_like(x)
-        run_token(x.detach(), labels, grad_lp.reshape(-1).to(torch.float32).contiguous(), grad, lse, ctx.opts)
+        coef = kernel_coef(grad_lp.reshape(-1).to(torch.float32).contiguous())
+        token_kernel(ctx.opts.backend)(x.detach(), labels, coef, grad, lse, **ctx.opts.token_args())
         return grad, None, None, None, None, None
 
 
@@ -163,8 +159,11 @@ def token_forward(
 class LinearTokenFunction(torch.autograd.Function):
     """(value, lp) from hidden [B, T, H], weight [V, H], bias [V] | None; same two modes.
 
+    The driver (core/linear.py) is called as its registered operator, the options record flattened by keyword.
     Forward mode keeps grad_weight / grad_bias in their accumulators (fp32 unless ``opts.accum_fp32`` is
-    False) until backward, so the upstream scale is applied before the rounding to the parameter dtype.
+    False) until backward, so the upstream scale is applied before the rounding to the parameter dtype; with
+    the C++ backend and a half-precision head, the weight gradient may instead be deferred to the backward
+    (core/linear_cpu.py: no fp32 [V, H] accumulator).
     """
 
     @staticmethod
@@ -174,24 +173,27 @@ class LinearTokenFunction(torch.autograd.Function):
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         hd, wd = hidden.detach(), weight.detach()
         bd = bias.detach() if bias is not None else None
+        want_h, want_w, want_b = wants
         if dlp is not None:
             coef = kernel_coef(dlp) if any(wants) else None
             deferred = None
-            if deferred_weight_grad_applies(hd, wd, coef, wants, opts):  # no fp32 [V, H] accumulator (linear.py)
-                deferred = linear_token_pass_deferred(hd, wd, bd, labels, coef, wants, opts)
+            if coef is not None and linear_cpu.forward_pass_applies(hd, wd, wants, opts):
+                deferred = linear_cpu.forward_pass(hd, wd, bd, labels, coef, wants, opts)
             ctx.deferred = deferred is not None
             if deferred is not None:
                 lp, _, gh, gb, kept = deferred
                 ctx.save_for_backward(gh, gb, *kept)
             else:
-                lp, _, gh, gw, gb = run_linear_token(hd, wd, bd, labels, dlp if any(wants) else None, None, wants,
-                                                     opts)
+                lp, _, gh, gw, gb = torch.ops.varkernels.linear_token_pass(
+                    hd, wd, bd, labels, coef, None, want_hidden=want_h, want_weight=want_w, want_bias=want_b,
+                    **opts._asdict())
                 if any(wants):
                     ctx.save_for_backward(gh, gw, gb)
             value = _weighted_value(dlp, lp, B)
             ctx.mark_non_differentiable(lp)
             return value, lp
-        lp, lse, *_ = run_linear_token(hd, wd, bd, labels, None, None, (False, False, False), opts)
+        lp, lse, *_ = torch.ops.varkernels.linear_token_pass(
+            hd, wd, bd, labels, None, None, want_hidden=False, want_weight=False, want_bias=False, **opts._asdict())
         if any(wants):
             ctx.save_for_backward(hidden, weight, bias, labels, lse)
         value = lp.new_zeros(())
@@ -206,7 +208,7 @@ class LinearTokenFunction(torch.autograd.Function):
             finished = None
             if ctx.deferred:  # grad_weight is finished here, with the upstream scale known, over its storage
                 gh, gb, *kept = grads
-                finished = finish_weight_grad(DeferredWeightGrad(*kept), grad_value, ctx.opts.backend)
+                finished = linear_cpu.finish_weight_grad(linear_cpu.DeferredWeightGrad(*kept), grad_value)
                 torch.autograd.graph.increment_version(finished)  # (written in place: one backward per graph)
                 grads = (gh, finished, gb)
             out = [
@@ -216,11 +218,11 @@ class LinearTokenFunction(torch.autograd.Function):
             ]
             return (*out, None, None, None, None)
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        dlp = grad_lp.reshape(-1).to(torch.float32).contiguous()
-        _, _, gh, gw, gb = run_linear_token(
-            hidden.detach(), weight.detach(), bias.detach() if bias is not None else None, labels, dlp, lse, wants,
-            ctx.opts,
-        )
+        coef = kernel_coef(grad_lp.reshape(-1).to(torch.float32).contiguous())
+        want_h, want_w, want_b = wants
+        _, _, gh, gw, gb = torch.ops.varkernels.linear_token_pass(
+            hidden.detach(), weight.detach(), bias.detach() if bias is not None else None, labels, coef, lse,
+            want_hidden=want_h, want_weight=want_w, want_bias=want_b, **ctx.opts._asdict())
         out = [g.to(dt) if want and g.numel() else None for g, dt, want in zip((gh, gw, gb), ctx.dtypes, wants)]
         return (*out, None, None, None, None)
 

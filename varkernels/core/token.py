@@ -30,11 +30,11 @@ Operators (schema shared by the three, ``grad`` is the only argument written)::
 Each has a fake implementation, so the op runs on fake tensors (and under ``torch.compile``) and
 can be recorded with its shapes.
 
-The layers above pass one options record, :class:`TokenOptions`, and coefficients in their own
-convention, ``dlp`` = d value / d lp. :func:`run_token` (and ``run_linear_token`` of linear.py) is
-the torch.library boundary: the record is flattened into the operator's plain arguments there, and
-the sign is fixed once, by :func:`kernel_coef` (the kernels write coef·(softmax − onehot) =
-−coef·d lp/dx, so coef = −dlp).
+The layers above pass one options record, :class:`TokenOptions`, read by attribute, and coefficients
+in their own convention, ``dlp`` = d value / d lp. The record is flattened into the operators' plain
+arguments, by keyword, only where an operator is called (core/autograd.py, core/linear.py), and the
+sign is fixed once, by :func:`kernel_coef` (the kernels write coef·(softmax − onehot) =
+−coef·d lp/dx, so coef = −dlp). :func:`token_kernel` names the operator of a backend.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ CHUNK_BYTES = 16 * 2**20  # fp32 bytes per chunk buffer of the PyTorch path; ~3 
 
 class TokenOptions(NamedTuple):
     """The options of one call, built where the call is prepared (varkernels/_prepare.py) and passed down
-    unchanged; flattened into plain operator arguments only at the torch.library boundary."""
+    unchanged, always read by attribute; flattened into operator arguments, by keyword, only where an
+    operator is called (``token_args`` for the token op, ``_asdict()`` for the fused-linear driver op)."""
 
     backend: str  # resolved: "triton" | "cpu" | "torch"
     softcap: Optional[float] = None
@@ -61,6 +62,10 @@ class TokenOptions(NamedTuple):
     ignore_index: int = -100
     chunk_size: int = 0  # fused-linear form: token rows per chunk
     accum_fp32: bool = True  # fused-linear form: weight/bias gradients accumulate in fp32
+
+    def token_args(self) -> dict:
+        """The token op's keyword options (softcap, inv_temperature, ignore_index)."""
+        return {"softcap": self.softcap, "inv_temperature": self.inv_temperature, "ignore_index": self.ignore_index}
 
 
 def kernel_coef(dlp: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -225,40 +230,10 @@ def require_cpu_op(backend: str) -> None:
 # ------------------------------------------------------------------------------------ dispatch
 
 
-def token_op(
-    backend: str,
-    x: torch.Tensor,
-    labels: torch.Tensor,
-    coef: Optional[torch.Tensor] = None,
-    grad: Optional[torch.Tensor] = None,
-    lse_in: Optional[torch.Tensor] = None,
-    *,
-    softcap: Optional[float] = None,
-    inv_temperature: float = 1.0,
-    ignore_index: int = -100,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The token op on ``backend`` ("triton" | "cpu" | "torch", already resolved).
-
-    x: [B, T, V]; labels: [B·T] int64/int32 contiguous; coef, lse_in: [B·T] fp32 contiguous;
-    grad: [B, T, V] written (may be x). Returns (lp [B·T] fp32, lse [B·T] fp32).
-    """
-    if backend == "triton":
-        op = torch.ops.varkernels.token_triton
-    elif backend == "cpu":
-        op = torch.ops.varkernels.token_cpu
-    else:
-        op = torch.ops.varkernels.token_torch
-    return op(x, labels, coef, grad, lse_in, softcap, inv_temperature, ignore_index)
-
-
-def run_token(
-    x: torch.Tensor,
-    labels: torch.Tensor,
-    dlp: Optional[torch.Tensor],
-    grad: Optional[torch.Tensor],
-    lse_in: Optional[torch.Tensor],
-    opts: TokenOptions,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The token op with ``dlp`` = d value / d lp [B·T] fp32 (or None: no gradient); see the module docstring."""
-    return token_op(opts.backend, x, labels, kernel_coef(dlp), grad, lse_in, softcap=opts.softcap,
-                    inv_temperature=opts.inv_temperature, ignore_index=opts.ignore_index)
+def token_kernel(backend: str):
+    """The registered token op of ``backend`` ("triton" | "cpu" | "torch", already resolved), looked up at
+    the call (a test may stand in for it). Call it as ``token_kernel(backend)(x, labels, coef, grad, lse_in,
+    softcap=..., inv_temperature=..., ignore_index=...)``: x [B, T, V]; labels [B·T] int64/int32 contiguous;
+    coef (``kernel_coef``), lse_in: [B·T] fp32 contiguous or None; grad: [B, T, V] written (may be x) or None.
+    Returns (lp [B·T] fp32, lse [B·T] fp32)."""
+    return getattr(torch.ops.varkernels, "token_" + backend)

@@ -16,7 +16,8 @@ import torch
 from .._docs import compose
 from .._prepare import prepare_call
 from .._validation import VAROutput, check_inplace, check_options
-from ..nll import linear_nll_forward, nll_forward, sequence_values
+from ..core.autograd import linear_token_forward, token_forward
+from ..nll import sequence_values, token_coefficients
 from .weights import group_ess, var_weights
 
 
@@ -82,8 +83,8 @@ def fused_var_loss(
                         ref_logps=ref_logps)
     check_inplace(logits, inplace)
     weights, log_z = _var_weights(call, rewards, ref_logps, beta=beta, weighting=weighting)
-    loss, lp, seq_coef = nll_forward(call, logits, weights, reduction=logp_reduction, shift_labels=shift_labels,
-                                     inplace=inplace)
+    dlp, seq_coef = token_coefficients(weights, call.labels, ignore_index, logp_reduction, shift_labels)
+    loss, lp = token_forward(logits, call.flat_labels, dlp, call.opts, inplace=inplace)
     return _output(loss, lp, seq_coef, weights, log_z, call.groups, return_aux)
 
 
@@ -128,8 +129,8 @@ def fused_linear_var_loss(
                         chunk_size=chunk_size, grad_accum_dtype=grad_accum_dtype, rewards=rewards,
                         ref_logps=ref_logps)
     weights, log_z = _var_weights(call, rewards, ref_logps, beta=beta, weighting=weighting)
-    loss, lp, seq_coef = linear_nll_forward(call, hidden, weight, bias, weights, reduction=logp_reduction,
-                                            shift_labels=shift_labels)
+    dlp, seq_coef = token_coefficients(weights, call.labels, ignore_index, logp_reduction, shift_labels)
+    loss, lp = linear_token_forward(hidden, weight, bias, call.flat_labels, dlp, call.opts)
     return _output(loss, lp, seq_coef, weights, log_z, call.groups, return_aux)
 
 
