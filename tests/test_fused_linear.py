@@ -180,7 +180,7 @@ def test_fused_linear_bad_inputs_name_the_argument():
         fused_linear_var_loss(h[..., :7], W, y, R, Q)
     with pytest.raises(ValueError, match="bias must have shape"):
         fused_linear_var_loss(h, W, y, R, Q, bias=b[:5])
-    with pytest.raises(TypeError, match="weight must have the dtype of hidden"):
+    with pytest.raises(TypeError, match="weight must be float32, bfloat16 or float16, got torch.float64"):
         fused_linear_var_loss(h, W.double(), y, R, Q)
     with pytest.raises(ValueError, match="chunk_size"):
         fused_linear_var_loss(h, W, y, R, Q, chunk_size=0)

@@ -26,6 +26,7 @@ from ._validation import (
     check_weights,
     shifted_labels,
 )
+from .core.autograd import head_dtype
 from .core.linear import default_chunk_size
 from .core.token import TokenOptions
 
@@ -93,7 +94,8 @@ def prepare_call(
     check_values(labels, vocab_size, ignore_index, rewards, ref_logps, weights)
     labels_eff = shifted_labels(labels, ignore_index) if shift_labels else labels
     if head is not None:
-        chunk_size = chunk_size or default_chunk_size(vocab_size, x.device.type, x.element_size())
+        gemm_itemsize = head_dtype(x, head[0]).itemsize  # the logits chunks' dtype (autocast's under autocast)
+        chunk_size = chunk_size or default_chunk_size(vocab_size, x.device.type, gemm_itemsize)
     opts = TokenOptions(backend=resolved, softcap=softcap, inv_temperature=1.0 / float(temperature),
                         ignore_index=ignore_index, chunk_size=chunk_size or 0,
                         accum_fp32=grad_accum_dtype == torch.float32)

@@ -294,14 +294,16 @@ def check_linear(hidden, weight, bias, chunk_size, grad_accum_dtype=torch.float3
             f"hidden must have shape [B, T, H] with H = weight.shape[1] = {weight.shape[1]}, "
             f"got {tuple(hidden.shape)}"
         )
-    if weight.dtype not in FLOAT_DTYPES or weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    # mixed float dtypes are fine: the GEMMs run in one dtype (core.autograd.head_dtype), gradients come back in each
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
             got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
             raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},), got {got}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+        if bias.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"bias must be float32, bfloat16 or float16, got {bias.dtype}")
     check_positive_int("chunk_size", chunk_size, allow_none=True)
     if grad_accum_dtype not in (torch.float32, weight.dtype):
         raise ValueError(

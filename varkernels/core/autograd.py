@@ -26,6 +26,7 @@ so a second backward through the same graph raises instead of rescaling it twice
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -156,6 +157,32 @@ def token_forward(
 # ---------------------------------------------------------------------------------- fused-linear form
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu")
+
+
+def head_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the fused-linear form runs its GEMMs in, decided at the call: under ``torch.autocast`` for
+    hidden's device, the autocast dtype (as the model's own ``lm_head`` matmul would run); otherwise the promoted
+    dtype of hidden and weight (bf16 hidden with an fp32 weight: fp32). The logits chunks and the token op's
+    input have this dtype; accumulation stays fp32 and each gradient comes back in its tensor's own dtype."""
+    dev = hidden.device.type
+    if dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _autocast_off(device_type: str):
+    """Autocast disabled for the driver's own GEMMs: their operands are already in ``head_dtype``, so the forward
+    and the backward recompute the same products whatever autocast state each runs under."""
+    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if t is None else t.detach().to(dtype)
+
+
 class LinearTokenFunction(torch.autograd.Function):
     """(value, lp) from hidden [B, T, H], weight [V, H], bias [V] | None; same two modes.
 
@@ -167,33 +194,37 @@ class LinearTokenFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, dlp, opts, wants):
+    def forward(ctx, hidden, weight, bias, labels, dlp, opts, wants, gemm_dtype):
         B = hidden.shape[0]
-        ctx.opts, ctx.forward_mode, ctx.wants = opts, dlp is not None, wants
+        ctx.opts, ctx.forward_mode, ctx.wants, ctx.gemm_dtype = opts, dlp is not None, wants, gemm_dtype
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        hd, wd = hidden.detach(), weight.detach()
-        bd = bias.detach() if bias is not None else None
+        hd, wd, bd = _cast(hidden, gemm_dtype), _cast(weight, gemm_dtype), _cast(bias, gemm_dtype)
         want_h, want_w, want_b = wants
         if dlp is not None:
             coef = kernel_coef(dlp) if any(wants) else None
             deferred = None
-            if coef is not None and linear_cpu.forward_pass_applies(hd, wd, wants, opts):
-                deferred = linear_cpu.forward_pass(hd, wd, bd, labels, coef, wants, opts)
+            # (the deferred weight gradient is stored in the GEMM dtype: only when that is the weight's own)
+            if coef is not None and weight.dtype == gemm_dtype and linear_cpu.forward_pass_applies(hd, wd, wants, opts):
+                with _autocast_off(hd.device.type):
+                    deferred = linear_cpu.forward_pass(hd, wd, bd, labels, coef, wants, opts)
             ctx.deferred = deferred is not None
             if deferred is not None:
                 lp, _, gh, gb, kept = deferred
                 ctx.save_for_backward(gh, gb, *kept)
             else:
-                lp, _, gh, gw, gb = torch.ops.varkernels.linear_token_pass(
-                    hd, wd, bd, labels, coef, None, want_hidden=want_h, want_weight=want_w, want_bias=want_b,
-                    **opts._asdict())
+                with _autocast_off(hd.device.type):
+                    lp, _, gh, gw, gb = torch.ops.varkernels.linear_token_pass(
+                        hd, wd, bd, labels, coef, None, want_hidden=want_h, want_weight=want_w, want_bias=want_b,
+                        **opts._asdict())
                 if any(wants):
                     ctx.save_for_backward(gh, gw, gb)
             value = _weighted_value(dlp, lp, B)
             ctx.mark_non_differentiable(lp)
             return value, lp
-        lp, lse, *_ = torch.ops.varkernels.linear_token_pass(
-            hd, wd, bd, labels, None, None, want_hidden=False, want_weight=False, want_bias=False, **opts._asdict())
+        with _autocast_off(hd.device.type):
+            lp, lse, *_ = torch.ops.varkernels.linear_token_pass(
+                hd, wd, bd, labels, None, None, want_hidden=False, want_weight=False, want_bias=False,
+                **opts._asdict())
         if any(wants):
             ctx.save_for_backward(hidden, weight, bias, labels, lse)
         value = lp.new_zeros(())
@@ -202,6 +233,11 @@ class LinearTokenFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_value, grad_lp):
+        with _autocast_off(grad_value.device.type):  # the forward's products, whatever autocast state this runs in
+            return LinearTokenFunction._backward(ctx, grad_value, grad_lp)
+
+    @staticmethod
+    def _backward(ctx, grad_value, grad_lp):
         wants = ctx.wants
         if ctx.forward_mode:
             grads = _saved_once(ctx, "fused-linear token op (forward-mode gradient)")
@@ -216,15 +252,16 @@ class LinearTokenFunction(torch.autograd.Function):
                 else scale_grad_(g, grad_value, ctx.opts.backend).to(dt) if want and g.numel() else None
                 for g, dt, want in zip(grads, ctx.dtypes, wants)
             ]
-            return (*out, None, None, None, None)
+            return (*out, None, None, None, None, None)
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         coef = kernel_coef(grad_lp.reshape(-1).to(torch.float32).contiguous())
         want_h, want_w, want_b = wants
+        gemm = ctx.gemm_dtype  # the forward's operands again
         _, _, gh, gw, gb = torch.ops.varkernels.linear_token_pass(
-            hidden.detach(), weight.detach(), bias.detach() if bias is not None else None, labels, coef, lse,
+            _cast(hidden, gemm), _cast(weight, gemm), _cast(bias, gemm), labels, coef, lse,
             want_hidden=want_h, want_weight=want_w, want_bias=want_b, **ctx.opts._asdict())
         out = [g.to(dt) if want and g.numel() else None for g, dt, want in zip((gh, gw, gb), ctx.dtypes, wants)]
-        return (*out, None, None, None, None)
+        return (*out, None, None, None, None, None)
 
 
 def linear_token_forward(
@@ -236,7 +273,8 @@ def linear_token_forward(
     opts: TokenOptions,
 ):
     """(value, lp [B·T]) of the fused-linear form (see the module docstring); ``opts.chunk_size`` rows per
-    chunk, ``opts.accum_fp32``: the weight/bias gradients accumulate in fp32 or in the parameters' dtype."""
+    chunk, ``opts.accum_fp32``: the weight/bias gradients accumulate in fp32 or in the GEMM dtype
+    (:func:`head_dtype`: the autocast dtype under autocast)."""
     require_cpu_op(opts.backend)
     grad_on = torch.is_grad_enabled()
     wants = (
@@ -244,4 +282,4 @@ def linear_token_forward(
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
-    return LinearTokenFunction.apply(hidden, weight, bias, labels, dlp, opts, wants)
+    return LinearTokenFunction.apply(hidden, weight, bias, labels, dlp, opts, wants, head_dtype(hidden, weight))
