@@ -15,13 +15,18 @@ import datetime
 import gc
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from varkernels.testing.memory import fix_mmap_threshold, peak_rss_bytes  # noqa: F401  (re-exported)
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # ``python benchmarks/x.py`` puts benchmarks/ on sys.path, not the repository root
+    sys.path.insert(1, str(ROOT))
+
+from tools.memory import fix_mmap_threshold, peak_rss_bytes  # noqa: E402, F401  (re-exported)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

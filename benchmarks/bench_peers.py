@@ -27,7 +27,7 @@ Part "time" (this process): forward + backward of the whole loss, upstream gradi
   Before timing, every provider's loss and gradients are checked against naive eager.
 Part "traffic" (a subprocess with TRITON_INTERPRET=1; docs/design.md §4.3, no GPU needed): bytes moved by one
   forward + backward of the logits-input loss at the same B, T, V, dtype — Triton kernels counted
-  load by load in the interpreter plus the aten ops around them (varkernels.testing.traffic), naive
+  load by load in the interpreter plus the aten ops around them (tools.traffic), naive
   eager counted as bytes in + out of every aten op — for varkernels[triton], liger[ce] and naive.
   Counted at T=2 and T=4 and extrapolated linearly in T (benchmarks/gpu_measures.py, where the
   linearity is checked), with every token a target. From the bytes, a roofline ESTIMATE of GPU
@@ -187,7 +187,7 @@ def run_traffic(args, run: str) -> list:
                            "(python benchmarks/bench_peers.py runs it so in a subprocess)")
     import gpu_measures  # the GPU-measures module: counters, linear-in-T extrapolation, assumed bandwidths
 
-    from varkernels.testing.traffic import count_aten_traffic, count_triton_traffic
+    from tools.traffic import count_aten_traffic, count_triton_traffic
 
     sizes = sweep_sizes(args)
     B = sizes["logits"]["B"]

@@ -4,7 +4,7 @@
     python benchmarks/cost_model.py --quick          # Llama-3-8B head at 8k tokens only (no CSV)
 
 Each provider's computation of the loss and its gradients (forward + backward, every token a target,
-upstream gradient 1) is run on fake CUDA tensors and every op recorded (varkernels.testing.costmodel):
+upstream gradient 1) is run on fake CUDA tensors and every op recorded (tools.costmodel):
 
 * traced: varkernels (its CUDA path: GEMMs and the token kernel, whose bytes the kernel declares),
   PyTorch's ``linear_cross_entropy(..., options=LinearCrossEntropyOptions())`` (its chunked CUDA path:
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import RESULTS, git_revision, machine_info  # noqa: E402
 from naive import naive_linear_var_loss, naive_var_loss  # noqa: E402
 
-from varkernels.testing import costmodel as cm  # noqa: E402
+from tools import costmodel as cm  # noqa: E402
 
 HEADS = {"llama3-8b": (4096, 128256), "gemma2-2b": (2304, 256000)}
 SHAPES = [("llama3-8b", 8192), ("llama3-8b", 16384), ("llama3-8b", 32768), ("gemma2-2b", 8192), ("gemma2-2b", 32768)]

@@ -16,7 +16,7 @@ For B=8, T=512 (forward + backward, upstream gradient 1, every token a target):
 * cubin resources of the kernels at their default launch (registers, shared memory, local
   memory = spills) for sm_80 and sm_90, compiled ahead of time, and an occupancy ESTIMATE.
 * a roofline time ESTIMATE = bytes / peak DRAM bandwidth of the GPU assumed for each arch: the cost
-  model's datasheet entries (varkernels/testing/costmodel.py), A100 SXM 2.0 TB/s for sm_80 and
+  model's datasheet entries (tools/costmodel.py), A100 SXM 2.0 TB/s for sm_80 and
   H100 SXM 3.35 TB/s for sm_90, unless a device is named: ``--device-name`` (by default the CUDA
   device's name when one is present) puts its entry in its arch's place (an "NVIDIA H200" is sm_90
   too, at 4.8 TB/s), and ``--calibration`` a GPU suite CSV (benchmarks/gpu_suite.py) costs it at the
@@ -44,13 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import RESULTS, append_csv, git_revision, machine_info, machine_line  # noqa: E402
 from naive import naive_var_loss  # noqa: E402
 
+from tools import aot  # noqa: E402
+from tools import costmodel as cm  # noqa: E402
+from tools.traffic import count_aten_traffic, count_triton_traffic  # noqa: E402
 from varkernels import fused_var_loss  # noqa: E402
 from varkernels.core import _triton_kernels  # noqa: E402
 from varkernels.core.autograd import scale_triton_launch  # noqa: E402
 from varkernels.core.token import token_triton_launch  # noqa: E402
-from varkernels.testing import aot  # noqa: E402
-from varkernels.testing import costmodel as cm  # noqa: E402
-from varkernels.testing.traffic import count_aten_traffic, count_triton_traffic  # noqa: E402
 from varkernels.var import _weights_kernel  # noqa: E402
 from varkernels.var.weights import var_weights_triton_launch  # noqa: E402
 

@@ -38,7 +38,7 @@ status 3 and prints the command that resumes. Every case appends its CSV row(s) 
 names it); ``--resume [RUN]`` reuses run RUN (default: the last run in the CSV) and skips the cases it has.
 
 Output: rows in benchmarks/results/gpu_suite.csv (run id, GPU, versions, load average, THP state), a plot
-benchmarks/results/gpu_suite.png and a table with the roofline ESTIMATE (varkernels.testing.costmodel, traced at
+benchmarks/results/gpu_suite.png and a table with the roofline ESTIMATE (tools.costmodel, traced at
 the case's shape) beside each measured time, against the measured peaks (``est_ms``) and the datasheet
 (``est_datasheet_ms``). ``--fake`` runs the plan's control flow (budget, CSV, resume) without a GPU: every case
 "takes" its estimate on a virtual clock and writes a row with status "fake" (for tests/test_gpu_suite.py; never
@@ -596,7 +596,7 @@ def calibrate_device() -> list:
 
 def calibrated_gpu(rows, device_name: str):
     """(measured GPU, datasheet GPU) of the cost model from a run's calibration rows (measured: None without them)."""
-    from varkernels.testing import costmodel as cm
+    from tools import costmodel as cm
 
     sheet = cm.gpu_for_device_name(device_name) or cm.H100_SXM
     rates = {r.get("rate_unit", "").split(" ")[0]: float(r["rate"]) for r in rows

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import cost_model  # noqa: E402
 
-from varkernels.testing import costmodel as cm  # noqa: E402
+from tools import costmodel as cm  # noqa: E402
 
 DATA = json.loads((Path(__file__).parent / "data" / "cost_model_calibration.json").read_text())
 POINTS = {p["id"]: p for p in DATA["points"]}

@@ -308,7 +308,7 @@ def test_missing_peers_and_old_torch_are_skipped_with_the_reason(monkeypatch):
 
 
 def test_estimates_use_the_measured_peaks():
-    from varkernels.testing import costmodel as cm
+    from tools import costmodel as cm
 
     rows = [{"part": "calibrate", "status": "ok", "rate": "7.9e14", "rate_unit": "FLOP/s"},
             {"part": "calibrate", "status": "ok", "rate": "4.3e12", "rate_unit": "bytes/s (read + write)"}]
