@@ -7,7 +7,7 @@ Providers (each a full forward + backward, gradient left in ``logits.grad``):
     fused_cpu          fused_var_loss(backend="cpu")                the C++ kernel of csrc/
     fused_cpu_inplace  fused_var_loss(backend="cpu", inplace=True)  gradient written over the logits
     fused_torch        fused_var_loss(backend="torch")              the chunked PyTorch path
-    naive_eager        benchmarks/naive.py: log_softmax + gather + masked mean + weights, autograd
+    naive_eager        tools/naive.py: log_softmax + gather + masked mean + weights, autograd
     naive_compile      torch.compile(naive_var_loss) (skipped, with the reason, if it fails)
 
 Timing (_harness.measure_interleaved): one warm-up call per provider, then every rep runs every
@@ -51,8 +51,8 @@ from _harness import (  # noqa: E402
     measure_interleaved,
 )
 from bench_var_loss import make_inputs  # noqa: E402
-from naive import naive_var_loss  # noqa: E402
 
+from tools.naive import naive_var_loss  # noqa: E402
 from varkernels import fused_var_loss  # noqa: E402
 from varkernels.csrc_loader import load_extension  # noqa: E402
 

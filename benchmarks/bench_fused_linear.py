@@ -29,8 +29,8 @@ from _harness import (  # noqa: E402
     peak_memory_bytes,
     time_fn,
 )
-from naive import naive_linear_var_loss  # noqa: E402
 
+from tools.naive import naive_linear_var_loss  # noqa: E402
 from varkernels import fused_linear_var_loss  # noqa: E402
 from varkernels._backend import resolve_backend  # noqa: E402
 

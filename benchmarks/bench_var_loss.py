@@ -6,7 +6,7 @@
     python benchmarks/bench_var_loss.py --thp-disable   # prctl(PR_SET_THP_DISABLE, 1): no huge pages here
 
 Providers (each a full forward + backward of the loss, gradient left in ``logits.grad``):
-    naive          benchmarks/naive.py: log_softmax + gather + masked mean + weights, autograd
+    naive          tools/naive.py: log_softmax + gather + masked mean + weights, autograd
     fused          fused_var_loss(...)                 backend="auto" (the C++ kernel on CPU)
     fused_inplace  fused_var_loss(..., inplace=True)   gradient written over (a copy of) the logits
     fused_torch    fused_var_loss(..., backend="torch") the chunked PyTorch path
@@ -53,8 +53,8 @@ from _harness import (  # noqa: E402
     machine_line,
     measure_interleaved,
 )
-from naive import naive_var_loss  # noqa: E402
 
+from tools.naive import naive_var_loss  # noqa: E402
 from varkernels import fused_var_loss, grad_buffer_stats, release_grad_buffers  # noqa: E402
 from varkernels._backend import resolve_backend  # noqa: E402
 

@@ -8,7 +8,7 @@
 For B=8, T=512 (forward + backward, upstream gradient 1, every token a target):
 
 * bytes moved — Triton kernels counted in the interpreter (loads + stores of active lanes), plus
-  the aten glue around them; naive eager (benchmarks/naive.py) counted as bytes in + out of every
+  the aten glue around them; naive eager (tools/naive.py) counted as bytes in + out of every
   aten op. Both are COUNTED at B=8, T=2 and T=4 and EXTRAPOLATED linearly in T to T=512: every
   count is affine in T (per-token work plus per-batch B×B work), so the extrapolation is exact
   for these programs (checked: T=2,4 → 16 equals a direct count at T=16, V=4099, fp32 and bf16);
@@ -42,10 +42,10 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import RESULTS, append_csv, git_revision, machine_info, machine_line  # noqa: E402
-from naive import naive_var_loss  # noqa: E402
 
 from tools import aot  # noqa: E402
 from tools import costmodel as cm  # noqa: E402
+from tools.naive import naive_var_loss  # noqa: E402
 from tools.traffic import count_aten_traffic, count_triton_traffic  # noqa: E402
 from varkernels import fused_var_loss  # noqa: E402
 from varkernels.core import _triton_kernels  # noqa: E402
@@ -180,7 +180,7 @@ def main(argv=None):
     revision = git_revision()
     print(machine_line() + f" | varkernels {revision}")
     print(f"config: B={B} T={T}, fused_var_loss(backend='triton') forward+backward vs naive eager "
-          f"(benchmarks/naive.py), dense labels, upstream gradient 1")
+          f"(tools/naive.py), dense labels, upstream gradient 1")
     print(f"bytes: COUNTED at B={B}, T={COUNT_T[0]} and T={COUNT_T[1]} in the Triton interpreter / a "
           f"TorchDispatchMode, EXTRAPOLATED linearly in T to T={T}")
     print("times: ROOFLINE ESTIMATES = bytes / peak DRAM bandwidth "

@@ -353,15 +353,15 @@ _TRACES = {}
 
 
 def estimate_ms(provider, form, head, tokens, gpus) -> tuple:
-    """Roofline ESTIMATES (ms) of one provider at one shape, traced by benchmarks/cost_model.py for each GPU of
+    """Roofline ESTIMATES (ms) of one provider at one shape, traced by tools/cost_providers.py for each GPU of
     ``gpus`` (None entries give None), and the source; (None, ..., reason) when the model cannot trace it here."""
     key = (provider, form, head, tokens)
     if key not in _TRACES:
         try:
-            import cost_model
+            from tools import cost_providers
 
-            fn = next((f for fm, name, f in cost_model.PROVIDERS if fm == form and name == provider), None)
-            _TRACES[key] = None if fn is None else fn(cost_model.Case(head, tokens, False))
+            fn = next((f for fm, name, f in cost_providers.PROVIDERS if fm == form and name == provider), None)
+            _TRACES[key] = None if fn is None else fn(cost_providers.Case(head, tokens, False))
             _TRACES[key, "why"] = "no cost-model provider of that name" if fn is None else "cost model (traced)"
         except Exception as e:  # noqa: BLE001 - an estimate is optional; the measurement is not
             _TRACES[key] = None
@@ -599,13 +599,13 @@ def add_wheels(folder: str) -> list:
 
 def dry_run(args) -> int:
     """Imports and the staged plan; touches no GPU and writes nothing."""
-    import cost_model  # noqa: F401  (the estimates of the timing stages)
     import test_single_pass  # noqa: F401  (the token-kernel launcher and checks of the parity stage)
     import torch
     import triton
     from helpers import assert_close  # noqa: F401
     from peers import peer_versions
 
+    import tools.cost_providers  # noqa: F401  (the estimates of the timing stages)
     import varkernels  # noqa: F401
     from varkernels import fused_linear_var_loss, fused_var_loss, sequence_logps  # noqa: F401
     from varkernels.core import _triton_kernels as K

@@ -63,8 +63,8 @@ from typing import Callable, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from naive import naive_linear_var_loss, naive_var_loss  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tools
+from tools.naive import naive_linear_var_loss, naive_var_loss  # noqa: E402
 
 FORMS = ("logits", "linear")
 IGNORE_INDEX = -100
