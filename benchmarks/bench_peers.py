@@ -185,23 +185,22 @@ def run_traffic(args, run: str) -> list:
     if not interpreting():
         raise RuntimeError("the traffic part counts Triton kernels in the interpreter: run it with TRITON_INTERPRET=1 "
                            "(python benchmarks/bench_peers.py runs it so in a subprocess)")
-    import gpu_measures  # the GPU-measures module: counters, linear-in-T extrapolation, assumed bandwidths
-
+    from tools import gpu_estimates  # counters, linear-in-T extrapolation, assumed bandwidths
     from tools.traffic import count_aten_traffic, count_triton_traffic
 
     sizes = sweep_sizes(args)
     B = sizes["logits"]["B"]
     providers = {p.name: p for p in get_providers("logits", "cpu")}
-    t1, t2 = gpu_measures.COUNT_T
-    bw = {arch: gpu.dram_bytes_per_s for arch, gpu in gpu_measures.GPUS.items()}
+    t1, t2 = gpu_estimates.COUNT_T
+    bw = {arch: gpu.dram_bytes_per_s for arch, gpu in gpu_estimates.GPUS.items()}
     note = "roofline ESTIMATE = bytes / peak DRAM bandwidth (" + ", ".join(
-        f"{arch} {gpu.name} {gpu.dram_bytes_per_s / 1e12:.2f} TB/s" for arch, gpu in gpu_measures.GPUS.items()
+        f"{arch} {gpu.name} {gpu.dram_bytes_per_s / 1e12:.2f} TB/s" for arch, gpu in gpu_estimates.GPUS.items()
     ) + "); not measured"
     method = f"counted at B={B}, T={t1} and T={t2} (every token a target), extrapolated linearly in T"
 
     def liger_bytes(T, V, dtype):
-        logits, labels, rewards, ref_logps = gpu_measures.make_inputs(B, T, V, dtype)
-        x = make_inputs("logits", 1, 1, 2, dtype)  # a shell; filled with gpu_measures' inputs
+        logits, labels, rewards, ref_logps = gpu_estimates.make_inputs(B, T, V, dtype)
+        x = make_inputs("logits", 1, 1, 2, dtype)  # a shell; filled with gpu_estimates' inputs
         x.logits, x.labels, x.rewards, x.ref_logps = logits, labels, rewards, ref_logps
         with count_triton_traffic() as kernels, count_aten_traffic() as glue:
             providers["liger[ce]"].loss(x).backward()
@@ -234,7 +233,7 @@ def run_traffic(args, run: str) -> list:
         dtype = getattr(torch, dtype_name)
         for V in sizes["V"]:
             for T in sizes["logits"]["T"]:
-                b = gpu_measures.extrapolated_bytes(B, T, V, dtype)
+                b = gpu_estimates.extrapolated_bytes(B, T, V, dtype)
                 counted = {"naive": b["naive_bytes"],
                            "varkernels[triton]": b["fused_kernel_bytes"] + b["fused_glue_bytes"]}
                 liger = providers["liger[ce]"]

@@ -62,6 +62,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from _harness import append_csv, git_revision, load_average, read_rows, thp_mode  # noqa: E402
 
+from tools.gpu_estimates import calibrated_gpu  # noqa: E402
 from tools.gpu_parity import case_label, parity_cases, parity_one, smoke_parity_cases  # noqa: E402  (puts tests/ on sys.path)
 
 RESULTS = HERE / "results"
@@ -335,18 +336,6 @@ def calibrate_device() -> list:
          "status": "ok", "median_ms": f"{copy[0]:.6g}", "p20_ms": f"{copy[1]:.6g}", "p80_ms": f"{copy[2]:.6g}",
          "rate": f"{moved / (copy[0] * 1e-3):.6g}", "rate_unit": "bytes/s (read + write)"},
     ]
-
-
-def calibrated_gpu(rows, device_name: str):
-    """(measured GPU, datasheet GPU) of the cost model from a run's calibration rows (measured: None without them)."""
-    from tools import costmodel as cm
-
-    sheet = cm.gpu_for_device_name(device_name) or cm.H100_SXM
-    rates = {r.get("rate_unit", "").split(" ")[0]: float(r["rate"]) for r in rows
-             if r.get("part") == "calibrate" and r.get("status") == "ok" and r.get("rate")}
-    if "FLOP/s" not in rates or "bytes/s" not in rates:
-        return None, sheet
-    return cm.measured_gpu(sheet, rates["FLOP/s"], rates["bytes/s"], name=f"{device_name} (measured)"), sheet
 
 
 _TRACES = {}
