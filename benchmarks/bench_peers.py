@@ -4,7 +4,7 @@
     python benchmarks/bench_peers.py --quick         # a smoke run at small sizes (~1-2 min)
     python benchmarks/bench_peers.py --report        # markdown tables of the last run in the CSV
 
-Providers (benchmarks/peers.py): naive eager PyTorch; torch.compile(naive); varkernels on each
+Providers (tools/peers.py): naive eager PyTorch; torch.compile(naive); varkernels on each
 backend; VAR built on Liger-Kernel (its cross-entropy / fused-linear cross-entropy with
 reduction="none", and its chunked-loss log-prob piece) and on Cut Cross-Entropy
 (linear_cross_entropy(..., reduction="none"), impl "cce" and "torch_compile") and on PyTorch's own
@@ -41,7 +41,6 @@ benchmarks/plot.py draws benchmarks/results/*.png from it.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import subprocess
@@ -63,8 +62,10 @@ from _harness import (  # noqa: E402
     machine_info,
     machine_line,
     measure_interleaved,
+    read_rows,
 )
-from peers import check_providers, get_providers, interpreting, make_inputs, peer_versions  # noqa: E402
+
+from tools.peers import check_providers, get_providers, interpreting, make_inputs, peer_versions, selected  # noqa: E402
 
 CSV = RESULTS / "peers.csv"
 FIELDS = [
@@ -117,7 +118,7 @@ def run_time(args, run: str) -> list:
         for dtype_name in sizes["dtypes"]:
             dtype = getattr(torch, dtype_name)
             everyone = get_providers(form, device)
-            providers = [p for p in everyone if _selected(p.name, args.providers, [q.name for q in everyone])]
+            providers = [p for p in everyone if selected(p.name, args.providers, [q.name for q in everyone])]
             checks = check_providers(form, providers, device=device, dtype=dtype)
             print(f"\n== form {form}, {dtype_name}: agreement with naive eager (B=2 T=16 V=1000; "
                   "rel. err of loss, max rel. err of gradients)")
@@ -169,12 +170,6 @@ def run_time(args, run: str) -> list:
                     del x
     print("   (x naive: naive's time / provider's time — above 1 is faster; peak: provider's / naive's)")
     return rows
-
-
-def _selected(name: str, wanted, names=()) -> bool:
-    """--providers: a provider's exact name selects only it ("naive" is not torch.compile(naive));
-    anything else selects every name containing it ("varkernels", "liger")."""
-    return not wanted or any(w == name or (w not in names and w in name) for w in wanted)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,8 +261,7 @@ def run_traffic(args, run: str) -> list:
 
 
 def load_run(path: Path, run=None) -> list:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(path)
     if not rows:
         return []
     run = run or rows[-1]["run"]

@@ -30,7 +30,7 @@ time-logits  the logits-form loss, V=128256, 16k tokens, bf16
 Each timing case is one provider at one shape: ``triton.testing.do_bench`` (median, p20, p80 over ``rep`` ms
 after ``warmup`` ms; ``rep`` sized from the stage's budget) and ``torch.cuda.max_memory_allocated`` beyond the
 inputs during one call, gradients included; a provider that runs out of memory gets a row with status "oom".
-Inputs are generated on the device (benchmarks/peers.py ``make_inputs``).
+Inputs are generated on the device (tools/peers.py ``make_inputs``).
 
 Budget and resume: before each case the suite checks that the elapsed time plus the case's estimate fits
 ``--budget-s`` (default 540 s, under the 10-minute limit of one command); if not, it stops between cases with exit
@@ -64,6 +64,7 @@ from _harness import append_csv, git_revision, load_average, read_rows, thp_mode
 
 from tools.gpu_estimates import calibrated_gpu  # noqa: E402
 from tools.gpu_parity import case_label, parity_cases, parity_one, smoke_parity_cases  # noqa: E402  (puts tests/ on sys.path)
+from tools.peers import selected  # noqa: E402
 
 RESULTS = HERE / "results"
 CSV = RESULTS / "gpu_suite.csv"
@@ -184,7 +185,7 @@ def select_providers(all_names, wanted) -> list:
         return list(all_names)
     if not wanted:
         return [n for n in all_names if n not in DEFAULT_EXCLUDED]
-    return [n for n in all_names if any(w == n or (w not in all_names and w in n) for w in wanted)]
+    return [n for n in all_names if selected(n, wanted, all_names)]
 
 
 def planned_call_ms(rows, provider, form, head, tokens) -> float:
@@ -223,7 +224,7 @@ def rep_for_stage(budget_s: float, calls_ms: list, triton_flags: list, warmup_ms
 
 
 def _providers_for(form, args):
-    from peers import get_providers
+    from tools.peers import get_providers
 
     everyone = get_providers(form, "cuda")
     names = select_providers([p.name for p in everyone], args.providers)
@@ -434,7 +435,8 @@ class Runner:
 
     def run_time(self, case) -> list:
         import torch
-        from peers import get_providers, make_inputs
+
+        from tools.peers import get_providers, make_inputs
 
         sp = case.spec
         form, head, tokens = sp["form"], sp["head"], sp["tokens"]
@@ -520,42 +522,30 @@ def table(rows) -> str:
 
 
 def plot(rows, path: Path) -> None:
+    """Time and peak memory of the run's ok timing rows, one bar per provider (benchmarks/plot.py's bars)."""
     try:
-        import matplotlib
-    except ImportError:  # not part of every GPU image; the CSV is what matters
+        import plot as plots
+    except SystemExit:  # matplotlib is not part of every GPU image; the CSV is what matters
         print(f"matplotlib is not installed here: no plot ({path}); the CSV has every figure")
         return
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ok = [r for r in rows if r.get("part") == "time" and r["status"] == "ok"]
     if not ok:
         return
-    configs = list(dict.fromkeys((r["form"], r["head"], r["tokens"], r["dtype"]) for r in ok))
-    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(configs)), 8))
-    providers = list(dict.fromkeys(r["provider"] for r in ok))
-    width = 0.8 / max(1, len(providers))
-    for k, (ax, key, label) in enumerate(((axes[0], "median_ms", "forward + backward, ms (do_bench median)"),
-                                          (axes[1], "peak_extra_bytes", "peak memory beyond inputs, GB"))):
-        for j, name in enumerate(providers):
-            xs, ys = [], []
-            for i, c in enumerate(configs):
-                r = next((r for r in ok if (r["form"], r["head"], r["tokens"], r["dtype"]) == c
-                          and r["provider"] == name), None)
-                if r is not None:
-                    xs.append(i + j * width)
-                    ys.append(max(float(r[key]), 1.0) / (1e9 if k else 1.0))
-            ax.bar(xs, ys, width, label=name)
-        ax.set_yscale("log")
-        ax.set_ylabel(label)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))])
-        ax.set_xticklabels([f"{f}\n{h}\n{t} tok {d}" for f, h, t, d in configs], fontsize=7)
-    axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0))
+
+    def label(r):
+        return f"{r['form']}\n{r['head']}\n{r['tokens']} tok {r['dtype']}"
+
+    fig, axes = plots.plt.subplots(2, 1, figsize=(max(8, 1.6 * len({label(r) for r in ok})), 8))
+    plots.grouped_bars(axes[0], ok, lambda r: float(r["median_ms"]), log=True, label=label,
+                       err=lambda r: (float(r["p20_ms"]), float(r["p80_ms"])),
+                       ylabel="forward + backward, ms (do_bench median, p20-p80)")
+    plots.grouped_bars(axes[1], ok, lambda r: max(float(r["peak_extra_bytes"]), 1.0) / 1e9, log=True, label=label,
+                       ylabel="peak memory beyond inputs, GB")
+    axes[0].legend(**plots.LEGEND)
     axes[0].set_title(f"GPU suite, {ok[0]['gpu']} (measured)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plots.plt.close(fig)
 
 
 def add_wheels(folder: str) -> list:
@@ -592,10 +582,10 @@ def dry_run(args) -> int:
     import torch
     import triton
     from helpers import assert_close  # noqa: F401
-    from peers import peer_versions
 
     import tools.cost_providers  # noqa: F401  (the estimates of the timing stages)
     import varkernels  # noqa: F401
+    from tools.peers import peer_versions
     from varkernels import fused_linear_var_loss, fused_var_loss, sequence_logps  # noqa: F401
     from varkernels.core import _triton_kernels as K
     from varkernels.reference import var_loss_reference  # noqa: F401
@@ -657,7 +647,7 @@ def main(argv=None) -> int:
         print("gpu_suite: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine, or "
               "--dry-run for the plan", file=sys.stderr)
         return 2
-    from peers import peer_versions
+    from tools.peers import peer_versions
 
     csv_path = Path(args.csv)
     old = read_rows(csv_path)
