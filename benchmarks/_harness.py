@@ -10,6 +10,7 @@ memory the function needed (its outputs and gradients included). On CUDA the sam
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import gc
@@ -30,6 +31,15 @@ if str(ROOT) not in sys.path:  # ``python benchmarks/x.py`` puts benchmarks/ on 
 from tools.memory import fix_mmap_threshold, peak_rss_bytes  # noqa: E402, F401  (re-exported)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def arg_parser(doc: str, **shape) -> argparse.ArgumentParser:
+    """A script's parser: its docstring as the help text, and an integer option per shape default
+    (``arg_parser(__doc__, B=8, T=512)``: ``--B`` 8, ``--T`` 512)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in shape.items():
+        p.add_argument(f"--{name}", type=int, default=default)
+    return p
 
 
 def release_cached_buffers() -> None:
@@ -352,6 +362,11 @@ def floor_sweeps(logits: torch.Tensor) -> dict:
 
 
 FLOOR_SWEEPS = ("sweep_max", "sweep_exp", "sweep_scale")
+
+
+def run_id() -> str:
+    """A run's id: its start time, ``YYYYmmddTHHMMSS`` (the ``run`` column of the CSVs)."""
+    return datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
 
 
 def git_revision() -> str:

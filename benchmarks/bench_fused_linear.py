@@ -12,7 +12,6 @@ Rows are appended to benchmarks/results/fused_linear.csv.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (  # noqa: E402
     RESULTS,
     append_csv,
+    arg_parser,
     fix_mmap_threshold,
     fmt_bytes,
     machine_info,
@@ -36,11 +36,7 @@ from varkernels._backend import resolve_backend  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--B", type=int, default=4)
-    p.add_argument("--T", type=int, default=512)
-    p.add_argument("--H", type=int, default=2048)
-    p.add_argument("--V", type=int, default=32000)
+    p = arg_parser(__doc__, B=4, T=512, H=2048, V=32000)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--prompt-frac", type=float, default=0.0)
     p.add_argument("--reps", type=int, default=3)

@@ -41,7 +41,6 @@ benchmarks/plot.py draws benchmarks/results/*.png from it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import subprocess
 import sys
@@ -57,12 +56,14 @@ sys.path.insert(0, str(HERE))
 from _harness import (  # noqa: E402
     RESULTS,
     append_csv,
+    arg_parser,
     fix_mmap_threshold,
     fmt_bytes,
     machine_info,
     machine_line,
     measure_interleaved,
     read_rows,
+    run_id,
 )
 
 from tools.peers import check_providers, get_providers, interpreting, make_inputs, peer_versions, selected  # noqa: E402
@@ -359,7 +360,7 @@ def report(path: Path, run=None) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--part", choices=["all", "time", "traffic"], default="all")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     p.add_argument("--forms", nargs="+", default=["logits", "linear"], choices=["logits", "linear"])
@@ -381,7 +382,7 @@ def main(argv=None):
     if args.report:
         print(report(Path(args.csv), args.run))
         return
-    run = args.run or datetime.datetime.now().strftime("%Y%m%dT%H%M%S") + ("-quick" if args.quick else "")
+    run = args.run or run_id() + ("-quick" if args.quick else "")
     t0 = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -31,8 +31,6 @@ benchmarks/results/var_loss.csv instead and redraws benchmarks/results/var_loss.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import sys
 from pathlib import Path
 
@@ -43,6 +41,7 @@ from _harness import (  # noqa: E402
     FLOOR_SWEEPS,
     RESULTS,
     append_csv,
+    arg_parser,
     disable_thp_for_process,
     fix_mmap_threshold,
     floor_sweeps,
@@ -52,6 +51,7 @@ from _harness import (  # noqa: E402
     machine_info,
     machine_line,
     measure_interleaved,
+    run_id,
 )
 
 from tools.naive import naive_var_loss  # noqa: E402
@@ -90,10 +90,7 @@ def build_calls(names, logits, labels, rewards, ref_logps):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--B", type=int, default=8)
-    p.add_argument("--T", type=int, default=512)
-    p.add_argument("--V", type=int, default=32000)
+    p = arg_parser(__doc__, B=8, T=512, V=32000)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reps", type=int, default=11, help="timed rounds (every provider once per round)")
     p.add_argument("--providers", default=",".join(PROVIDERS))
@@ -118,7 +115,7 @@ def main(argv=None):
     labels_of = {"naive": "naive eager", "fused": f"fused (auto={auto})",
                  "fused_inplace": f"fused, inplace (auto={auto})", "fused_torch": "fused (backend=torch)"}
 
-    run = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    run = run_id()
     print(machine_line())
     print(f"config: B={args.B} T={args.T} V={args.V} {args.dtype} on {device}; logits {fmt_bytes(logits_bytes)}; "
           f"forward+backward; {args.reps} interleaved rounds; load average {load_average()}")

@@ -22,13 +22,12 @@ Every time printed or written is a roofline ESTIMATE for the named GPU at its da
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import RESULTS, git_revision, machine_info  # noqa: E402
+from _harness import RESULTS, arg_parser, git_revision, machine_info  # noqa: E402
 
 from tools import costmodel as cm  # noqa: E402
 from tools.cost_providers import SHAPES, Case, rows_for  # noqa: E402
@@ -37,7 +36,7 @@ COMMAND = "python benchmarks/cost_model.py"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="Llama-3-8B head at 8k tokens, bf16 only; no CSV")
     ap.add_argument("--out", default=str(RESULTS / "cost_model.csv"))
     args = ap.parse_args()

@@ -34,14 +34,13 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on CPU tensors
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-import argparse  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import RESULTS, append_csv, git_revision, machine_info, machine_line  # noqa: E402
+from _harness import RESULTS, append_csv, arg_parser, git_revision, machine_info, machine_line  # noqa: E402
 
 from tools import aot  # noqa: E402, F401  (tests reach the AOT module through this script)
 from tools import costmodel as cm  # noqa: E402
@@ -61,9 +60,7 @@ def cuda_device_name():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--B", type=int, default=8)
-    p.add_argument("--T", type=int, default=512)
+    p = arg_parser(__doc__, B=8, T=512)
     p.add_argument("--V", type=int, nargs="+", default=[32000, 128256])
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
                    choices=["float32", "bfloat16", "float16"])

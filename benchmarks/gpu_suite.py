@@ -47,7 +47,6 @@ a measurement). No GPU time has been measured by this project yet.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import os
@@ -60,7 +59,7 @@ T_START = time.perf_counter()
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _harness import append_csv, git_revision, load_average, read_rows, thp_mode  # noqa: E402
+from _harness import append_csv, arg_parser, git_revision, load_average, read_rows, run_id, thp_mode  # noqa: E402
 
 from tools.gpu_estimates import calibrated_gpu  # noqa: E402
 from tools.gpu_parity import case_label, parity_cases, parity_one, smoke_parity_cases  # noqa: E402  (puts tests/ on sys.path)
@@ -606,7 +605,7 @@ def dry_run(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--dry-run", action="store_true", help="check imports and print the plan; no GPU, no output")
     p.add_argument("--smoke", action="store_true", help="the smoke stage only (same as --stages smoke)")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
@@ -663,7 +662,7 @@ def main(argv=None) -> int:
             return 1
         done = {r["case"] for r in mine}
     else:
-        run = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+        run = run_id()
         mine, done = [], set()
     if args.fake:
         gpu, arch = "fake (no GPU: --fake)", "-"

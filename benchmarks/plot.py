@@ -11,13 +11,11 @@ peers.csv (benchmarks/bench_peers.py), one run:
 var_loss.csv (bench_var_loss.py --save): the rows of its last run → var_loss.png (time with the
     floor and the ratios the script printed, peak memory).
 fused_linear.csv (bench_fused_linear.py): the latest row of each provider and config → fused_linear.png.
-cpu_backend.csv (bench_cpu_backend.py): the latest row of each provider and config → cpu_backend.png
-    (bench_cpu_backend.plot).
+cpu_backend.csv (bench_cpu_backend.py): the latest row of each provider and config → cpu_backend.png.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -30,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import RESULTS, read_rows  # noqa: E402
+from _harness import RESULTS, arg_parser, read_rows  # noqa: E402
 
 # one colour per provider, stable across figures
 COLOURS = {
@@ -219,7 +217,7 @@ def plot_var_loss(csv_path: Path, out: Path) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--run", default=None, help="run id of peers.csv (default: the last one)")
     args = p.parse_args(argv)
@@ -232,10 +230,8 @@ def main(argv=None):
     written += plot_var_loss(out / "var_loss.csv", out / "var_loss.png")
     written += plot_latest(read_rows(out / "fused_linear.csv"), out, "fused_linear.png",
                            "bench_fused_linear.py: fused-linear loss", ("B", "T", "H", "V", "dtype", "device"))
-    if (out / "cpu_backend.csv").exists():
-        from bench_cpu_backend import plot as plot_cpu_backend  # imports varkernels (its provider labels)
-
-        plot_cpu_backend(out / "cpu_backend.csv", out / "cpu_backend.png")  # prints its own line
+    written += plot_latest([r for r in read_rows(out / "cpu_backend.csv") if r["median_s"]], out, "cpu_backend.png",
+                           "bench_cpu_backend.py: VAR loss on CPU", ("B", "T", "V", "dtype"))
     for w in written:
         print(f"wrote {w}")
     if not written:

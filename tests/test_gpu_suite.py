@@ -7,6 +7,7 @@ The suite's real run needs CUDA (none here). ``--fake`` runs its control flow on
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import re
@@ -98,7 +99,7 @@ def test_budget_stops_between_cases_and_a_second_call_resumes(tmp_path, capsys):
 
 
 def _plan_cases():
-    args = gpu_suite.argparse.Namespace(stages=list(gpu_suite.STAGES), providers=None, wheels=None, warmup=25,
+    args = argparse.Namespace(stages=list(gpu_suite.STAGES), providers=None, wheels=None, warmup=25,
                                         rep=None, budget_s=540)
     return [c for s in gpu_suite.build_plan(args) for c in s.cases]
 
@@ -116,7 +117,7 @@ def test_runner_writes_a_row_per_case(tmp_path, monkeypatch):
     """The real run's case runner on CPU tensors (the interpreter; do_bench replaced by one call of the step):
     a parity case writes "ok", a mismatch writes "mismatch" with its reason, a timing case runs the provider
     and writes its figures and the estimates, a skipped provider writes its reason."""
-    args = gpu_suite.argparse.Namespace(csv=str(tmp_path / "r.csv"), wheels=None)
+    args = argparse.Namespace(csv=str(tmp_path / "r.csv"), wheels=None)
     runner = gpu_suite.Runner(args, {"run": "R", "gpu": "cpu (test)"}, [], device="cpu")
     ok = gpu_suite.Case("parity", "parity:a", "parity", 1.0, dict(case=SMALL_CASES[1]))
     assert runner.run(ok)[0]["status"] == "ok"
@@ -294,7 +295,7 @@ def test_missing_peers_and_old_torch_are_skipped_with_the_reason(monkeypatch):
                 "liger_kernel.chunked_loss", "liger_kernel.chunked_loss.fused_linear_ppo", "cut_cross_entropy"):
         monkeypatch.setitem(sys.modules, mod, None)  # import raises ImportError
     monkeypatch.delattr(torch.nn.functional, "linear_cross_entropy", raising=False)
-    args = gpu_suite.argparse.Namespace(stages=["time-llama3"], providers=None, wheels=None, warmup=25, rep=None,
+    args = argparse.Namespace(stages=["time-llama3"], providers=None, wheels=None, warmup=25, rep=None,
                                         budget_s=540)
     (stage,) = gpu_suite.build_plan(args)
     skipped = {c.spec["provider"]: c.spec["reason"] for c in stage.cases if c.kind == "skip"}
