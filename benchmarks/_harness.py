@@ -248,6 +248,13 @@ def machine_line() -> str:
             f"| gpu {m['gpu']} | {m['date']}")
 
 
+def start_run() -> None:
+    """A script's first step: glibc's mmap threshold fixed (``fix_mmap_threshold``: the peak resident set counts
+    live tensors) and the machine line printed."""
+    fix_mmap_threshold()
+    print(machine_line())
+
+
 def measure(fn: Callable[[], object], device: str = "cpu", reps: int = 3,
             setup: Callable[[], object] = lambda: None) -> dict:
     """Time and peak memory of ``fn``: ``time_fn``'s percentiles, ``peak_extra_bytes`` and

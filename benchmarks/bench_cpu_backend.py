@@ -42,14 +42,13 @@ from _harness import (  # noqa: E402
     RESULTS,
     append_csv,
     arg_parser,
-    fix_mmap_threshold,
     floor_sweeps,
     fmt_bytes,
     grad_resets,
     machine_info,
-    machine_line,
     measure_interleaved,
     read_rows,
+    start_run,
 )
 from bench_var_loss import make_inputs  # noqa: E402
 
@@ -187,8 +186,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     ext = load_extension(required=True)
-    fix_mmap_threshold()
-    print(machine_line())
+    start_run()
     print(f"C++ kernel: {ext.capability()}; load average {os.getloadavg() if hasattr(os, 'getloadavg') else '-'}")
     dtype = getattr(torch, args.dtype)
     names = [n for n in args.providers.split(",") if n]

@@ -22,11 +22,10 @@ from _harness import (  # noqa: E402
     RESULTS,
     append_csv,
     arg_parser,
-    fix_mmap_threshold,
     fmt_bytes,
     machine_info,
-    machine_line,
     peak_memory_bytes,
+    start_run,
     time_fn,
 )
 
@@ -44,7 +43,7 @@ def main(argv=None):
     p.add_argument("--csv", default=str(RESULTS / "fused_linear.csv"))
     a = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    fix_mmap_threshold()  # every tensor >= 1 MiB is mmap-ed: peak RSS counts live tensors
+    start_run()
     dtype = getattr(torch, a.dtype)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(a.B, a.T, a.H, generator=g).to(device, dtype).requires_grad_()
@@ -71,7 +70,6 @@ def main(argv=None):
         "fused": lambda: fused_linear_var_loss(hidden, weight, labels, rewards, ref_logps,
                                                chunk_size=a.chunk_size).backward(),
     }
-    print(machine_line())
     print(f"config: B={a.B} T={a.T} H={a.H} V={a.V} {a.dtype} on {device}; fused backend auto={auto}; "
           f"inputs' gradients {fmt_bytes(grads_bytes)}; {a.reps} reps")
     t_mm = time_fn(matmuls, warmup=1, reps=a.reps, device=device)

@@ -33,14 +33,13 @@ from _harness import (  # noqa: E402
     append_csv,
     arg_parser,
     disable_thp_for_process,
-    fix_mmap_threshold,
     git_revision,
     load_average,
     machine_info,
-    machine_line,
     measure_interleaved,
     memory_state,
     run_id,
+    start_run,
 )
 
 from varkernels.core._grad_buffers import grad_buffer_like, release_grad_buffers  # noqa: E402
@@ -78,7 +77,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.thp_disable and not disable_thp_for_process():
         raise SystemExit("--thp-disable: prctl(PR_SET_THP_DISABLE, 1) failed")
-    fix_mmap_threshold()
+    start_run()
     x = torch.randn(args.B, args.T, args.V)
     touched = torch.empty_like(x)
     touched.fill_(0.0)
@@ -113,7 +112,6 @@ def main(argv=None):
         "cached": (step(lambda: grad_buffer_like(x)), drop),
     }
     run = run_id()
-    print(machine_line())
     print(f"buffer {x.numel() * 4 / 2**20:.0f} MiB; {args.reps} interleaved rounds; load {load_average()}; "
           f"{memory_state()}")
     res = measure_interleaved(calls, reps=args.reps)

@@ -34,14 +34,13 @@ from _harness import (  # noqa: E402
     RESULTS,
     append_csv,
     arg_parser,
-    fix_mmap_threshold,
     fmt_bytes,
     git_revision,
     load_average,
     machine_info,
-    machine_line,
     measure_interleaved,
     run_id,
+    start_run,
     thp_mode,
 )
 
@@ -85,10 +84,9 @@ def main(argv=None):
     p.add_argument("--save", action="store_true", help="append to the committed results/online_head.csv")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    fix_mmap_threshold()
+    start_run()
     run = run_id()
     csv_path = SAVED_CSV if a.save else LOCAL_CSV
-    print(machine_line())
     print(f"run {run}: N=B·T={a.B}·{a.T} H={a.H} V={a.V}; {a.reps} interleaved rounds; load {load_average()}; "
           f"THP {thp_mode()}")
     rows = []

@@ -43,15 +43,14 @@ from _harness import (  # noqa: E402
     append_csv,
     arg_parser,
     disable_thp_for_process,
-    fix_mmap_threshold,
     floor_sweeps,
     fmt_bytes,
     grad_resets,
     load_average,
     machine_info,
-    machine_line,
     measure_interleaved,
     run_id,
+    start_run,
 )
 
 from tools.naive import naive_var_loss  # noqa: E402
@@ -106,7 +105,7 @@ def main(argv=None):
         raise SystemExit("--thp-disable: prctl(PR_SET_THP_DISABLE, 1) did not take effect on this OS")
     csv_path = Path(args.csv) if args.csv else SAVED_CSV if args.save else LOCAL_CSV
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    fix_mmap_threshold()  # every tensor >= 1 MiB is mmap-ed: peak RSS counts live tensors
+    start_run()
     dtype = getattr(torch, args.dtype)
     logits, labels, rewards, ref_logps = make_inputs(args.B, args.T, args.V, dtype, device)
     logits_bytes = logits.numel() * logits.element_size()
@@ -116,7 +115,6 @@ def main(argv=None):
                  "fused_inplace": f"fused, inplace (auto={auto})", "fused_torch": "fused (backend=torch)"}
 
     run = run_id()
-    print(machine_line())
     print(f"config: B={args.B} T={args.T} V={args.V} {args.dtype} on {device}; logits {fmt_bytes(logits_bytes)}; "
           f"forward+backward; {args.reps} interleaved rounds; load average {load_average()}")
     calls = build_calls(names, logits, labels, rewards, ref_logps)

@@ -457,7 +457,7 @@ class Runner:
         shape_key = (form, head, tokens)
         if shape_key not in self.inputs:
             self.inputs.clear()
-            self.empty_cache()
+            torch.cuda.empty_cache()  # a no-op where CUDA is not initialised (the CPU tests)
             self.inputs[shape_key] = make_inputs(form, B, T, V, torch.bfloat16, self.device, H=H)
         x = self.inputs[shape_key]
         xi = x.clone() if p.overwrites_input else x
@@ -482,14 +482,9 @@ class Runner:
         finally:
             xi.zero_grad()
             xi = None
-            self.empty_cache()
+            torch.cuda.empty_cache()  # a no-op where CUDA is not initialised (the CPU tests)
         return self.write(case, [out])
 
-    def empty_cache(self) -> None:
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("pytest_benchmark")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tools.peers import get_providers, make_inputs  # noqa: E402
+from tools.peers import get_providers, make_inputs  # noqa: E402  (the repository root: pyproject's pythonpath)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),  # inductor's own deprecation notices
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # torch.jit.script_method, via peers' imports
