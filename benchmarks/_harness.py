@@ -10,20 +10,36 @@ memory the function needed (its outputs and gradients included). On CUDA the sam
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import gc
+import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from varkernels.testing.memory import fix_mmap_threshold, peak_rss_bytes  # noqa: F401  (re-exported)
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # ``python benchmarks/x.py`` puts benchmarks/ on sys.path, not the repository root
+    sys.path.insert(1, str(ROOT))
+
+from tools.memory import fix_mmap_threshold, peak_rss_bytes  # noqa: E402, F401  (re-exported)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def arg_parser(doc: str, **shape) -> argparse.ArgumentParser:
+    """A script's parser: its docstring as the help text, and an integer option per shape default
+    (``arg_parser(__doc__, B=8, T=512)``: ``--B`` 8, ``--T`` 512)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in shape.items():
+        p.add_argument(f"--{name}", type=int, default=default)
+    return p
 
 
 def release_cached_buffers() -> None:
@@ -111,6 +127,11 @@ def _bracketed(path: Path) -> str:
     return text[text.index("[") + 1 : text.index("]")] if "[" in text else text.strip()
 
 
+def thp_mode() -> str:
+    """The machine's transparent-huge-pages mode ("always", "madvise", "never"; "-" if unreadable)."""
+    return _bracketed(THP_DIR / "enabled")
+
+
 def anon_huge_kib(path: str = "/proc/meminfo") -> int | str:
     """AnonHugePages (KiB) of the machine (/proc/meminfo) or of this process (/proc/self/smaps_rollup)."""
     try:
@@ -153,13 +174,13 @@ def memory_state() -> dict:
     """The machine's memory state that moves CPU timings of large fresh buffers (the kernel's THP mode and
     defrag mode, whether THP is disabled for this process) and AnonHugePages of the machine when the
     harness was imported (the run's start) and now, and of this process now. Added to every CSV row."""
-    return {"thp_enabled": _bracketed(THP_DIR / "enabled"), "thp_defrag": _bracketed(THP_DIR / "defrag"),
+    return {"thp_enabled": thp_mode(), "thp_defrag": _bracketed(THP_DIR / "defrag"),
             "thp_disabled_process": thp_disabled_for_process(),
             "anon_huge_kib_before": _ANON_HUGE_BEFORE, "anon_huge_kib_after": anon_huge_kib(),
             "anon_huge_kib_process": anon_huge_kib("/proc/self/smaps_rollup")}
 
 
-def append_csv(path: Path, rows: list) -> None:
+def append_csv(path: Path, rows: list, fields=None) -> None:
     """Append ``rows`` (dicts) to the CSV at ``path``, writing its header if the file is new.
 
     Every row gets the columns of ``memory_state()`` (THP modes, AnonHugePages before and after) and,
@@ -167,7 +188,22 @@ def append_csv(path: Path, rows: list) -> None:
 
     When the rows carry columns the file does not have yet (or lack some it has), the file is
     rewritten once with the union of the columns, old columns first: earlier rows keep their
-    values and get empty cells for the new columns, so no row is ever misaligned with the header."""
+    values and get empty cells for the new columns, so no row is ever misaligned with the header.
+
+    ``fields``: a fixed schema instead (the GPU suite's): each row is written with exactly those columns (missing
+    ones empty, others dropped), no state columns are added, and the file is synced to disk, so that a row
+    survives the machine being taken back mid-run."""
+    if fields is not None:
+        new = not path.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            if new:
+                w.writeheader()
+            w.writerows({k: r.get(k, "") for k in fields} for r in rows)
+            f.flush()
+            os.fsync(f.fileno())
+        return
     if not rows:
         return
     state, load = memory_state(), load_average()
@@ -194,6 +230,14 @@ def append_csv(path: Path, rows: list) -> None:
         w.writerows(rows)
 
 
+def read_rows(path: Path) -> list:
+    """The rows of a CSV as dicts ([] when the file does not exist)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def fmt_bytes(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
@@ -202,6 +246,13 @@ def machine_line() -> str:
     m = machine_info()
     return (f"machine: {m['cpu']} | {m['threads']} threads | torch {m['torch']} | triton {m['triton']} "
             f"| gpu {m['gpu']} | {m['date']}")
+
+
+def start_run() -> None:
+    """A script's first step: glibc's mmap threshold fixed (``fix_mmap_threshold``: the peak resident set counts
+    live tensors) and the machine line printed."""
+    fix_mmap_threshold()
+    print(machine_line())
 
 
 def measure(fn: Callable[[], object], device: str = "cpu", reps: int = 3,
@@ -320,6 +371,11 @@ def floor_sweeps(logits: torch.Tensor) -> dict:
 FLOOR_SWEEPS = ("sweep_max", "sweep_exp", "sweep_scale")
 
 
+def run_id() -> str:
+    """A run's id: its start time, ``YYYYmmddTHHMMSS`` (the ``run`` column of the CSVs)."""
+    return datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+
+
 def git_revision() -> str:
     """The commit the numbers belong to ("-dirty" when the working tree has changes)."""
     import subprocess
@@ -351,6 +407,4 @@ def grad_resets(logits: torch.Tensor):
 
 def load_average() -> float:
     """The 1-minute load average (nan where the OS has none): how busy the shared machine was."""
-    import os
-
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan")

@@ -10,26 +10,20 @@ bf16 autograd (the yardstick of the tolerance policy: ≤ 2× PyTorch's error).
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import RESULTS, append_csv, machine_info  # noqa: E402
+from _harness import RESULTS, append_csv, arg_parser, machine_info, run_id  # noqa: E402
 
 import varkernels  # noqa: E402
 from varkernels.reference import linear_var_loss_reference  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--B", type=int, default=4)
-    p.add_argument("--T", type=int, default=128)
-    p.add_argument("--H", type=int, default=64)
-    p.add_argument("--V", type=int, default=2000)
+    p = arg_parser(__doc__, B=4, T=128, H=64, V=2000)
     p.add_argument("--chunks", default="512,64,16", help="chunk sizes (rows)")
     p.add_argument("--save", action="store_true")
     args = p.parse_args(argv)
@@ -55,7 +49,7 @@ def main(argv=None):
             varkernels.fused_linear_var_loss(hidden, w, labels, R, Q, chunk_size=chunk, grad_accum_dtype=acc).backward()
             rows.append(dict(method="varkernels", accum=str(acc).replace("torch.", ""), chunk=chunk,
                              n_chunks=-(-B * T // chunk), rel_err=rel_err(w.grad)))
-    run = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    run = run_id()
     info = machine_info()
     for r in rows:
         print(f"{r['method']:24s} accum={r['accum']:9s} chunks={r['n_chunks']!s:4s} rel_err={r['rel_err']:.2e}")

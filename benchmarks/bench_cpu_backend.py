@@ -7,7 +7,7 @@ Providers (each a full forward + backward, gradient left in ``logits.grad``):
     fused_cpu          fused_var_loss(backend="cpu")                the C++ kernel of csrc/
     fused_cpu_inplace  fused_var_loss(backend="cpu", inplace=True)  gradient written over the logits
     fused_torch        fused_var_loss(backend="torch")              the chunked PyTorch path
-    naive_eager        benchmarks/naive.py: log_softmax + gather + masked mean + weights, autograd
+    naive_eager        tools/naive.py: log_softmax + gather + masked mean + weights, autograd
     naive_compile      torch.compile(naive_var_loss) (skipped, with the reason, if it fails)
 
 Timing (_harness.measure_interleaved): one warm-up call per provider, then every rep runs every
@@ -30,7 +30,6 @@ benchmarks/results/cpu_backend.csv; ``--plot`` draws benchmarks/results/cpu_back
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -42,17 +41,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (  # noqa: E402
     RESULTS,
     append_csv,
-    fix_mmap_threshold,
+    arg_parser,
     floor_sweeps,
     fmt_bytes,
     grad_resets,
     machine_info,
-    machine_line,
     measure_interleaved,
+    read_rows,
+    start_run,
 )
 from bench_var_loss import make_inputs  # noqa: E402
-from naive import naive_var_loss  # noqa: E402
 
+from tools.naive import naive_var_loss  # noqa: E402
 from varkernels import fused_var_loss  # noqa: E402
 from varkernels.csrc_loader import load_extension  # noqa: E402
 
@@ -166,40 +166,16 @@ def check_targets(stats, floor_s):
 
 
 def plot(csv_path: Path, out: Path) -> None:
-    import csv
+    """The latest row of each provider and config: time and peak memory (benchmarks/plot.py's plot_latest)."""
+    from plot import plot_latest
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(csv_path) as f:
-        rows = [r for r in csv.DictReader(f) if r["median_s"]]
-    latest = {}
-    for r in rows:  # the last measurement of each (config, provider)
-        latest[(int(r["B"]), int(r["T"]), int(r["V"]), r["dtype"], r["provider"])] = r
-    configs = sorted({k[:4] for k in latest})
-    fig, axes = plt.subplots(1, len(configs), figsize=(6 * len(configs), 4), squeeze=False)
-    for ax, cfg in zip(axes[0], configs):
-        names = [p for p in PROVIDERS if cfg + (p,) in latest]
-        r = [latest[cfg + (p,)] for p in names]
-        med = [float(x["median_s"]) * 1e3 for x in r]
-        err = [[m - float(x["p20_s"]) * 1e3 for m, x in zip(med, r)],
-               [float(x["p80_s"]) * 1e3 - m for m, x in zip(med, r)]]
-        ax.bar(range(len(names)), med, yerr=err, color=["C0", "C0", "C1", "C3", "C2"][: len(names)])
-        ax.axhline(float(r[0]["floor_s"]) * 1e3, color="k", ls="--", lw=1, label="floor (max + exp + scale sweeps)")
-        ax.set_xticks(range(len(names)), [LABELS[p] for p in names], rotation=20, ha="right", fontsize=8)
-        ax.set_ylabel("forward+backward, ms (median, p20-p80)")
-        ax.set_title(f"B={cfg[0]} T={cfg[1]} V={cfg[2]} {cfg[3]}")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"VAR loss on CPU: {r[0]['cpu']}, {r[0]['threads']} threads", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    print(f"plot written to {out}")
+    rows = [r for r in read_rows(csv_path) if r["median_s"]]  # skipped providers have no time
+    for w in plot_latest(rows, out.parent, out.name, "bench_cpu_backend.py: VAR loss on CPU", ("B", "T", "V", "dtype")):
+        print(f"plot written to {w}")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--configs", default="8x512x32000,2x512x128256",
                    help="comma-separated BxTxV (default: the issue's size and V=128256 at the same logits size)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -210,8 +186,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     ext = load_extension(required=True)
-    fix_mmap_threshold()
-    print(machine_line())
+    start_run()
     print(f"C++ kernel: {ext.capability()}; load average {os.getloadavg() if hasattr(os, 'getloadavg') else '-'}")
     dtype = getattr(torch, args.dtype)
     names = [n for n in args.providers.split(",") if n]

@@ -12,7 +12,6 @@ Rows are appended to benchmarks/results/fused_linear.csv.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,25 +21,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (  # noqa: E402
     RESULTS,
     append_csv,
-    fix_mmap_threshold,
+    arg_parser,
     fmt_bytes,
     machine_info,
-    machine_line,
     peak_memory_bytes,
+    start_run,
     time_fn,
 )
-from naive import naive_linear_var_loss  # noqa: E402
 
+from tools.naive import naive_linear_var_loss  # noqa: E402
 from varkernels import fused_linear_var_loss  # noqa: E402
 from varkernels._backend import resolve_backend  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--B", type=int, default=4)
-    p.add_argument("--T", type=int, default=512)
-    p.add_argument("--H", type=int, default=2048)
-    p.add_argument("--V", type=int, default=32000)
+    p = arg_parser(__doc__, B=4, T=512, H=2048, V=32000)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--prompt-frac", type=float, default=0.0)
     p.add_argument("--reps", type=int, default=3)
@@ -48,7 +43,7 @@ def main(argv=None):
     p.add_argument("--csv", default=str(RESULTS / "fused_linear.csv"))
     a = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    fix_mmap_threshold()  # every tensor >= 1 MiB is mmap-ed: peak RSS counts live tensors
+    start_run()
     dtype = getattr(torch, a.dtype)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(a.B, a.T, a.H, generator=g).to(device, dtype).requires_grad_()
@@ -75,7 +70,6 @@ def main(argv=None):
         "fused": lambda: fused_linear_var_loss(hidden, weight, labels, rewards, ref_logps,
                                                chunk_size=a.chunk_size).backward(),
     }
-    print(machine_line())
     print(f"config: B={a.B} T={a.T} H={a.H} V={a.V} {a.dtype} on {device}; fused backend auto={auto}; "
           f"inputs' gradients {fmt_bytes(grads_bytes)}; {a.reps} reps")
     t_mm = time_fn(matmuls, warmup=1, reps=a.reps, device=device)

@@ -20,9 +20,7 @@ Rounds are interleaved (every strategy once per round). Rows go to benchmarks/re
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-import datetime
 import sys
 import threading
 from pathlib import Path
@@ -33,14 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (  # noqa: E402
     RESULTS,
     append_csv,
+    arg_parser,
     disable_thp_for_process,
-    fix_mmap_threshold,
     git_revision,
     load_average,
     machine_info,
-    machine_line,
     measure_interleaved,
     memory_state,
+    run_id,
+    start_run,
 )
 
 from varkernels.core._grad_buffers import grad_buffer_like, release_grad_buffers  # noqa: E402
@@ -71,17 +70,14 @@ def populate_parallel(t: torch.Tensor, threads: int) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--B", type=int, default=8)
-    p.add_argument("--T", type=int, default=512)
-    p.add_argument("--V", type=int, default=32000)
+    p = arg_parser(__doc__, B=8, T=512, V=32000)
     p.add_argument("--reps", type=int, default=11)
     p.add_argument("--thp-disable", action="store_true", help="prctl(PR_SET_THP_DISABLE, 1) for this process")
     p.add_argument("--save", action="store_true")
     args = p.parse_args(argv)
     if args.thp_disable and not disable_thp_for_process():
         raise SystemExit("--thp-disable: prctl(PR_SET_THP_DISABLE, 1) failed")
-    fix_mmap_threshold()
+    start_run()
     x = torch.randn(args.B, args.T, args.V)
     touched = torch.empty_like(x)
     touched.fill_(0.0)
@@ -115,8 +111,7 @@ def main(argv=None):
         "fresh_populate": (step(fresh_populate), drop),
         "cached": (step(lambda: grad_buffer_like(x)), drop),
     }
-    run = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
-    print(machine_line())
+    run = run_id()
     print(f"buffer {x.numel() * 4 / 2**20:.0f} MiB; {args.reps} interleaved rounds; load {load_average()}; "
           f"{memory_state()}")
     res = measure_interleaved(calls, reps=args.reps)

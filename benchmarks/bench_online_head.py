@@ -24,8 +24,6 @@ results/local/online_head.csv unless --save.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import sys
 from pathlib import Path
 
@@ -35,25 +33,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (  # noqa: E402
     RESULTS,
     append_csv,
-    fix_mmap_threshold,
+    arg_parser,
     fmt_bytes,
     git_revision,
     load_average,
     machine_info,
-    machine_line,
     measure_interleaved,
+    run_id,
+    start_run,
+    thp_mode,
 )
 
 SAVED_CSV = RESULTS / "online_head.csv"
 LOCAL_CSV = RESULTS / "local" / "online_head.csv"  # git-ignored
-
-
-def thp_state() -> str:
-    try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-        return text[text.index("[") + 1: text.index("]")]
-    except (OSError, ValueError):
-        return "-"
 
 
 def providers(hidden, weight, labels, w):
@@ -85,23 +77,18 @@ def providers(hidden, weight, labels, w):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--B", type=int, default=8)
-    p.add_argument("--T", type=int, default=256)
-    p.add_argument("--H", type=int, default=2048)
-    p.add_argument("--V", type=int, default=32000)
+    p = arg_parser(__doc__, B=8, T=256, H=2048, V=32000)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     p.add_argument("--save", action="store_true", help="append to the committed results/online_head.csv")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    fix_mmap_threshold()
-    run = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    start_run()
+    run = run_id()
     csv_path = SAVED_CSV if a.save else LOCAL_CSV
-    print(machine_line())
     print(f"run {run}: N=B·T={a.B}·{a.T} H={a.H} V={a.V}; {a.reps} interleaved rounds; load {load_average()}; "
-          f"THP {thp_state()}")
+          f"THP {thp_mode()}")
     rows = []
     for dt in a.dtypes:
         dtype = getattr(torch, dt)
@@ -121,7 +108,7 @@ def main(argv=None):
             if isinstance(r, Exception):
                 raise r
             rows.append({"run": run, **machine_info(), "revision": git_revision(), "load_avg_1min": load,
-                         "thp": thp_state(), "provider": name, "B": a.B, "T": a.T, "H": a.H, "V": a.V, "dtype": dt,
+                         "thp": thp_mode(), "provider": name, "B": a.B, "T": a.T, "H": a.H, "V": a.V, "dtype": dt,
                          "median_s": r["median_s"], "p20_s": r["p20_s"], "p80_s": r["p80_s"], "reps": r["reps"],
                          "peak_extra_bytes": r["peak_extra_bytes"], "first_call_s": r["first_call_s"]})
         ours, theirs = res["online_var"], res["grpo_trl"]

@@ -30,11 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (  # noqa: E402
     RESULTS,
     append_csv,
-    fix_mmap_threshold,
     fmt_bytes,
     machine_info,
-    machine_line,
     measure_interleaved,
+    start_run,
 )
 
 from varkernels.training.pairs import cross_pair_logps  # noqa: E402
@@ -80,7 +79,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    fix_mmap_threshold()  # peak memory counts live tensors (see _harness)
+    start_run()
     model = build_model(args)
     prompts, responses = make_lists(args)
     opts = dict(batch_size=args.batch_size, progress=False)
@@ -97,7 +96,6 @@ def main() -> None:
         if isinstance(r, Exception):
             raise r
 
-    print(machine_line())
     n_params = sum(p.numel() for p in model.parameters())
     B, P, L = args.batch, args.prompt_len, args.response_len
     print(f"Llama {n_params / 1e6:.1f}M params (H={args.hidden}, layers={args.layers}, V={args.vocab}); "

@@ -4,7 +4,7 @@
     python benchmarks/bench_peers.py --quick         # a smoke run at small sizes (~1-2 min)
     python benchmarks/bench_peers.py --report        # markdown tables of the last run in the CSV
 
-Providers (benchmarks/peers.py): naive eager PyTorch; torch.compile(naive); varkernels on each
+Providers (tools/peers.py): naive eager PyTorch; torch.compile(naive); varkernels on each
 backend; VAR built on Liger-Kernel (its cross-entropy / fused-linear cross-entropy with
 reduction="none", and its chunked-loss log-prob piece) and on Cut Cross-Entropy
 (linear_cross_entropy(..., reduction="none"), impl "cce" and "torch_compile") and on PyTorch's own
@@ -27,7 +27,7 @@ Part "time" (this process): forward + backward of the whole loss, upstream gradi
   Before timing, every provider's loss and gradients are checked against naive eager.
 Part "traffic" (a subprocess with TRITON_INTERPRET=1; docs/design.md §4.3, no GPU needed): bytes moved by one
   forward + backward of the logits-input loss at the same B, T, V, dtype — Triton kernels counted
-  load by load in the interpreter plus the aten ops around them (varkernels.testing.traffic), naive
+  load by load in the interpreter plus the aten ops around them (tools.traffic), naive
   eager counted as bytes in + out of every aten op — for varkernels[triton], liger[ce] and naive.
   Counted at T=2 and T=4 and extrapolated linearly in T (benchmarks/gpu_measures.py, where the
   linearity is checked), with every token a target. From the bytes, a roofline ESTIMATE of GPU
@@ -41,8 +41,6 @@ benchmarks/plot.py draws benchmarks/results/*.png from it.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
 import subprocess
 import sys
@@ -58,13 +56,17 @@ sys.path.insert(0, str(HERE))
 from _harness import (  # noqa: E402
     RESULTS,
     append_csv,
+    arg_parser,
     fix_mmap_threshold,
     fmt_bytes,
     machine_info,
     machine_line,
     measure_interleaved,
+    read_rows,
+    run_id,
 )
-from peers import check_providers, get_providers, interpreting, make_inputs, peer_versions  # noqa: E402
+
+from tools.peers import check_providers, get_providers, interpreting, make_inputs, peer_versions, selected  # noqa: E402
 
 CSV = RESULTS / "peers.csv"
 FIELDS = [
@@ -117,7 +119,7 @@ def run_time(args, run: str) -> list:
         for dtype_name in sizes["dtypes"]:
             dtype = getattr(torch, dtype_name)
             everyone = get_providers(form, device)
-            providers = [p for p in everyone if _selected(p.name, args.providers, [q.name for q in everyone])]
+            providers = [p for p in everyone if selected(p.name, args.providers, [q.name for q in everyone])]
             checks = check_providers(form, providers, device=device, dtype=dtype)
             print(f"\n== form {form}, {dtype_name}: agreement with naive eager (B=2 T=16 V=1000; "
                   "rel. err of loss, max rel. err of gradients)")
@@ -171,12 +173,6 @@ def run_time(args, run: str) -> list:
     return rows
 
 
-def _selected(name: str, wanted, names=()) -> bool:
-    """--providers: a provider's exact name selects only it ("naive" is not torch.compile(naive));
-    anything else selects every name containing it ("varkernels", "liger")."""
-    return not wanted or any(w == name or (w not in names and w in name) for w in wanted)
-
-
 # ----------------------------------------------------------------------------------------------
 # part "traffic" (runs with TRITON_INTERPRET=1)
 
@@ -185,23 +181,22 @@ def run_traffic(args, run: str) -> list:
     if not interpreting():
         raise RuntimeError("the traffic part counts Triton kernels in the interpreter: run it with TRITON_INTERPRET=1 "
                            "(python benchmarks/bench_peers.py runs it so in a subprocess)")
-    import gpu_measures  # the GPU-measures module: counters, linear-in-T extrapolation, assumed bandwidths
-
-    from varkernels.testing.traffic import count_aten_traffic, count_triton_traffic
+    from tools import gpu_estimates  # counters, linear-in-T extrapolation, assumed bandwidths
+    from tools.traffic import count_aten_traffic, count_triton_traffic
 
     sizes = sweep_sizes(args)
     B = sizes["logits"]["B"]
     providers = {p.name: p for p in get_providers("logits", "cpu")}
-    t1, t2 = gpu_measures.COUNT_T
-    bw = {arch: gpu.dram_bytes_per_s for arch, gpu in gpu_measures.GPUS.items()}
+    t1, t2 = gpu_estimates.COUNT_T
+    bw = {arch: gpu.dram_bytes_per_s for arch, gpu in gpu_estimates.GPUS.items()}
     note = "roofline ESTIMATE = bytes / peak DRAM bandwidth (" + ", ".join(
-        f"{arch} {gpu.name} {gpu.dram_bytes_per_s / 1e12:.2f} TB/s" for arch, gpu in gpu_measures.GPUS.items()
+        f"{arch} {gpu.name} {gpu.dram_bytes_per_s / 1e12:.2f} TB/s" for arch, gpu in gpu_estimates.GPUS.items()
     ) + "); not measured"
     method = f"counted at B={B}, T={t1} and T={t2} (every token a target), extrapolated linearly in T"
 
     def liger_bytes(T, V, dtype):
-        logits, labels, rewards, ref_logps = gpu_measures.make_inputs(B, T, V, dtype)
-        x = make_inputs("logits", 1, 1, 2, dtype)  # a shell; filled with gpu_measures' inputs
+        logits, labels, rewards, ref_logps = gpu_estimates.make_inputs(B, T, V, dtype)
+        x = make_inputs("logits", 1, 1, 2, dtype)  # a shell; filled with gpu_estimates' inputs
         x.logits, x.labels, x.rewards, x.ref_logps = logits, labels, rewards, ref_logps
         with count_triton_traffic() as kernels, count_aten_traffic() as glue:
             providers["liger[ce]"].loss(x).backward()
@@ -234,7 +229,7 @@ def run_traffic(args, run: str) -> list:
         dtype = getattr(torch, dtype_name)
         for V in sizes["V"]:
             for T in sizes["logits"]["T"]:
-                b = gpu_measures.extrapolated_bytes(B, T, V, dtype)
+                b = gpu_estimates.extrapolated_bytes(B, T, V, dtype)
                 counted = {"naive": b["naive_bytes"],
                            "varkernels[triton]": b["fused_kernel_bytes"] + b["fused_glue_bytes"]}
                 liger = providers["liger[ce]"]
@@ -267,8 +262,7 @@ def run_traffic(args, run: str) -> list:
 
 
 def load_run(path: Path, run=None) -> list:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(path)
     if not rows:
         return []
     run = run or rows[-1]["run"]
@@ -366,7 +360,7 @@ def report(path: Path, run=None) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--part", choices=["all", "time", "traffic"], default="all")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     p.add_argument("--forms", nargs="+", default=["logits", "linear"], choices=["logits", "linear"])
@@ -388,7 +382,7 @@ def main(argv=None):
     if args.report:
         print(report(Path(args.csv), args.run))
         return
-    run = args.run or datetime.datetime.now().strftime("%Y%m%dT%H%M%S") + ("-quick" if args.quick else "")
+    run = args.run or run_id() + ("-quick" if args.quick else "")
     t0 = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -6,7 +6,7 @@
     python benchmarks/bench_var_loss.py --thp-disable   # prctl(PR_SET_THP_DISABLE, 1): no huge pages here
 
 Providers (each a full forward + backward of the loss, gradient left in ``logits.grad``):
-    naive          benchmarks/naive.py: log_softmax + gather + masked mean + weights, autograd
+    naive          tools/naive.py: log_softmax + gather + masked mean + weights, autograd
     fused          fused_var_loss(...)                 backend="auto" (the C++ kernel on CPU)
     fused_inplace  fused_var_loss(..., inplace=True)   gradient written over (a copy of) the logits
     fused_torch    fused_var_loss(..., backend="torch") the chunked PyTorch path
@@ -31,8 +31,6 @@ benchmarks/results/var_loss.csv instead and redraws benchmarks/results/var_loss.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import sys
 from pathlib import Path
 
@@ -43,18 +41,19 @@ from _harness import (  # noqa: E402
     FLOOR_SWEEPS,
     RESULTS,
     append_csv,
+    arg_parser,
     disable_thp_for_process,
-    fix_mmap_threshold,
     floor_sweeps,
     fmt_bytes,
     grad_resets,
     load_average,
     machine_info,
-    machine_line,
     measure_interleaved,
+    run_id,
+    start_run,
 )
-from naive import naive_var_loss  # noqa: E402
 
+from tools.naive import naive_var_loss  # noqa: E402
 from varkernels import fused_var_loss, grad_buffer_stats, release_grad_buffers  # noqa: E402
 from varkernels._backend import resolve_backend  # noqa: E402
 
@@ -90,10 +89,7 @@ def build_calls(names, logits, labels, rewards, ref_logps):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--B", type=int, default=8)
-    p.add_argument("--T", type=int, default=512)
-    p.add_argument("--V", type=int, default=32000)
+    p = arg_parser(__doc__, B=8, T=512, V=32000)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reps", type=int, default=11, help="timed rounds (every provider once per round)")
     p.add_argument("--providers", default=",".join(PROVIDERS))
@@ -109,7 +105,7 @@ def main(argv=None):
         raise SystemExit("--thp-disable: prctl(PR_SET_THP_DISABLE, 1) did not take effect on this OS")
     csv_path = Path(args.csv) if args.csv else SAVED_CSV if args.save else LOCAL_CSV
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    fix_mmap_threshold()  # every tensor >= 1 MiB is mmap-ed: peak RSS counts live tensors
+    start_run()
     dtype = getattr(torch, args.dtype)
     logits, labels, rewards, ref_logps = make_inputs(args.B, args.T, args.V, dtype, device)
     logits_bytes = logits.numel() * logits.element_size()
@@ -118,8 +114,7 @@ def main(argv=None):
     labels_of = {"naive": "naive eager", "fused": f"fused (auto={auto})",
                  "fused_inplace": f"fused, inplace (auto={auto})", "fused_torch": "fused (backend=torch)"}
 
-    run = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
-    print(machine_line())
+    run = run_id()
     print(f"config: B={args.B} T={args.T} V={args.V} {args.dtype} on {device}; logits {fmt_bytes(logits_bytes)}; "
           f"forward+backward; {args.reps} interleaved rounds; load average {load_average()}")
     calls = build_calls(names, logits, labels, rewards, ref_logps)

@@ -8,7 +8,7 @@
 For B=8, T=512 (forward + backward, upstream gradient 1, every token a target):
 
 * bytes moved — Triton kernels counted in the interpreter (loads + stores of active lanes), plus
-  the aten glue around them; naive eager (benchmarks/naive.py) counted as bytes in + out of every
+  the aten glue around them; naive eager (tools/naive.py) counted as bytes in + out of every
   aten op. Both are COUNTED at B=8, T=2 and T=4 and EXTRAPOLATED linearly in T to T=512: every
   count is affine in T (per-token work plus per-batch B×B work), so the extrapolation is exact
   for these programs (checked: T=2,4 → 16 equals a direct count at T=16, V=4099, fp32 and bf16);
@@ -16,7 +16,7 @@ For B=8, T=512 (forward + backward, upstream gradient 1, every token a target):
 * cubin resources of the kernels at their default launch (registers, shared memory, local
   memory = spills) for sm_80 and sm_90, compiled ahead of time, and an occupancy ESTIMATE.
 * a roofline time ESTIMATE = bytes / peak DRAM bandwidth of the GPU assumed for each arch: the cost
-  model's datasheet entries (varkernels/testing/costmodel.py), A100 SXM 2.0 TB/s for sm_80 and
+  model's datasheet entries (tools/costmodel.py), A100 SXM 2.0 TB/s for sm_80 and
   H100 SXM 3.35 TB/s for sm_90, unless a device is named: ``--device-name`` (by default the CUDA
   device's name when one is present) puts its entry in its arch's place (an "NVIDIA H200" is sm_90
   too, at 4.8 TB/s), and ``--calibration`` a GPU suite CSV (benchmarks/gpu_suite.py) costs it at the
@@ -34,30 +34,24 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on CPU tensors
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-import argparse  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import RESULTS, append_csv, git_revision, machine_info, machine_line  # noqa: E402
-from naive import naive_var_loss  # noqa: E402
+from _harness import RESULTS, append_csv, arg_parser, git_revision, machine_info, machine_line  # noqa: E402
 
-from varkernels import fused_var_loss  # noqa: E402
-from varkernels.core import _triton_kernels  # noqa: E402
-from varkernels.core.autograd import scale_triton_launch  # noqa: E402
-from varkernels.core.token import token_triton_launch  # noqa: E402
-from varkernels.testing import aot  # noqa: E402
-from varkernels.testing import costmodel as cm  # noqa: E402
-from varkernels.testing.traffic import count_aten_traffic, count_triton_traffic  # noqa: E402
-from varkernels.var import _weights_kernel  # noqa: E402
-from varkernels.var.weights import var_weights_triton_launch  # noqa: E402
-
-GPUS = {"sm_80": cm.A100_SXM, "sm_90": cm.H100_SXM}  # the GPU assumed for each compile arch without a device
-ARCH_OF = {cm.A100_SXM.name: "sm_80", cm.A100_PCIE.name: "sm_80", cm.H100_SXM.name: "sm_90",
-           cm.H200_SXM.name: "sm_90"}  # the compile arch of each GPU of the cost model's table
-COUNT_T = (2, 4)  # sequence lengths actually run in the interpreter
+from tools import aot  # noqa: E402, F401  (tests reach the AOT module through this script)
+from tools import costmodel as cm  # noqa: E402
+from tools.gpu_estimates import (  # noqa: E402, F401  (GPUS, calibration_of: used by tests through this script)
+    COUNT_T,
+    GPUS,
+    assumed_gpus,
+    calibration_of,
+    extrapolated_bytes,
+    kernel_specs,
+)
 
 
 def cuda_device_name():
@@ -65,94 +59,8 @@ def cuda_device_name():
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
-def calibration_of(rows, device_name=None) -> tuple:
-    """(device name, calibration rows) of the last GPU suite run in ``rows`` (of ``device_name`` if given)
-    that has an ok calibration."""
-    runs = [r for r in rows if r.get("part") == "calibrate" and r.get("status") == "ok"
-            and (device_name is None or r.get("gpu") == device_name)]
-    if not runs:
-        raise ValueError(f"calibration: expected a GPU suite CSV with ok 'calibrate' rows"
-                         f"{f' of {device_name!r}' if device_name else ''}, got none")
-    last = runs[-1]["run"]
-    return runs[-1]["gpu"], [r for r in runs if r["run"] == last]
-
-
-def assumed_gpus(device_name=None, calibration_rows=None) -> dict:
-    """arch -> the cost model's GPU whose DRAM bandwidth costs that arch's roofline estimate: :data:`GPUS`, with
-    the named device's datasheet entry (``gpu_for_device_name``) in its arch's place, at the rates measured on
-    it when ``calibration_rows`` (a GPU suite run's 'calibrate' rows) are given, as the suite does."""
-    gpus = dict(GPUS)
-    if not device_name:
-        if calibration_rows:
-            raise ValueError("device_name: expected the name of the device the calibration rows were measured on, "
-                             "got none")
-        return gpus
-    sheet = cm.gpu_for_device_name(device_name)
-    if sheet is None:
-        raise ValueError(f"device_name: expected a GPU of the cost model's table "
-                         f"({', '.join(g.name for g in cm.GPUS.values())}), got {device_name!r}")
-    gpu = sheet
-    if calibration_rows:
-        import gpu_suite
-
-        gpu, _ = gpu_suite.calibrated_gpu(calibration_rows, device_name)
-        if gpu is None:
-            raise ValueError(f"calibration_rows: expected a measured GEMM rate and copy bandwidth of "
-                             f"{device_name!r}, got {len(calibration_rows)} rows without both")
-    gpus[ARCH_OF[sheet.name]] = gpu
-    return gpus
-
-
-def make_inputs(B, T, V, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(B, T, V, generator=g) * 2).to(dtype).requires_grad_()
-    labels = torch.randint(0, V, (B, T), generator=g)  # dense: every position is a target
-    rewards = torch.randn(B, B, generator=g)
-    ref_logps = -2 - torch.rand(B, B, generator=g)
-    return logits, labels, rewards, ref_logps
-
-
-def count_bytes(B, T, V, dtype) -> dict:
-    """Bytes of one forward + backward, counted at this exact shape."""
-    logits, labels, rewards, ref_logps = make_inputs(B, T, V, dtype)
-    with count_triton_traffic() as kernels, count_aten_traffic() as glue:
-        fused_var_loss(logits, labels, rewards, ref_logps, backend="triton").backward()
-    logits.grad = None
-    with count_aten_traffic() as naive:
-        naive_var_loss(logits, labels, rewards, ref_logps).backward()
-    return {"fused_kernel_bytes": kernels.total, "fused_glue_bytes": glue.total, "naive_bytes": naive.total}
-
-
-def extrapolated_bytes(B, T, V, dtype) -> dict:
-    """Counts at T = COUNT_T, extrapolated linearly in T to T."""
-    (t1, t2) = COUNT_T
-    c1, c2 = count_bytes(B, t1, V, dtype), count_bytes(B, t2, V, dtype)
-    return {k: round(c1[k] + (c2[k] - c1[k]) / (t2 - t1) * (T - t1)) for k in c1}
-
-
-def kernel_specs(B, T, V, dtype) -> dict:
-    """The specialisations the launchers of the loss use at this shape (captured, nothing runs)."""
-    N = B * T
-    x = torch.empty(B, T, V, dtype=dtype, device="meta")
-    f32 = dict(dtype=torch.float32, device="meta")
-    r = torch.empty(1, B, B, **f32)
-    core_kernels = ("_token_kernel", "_token_kernel_single", "_scale_kernel")
-    with aot.capture_launches(_triton_kernels, *core_kernels) as ls, \
-            aot.capture_launches(_weights_kernel, "_var_weights_kernel") as lw:
-        var_weights_triton_launch(r, torch.empty_like(r), 1.0, True)
-        token_triton_launch(x, torch.empty(N, dtype=torch.int64, device="meta"), torch.empty(N, **f32),
-                            torch.empty_like(x), None, None, 1.0, -100)
-        scale_triton_launch(torch.empty_like(x), torch.empty((), **f32))
-    ls = [*lw, *ls]
-    names = {"_var_weights_kernel": "weights", "_token_kernel": "token", "_token_kernel_single": "token",
-             "_scale_kernel": "scale"}
-    return {names[launch.name]: aot.launch_spec(launch.kernel, launch.kwargs) for launch in ls}
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--B", type=int, default=8)
-    p.add_argument("--T", type=int, default=512)
+    p = arg_parser(__doc__, B=8, T=512)
     p.add_argument("--V", type=int, nargs="+", default=[32000, 128256])
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
                    choices=["float32", "bfloat16", "float16"])
@@ -180,7 +88,7 @@ def main(argv=None):
     revision = git_revision()
     print(machine_line() + f" | varkernels {revision}")
     print(f"config: B={B} T={T}, fused_var_loss(backend='triton') forward+backward vs naive eager "
-          f"(benchmarks/naive.py), dense labels, upstream gradient 1")
+          f"(tools/naive.py), dense labels, upstream gradient 1")
     print(f"bytes: COUNTED at B={B}, T={COUNT_T[0]} and T={COUNT_T[1]} in the Triton interpreter / a "
           f"TorchDispatchMode, EXTRAPOLATED linearly in T to T={T}")
     print("times: ROOFLINE ESTIMATES = bytes / peak DRAM bandwidth "

@@ -30,7 +30,7 @@ time-logits  the logits-form loss, V=128256, 16k tokens, bf16
 Each timing case is one provider at one shape: ``triton.testing.do_bench`` (median, p20, p80 over ``rep`` ms
 after ``warmup`` ms; ``rep`` sized from the stage's budget) and ``torch.cuda.max_memory_allocated`` beyond the
 inputs during one call, gradients included; a provider that runs out of memory gets a row with status "oom".
-Inputs are generated on the device (benchmarks/peers.py ``make_inputs``).
+Inputs are generated on the device (tools/peers.py ``make_inputs``).
 
 Budget and resume: before each case the suite checks that the elapsed time plus the case's estimate fits
 ``--budget-s`` (default 540 s, under the 10-minute limit of one command); if not, it stops between cases with exit
@@ -38,7 +38,7 @@ status 3 and prints the command that resumes. Every case appends its CSV row(s) 
 names it); ``--resume [RUN]`` reuses run RUN (default: the last run in the CSV) and skips the cases it has.
 
 Output: rows in benchmarks/results/gpu_suite.csv (run id, GPU, versions, load average, THP state), a plot
-benchmarks/results/gpu_suite.png and a table with the roofline ESTIMATE (varkernels.testing.costmodel, traced at
+benchmarks/results/gpu_suite.png and a table with the roofline ESTIMATE (tools.costmodel, traced at
 the case's shape) beside each measured time, against the measured peaks (``est_ms``) and the datasheet
 (``est_datasheet_ms``). ``--fake`` runs the plan's control flow (budget, CSV, resume) without a GPU: every case
 "takes" its estimate on a virtual clock and writes a row with status "fake" (for tests/test_gpu_suite.py; never
@@ -47,8 +47,6 @@ a measurement). No GPU time has been measured by this project yet.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import dataclasses
 import datetime
 import os
@@ -61,7 +59,11 @@ T_START = time.perf_counter()
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT / "tests"))  # helpers.py: the tolerance policy and input builders
+from _harness import append_csv, arg_parser, git_revision, load_average, read_rows, run_id, thp_mode  # noqa: E402
+
+from tools.gpu_estimates import calibrated_gpu  # noqa: E402
+from tools.gpu_parity import case_label, parity_cases, parity_one, smoke_parity_cases  # noqa: E402  (puts tests/ on sys.path)
+from tools.peers import selected  # noqa: E402
 
 RESULTS = HERE / "results"
 CSV = RESULTS / "gpu_suite.csv"
@@ -139,53 +141,6 @@ class Stage:
         return sum(c.est_s for c in self.cases)
 
 
-def parity_cases() -> list:
-    """[(op, dtype name, shape dict, options dict)] of the parity stage, in the order they run. The first is
-    the weight-gradient GEMM's CUDA branch (``addmm(..., out_dtype=float32, out=gw)``), which no machine of
-    this project could execute (fake tensors take its out-of-place branch)."""
-    cases = [("weight_grad_gemm", "bfloat16", dict(N=1024, V=1001, H=256), {}),
-             ("weight_grad_gemm", "float16", dict(N=1024, V=1001, H=256), {})]
-    for dt in ("float32", "bfloat16", "float16"):
-        for B, T, V in ((4, 33, 1000), (2, 17, 32003), (2, 9, 128256)):
-            cases.append(("fused_var_loss", dt, dict(B=B, T=T, V=V), {}))
-        for opts in (dict(ignored_rows=(0,)), dict(softcap=30.0, temperature=1.3), dict(temperature=0.7),
-                     dict(logp_reduction="sum"), dict(shift_labels=True)):
-            cases.append(("fused_var_loss", dt, dict(B=3, T=11, V=1000), opts))
-        cases.append(("fused_var_loss", dt, dict(B=2, T=5, V=32003), dict(softcap=30.0)))
-        for reduction in ("mean", "sum", "none"):
-            for V in (1000, 32003):
-                cases.append(("sequence_logps", dt, dict(B=3, T=9, V=V), dict(reduction=reduction, softcap=5.0,
-                                                                               shift_labels=True)))
-        for mode in ("var", "logps_fwd", "logps_bwd"):
-            for kernel in ("single", "tiled"):
-                cases.append(("token_kernel", dt, dict(B=3, T=5, V=32003 if dt == "float32" else 16003),
-                              dict(mode=mode, kernel=kernel)))
-        cases.append(("token_kernel", dt, dict(B=2, T=5, V=1000), dict(mode="var", kernel="single", softcap=8.0)))
-    for dt in ("float32", "bfloat16"):
-        for B, T, H, V in ((3, 11, 33, 1001), (2, 64, 256, 32003)):
-            cases.append(("fused_linear_var_loss", dt, dict(B=B, T=T, H=H, V=V), {}))
-        cases.append(("fused_linear_var_loss", dt, dict(B=3, T=11, H=33, V=1001), dict(softcap=2.5, temperature=0.8)))
-    return cases
-
-
-def smoke_parity_cases() -> list:
-    """One case per kernel: the weight-gradient GEMM, the single-pass and the tiled token kernel (VAR mode),
-    the log-prob modes (forward without gradient, backward from the saved logsumexp), and the fused-linear
-    driver (with the VAR-weights and scaling kernels)."""
-    return [
-        ("weight_grad_gemm", "bfloat16", dict(N=1024, V=1001, H=256), {}),
-        ("fused_var_loss", "bfloat16", dict(B=4, T=33, V=1000), {}),
-        ("fused_var_loss", "bfloat16", dict(B=2, T=9, V=128256), {}),
-        ("sequence_logps", "bfloat16", dict(B=3, T=9, V=32003), dict(reduction="mean", softcap=5.0,
-                                                                      shift_labels=True)),
-        ("fused_linear_var_loss", "bfloat16", dict(B=2, T=64, H=256, V=32003), {}),
-    ]
-
-
-def case_label(op, dt, shape, opts) -> str:
-    return f"{op} {dt} " + " ".join(f"{k}={v}" for k, v in {**shape, **opts}.items())
-
-
 def _jit_keys(op, dt, shape, opts) -> set:
     """The Triton specializations a parity case launches (approximately what the launchers key their compiled
     kernels on: the token kernel picked by ``token_kernel_config`` with its BLOCK_V and num_warps, the mode —
@@ -229,14 +184,7 @@ def select_providers(all_names, wanted) -> list:
         return list(all_names)
     if not wanted:
         return [n for n in all_names if n not in DEFAULT_EXCLUDED]
-    return [n for n in all_names if any(w == n or (w not in all_names and w in n) for w in wanted)]
-
-
-def _cost_model_rows() -> list:
-    if not ROOFLINE_CSV.is_file():
-        return []
-    with open(ROOFLINE_CSV, newline="") as f:
-        return list(csv.DictReader(f))
+    return [n for n in all_names if selected(n, wanted, all_names)]
 
 
 def planned_call_ms(rows, provider, form, head, tokens) -> float:
@@ -275,7 +223,7 @@ def rep_for_stage(budget_s: float, calls_ms: list, triton_flags: list, warmup_ms
 
 
 def _providers_for(form, args):
-    from peers import get_providers
+    from tools.peers import get_providers
 
     everyone = get_providers(form, "cuda")
     names = select_providers([p.name for p in everyone], args.providers)
@@ -291,7 +239,7 @@ def _providers_for(form, args):
 def build_plan(args) -> list:
     """The stages to run, with their cases and estimates (see the module docstring)."""
     stages = []
-    rows = _cost_model_rows()
+    rows = read_rows(ROOFLINE_CSV)
     compiled = set()  # Triton specializations compiled by the stages before (the in-process and on-disk caches)
     for name in args.stages:
         if name == "smoke":
@@ -361,207 +309,6 @@ def print_plan(stages, args, out=print) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# parity
-
-
-def parity_one(op, dt_name, shape, opts, device="cuda", exp2_rel_err=None) -> None:
-    """One parity case on ``device`` (CUDA; "cpu" under TRITON_INTERPRET=1 for the suite's own tests); raises
-    AssertionError on a mismatch.
-
-    ``exp2_rel_err``: the relative error bound of the device's exp2 (default: ``helpers.EXP2_APPROX_REL_ERR``
-    on CUDA, whose ``tl.exp2`` is ``ex2.approx.ftz.f32``; 0 on the CPU, whose interpreter exp2 is numpy's).
-    It adds the derived term of docs/design.md §4.6 to the absolute floors; the rest of the policy is the
-    tests' (2 × PyTorch's error against a float64 truth + atol)."""
-    import torch
-    from helpers import (
-        EXP2_APPROX_REL_ERR,
-        IGNORE_INDEX,
-        assert_close,
-        exp2_grad_atol,
-        exp2_lp_atol,
-        lp_atol,
-        make_labels,
-        make_logits,
-        make_pairs,
-        reference_run,
-    )
-
-    from varkernels import fused_linear_var_loss, fused_var_loss, sequence_logps
-    from varkernels.reference import linear_var_loss_reference, sequence_logps_reference
-
-    if exp2_rel_err is None:
-        exp2_rel_err = EXP2_APPROX_REL_ERR if torch.device(device).type == "cuda" else 0.0
-    d = exp2_rel_err
-    nt = exp2_tiles(shape.get("V", 1), dt_name, opts.get("softcap"))
-
-    def _to(*ts):  # the inputs are built on the CPU (seeded), then moved
-        return [t.to(device) if t is not None else None for t in ts]
-
-    dtype = getattr(torch, dt_name)
-    g = torch.Generator().manual_seed(0)
-    if op == "weight_grad_gemm":
-        check_weight_grad_gemm(shape["N"], shape["V"], shape["H"], dtype, device)
-    elif op == "fused_var_loss":
-        opts = dict(opts)
-        ignored = opts.pop("ignored_rows", ())
-        B, T, V = shape["B"], shape["T"], shape["V"]
-        labels = make_labels(B, T, V, ignored_rows=ignored, generator=g)
-        logits = make_logits(B, T, V, dtype, labels=torch.where(labels == IGNORE_INDEX, 0, labels), generator=g)
-        rewards, ref_logps = make_pairs(labels, logp_reduction=opts.get("logp_reduction", "mean"), generator=g)
-        logits, labels, rewards, ref_logps = _to(logits.detach(), labels, rewards, ref_logps)
-        x = logits.clone().requires_grad_(True)
-        out = fused_var_loss(x, labels, rewards, ref_logps, return_aux=True, backend="triton", **opts)
-        out.loss.backward()
-        ref, ref_g = reference_run(logits, labels, rewards, ref_logps, **opts)
-        truth, truth_g = reference_run(logits, labels, rewards, ref_logps, float64=True, **opts)
-        eff = labels
-        if opts.get("shift_labels"):
-            eff = torch.full_like(labels, IGNORE_INDEX)
-            eff[:, :-1] = labels[:, 1:]
-        n = (eff != IGNORE_INDEX).sum(1).double()
-        c_n = n if opts.get("logp_reduction", "mean") == "sum" else (n > 0).double()
-        a_loss, a_lp = truth.weights.double() * c_n / B, c_n.max()
-        floors = {"loss": lp_atol(a_loss) + exp2_lp_atol(a_loss, d, nt),
-                  "policy_logps": lp_atol(a_lp) + exp2_lp_atol(a_lp, d, nt)}
-        for field in ("loss", "weights", "log_z", "policy_logps", "ess"):
-            assert_close(getattr(out, field), getattr(ref, field), getattr(truth, field), name=field,
-                         atol_floor=floors.get(field, 0.0))
-        assert x.grad is not None and x.grad.dtype == dtype
-        assert_close(x.grad, ref_g, truth_g, name="logits grad", atol_floor=exp2_grad_atol(truth_g, d, nt))
-    elif op == "sequence_logps":
-        B, T, V = shape["B"], shape["T"], shape["V"]
-        x64 = (torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2).to(device)
-        y = torch.randint(0, V, (B, T), generator=g)
-        y[0, :3] = IGNORE_INDEX
-        y[2] = IGNORE_INDEX
-        y = y.to(device)
-
-        def run(fn, dt, **extra):
-            xx = x64.detach().to(dt).clone().requires_grad_()
-            out = fn(xx, y, **opts, **extra)
-            probe = torch.linspace(-1, 2, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
-            (out * probe).sum().backward()
-            return out, xx.grad
-
-        truth, tg = run(sequence_logps_reference, torch.float64)
-        same, sg = run(sequence_logps_reference, dtype)
-        out, og = run(sequence_logps, dtype, backend="triton")
-        per_row = float(T) if opts.get("reduction") == "sum" else 1.0  # Σ|a_k| of one output: n tokens or 1
-        assert_close(out, same, truth, name="logps", atol_floor=exp2_lp_atol(torch.tensor(per_row), d, nt))
-        assert_close(og, sg, tg, name="grad", atol_floor=exp2_grad_atol(tg, d, nt))
-    elif op == "token_kernel":
-        import test_single_pass as sp
-
-        x, labels, coef = sp._inputs(shape["B"], shape["T"], shape["V"], dtype)
-        x, labels, coef = _to(x, labels, coef)
-        sp._check(x, labels, coef, mode=opts["mode"], kernel=opts["kernel"], softcap=opts.get("softcap"),
-                  exp2_rel_err=d)
-    elif op == "fused_linear_var_loss":
-        B, T, H, V = shape["B"], shape["T"], shape["H"], shape["V"]
-        h = torch.randn(B, T, H, generator=g, dtype=torch.float64)
-        W = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5 * 2
-        b = torch.randn(V, generator=g, dtype=torch.float64) * 0.5
-        y = torch.randint(0, V, (B, T), generator=g)
-        y[:, : T // 3] = IGNORE_INDEX
-        if B > 2:
-            y[B - 1] = IGNORE_INDEX
-        R = torch.randn(B, B, generator=g)
-        Q = -torch.rand(B, B, generator=g) * 3
-        h, W, b, y, R, Q = _to(h, W, b, y, R, Q)
-
-        def run(fn, dt, **kw):
-            ts = [t.detach().to(dt).clone().requires_grad_() for t in (h, W, b)]
-            out = fn(ts[0], ts[1], y, R, Q, bias=ts[2], return_aux=True, **kw)
-            out.loss.backward()
-            return out, [t.grad for t in ts]
-
-        truth, tg = run(linear_var_loss_reference, torch.float64, **opts)
-        same, sg = run(linear_var_loss_reference, dtype, **opts)
-        out, og = run(fused_linear_var_loss, dtype, backend="triton", **opts)
-        a = {"loss": truth.weights.double() / B, "policy_logps": torch.ones(())}  # "mean" reduction: c_i = 1/n_i
-        for field in ("loss", "policy_logps", "weights"):
-            floor = exp2_lp_atol(a[field], d, nt) if field in a else 0.0
-            assert_close(getattr(out, field), getattr(same, field), getattr(truth, field), name=field,
-                         atol_floor=floor)
-        for name, o, t, s in zip(("grad_hidden", "grad_weight", "grad_bias"), og, tg, sg):
-            assert o.dtype == dtype, f"{name}: dtype {o.dtype}, expected {dtype}"
-            assert_close(o, s, t, name=name, atol_floor=exp2_grad_atol(t, d, nt))
-    else:
-        raise ValueError(op)
-
-
-def exp2_tiles(V: int, dt_name: str, softcap=None) -> int:
-    """BLOCK_V tiles per row of the token kernel the launcher picks for (V, dtype, softcap): 1 for the single-pass
-    kernel; each tile of the tiled kernel rescales the running sum by one more exp2 (docs/design.md §4.6)."""
-    import torch
-
-    from varkernels.core._triton_kernels import token_kernel_config
-
-    kernel, block, _ = token_kernel_config(V, getattr(torch, dt_name), softcap=softcap)
-    return 1 if getattr(kernel, "fn", kernel).__name__.endswith("_single") else -(-V // block)
-
-
-def check_weight_grad_gemm(N, V, H, dtype, device) -> str:
-    """``varkernels.core.linear._accumulate_weight_grad(gw, g, h)``: gw (fp32) += gᵀ·h with half-precision g, h.
-    On CUDA it must take its real branch, ``torch.addmm(gw, g.t(), h, out_dtype=torch.float32, out=gw)`` (a
-    spy on torch.addmm checks the call), return gw itself (in place), and agree with the float64 truth within
-    2 × the error of the fp32 GEMM of the same (exactly fp32-representable) operands. Returns the branch taken."""
-    import torch
-    from helpers import assert_close
-
-    from varkernels.core.linear import _accumulate_weight_grad
-
-    gen = torch.Generator().manual_seed(1)
-    g = torch.randn(N, V, generator=gen).to(dtype).to(device)
-    h = torch.randn(N, H, generator=gen).to(dtype).to(device)
-    gw0 = torch.randn(V, H, generator=gen).to(device)
-    gw = gw0.clone()
-    calls = []
-    real_addmm = torch.addmm
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real_addmm(*args, **kwargs)
-
-    torch.addmm = spy
-    try:
-        out = _accumulate_weight_grad(gw, g, h)
-    finally:
-        torch.addmm = real_addmm
-    branch = "cpu: addmm_ of fp32 copies"
-    if torch.device(device).type == "cuda":
-        assert calls and calls[0].get("out") is gw and calls[0].get("out_dtype") == torch.float32, (
-            f"_accumulate_weight_grad did not call addmm(..., out_dtype=float32, out=gw) on CUDA: {calls}")
-        branch = "cuda: addmm(out_dtype=float32, out=gw)"
-    assert out.data_ptr() == gw.data_ptr() and out.dtype == torch.float32, "the accumulator must be updated in place"
-    allow = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # the yardstick is a true fp32 GEMM
-    try:
-        ref = gw0 + g.float().t() @ h.float()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = allow
-    truth = gw0.double() + g.double().t() @ h.double()
-    assert_close(out, ref, truth, name=f"grad_weight accumulator ({branch})")
-    return branch
-
-
-def run_parity(cases, device="cuda", exp2_rel_err=None) -> bool:
-    """Every case in turn; stops at the first mismatch (printed) and returns False; True if all agree."""
-    print(f"\n== parity of the Triton paths on {device} against varkernels.reference ({len(cases)} cases)")
-    t0 = time.perf_counter()
-    for i, c in enumerate(cases, 1):
-        try:
-            parity_one(*c, device=device, exp2_rel_err=exp2_rel_err)
-        except AssertionError as e:
-            print(f"   [{i}/{len(cases)}] MISMATCH {case_label(*c)}\n{e}")
-            print("   stopped: nothing is timed while a Triton path disagrees with the reference")
-            return False
-        print(f"   [{i}/{len(cases)}] ok {case_label(*c)}")
-    print(f"   all {len(cases)} cases agree ({time.perf_counter() - t0:.0f} s)")
-    return True
-
-
-# ----------------------------------------------------------------------------------------------
 # calibration, timings, estimates
 
 
@@ -570,18 +317,15 @@ def calibrate_device() -> list:
     import torch
     import triton
 
+    def bench(fn, *ts):  # the operands are freed when it returns
+        return triton.testing.do_bench(lambda: fn(*ts), warmup=200, rep=CALIBRATE_REP_MS, quantiles=[0.5, 0.2, 0.8])
+
     n = CALIBRATE_GEMM_N
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
-    gemm = triton.testing.do_bench(lambda: torch.mm(a, b, out=c), warmup=200, rep=CALIBRATE_REP_MS,
-                                   quantiles=[0.5, 0.2, 0.8])
-    del a, b, c
+    gemm = bench(lambda a, b, c: torch.mm(a, b, out=c),
+                 *(torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(3)))
     src = torch.empty(CALIBRATE_COPY_BYTES // 4, device="cuda", dtype=torch.float32).normal_()
-    dst = torch.empty_like(src)
-    copy = triton.testing.do_bench(lambda: dst.copy_(src), warmup=200, rep=CALIBRATE_REP_MS,
-                                   quantiles=[0.5, 0.2, 0.8])
-    del src, dst
+    copy = bench(lambda s, d: d.copy_(s), src, torch.empty_like(src))
+    src = None
     torch.cuda.empty_cache()
     flops, moved = 2.0 * n**3, 2.0 * CALIBRATE_COPY_BYTES
     return [
@@ -594,31 +338,19 @@ def calibrate_device() -> list:
     ]
 
 
-def calibrated_gpu(rows, device_name: str):
-    """(measured GPU, datasheet GPU) of the cost model from a run's calibration rows (measured: None without them)."""
-    from varkernels.testing import costmodel as cm
-
-    sheet = cm.gpu_for_device_name(device_name) or cm.H100_SXM
-    rates = {r.get("rate_unit", "").split(" ")[0]: float(r["rate"]) for r in rows
-             if r.get("part") == "calibrate" and r.get("status") == "ok" and r.get("rate")}
-    if "FLOP/s" not in rates or "bytes/s" not in rates:
-        return None, sheet
-    return cm.measured_gpu(sheet, rates["FLOP/s"], rates["bytes/s"], name=f"{device_name} (measured)"), sheet
-
-
 _TRACES = {}
 
 
 def estimate_ms(provider, form, head, tokens, gpus) -> tuple:
-    """Roofline ESTIMATES (ms) of one provider at one shape, traced by benchmarks/cost_model.py for each GPU of
+    """Roofline ESTIMATES (ms) of one provider at one shape, traced by tools/cost_providers.py for each GPU of
     ``gpus`` (None entries give None), and the source; (None, ..., reason) when the model cannot trace it here."""
     key = (provider, form, head, tokens)
     if key not in _TRACES:
         try:
-            import cost_model
+            from tools import cost_providers
 
-            fn = next((f for fm, name, f in cost_model.PROVIDERS if fm == form and name == provider), None)
-            _TRACES[key] = None if fn is None else fn(cost_model.Case(head, tokens, False))
+            fn = next((f for fm, name, f in cost_providers.PROVIDERS if fm == form and name == provider), None)
+            _TRACES[key] = None if fn is None else fn(cost_providers.Case(head, tokens, False))
             _TRACES[key, "why"] = "no cost-model provider of that name" if fn is None else "cost model (traced)"
         except Exception as e:  # noqa: BLE001 - an estimate is optional; the measurement is not
             _TRACES[key] = None
@@ -663,9 +395,9 @@ class Runner:
         return (STARTUP_S + self.virtual_s) if self.fake else time.perf_counter() - T_START
 
     def write(self, case, rows) -> list:
-        rows = [{**self.base_row, "case": case.key, "stage": case.stage, "load_1min": load_1min(), **r}
+        rows = [{**self.base_row, "case": case.key, "stage": case.stage, "load_1min": f"{load_average():.2f}", **r}
                 for r in rows]
-        append_csv(self.csv, rows)
+        append_csv(self.csv, rows, fields=FIELDS)
         return rows
 
     def run(self, case) -> list:
@@ -702,7 +434,8 @@ class Runner:
 
     def run_time(self, case) -> list:
         import torch
-        from peers import get_providers, make_inputs
+
+        from tools.peers import get_providers, make_inputs
 
         sp = case.spec
         form, head, tokens = sp["form"], sp["head"], sp["tokens"]
@@ -724,7 +457,7 @@ class Runner:
         shape_key = (form, head, tokens)
         if shape_key not in self.inputs:
             self.inputs.clear()
-            self.empty_cache()
+            torch.cuda.empty_cache()  # a no-op where CUDA is not initialised (the CPU tests)
             self.inputs[shape_key] = make_inputs(form, B, T, V, torch.bfloat16, self.device, H=H)
         x = self.inputs[shape_key]
         xi = x.clone() if p.overwrites_input else x
@@ -748,15 +481,10 @@ class Runner:
                   f"peak +{m['peak_extra_bytes'] / 1e9:.2f} GB  est. {row['est_ms'] or 'n/a'} ms  meas/est {ratio}")
         finally:
             xi.zero_grad()
-            del xi
-            self.empty_cache()
+            xi = None
+            torch.cuda.empty_cache()  # a no-op where CUDA is not initialised (the CPU tests)
         return self.write(case, [out])
 
-    def empty_cache(self) -> None:
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -788,75 +516,30 @@ def table(rows) -> str:
 
 
 def plot(rows, path: Path) -> None:
+    """Time and peak memory of the run's ok timing rows, one bar per provider (benchmarks/plot.py's bars)."""
     try:
-        import matplotlib
-    except ImportError:  # not part of every GPU image; the CSV is what matters
+        import plot as plots
+    except SystemExit:  # matplotlib is not part of every GPU image; the CSV is what matters
         print(f"matplotlib is not installed here: no plot ({path}); the CSV has every figure")
         return
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ok = [r for r in rows if r.get("part") == "time" and r["status"] == "ok"]
     if not ok:
         return
-    configs = list(dict.fromkeys((r["form"], r["head"], r["tokens"], r["dtype"]) for r in ok))
-    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(configs)), 8))
-    providers = list(dict.fromkeys(r["provider"] for r in ok))
-    width = 0.8 / max(1, len(providers))
-    for k, (ax, key, label) in enumerate(((axes[0], "median_ms", "forward + backward, ms (do_bench median)"),
-                                          (axes[1], "peak_extra_bytes", "peak memory beyond inputs, GB"))):
-        for j, name in enumerate(providers):
-            xs, ys = [], []
-            for i, c in enumerate(configs):
-                r = next((r for r in ok if (r["form"], r["head"], r["tokens"], r["dtype"]) == c
-                          and r["provider"] == name), None)
-                if r is not None:
-                    xs.append(i + j * width)
-                    ys.append(max(float(r[key]), 1.0) / (1e9 if k else 1.0))
-            ax.bar(xs, ys, width, label=name)
-        ax.set_yscale("log")
-        ax.set_ylabel(label)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))])
-        ax.set_xticklabels([f"{f}\n{h}\n{t} tok {d}" for f, h, t, d in configs], fontsize=7)
-    axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0))
+
+    def label(r):
+        return f"{r['form']}\n{r['head']}\n{r['tokens']} tok {r['dtype']}"
+
+    fig, axes = plots.plt.subplots(2, 1, figsize=(max(8, 1.6 * len({label(r) for r in ok})), 8))
+    plots.grouped_bars(axes[0], ok, lambda r: float(r["median_ms"]), log=True, label=label,
+                       err=lambda r: (float(r["p20_ms"]), float(r["p80_ms"])),
+                       ylabel="forward + backward, ms (do_bench median, p20-p80)")
+    plots.grouped_bars(axes[1], ok, lambda r: max(float(r["peak_extra_bytes"]), 1.0) / 1e9, log=True, label=label,
+                       ylabel="peak memory beyond inputs, GB")
+    axes[0].legend(**plots.LEGEND)
     axes[0].set_title(f"GPU suite, {ok[0]['gpu']} (measured)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def append_csv(path: Path, rows: list) -> None:
-    new = not path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in FIELDS})
-        f.flush()
-        os.fsync(f.fileno())  # a row survives the machine being taken back mid-run
-
-
-def read_rows(path: Path) -> list:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def load_1min() -> str:
-    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
-
-
-def thp_state() -> str:
-    """Transparent huge pages setting (the bracketed word of /sys/kernel/mm/transparent_hugepage/enabled)."""
-    try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return "-"
-    return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
+    plots.plt.close(fig)
 
 
 def add_wheels(folder: str) -> list:
@@ -889,14 +572,14 @@ def add_wheels(folder: str) -> list:
 
 def dry_run(args) -> int:
     """Imports and the staged plan; touches no GPU and writes nothing."""
-    import cost_model  # noqa: F401  (the estimates of the timing stages)
     import test_single_pass  # noqa: F401  (the token-kernel launcher and checks of the parity stage)
     import torch
     import triton
     from helpers import assert_close  # noqa: F401
-    from peers import peer_versions
 
+    import tools.cost_providers  # noqa: F401  (the estimates of the timing stages)
     import varkernels  # noqa: F401
+    from tools.peers import peer_versions
     from varkernels import fused_linear_var_loss, fused_var_loss, sequence_logps  # noqa: F401
     from varkernels.core import _triton_kernels as K
     from varkernels.reference import var_loss_reference  # noqa: F401
@@ -917,7 +600,7 @@ def dry_run(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--dry-run", action="store_true", help="check imports and print the plan; no GPU, no output")
     p.add_argument("--smoke", action="store_true", help="the smoke stage only (same as --stages smoke)")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
@@ -958,8 +641,7 @@ def main(argv=None) -> int:
         print("gpu_suite: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine, or "
               "--dry-run for the plan", file=sys.stderr)
         return 2
-    from _harness import git_revision
-    from peers import peer_versions
+    from tools.peers import peer_versions
 
     csv_path = Path(args.csv)
     old = read_rows(csv_path)
@@ -975,7 +657,7 @@ def main(argv=None) -> int:
             return 1
         done = {r["case"] for r in mine}
     else:
-        run = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+        run = run_id()
         mine, done = [], set()
     if args.fake:
         gpu, arch = "fake (no GPU: --fake)", "-"
@@ -984,7 +666,7 @@ def main(argv=None) -> int:
         gpu, arch = torch.cuda.get_device_name(), f"sm_{cap[0]}{cap[1]}"
     base_row = {"run": run, "date": datetime.datetime.now().isoformat(timespec="seconds"), "gpu": gpu, "arch": arch,
                 "torch": torch.__version__, "triton": triton.__version__, **peer_versions(),
-                "revision": git_revision(), "wheels": " ".join(args.wheel_names), "thp": thp_state()}
+                "revision": git_revision(), "wheels": " ".join(args.wheel_names), "thp": thp_mode()}
     print(f"gpu_suite run {run}{' (resumed)' if args.resume else ''}: {gpu} ({arch}), torch {torch.__version__}, "
           f"triton {triton.__version__}, budget {args.budget_s:.0f} s")
     stages = build_plan(args)

@@ -11,14 +11,11 @@ peers.csv (benchmarks/bench_peers.py), one run:
 var_loss.csv (bench_var_loss.py --save): the rows of its last run → var_loss.png (time with the
     floor and the ratios the script printed, peak memory).
 fused_linear.csv (bench_fused_linear.py): the latest row of each provider and config → fused_linear.png.
-cpu_backend.csv (bench_cpu_backend.py): the latest row of each provider and config → cpu_backend.png
-    (bench_cpu_backend.plot).
+cpu_backend.csv (bench_cpu_backend.py): the latest row of each provider and config → cpu_backend.png.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -31,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import RESULTS  # noqa: E402
+from _harness import RESULTS, arg_parser, read_rows  # noqa: E402
 
 # one colour per provider, stable across figures
 COLOURS = {
@@ -44,21 +41,15 @@ COLOURS = {
 LEGEND = dict(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0))  # outside the axes, right
 
 
-def read(path: Path) -> list:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def shape_label(r: dict) -> str:
     dt = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(r["dtype"], r["dtype"])
     return f"T={r['T']}\nV={int(r['V']) // 1000}k {dt}"
 
 
-def grouped_bars(ax, rows: list, value, err=None, log=False, ylabel=""):
-    """Bars grouped by shape (x) with one bar per provider; ``value(row)`` gives the height."""
-    shapes = list(dict.fromkeys(shape_label(r) for r in rows))
+def grouped_bars(ax, rows: list, value, err=None, log=False, ylabel="", label=shape_label):
+    """Bars grouped by shape (x, named by ``label(row)``) with one bar per provider; ``value(row)`` gives the
+    height, ``err(row)`` the (low, high) ends of its error bar."""
+    shapes = list(dict.fromkeys(label(r) for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     width = 0.8 / max(len(providers), 1)
     for k, name in enumerate(providers):
@@ -66,7 +57,7 @@ def grouped_bars(ax, rows: list, value, err=None, log=False, ylabel=""):
         for r in rows:
             if r["provider"] != name:
                 continue
-            x = shapes.index(shape_label(r)) + (k - (len(providers) - 1) / 2) * width
+            x = shapes.index(label(r)) + (k - (len(providers) - 1) / 2) * width
             y = value(r)
             xs.append(x)
             ys.append(y)
@@ -182,7 +173,7 @@ def last_run(rows: list) -> list:
 def plot_var_loss(csv_path: Path, out: Path) -> list:
     """var_loss.png from the last run of bench_var_loss.py in ``csv_path``: the same rows, and the
     same ratios, as the table that run printed."""
-    rows = last_run(read(csv_path))
+    rows = last_run(read_rows(csv_path))
     if not rows:
         return []
     r0 = rows[0]
@@ -226,23 +217,21 @@ def plot_var_loss(csv_path: Path, out: Path) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arg_parser(__doc__)
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--run", default=None, help="run id of peers.csv (default: the last one)")
     args = p.parse_args(argv)
     out = Path(args.results)
     written = []
-    peers = read(out / "peers.csv")
+    peers = read_rows(out / "peers.csv")
     if peers:
         run = args.run or peers[-1]["run"]
         written += plot_peers([r for r in peers if r["run"] == run], out)
     written += plot_var_loss(out / "var_loss.csv", out / "var_loss.png")
-    written += plot_latest(read(out / "fused_linear.csv"), out, "fused_linear.png",
+    written += plot_latest(read_rows(out / "fused_linear.csv"), out, "fused_linear.png",
                            "bench_fused_linear.py: fused-linear loss", ("B", "T", "H", "V", "dtype", "device"))
-    if (out / "cpu_backend.csv").exists():
-        from bench_cpu_backend import plot as plot_cpu_backend  # imports varkernels (its provider labels)
-
-        plot_cpu_backend(out / "cpu_backend.csv", out / "cpu_backend.png")  # prints its own line
+    written += plot_latest([r for r in read_rows(out / "cpu_backend.csv") if r["median_s"]], out, "cpu_backend.png",
+                           "bench_cpu_backend.py: VAR loss on CPU", ("B", "T", "V", "dtype"))
     for w in written:
         print(f"wrote {w}")
     if not written:

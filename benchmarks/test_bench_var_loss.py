@@ -1,4 +1,4 @@
-"""Throughput of every provider of benchmarks/peers.py at small sizes, with pytest-benchmark.
+"""Throughput of every provider of tools/peers.py at small sizes, with pytest-benchmark.
 
     pytest benchmarks/ --benchmark-only                      # ~40 s on 2 CPU cores
     pytest benchmarks/ --benchmark-only -k "logits and bf16"
@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("pytest_benchmark")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import get_providers, make_inputs  # noqa: E402
+from tools.peers import get_providers, make_inputs  # noqa: E402  (the repository root: pyproject's pythonpath)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),  # inductor's own deprecation notices
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # torch.jit.script_method, via peers' imports

@@ -5,7 +5,7 @@ the cubin on the CPU and ``cuobjdump --dump-resource-usage`` reads its REG / SHA
 LOCAL > 0 means registers spilled to local memory.
 
 "No spills" is LOCAL 0 and STACK 0: triton 3.9's ptxas puts spill slots in the stack frame
-(STL/LDL in the SASS) and reports them as STACK with LOCAL 0 (see varkernels/testing/aot.py).
+(STL/LDL in the SASS) and reports them as STACK with LOCAL 0 (see tools/aot.py).
 
 What is compiled is what the launchers launch: each launcher (``token_triton_launch``,
 ``var_weights_triton_launch``, ``scale_triton_launch``) is called with ``meta`` tensors of the production shape while
@@ -34,10 +34,10 @@ import pytest
 import torch
 from test_single_pass import launch_token
 
+from tools import aot
 from varkernels.core import _triton_kernels
 from varkernels.core.autograd import scale_triton_launch
 from varkernels.core.token import token_triton_launch
-from varkernels.testing import aot
 from varkernels.var import _weights_kernel
 from varkernels.var.weights import var_weights_triton_launch
 

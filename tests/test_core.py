@@ -210,7 +210,7 @@ def test_k_group_call_holds_one_weight_accumulator(backend, monkeypatch):
 
     monkeypatch.setattr(linear_cpu, "forward_pass_applies", lambda *a: False)
 
-    from varkernels.testing.memory import fix_mmap_threshold, peak_rss_bytes
+    from tools.memory import fix_mmap_threshold, peak_rss_bytes
 
     if not sys.platform.startswith("linux") or not fix_mmap_threshold():
         pytest.skip("peak memory is read from Linux's VmHWM with glibc's mmap threshold pinned")
@@ -246,7 +246,7 @@ def test_deferred_weight_grad_holds_no_fp32_accumulator():
     if not linear_cpu.f32_gemm_available():
         pytest.skip("the deferred weight gradient needs the C++ extension's gemm_f32 (MKL)")
 
-    from varkernels.testing.memory import fix_mmap_threshold, peak_rss_bytes
+    from tools.memory import fix_mmap_threshold, peak_rss_bytes
 
     if not sys.platform.startswith("linux") or not fix_mmap_threshold():
         pytest.skip("peak memory is read from Linux's VmHWM with glibc's mmap threshold pinned")
@@ -376,7 +376,7 @@ def test_cuda_path_runs_on_fake_tensors():
                 self.gemms.append(tuple(m.dtype for m in mats))
             return func(*args, **(kwargs or {}))
 
-    from varkernels.testing.costmodel import fake_cuda_shim  # slicing and out= of fake CUDA tensors
+    from tools.costmodel import fake_cuda_shim  # slicing and out= of fake CUDA tensors
 
     B, T, H, V = 2, 64, 128, 1024
     with FakeTensorMode(allow_non_fake_inputs=False), fake_cuda_shim(), Record() as rec:

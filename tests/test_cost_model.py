@@ -1,4 +1,4 @@
-"""The GPU cost model (varkernels.testing.costmodel): what its tracer records of the CUDA path on fake
+"""The GPU cost model (tools.costmodel): what its tracer records of the CUDA path on fake
 tensors, the roofline arithmetic, and the peak-memory tracking. Small shapes: fast, no GPU."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from varkernels.testing import costmodel as cm
+from tools import costmodel as cm
 
 IGNORE = -100
 

@@ -17,9 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import cost_model  # noqa: E402
-
-from varkernels.testing import costmodel as cm  # noqa: E402
+from tools import cost_providers as cost_model  # noqa: E402
+from tools import costmodel as cm  # noqa: E402
 
 DATA = json.loads((Path(__file__).parent / "data" / "cost_model_calibration.json").read_text())
 POINTS = {p["id"]: p for p in DATA["points"]}
@@ -39,9 +38,9 @@ def predict(point) -> tuple:
     """(estimated ms, predicted MiB as the source reports memory, or None where it cannot be compared)."""
     s, gpu = point["shape"], cm.GPUS[point["gpu"]]
     if point["provider"] == "cce[cce]":
-        if "head" in s:  # a head of benchmarks/cost_model.py's table
+        if "head" in s:  # a head of the cost model's table (tools/cost_providers.py)
             case = cost_model.Case(s["head"], s["tokens"], False)
-            assert (case.H, case.V) == (s["H"], s["V"]), "the head's shape in benchmarks/cost_model.py changed"
+            assert (case.H, case.V) == (s["H"], s["V"]), "the head's shape in tools/cost_providers.py changed"
         else:
             case = _Shape(s["tokens"], s["V"], s["H"])
         tr = cost_model.count_cce(case)

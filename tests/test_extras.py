@@ -53,6 +53,6 @@ def test_scoring_and_data_need_no_transformers(without):
 
 
 def test_aot_without_triton_names_the_triton_extra(without):
-    without(["triton"], ["varkernels.testing.aot"])
+    without(["triton"], ["tools.aot"])
     with pytest.raises(ImportError, match=r'pip install "varkernels\[triton\]"'):
-        importlib.import_module("varkernels.testing.aot")
+        importlib.import_module("tools.aot")

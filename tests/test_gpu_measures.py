@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_measures  # noqa: E402
 import gpu_suite  # noqa: E402
 
-from varkernels.testing import costmodel as cm  # noqa: E402
+from tools import costmodel as cm  # noqa: E402
 
 
 def test_default_is_the_datasheet_per_arch():

@@ -7,6 +7,7 @@ The suite's real run needs CUDA (none here). ``--fake`` runs its control flow on
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import re
@@ -24,6 +25,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_suite  # noqa: E402
 from helpers import EXP2_APPROX_REL_ERR  # noqa: E402
+
+from tools import gpu_parity  # noqa: E402
 
 
 def _run(args, env_update=None, drop=("TRITON_INTERPRET",)):
@@ -96,7 +99,7 @@ def test_budget_stops_between_cases_and_a_second_call_resumes(tmp_path, capsys):
 
 
 def _plan_cases():
-    args = gpu_suite.argparse.Namespace(stages=list(gpu_suite.STAGES), providers=None, wheels=None, warmup=25,
+    args = argparse.Namespace(stages=list(gpu_suite.STAGES), providers=None, wheels=None, warmup=25,
                                         rep=None, budget_s=540)
     return [c for s in gpu_suite.build_plan(args) for c in s.cases]
 
@@ -114,7 +117,7 @@ def test_runner_writes_a_row_per_case(tmp_path, monkeypatch):
     """The real run's case runner on CPU tensors (the interpreter; do_bench replaced by one call of the step):
     a parity case writes "ok", a mismatch writes "mismatch" with its reason, a timing case runs the provider
     and writes its figures and the estimates, a skipped provider writes its reason."""
-    args = gpu_suite.argparse.Namespace(csv=str(tmp_path / "r.csv"), wheels=None)
+    args = argparse.Namespace(csv=str(tmp_path / "r.csv"), wheels=None)
     runner = gpu_suite.Runner(args, {"run": "R", "gpu": "cpu (test)"}, [], device="cpu")
     ok = gpu_suite.Case("parity", "parity:a", "parity", 1.0, dict(case=SMALL_CASES[1]))
     assert runner.run(ok)[0]["status"] == "ok"
@@ -168,7 +171,7 @@ SMALL_CASES = [
 def test_parity_part_runs_and_stops_on_a_mismatch(monkeypatch, capsys):
     """The parity checks on CPU tensors in the interpreter (as tests/ run the kernels), then with
     fused_var_loss's loss off by 1e-4 relative: the suite must stop at that case."""
-    assert gpu_suite.run_parity(SMALL_CASES, device="cpu")
+    assert gpu_parity.run_parity(SMALL_CASES, device="cpu")
     import varkernels
 
     real = varkernels.fused_var_loss
@@ -178,7 +181,7 @@ def test_parity_part_runs_and_stops_on_a_mismatch(monkeypatch, capsys):
         return out._replace(loss=out.loss * (1 + 1e-4))
 
     monkeypatch.setattr(varkernels, "fused_var_loss", off)
-    assert not gpu_suite.run_parity(SMALL_CASES, device="cpu")
+    assert not gpu_parity.run_parity(SMALL_CASES, device="cpu")
     text = capsys.readouterr().out
     assert "MISMATCH fused_var_loss float32" in text and "[3/" not in text.split("MISMATCH")[1]
 
@@ -187,25 +190,25 @@ def test_weight_grad_gemm_check_catches_a_wrong_accumulation(monkeypatch):
     """The first parity case fails when the accumulator is not updated in place, or is updated wrongly."""
     import varkernels.core.linear as lin
 
-    assert gpu_suite.check_weight_grad_gemm(128, 77, 32, torch.bfloat16, "cpu").startswith("cpu")
+    assert gpu_parity.check_weight_grad_gemm(128, 77, 32, torch.bfloat16, "cpu").startswith("cpu")
     monkeypatch.setattr(lin, "_accumulate_weight_grad", lambda gw, g, h: gw + g.float().t() @ h.float())
     with pytest.raises(AssertionError, match="in place"):
-        gpu_suite.check_weight_grad_gemm(128, 77, 32, torch.bfloat16, "cpu")
+        gpu_parity.check_weight_grad_gemm(128, 77, 32, torch.bfloat16, "cpu")
     monkeypatch.setattr(lin, "_accumulate_weight_grad", lambda gw, g, h: gw.addmm_(g.t().float(), h.float(),
                                                                                    alpha=1 + 1e-3))
     with pytest.raises(AssertionError, match="grad_weight accumulator"):
-        gpu_suite.check_weight_grad_gemm(128, 77, 32, torch.bfloat16, "cpu")
+        gpu_parity.check_weight_grad_gemm(128, 77, 32, torch.bfloat16, "cpu")
 
 
 def test_every_parity_case_is_well_formed():
     ops = {"weight_grad_gemm", "fused_var_loss", "sequence_logps", "token_kernel", "fused_linear_var_loss"}
-    cases = gpu_suite.parity_cases()
+    cases = gpu_parity.parity_cases()
     assert cases[0][0] == "weight_grad_gemm"  # the CUDA branch of _accumulate_weight_grad runs first
     assert {c[0] for c in cases} == ops
     assert {c[1] for c in cases} == {"float32", "bfloat16", "float16"}
     assert {c[2]["V"] for c in cases if c[0] == "fused_var_loss"} >= {1000, 32003, 128256}
     assert {c[3]["kernel"] for c in cases if c[0] == "token_kernel"} == {"single", "tiled"}
-    smoke = gpu_suite.smoke_parity_cases()
+    smoke = gpu_parity.smoke_parity_cases()
     assert smoke[0][0] == "weight_grad_gemm" and {c[0] for c in smoke} == ops - {"token_kernel"}
 
 
@@ -246,17 +249,17 @@ def test_parity_tolerance_holds_for_cuda_approximate_exp2(monkeypatch):
     some case fails — the emulation does reach the kernels."""
     d = EXP2_APPROX_REL_ERR
     _perturbed_exp2(monkeypatch, d, "up")
-    assert gpu_suite.run_parity(EXP2_CASES, device="cpu", exp2_rel_err=d)
+    assert gpu_parity.run_parity(EXP2_CASES, device="cpu", exp2_rel_err=d)
     _perturbed_exp2(monkeypatch, 8 * d, "up")
-    assert gpu_suite.run_parity(EXP2_CASES, device="cpu", exp2_rel_err=8 * d)
-    assert not gpu_suite.run_parity(EXP2_CASES, device="cpu", exp2_rel_err=0.0)
+    assert gpu_parity.run_parity(EXP2_CASES, device="cpu", exp2_rel_err=8 * d)
+    assert not gpu_parity.run_parity(EXP2_CASES, device="cpu", exp2_rel_err=0.0)
 
 
 def test_parity_tolerance_holds_for_random_exp2_errors_in_half_precision(monkeypatch):
     _perturbed_exp2(monkeypatch, EXP2_APPROX_REL_ERR, "random")
     cases = [(op, dt, shape, opts) for op, _, shape, opts in EXP2_CASES[:4] for dt in ("bfloat16",)]
     cases = [(op, dt, {**shape, "V": 16003} if op == "token_kernel" else shape, opts) for op, dt, shape, opts in cases]
-    assert gpu_suite.run_parity(cases, device="cpu", exp2_rel_err=EXP2_APPROX_REL_ERR)
+    assert gpu_parity.run_parity(cases, device="cpu", exp2_rel_err=EXP2_APPROX_REL_ERR)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,7 +295,7 @@ def test_missing_peers_and_old_torch_are_skipped_with_the_reason(monkeypatch):
                 "liger_kernel.chunked_loss", "liger_kernel.chunked_loss.fused_linear_ppo", "cut_cross_entropy"):
         monkeypatch.setitem(sys.modules, mod, None)  # import raises ImportError
     monkeypatch.delattr(torch.nn.functional, "linear_cross_entropy", raising=False)
-    args = gpu_suite.argparse.Namespace(stages=["time-llama3"], providers=None, wheels=None, warmup=25, rep=None,
+    args = argparse.Namespace(stages=["time-llama3"], providers=None, wheels=None, warmup=25, rep=None,
                                         budget_s=540)
     (stage,) = gpu_suite.build_plan(args)
     skipped = {c.spec["provider"]: c.spec["reason"] for c in stage.cases if c.kind == "skip"}
@@ -308,7 +311,7 @@ def test_missing_peers_and_old_torch_are_skipped_with_the_reason(monkeypatch):
 
 
 def test_estimates_use_the_measured_peaks():
-    from varkernels.testing import costmodel as cm
+    from tools import costmodel as cm
 
     rows = [{"part": "calibrate", "status": "ok", "rate": "7.9e14", "rate_unit": "FLOP/s"},
             {"part": "calibrate", "status": "ok", "rate": "4.3e12", "rate_unit": "bytes/s (read + write)"}]

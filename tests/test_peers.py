@@ -1,6 +1,6 @@
 """The benchmark's VAR-on-PyTorch's-linear_cross_entropy provider computes the VAR loss (docs/design.md §1).
 
-benchmarks/peers.py builds VAR on ``torch.nn.functional.linear_cross_entropy(h, W, y,
+tools/peers.py builds VAR on ``torch.nn.functional.linear_cross_entropy(h, W, y,
 reduction="none", options=torch.nn.LinearCrossEntropyOptions())`` (PyTorch's chunked path):
 per-token −lp → masked mean per sequence → posterior weights → loss. Its loss and the gradients
 of hidden and weight must match ``varkernels.reference.linear_var_loss_reference`` under the
@@ -32,12 +32,12 @@ NAME = "torch[linear_cross_entropy]"
 
 
 def _provider():
-    from peers import get_providers
+    from tools.peers import get_providers
 
     providers = {p.name: p for p in get_providers("linear", "cpu")}
     p = providers.get(NAME)
     if p is None or not p.runnable:
-        pytest.skip(f"{NAME} cannot run here: {p.skip if p else 'not a provider of benchmarks/peers.py'}")
+        pytest.skip(f"{NAME} cannot run here: {p.skip if p else 'not a provider of tools/peers.py'}")
     return p
 
 
@@ -55,7 +55,7 @@ def _reference(x, float64: bool):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_linear_cross_entropy_peer_matches_reference(dtype, one_torch_thread):
-    from peers import make_inputs
+    from tools.peers import make_inputs
 
     p = _provider()
     # N = B·T = 48 token rows ≥ H = 16 and V > H: the shapes where PyTorch's chunked path applies
@@ -81,7 +81,7 @@ def test_linear_cross_entropy_peer_matches_reference(dtype, one_torch_thread):
 
 def test_provider_selection_by_exact_name_or_substring():
     """bench_peers.py --providers: "naive" selects naive only; "varkernels" every varkernels backend."""
-    from bench_peers import _selected
+    from tools.peers import selected as _selected
 
     names = ["naive", "torch.compile(naive)", "varkernels[cpu]", "varkernels[torch]", NAME]
     picked = [n for n in names if _selected(n, ["naive", "varkernels", "linear_cross_entropy"], names)]
@@ -94,7 +94,7 @@ def test_provider_selection_by_exact_name_or_substring():
 def test_log_prob_head_peers_match_reference(name, dtype, one_torch_thread):
     """VAR on TRL's chunked log-prob head and on varkernels' linear_sequence_logps: loss and gradients
     within the tolerance policy of the reference (both return fp32 per-token log-probs)."""
-    from peers import get_providers, make_inputs
+    from tools.peers import get_providers, make_inputs
 
     p = {q.name: q for q in get_providers("linear", "cpu")}[name]
     if not p.runnable:

@@ -22,10 +22,10 @@ import pytest
 import torch
 from test_single_pass import launch_token
 
+from tools.traffic import count_aten_traffic, count_triton_traffic, tensor_bytes
 from varkernels import fused_var_loss, var_loss_reference
 from varkernels.core import _triton_kernels as K
 from varkernels.core.autograd import scale_grad_
-from varkernels.testing.traffic import count_aten_traffic, count_triton_traffic, tensor_bytes
 
 B, T, V = 2, 8, 4099  # V = 4096 + 3: one full BLOCK_V tile and a masked tail of 3 lanes
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

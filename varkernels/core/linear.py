@@ -22,7 +22,7 @@ for); with ``lse_in`` the token op skips its logsumexp sweep (backward of the lo
 Registered as the operator ``varkernels::linear_token_pass`` (a ``torch.library.custom_op`` with a
 fake implementation): under ``torch.compile`` the whole loop is one node of the graph, so its
 chunk count and the row compaction never become graph breaks or shape guards. On tensors without
-values (fake or meta: the driver run for its shapes, e.g. by varkernels.testing's cost model) there
+values (fake or meta: the driver run for its shapes, e.g. by the repository's tools/costmodel.py) there
 is nothing to compact by: every row is processed and ignored rows get a zero gradient.
 """
 

@@ -108,7 +108,7 @@ def token_triton_launch(
     lp = torch.empty(N, dtype=torch.float32, device=x.device)
     lse = torch.empty(N, dtype=torch.float32, device=x.device)
     gs = grad.stride() if grad is not None else (0, 0, 0)
-    # torch.library.wrap_triton, looked up at the call: Inductor sees the kernel (testing.aot's launch
+    # torch.library.wrap_triton, looked up at the call: Inductor sees the kernel (tools/aot.py's launch
     # recorders stand in for it while they record)
     torch.library.wrap_triton(kernel)[(N,)](
         x_ptr=x, grad_ptr=grad, labels_ptr=labels, coef_ptr=coef, lse_in_ptr=lse_in,

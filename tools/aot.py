@@ -28,7 +28,7 @@ signature.
 
 When triton was imported with ``TRITON_INTERPRET=1`` (the test suite), ``triton.language``'s own
 library functions (``tl.zeros``, ``tl.sum``...) are interpreter objects and nothing can be compiled
-in that process, so compilation runs in subprocesses (``python -m varkernels.testing.aot``) with
+in that process, so compilation runs in subprocesses (``python -m tools.aot``) with
 the interpreter off; they import the kernel's module by name, i.e. compile the package's source.
 """
 
@@ -49,7 +49,7 @@ import tempfile
 import types
 from typing import Any
 
-from .._extras import missing_extra
+from varkernels._extras import missing_extra
 
 try:
     import triton
@@ -57,7 +57,7 @@ try:
     from triton.compiler import ASTSource
     from triton.runtime.jit import KernelParam
 except ImportError as e:
-    raise missing_extra("triton", "triton", "varkernels.testing.aot") from e
+    raise missing_extra("triton", "triton", "tools.aot") from e
 
 __all__ = [
     "ARCH_LIMITS",
@@ -357,9 +357,10 @@ def _compile_here(spec: KernelSpec, cap: int) -> dict:
 
 
 def _compile_in_subprocesses(jobs: list, workers: int) -> list:
-    """[(spec, cap)] compiled by ``python -m varkernels.testing.aot`` with TRITON_INTERPRET=0."""
+    """[(spec, cap)] compiled by ``python -m tools.aot`` with TRITON_INTERPRET=0."""
     env = dict(os.environ, TRITON_INTERPRET="0")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [*sys.path, env.get("PYTHONPATH", "")] if p)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: ``tools`` is importable
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [root, *sys.path, env.get("PYTHONPATH", "")] if p)
     chunks = [jobs[i::workers] for i in range(workers)]
     chunks = [c for c in chunks if c]
     with tempfile.TemporaryDirectory() as d:
@@ -368,7 +369,7 @@ def _compile_in_subprocesses(jobs: list, workers: int) -> list:
             inp, out, err = (os.path.join(d, f"{kind}{i}") for kind in ("in", "out", "err"))
             with open(inp, "wb") as f:
                 pickle.dump(chunk, f)
-            cmd = [sys.executable, "-m", "varkernels.testing.aot", inp, out]
+            cmd = [sys.executable, "-m", "tools.aot", inp, out]
             with open(err, "wb") as f_err:
                 proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=f_err)
             procs.append((chunk, out, err, proc))

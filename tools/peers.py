@@ -1,4 +1,5 @@
-"""The VAR loss as each alternative a user could pick would compute it: the benchmark's providers.
+"""The VAR loss as each alternative a user could pick would compute it: the providers of the benchmarks
+(bench_peers.py, gpu_suite.py, test_bench_var_loss.py) and of tests/test_peers.py.
 
 Every provider computes the same loss — docs/design.md §1 with its defaults (``weighting="posterior"``,
 ``logp_reduction="mean"``, β = 1): per-token log-probs → per-sequence mean s_i → stop-gradient
@@ -57,14 +58,11 @@ import dataclasses
 import importlib.metadata
 import math
 import os
-import sys
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from naive import naive_linear_var_loss, naive_var_loss  # noqa: E402
+from tools.naive import naive_linear_var_loss, naive_var_loss
 
 FORMS = ("logits", "linear")
 IGNORE_INDEX = -100
@@ -375,6 +373,12 @@ def _logps_providers(form: str, device: torch.device) -> list:
         return var_from_token_logps(lp.view(B, T), x.labels, x.rewards, x.ref_logps)
 
     return [*out, Provider(name, form, desc, trl_loss)]
+
+
+def selected(name: str, wanted, names=()) -> bool:
+    """A ``--providers`` choice: a provider's exact name selects only it ("naive" is not torch.compile(naive));
+    anything else selects every name containing it ("varkernels", "liger"); none selects every provider."""
+    return not wanted or any(w == name or (w not in names and w in name) for w in wanted)
 
 
 def get_providers(form: str, device="cpu") -> list:

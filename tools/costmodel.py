@@ -256,7 +256,7 @@ def _token_traffic(args, kwargs, a: Assumptions):
     row_bytes = V * x.element_size()
     has_grad = grad is not None
     if a.token_single_pass_max_v is None:
-        from ..core._triton_kernels import _token_kernel_single, token_kernel_config
+        from varkernels.core._triton_kernels import _token_kernel_single, token_kernel_config
 
         single_kernel = token_kernel_config(V, x.dtype, softcap=softcap)[0] is _token_kernel_single
     else:
@@ -573,8 +573,8 @@ class _Ctx:
 def _linear_op_body(hidden, weight, bias, labels, dlp, lse_in, wants, opts):
     """``run_linear_token`` with the operator's Python body (``linear_token_pass``) in place of the operator,
     whose fake implementation would give only the output shapes: every op of the chunk loop is recorded."""
-    from ..core.linear import linear_token_pass
-    from ..core.token import kernel_coef
+    from varkernels.core.linear import linear_token_pass
+    from varkernels.core.token import kernel_coef
 
     return linear_token_pass(hidden, weight, bias, labels, kernel_coef(dlp), lse_in, wants, opts)
 
@@ -588,9 +588,9 @@ def varkernels_linear(hidden, weight, labels, coef, *, master_weight=None, chunk
     step, ``weight = master.to(bf16)`` first and the bf16 weight gradient cast back to fp32 at the end
     (``hidden``/``weight`` dtype bf16). Returned gradients: grad_hidden and the weight gradient in the
     parameter's dtype."""
-    from ..core.autograd import LinearTokenFunction
-    from ..core.linear import default_chunk_size
-    from ..core.token import TokenOptions
+    from varkernels.core.autograd import LinearTokenFunction
+    from varkernels.core.linear import default_chunk_size
+    from varkernels.core.token import TokenOptions
 
     V = (master_weight if master_weight is not None else weight).shape[0]
     opts = TokenOptions("triton", chunk_size=chunk_size or default_chunk_size(V, "cuda", hidden.element_size()),
@@ -615,8 +615,8 @@ def varkernels_linear(hidden, weight, labels, coef, *, master_weight=None, chunk
 def varkernels_logits(logits, labels, coef, *, tf32=False, assumptions=None) -> Trace:
     """Trace ``fused_var_loss``'s token op on fake CUDA logits: ``TokenFunction``'s own forward in forward
     mode with a gradient buffer (``inplace=False``), then its own backward (scale by the upstream gradient)."""
-    from ..core.autograd import TokenFunction
-    from ..core.token import TokenOptions
+    from varkernels.core.autograd import TokenFunction
+    from varkernels.core.token import TokenOptions
 
     def run():
         ctx = _Ctx()
