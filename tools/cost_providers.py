@@ -335,8 +335,8 @@ def trace_varkernels_linear_logps(c: Case) -> cm.Trace:
             # Python body traced in place of its fake, as cm.varkernels_linear does for forward mode
             w = w32.to(BF16) if c.master else w_in
             ctx = cm._Ctx()
-            with unittest.mock.patch("varkernels.core.autograd.run_linear_token", cm._linear_op_body):
-                _, lp = LinearTokenFunction.forward(ctx, h, w, None, labels, None, opts, (True, True, False))
+            with unittest.mock.patch.object(torch.ops.varkernels, "linear_token_pass", cm._linear_op_body):
+                _, lp = LinearTokenFunction.forward(ctx, h, w, None, labels, None, opts, (True, True, False), w.dtype)
                 gh, gw_param, *_ = LinearTokenFunction.backward(ctx, None, grad_lp)
             del ctx  # the saved logsumexp
             if c.master:

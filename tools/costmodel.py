@@ -570,13 +570,14 @@ class _Ctx:
         pass
 
 
-def _linear_op_body(hidden, weight, bias, labels, dlp, lse_in, wants, opts):
-    """``run_linear_token`` with the operator's Python body (``linear_token_pass``) in place of the operator,
+def _linear_op_body(hidden, weight, bias, labels, coef, lse_in, *, want_hidden, want_weight, want_bias, **opts):
+    """The driver operator ``varkernels::linear_token_pass`` replaced by its Python body (``linear_token_pass``),
     whose fake implementation would give only the output shapes: every op of the chunk loop is recorded."""
     from varkernels.core.linear import linear_token_pass
-    from varkernels.core.token import kernel_coef
+    from varkernels.core.token import TokenOptions
 
-    return linear_token_pass(hidden, weight, bias, labels, kernel_coef(dlp), lse_in, wants, opts)
+    wants = (want_hidden, want_weight, want_bias)
+    return linear_token_pass(hidden, weight, bias, labels, coef, lse_in, wants, TokenOptions(**opts))
 
 
 def varkernels_linear(hidden, weight, labels, coef, *, master_weight=None, chunk_size=None, accum_fp32=True,
@@ -599,8 +600,9 @@ def varkernels_linear(hidden, weight, labels, coef, *, master_weight=None, chunk
     def run():
         w = master_weight.to(hidden.dtype) if master_weight is not None else weight
         ctx = _Ctx()
-        with unittest.mock.patch("varkernels.core.autograd.run_linear_token", _linear_op_body):
-            value, lp = LinearTokenFunction.forward(ctx, hidden, w, None, labels, coef, opts, (True, True, False))
+        with unittest.mock.patch.object(torch.ops.varkernels, "linear_token_pass", _linear_op_body):
+            value, lp = LinearTokenFunction.forward(ctx, hidden, w, None, labels, coef, opts, (True, True, False),
+                                                    w.dtype)
         one = torch.ones((), dtype=torch.float32, device=hidden.device)
         gh, gw_param, *_ = LinearTokenFunction.backward(ctx, one, None)
         del ctx  # the fp32 accumulators

@@ -197,6 +197,7 @@ class LinearTokenFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, dlp, opts, wants, gemm_dtype):
         B = hidden.shape[0]
         ctx.opts, ctx.forward_mode, ctx.wants, ctx.gemm_dtype = opts, dlp is not None, wants, gemm_dtype
+        ctx.device_type = hidden.device.type
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         hd, wd, bd = _cast(hidden, gemm_dtype), _cast(weight, gemm_dtype), _cast(bias, gemm_dtype)
         want_h, want_w, want_b = wants
@@ -233,7 +234,7 @@ class LinearTokenFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_value, grad_lp):
-        with _autocast_off(grad_value.device.type):  # the forward's products, whatever autocast state this runs in
+        with _autocast_off(ctx.device_type):  # the forward's products, whatever autocast state this runs in
             return LinearTokenFunction._backward(ctx, grad_value, grad_lp)
 
     @staticmethod
