@@ -134,3 +134,31 @@ if __name__ == "__main__":  # python tests/test_imports.py [package dir]: print 
     for m in sorted(g):
         print(f"{m} -> {', '.join(sorted(x.removeprefix('varkernels.') for x in g[m])) or '(nothing)'}")
     print("cycles:", cycles(g))
+
+
+def test_import_loads_neither_triton_nor_dynamo():
+    """``import varkernels`` stays quick: triton and torch._dynamo (which imports triton) load on first use."""
+    import subprocess
+    import sys
+
+    code = "import sys, varkernels; print('triton' in sys.modules, 'torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE_DIR.parent)
+    assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
+
+
+def test_constant_result_is_torch_compilers_marker():
+    """``_env.constant_result`` sets what ``torch.compiler.assume_constant_result`` sets, and nothing else (a torch
+    release that changes the mechanism fails here, not as a graph break in a user's compiled loop)."""
+    import torch
+
+    from varkernels._env import constant_result
+
+    def a():
+        return 1
+
+    def b():
+        return 1
+
+    marker = {"_dynamo_marked_constant": True}
+    assert vars(torch.compiler.assume_constant_result(a)) == vars(constant_result(b)) == marker

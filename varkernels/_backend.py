@@ -5,7 +5,7 @@ else the chunked PyTorch path; other devices (``meta``) → the PyTorch path. ``
 tensors needs ``TRITON_INTERPRET=1`` (set before triton is imported). ``"cpu"`` forces the C++
 kernel; ``"torch"`` the PyTorch path (which also runs on CPU tensors).
 
-``cpu_extension_available`` is ``torch.compiler.assume_constant_result``: under ``torch.compile``
+``cpu_extension_available`` is a constant of a compiled graph (``_env.constant_result``): under ``torch.compile``
 it runs once at trace time and its answer is a constant of the graph (no graph break on the
 loader's lock). Imports only the leaves ``_env``, ``_validation`` and ``csrc_loader``.
 """
@@ -15,13 +15,13 @@ from __future__ import annotations
 import torch
 
 from . import csrc_loader
-from ._env import HAS_TRITON, triton_interpret
+from ._env import HAS_TRITON, constant_result, load_triton_ops, triton_interpret
 from ._validation import BACKENDS, check_option
 
 __all__ = ["HAS_TRITON", "cpu_extension_available", "require_cpu_extension", "resolve_backend", "triton_interpret"]
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def cpu_extension_available() -> bool:
     """True when the C++ CPU kernel is built (or can be JIT-built) on this machine; loads it."""
     return csrc_loader.load_extension(required=False) is not None
@@ -50,6 +50,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 f"backend='triton' got tensors on {device}; Triton kernels run on CUDA tensors, or on "
                 "CPU tensors under the interpreter: set TRITON_INTERPRET=1 before triton is imported"
             )
+        load_triton_ops()
     elif backend == "cpu":
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")

@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
+from .._env import on_triton_ops
 from . import linear_cpu
 from ._grad_buffers import grad_buffer_like
 from .linear import _linear_token_pass_op  # noqa: F401 - registers varkernels::linear_token_pass
@@ -52,12 +53,12 @@ def scale_triton_launch(g: torch.Tensor, s: torch.Tensor) -> None:
     torch.library.wrap_triton(_scale_kernel)[grid](g_ptr=g, s_ptr=s, N=n, BLOCK=block, RNE_BF16=rne_bf16(g))
 
 
-scale_triton = triton_op("varkernels::scale_triton", mutates_args={"g"})(scale_triton_launch)
+def _register_scale_triton() -> None:
+    op = triton_op("varkernels::scale_triton", mutates_args={"g"})(scale_triton_launch)  # imports triton
+    op.register_fake(lambda g, s: None)
 
 
-@scale_triton.register_fake
-def _(g, s):
-    return None
+on_triton_ops(_register_scale_triton)  # registered on first use (varkernels._env.load_triton_ops)
 
 
 def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) -> torch.Tensor:
@@ -66,7 +67,7 @@ def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) -> 
     if torch.compiler.is_compiling():
         return grad * grad_output
     if backend == "triton" and grad.is_contiguous():
-        scale_triton(grad, grad_output)
+        torch.ops.varkernels.scale_triton(grad, grad_output)  # registered: the call resolved to "triton"
         # written through a raw pointer: bump the version so that a second backward through the
         # graph (retain_graph=True) finds its saved gradient modified and raises
         torch.autograd.graph.increment_version(grad)

@@ -46,7 +46,7 @@ from torch.library import custom_op, register_fake, triton_op
 
 from .. import csrc_loader
 from .._backend import cpu_extension_available, require_cpu_extension
-from .._env import triton_interpret
+from .._env import load_triton_ops, on_triton_ops, triton_interpret
 
 CHUNK_BYTES = 16 * 2**20  # fp32 bytes per chunk buffer of the PyTorch path; ~3 such buffers are alive
 
@@ -125,8 +125,12 @@ def token_triton_launch(
     return lp, lse
 
 
-token_triton = triton_op("varkernels::token_triton", mutates_args={"grad"})(token_triton_launch)
-token_triton.register_fake(_fake_token)
+def _register_token_triton() -> None:
+    op = triton_op("varkernels::token_triton", mutates_args={"grad"})(token_triton_launch)  # imports triton
+    op.register_fake(_fake_token)
+
+
+on_triton_ops(_register_token_triton)  # registered on first use (varkernels._env.load_triton_ops)
 
 
 # ------------------------------------------------------------------------------------ PyTorch
@@ -236,4 +240,6 @@ def token_kernel(backend: str):
     softcap=..., inv_temperature=..., ignore_index=...)``: x [B, T, V]; labels [B·T] int64/int32 contiguous;
     coef (``kernel_coef``), lse_in: [B·T] fp32 contiguous or None; grad: [B, T, V] written (may be x) or None.
     Returns (lp [B·T] fp32, lse [B·T] fp32)."""
+    if backend == "triton":
+        load_triton_ops()
     return getattr(torch.ops.varkernels, "token_" + backend)

@@ -22,6 +22,7 @@ import math
 import torch
 from torch.library import triton_op
 
+from .._env import load_triton_ops, on_triton_ops
 from .._validation import data_checks_enabled, importance_overflow_message
 
 
@@ -55,13 +56,17 @@ def var_weights_triton_launch(
     return w, log_z
 
 
-var_weights_triton = triton_op("varkernels::var_weights_triton", mutates_args={})(var_weights_triton_launch)
-
-
-@var_weights_triton.register_fake
-def _(rewards, ref_logps, beta, posterior):
+def _fake_var_weights(rewards, ref_logps, beta, posterior):
     n = rewards.shape[0] * rewards.shape[1]
     return rewards.new_empty(n, dtype=torch.float32), rewards.new_empty(n, dtype=torch.float32)
+
+
+def _register_var_weights_triton() -> None:
+    op = triton_op("varkernels::var_weights_triton", mutates_args={})(var_weights_triton_launch)  # imports triton
+    op.register_fake(_fake_var_weights)
+
+
+on_triton_ops(_register_var_weights_triton)  # registered on first use (varkernels._env.load_triton_ops)
 
 
 def var_weights_torch(rewards: torch.Tensor, ref_logps: torch.Tensor, beta: float, posterior: bool):
@@ -83,7 +88,8 @@ def var_weights(rewards, ref_logps, *, groups: int, group_size: int, cross_pairs
     R, Q = rewards.detach().reshape(shape), ref_logps.detach().reshape(shape)
     posterior = weighting == "posterior"
     if backend == "triton":
-        w, log_z = var_weights_triton(R, Q, float(beta), posterior)
+        load_triton_ops()
+        w, log_z = torch.ops.varkernels.var_weights_triton(R, Q, float(beta), posterior)
     else:
         w, log_z = var_weights_torch(R, Q, float(beta), posterior)
     # Posterior weights lie in (0, B] by construction. Importance weights are unbounded; the check
