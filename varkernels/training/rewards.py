@@ -17,9 +17,7 @@ list of (prompt, completion) pairs and ``combine`` weights them.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import math
 from collections.abc import Sequence
 from typing import Callable, Optional
@@ -256,27 +254,6 @@ class RewardFunctions:
                 raise ValueError(f"reward model {reward_name(model)!r}: the text of pair {k} tokenises to no tokens")
         return classifier_scores(model, seqs, batch_size=self.batch_size)
 
-    def fingerprint(self) -> Optional[str]:
-        """Identity of the functions, models (weights), tokenizers and weights; None if a part has none."""
-        from .cache import fingerprint_reward, fingerprint_value
-
-        parts = []
-        for f, tok in zip(self.funcs, self.processing_classes):
-            parts += [fingerprint_reward(f)] + ([fingerprint_value(tok)] if tok is not None else [])
-        if None in parts:
-            return None
-        parts.append(repr(self.weights.tolist()))
-        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-    def explain_unfingerprintable(self) -> str:
-        from .cache import explain_unfingerprintable
-
-        for f in self.funcs:
-            why = explain_unfingerprintable(f)
-            if why:
-                return f"reward function {reward_name(f)!r}: {why}"
-        return ""
-
 
 def _tokenizer_of(model, i: int):
     path = getattr(getattr(model, "config", None), "_name_or_path", "")
@@ -341,16 +318,3 @@ class TextPairRewards:
                 "leaves such a completion out of its statistics; here drop the example or let one function score it)"
             )
         return total
-
-    def fingerprint(self) -> Optional[str]:
-        fp = self.rewards.fingerprint()
-        if fp is None:
-            return None
-        h = hashlib.sha256(fp.encode())
-        h.update(json.dumps([self.prompts, self.completions, self.columns], default=str, sort_keys=True).encode())
-        if self.completion_ids is not None:
-            h.update(json.dumps([list(map(int, c)) for c in self.completion_ids]).encode())
-        return h.hexdigest()
-
-    def explain_unfingerprintable(self) -> str:
-        return self.rewards.explain_unfingerprintable()
