@@ -170,16 +170,35 @@ def _pair_logps_shared(model, head, pairs, prompts, responses, reduction, batch_
     return out
 
 
-def _logps_head(model, prompts, responses, reduction, batch_size) -> LMHead:
-    """The checks of the log-prob scorers (the options, then the token ids against the model's vocabulary)."""
+def _bar(total: int, desc: str, progress: Optional[bool]) -> tqdm:
+    """A tqdm bar over ``total`` pairs; ``progress=None`` shows it from ``PROGRESS_MIN_PAIRS`` pairs on."""
+    return tqdm(total=total, desc=desc, leave=False,
+                disable=not (progress or (progress is None and total >= PROGRESS_MIN_PAIRS)))
+
+
+def _pairs(n: int, cross: bool) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(n) for j in range(n)] if cross else [(i, i) for i in range(n)]
+
+
+@torch.no_grad()
+def _logps(model, prompts, responses, cross, reduction, share_prefix, batch_size, progress) -> torch.Tensor:
+    """``cross_pair_logps`` (``cross``) and ``paired_logps``: the checks, then the pairs' log-probs in eval mode."""
     check_option("reduction", reduction, REDUCTIONS)
     check_positive_int("batch_size", batch_size, allow_none=True)
     head = LMHead(model)
     check_token_lists(prompts, responses, vocab_size=head.vocab_size, same_length=True)
-    return head
+    B, bs = len(prompts), batch_size or (len(prompts) if cross else 8)
+    score = _pair_logps_shared if cross and share_prefix else _pair_logps_separately
+    was_training = model.training
+    model.eval()
+    try:
+        with _bar(B * B if cross else B, "cross-pair log-probs" if cross else "log-probs", progress) as bar:
+            q = score(model, head, _pairs(B, cross), prompts, responses, reduction, bs, bar)
+    finally:
+        model.train(was_training)
+    return q.view(B, B) if cross else q
 
 
-@torch.no_grad()
 def cross_pair_logps(
     model: torch.nn.Module,
     prompts: Sequence[torch.Tensor],
@@ -207,24 +226,9 @@ def cross_pair_logps(
     Returns:
         float32 [B, B] on CPU; row i = prompt i, column j = response j.
     """
-    head = _logps_head(model, prompts, responses, reduction, batch_size)
-    B, Bp = len(prompts), len(responses)
-    bs = batch_size or Bp
-    was_training = model.training
-    model.eval()
-    try:
-        pairs = [(i, j) for i in range(B) for j in range(Bp)]
-        bar = tqdm(total=len(pairs), desc="cross-pair log-probs", leave=False,
-                   disable=not (progress or (progress is None and len(pairs) >= PROGRESS_MIN_PAIRS)))
-        score = _pair_logps_shared if share_prefix else _pair_logps_separately
-        q = score(model, head, pairs, prompts, responses, reduction, bs, bar)
-        bar.close()
-        return q.view(B, Bp)
-    finally:
-        model.train(was_training)
+    return _logps(model, prompts, responses, True, reduction, share_prefix, batch_size, progress)
 
 
-@torch.no_grad()
 def paired_logps(
     model: torch.nn.Module,
     prompts: Sequence[torch.Tensor],
@@ -238,26 +242,10 @@ def paired_logps(
 
     Returns float32 [N] on CPU. ``batch_size`` sequences per forward (default 8).
     """
-    head = _logps_head(model, prompts, responses, reduction, batch_size)
-    bs = batch_size or 8
-    pairs = [(i, i) for i in range(len(prompts))]
-    was_training = model.training
-    model.eval()
-    try:
-        bar = tqdm(total=len(pairs), desc="log-probs", leave=False,
-                   disable=not (progress or (progress is None and len(pairs) >= PROGRESS_MIN_PAIRS)))
-        out = _pair_logps_separately(model, head, pairs, prompts, responses, reduction, bs, bar)
-        bar.close()
-        return out
-    finally:
-        model.train(was_training)
+    return _logps(model, prompts, responses, False, reduction, False, batch_size, progress)
 
 
 # ----------------------------------------------------------------------------- rewards
-
-
-def _is_model(reward) -> bool:
-    return isinstance(reward, torch.nn.Module)
 
 
 def _describe_pair(pairs):
@@ -272,7 +260,7 @@ def _score_reward_pairs(reward, pairs, prompts, responses, batch_size, bar, pad_
     """r(x_i, y_j) for each (i, j) in ``pairs`` (indices into ``prompts`` / ``responses``), float32 on CPU."""
     out = torch.empty(len(pairs), dtype=torch.float32)
     describe = _describe_pair(pairs)
-    if not _is_model(reward):
+    if not isinstance(reward, torch.nn.Module):
         name = reward_name(reward)
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
@@ -296,19 +284,25 @@ def _score_reward_pairs(reward, pairs, prompts, responses, batch_size, bar, pad_
     return out
 
 
-def _check_reward_inputs(reward, prompts, responses, batch_size) -> None:
-    """The checks of the reward scorers (the reward, batch_size, the token ids against a reward model's vocabulary)."""
-    if not (_is_model(reward) or callable(reward)):
+@torch.no_grad()
+def _rewards(reward, prompts, responses, cross, batch_size, pad_token_id, progress) -> torch.Tensor:
+    """``cross_pair_rewards`` (``cross``) and ``paired_rewards``: the checks (the token ids against a reward
+    model's vocabulary), then the pairs' rewards."""
+    is_model = isinstance(reward, torch.nn.Module)
+    if not (is_model or callable(reward)):
         raise TypeError(
             "reward must be a transformers sequence-classification model (num_labels=1) or a callable "
             f"fn(prompts, responses) -> scores, got {type(reward).__name__}"
         )
     check_positive_int("batch_size", batch_size, allow_none=True)
-    vocab = _vocab_size(unwrap_model(reward)) if _is_model(reward) else None
+    vocab = _vocab_size(unwrap_model(reward)) if is_model else None
     check_token_lists(prompts, responses, vocab_size=vocab, same_length=True)
+    B, bs = len(prompts), batch_size or (len(prompts) if cross else 8)
+    with _bar(B * B if cross else B, "cross-pair rewards" if cross else "rewards", progress) as bar:
+        r = _score_reward_pairs(reward, _pairs(B, cross), prompts, responses, bs, bar, pad_token_id)
+    return r.view(B, B) if cross else r
 
 
-@torch.no_grad()
 def cross_pair_rewards(
     reward: Union[torch.nn.Module, RewardFn],
     prompts: Sequence[torch.Tensor],
@@ -334,18 +328,9 @@ def cross_pair_rewards(
     Returns:
         float32 [B, B] on CPU.
     """
-    _check_reward_inputs(reward, prompts, responses, batch_size)
-    B, Bp = len(prompts), len(responses)
-    bs = batch_size or Bp
-    pairs = [(i, j) for i in range(B) for j in range(Bp)]
-    bar = tqdm(total=len(pairs), desc="cross-pair rewards", leave=False,
-               disable=not (progress or (progress is None and len(pairs) >= PROGRESS_MIN_PAIRS)))
-    r = _score_reward_pairs(reward, pairs, prompts, responses, bs, bar, pad_token_id)
-    bar.close()
-    return r.view(B, Bp)
+    return _rewards(reward, prompts, responses, True, batch_size, pad_token_id, progress)
 
 
-@torch.no_grad()
 def paired_rewards(
     reward: Union[torch.nn.Module, RewardFn],
     prompts: Sequence[torch.Tensor],
@@ -356,11 +341,4 @@ def paired_rewards(
     progress: Optional[bool] = None,
 ) -> torch.Tensor:
     """r(x_i, y_i) for matched lists (the diagonal of R). Returns float32 [N] on CPU."""
-    _check_reward_inputs(reward, prompts, responses, batch_size)
-    bs = batch_size or 8
-    pairs = [(i, i) for i in range(len(prompts))]
-    bar = tqdm(total=len(pairs), desc="rewards", leave=False,
-               disable=not (progress or (progress is None and len(pairs) >= PROGRESS_MIN_PAIRS)))
-    r = _score_reward_pairs(reward, pairs, prompts, responses, bs, bar, pad_token_id)
-    bar.close()
-    return r
+    return _rewards(reward, prompts, responses, False, batch_size, pad_token_id, progress)
