@@ -1,13 +1,5 @@
-"""VAR training sets: fixed groups with their scores, one item per group; ``VARDataset.build``.
-
-docs/design.md §5. The VAR weights of a micro-batch are normalised inside that micro-batch, so the
-micro-batch is a unit of the data. ``VARDataset.build`` groups the N examples once
-(``groups.make_groups``), looks the scores up in the cache (``cache``), splits the scoring of the
-rest over the ranks (``distributed``), scores R and Q per group (``scoring.score_groups``) and
-caches them. One item is one whole group; ``groups.VARCollator`` stacks k groups without mixing them.
-
-Sequences are x_i ⊕ y_i, right-padded; ``labels`` holds the response tokens and ``ignore_index``
-on prompt and padding, in the Hugging Face convention (the loss uses ``shift_labels=True``).
+"""VAR training sets: fixed groups with their scores, one item per group, and ``VARDataset.build``, which
+groups, looks up the cache, scores (split over the ranks) and caches: docs/trainer.md, "Datasets".
 """
 
 from __future__ import annotations

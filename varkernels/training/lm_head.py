@@ -1,13 +1,6 @@
-"""The causal LM's output head, as the fused-linear ops need it.
-
-``unwrap_model`` finds the causal LM inside its wrappers; ``LMHead`` decides whether the fused-linear
-path applies (a plain ``nn.Linear`` head, no logit scale) and runs it two ways:
-
-- ``run_in_head`` (training): one forward with the head's ``forward`` replaced by the loss, which gets
-  the final hidden states and the weight *as the head's forward sees it* (whole also under FSDP2 and
-  ZeRO-3, which gather it only there). The head returns a tiny stand-in for the logits whose graph
-  leads into the loss, so the engines' pre-backward hooks on the head's output run first.
-- ``forward`` (no-grad scoring): the decoder's output is captured by a hook, with ``logits_to_keep=1``.
+"""The causal LM's output head, as the fused-linear ops need it: ``unwrap_model`` and ``LMHead``, whose
+``run_in_head`` runs a loss inside the head's forward (training) and ``forward`` captures the decoder's
+hidden states (no-grad scoring). docs/trainer.md, "VARConfig and VARTrainer" and "Cross-pair scoring".
 """
 
 from __future__ import annotations

@@ -1,21 +1,7 @@
-"""Online VAR on TRL's ``GRPOTrainer``: sample G completions per prompt, weight them, train the weighted NLL.
-
-A GRPO user changes ``GRPOConfig`` → ``OnlineVARConfig``, ``GRPOTrainer`` → ``OnlineVARTrainer`` and sets
-``var_beta``; generation, rewards, datasets, PEFT, distribution and logging stay GRPO's (docs/online.md).
-
-1. Weights, per prompt over its whole group (gathered over ranks): w_j = n·softmax_j(r_j/var_beta + q_j)
-   over the n scorable completions (w = 0 where every reward function returned None), r the
-   ``reward_weights``-weighted sum (None terms skipped); q = 0 (``var_reference="policy"``) or
-   q_j = Σ_t log π_ref − log π_old (``"initial"``, π_ref the initial model).
-2. Loss: the weighted NLL −(1/N)·Σ_i w_i·c_i·Σ_t log π_θ(y_i,t | ·) (c_i = 1/n_i for "mean"), by
-   ``varkernels.linear_weighted_nll`` inside the output embedding's forward (no [N, V] logits).
-3. Metrics: GRPO's plus ``var/weights_max`` and ``var/ess``; the completions table's ``advantage``
-   column holds the VAR weights.
-
-Overridden TRL 1.16 methods (each covered by tests/test_online.py): ``__init__``, ``_calculate_rewards``
-(keeps the gathered rewards; rejects NaN / ±inf from reward models), ``_generate_and_score_completions``
-(adds ``var_weights``) and ``compute_loss``; ``_get_per_token_logps_and_entropies`` is called. Callable
-reward functions are wrapped so that NaN / ±inf, or a missing ``**kwargs``, names the function.
+"""Online VAR on TRL's ``GRPOTrainer``: sample G completions per prompt, weight them (w = G·softmax(r/β + q)
+over each prompt's group), train the weighted NLL. What it computes, the checks and the TRL 1.16 methods it
+overrides (``__init__``, ``_calculate_rewards``, ``_generate_and_score_completions``, ``compute_loss``):
+docs/online.md.
 """
 
 from __future__ import annotations

@@ -1,13 +1,6 @@
-"""Cross-pair scoring: R[i, j] = r(x_i, y_j) and Q[i, j] = log π_ref(y_j | x_i), [B, B] float32 (docs/trainer.md).
-
-``cross_pair_logps`` / ``cross_pair_rewards`` give the matrices, ``paired_logps`` / ``paired_rewards``
-the diagonals; prompts and responses are lists of unpadded 1-D token-id tensors. With
-``share_prefix=True`` the prompts run once, left-padded, with a KV cache; each continuation batch
-takes a deep copy of it (``DynamicCache.update`` concatenates in place), keeps one row per pair
-(``batch_select_indices``) and runs the responses on top with position ids |x_i| + t: B·|x| + B²·|y|
-positions instead of B²·(|x| + |y|). Log-probs never form [B², T, V]: a plain ``nn.Linear`` head goes
-through :func:`varkernels.linear_sequence_logps` on the decoder's hidden states, other heads through
-:func:`varkernels.sequence_logps` on the logits (``final_logit_softcapping`` passed as ``softcap``).
+"""Cross-pair scoring: R[i, j] = r(x_i, y_j) and Q[i, j] = log π_ref(y_j | x_i), [B, B] float32, and their
+diagonals. Prefix sharing (one KV cache per prompt) and the no-logits log-prob path: docs/trainer.md,
+"Cross-pair scoring".
 """
 
 from __future__ import annotations

@@ -1,18 +1,6 @@
-"""TRL's reward contract on text (GRPOTrainer, TRL 1.16), for the offline and the online VAR trainers.
-
-- a **callable** ``f(prompts, completions, **kwargs) -> list[float | None]`` (strings, or lists of
-  messages for conversational data); ``kwargs`` holds the dataset's other columns, one value per
-  pair, and ``completion_ids`` (the policy's tokens);
-- a **sequence-classification reward model** (``num_labels=1``), an instance or a path, with its own
-  tokenizer (``reward_processing_classes[i]``, else loaded from ``config._name_or_path``); it reads
-  ``prompt + completion`` (conversational: the reward tokenizer's chat template, as GRPO does);
-- a **list** of them, combined as ``Σ_f w_f · r_f`` with ``reward_weights`` (default all 1).
-
-``None`` is TRL's "no reward from this function for this pair" (the weighted sum skips it); a pair
-that no function scores is an error here (:class:`TextPairRewards`: VAR needs every pair of a group).
-NaN, ±inf, a value that is not a number and a list of the wrong length are errors naming the
-function and the example. ``RewardFunctions`` is built once by a trainer; ``per_function`` scores any
-list of (prompt, completion) pairs and ``combine`` weights them.
+"""TRL's reward contract on text (GRPOTrainer, TRL 1.16), for the offline and the online VAR trainers:
+callables ``f(prompts, completions, **kwargs) -> list[float | None]``, sequence-classification reward models
+and lists of them weighted by ``reward_weights``. docs/trainer.md, "Reward functions: TRL's contract".
 """
 
 from __future__ import annotations

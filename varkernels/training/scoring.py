@@ -1,10 +1,5 @@
-"""Scoring of fixed groups: R (rewards) and Q (reference log-probs) per group, one tqdm bar over groups.
-
-Each group of B examples (user indices ``idx``) gets R[i, j] = r(x_idx[i], y_idx[j]) and
-Q[i, j] = log π_ref(y_idx[j] | x_idx[i]) ([B, B]), or their diagonals ([B], the shared-context
-form). Pairs are kept as the user's example indices all the way down, so an error names the
-user's examples (``the prompt of example 3 and the response of example 9``), not positions
-inside a group.
+"""R and Q of each fixed group ([G, B, B] or [G, B]), one tqdm bar over groups. Pairs stay the user's example
+indices all the way down, so an error names the user's examples, not positions inside a group.
 """
 
 from __future__ import annotations

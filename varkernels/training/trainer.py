@@ -1,14 +1,5 @@
-"""VAR training with ``transformers``: ``VARConfig``, ``VARTrainer`` and ``compute_var_loss`` (docs/trainer.md).
-
-``VARTrainer`` takes what TRL's trainers take (``model`` as a path or a module, ``ref_model``,
-``processing_class``, ``peft_config``, ``reward_funcs``, text datasets in TRL's formats), tokenises,
-groups, scores and caches the data through :meth:`VARDataset.build`, and trains; a pre-built
-``VARDataset`` is used as it is. A batch is k whole groups (``input_ids`` / ``attention_mask`` /
-``labels`` [k·B, T], ``rewards`` / ``ref_logps`` [k, B, B] or [k, B]). :func:`compute_var_loss` computes
-the loss inside the output embedding's forward (:meth:`LMHead.run_in_head`: the whole weight also
-under FSDP2 / ZeRO-3, no [k·B, T, V] logits), one call for the k groups; the batch loss is the mean of
-the group losses, so for one B the update does not depend on how groups are spread over micro-batches,
-accumulation steps or ranks (docs/design.md §5). A group is never split (that changes its Ẑ).
+"""VAR training with ``transformers``: ``VARConfig``, ``VARTrainer`` and ``compute_var_loss`` (the loss of k
+whole groups, computed inside the output embedding's forward): docs/trainer.md, "VARConfig and VARTrainer".
 """
 
 from __future__ import annotations
