@@ -57,16 +57,6 @@ class LMHead:
         self.fused = self.in_head and self.keep_arg is not None and self.decoder is not None
         self.vocab_size = _vocab_size(lm)
 
-    # The weight as seen *outside* the head's forward: a shard under FSDP2, a placeholder under
-    # ZeRO-3. Only the no-grad scoring path (plain models) reads these.
-    @property
-    def weight(self):
-        return self.module.weight if self.fused else None
-
-    @property
-    def bias(self):
-        return self.module.bias if self.fused else None
-
     def run_in_head(self, model, inputs: dict, loss_fn):
         """Run ``model(**inputs)`` once with ``loss_fn(hidden, weight, bias)`` in place of the head.
 
@@ -130,10 +120,9 @@ class LMHead:
         import varkernels
 
         opts = dict(reduction=reduction, shift_labels=shift_labels, softcap=self.softcap, backend=backend)
-        if self.fused:
-            return varkernels.linear_sequence_logps(
-                features, self.weight, labels, bias=self.bias, chunk_size=chunk_size, **opts
-            )
+        if self.fused:  # the weight as seen outside the head's forward: the no-grad scoring path, plain models only
+            return varkernels.linear_sequence_logps(features, self.module.weight, labels, bias=self.module.bias,
+                                                    chunk_size=chunk_size, **opts)
         return varkernels.sequence_logps(features, labels, **opts)
 
 
@@ -251,12 +240,10 @@ def _swap_for(module) -> _HeadSwap:
 
 
 def _decoder(lm) -> Optional[torch.nn.Module]:
-    dec = None
-    if hasattr(lm, "get_decoder"):
-        try:
-            dec = lm.get_decoder()
-        except (AttributeError, NotImplementedError):
-            dec = None
+    try:
+        dec = lm.get_decoder()
+    except (AttributeError, NotImplementedError):
+        dec = None
     if dec is None or dec is lm:
         dec = getattr(lm, getattr(lm, "base_model_prefix", "") or "model", None)
     return dec if isinstance(dec, torch.nn.Module) and dec is not lm else None

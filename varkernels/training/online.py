@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .._validation import check_option
+from .._validation import REDUCTIONS, check_option, check_positive
 from ..nll import linear_weighted_nll, weighted_nll
 from ..var.weights import group_ess
 from .lm_head import LMHead, unwrap_model
@@ -27,7 +27,6 @@ except ImportError as e:  # pragma: no cover - exercised only without the train 
     raise ImportError('OnlineVARTrainer needs TRL: pip install "varkernels[train]"') from e
 
 VAR_REFERENCES = ("policy", "initial")
-REDUCTIONS = ("mean", "sum")
 
 
 # ----------------------------------------------------------------------------- the weights
@@ -91,9 +90,7 @@ class OnlineVARConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        if isinstance(self.var_beta, bool) or not isinstance(self.var_beta, (int, float)) \
-                or not math.isfinite(self.var_beta) or self.var_beta <= 0:
-            raise ValueError(f"var_beta must be a finite number > 0 (VAR's β), got {self.var_beta!r}")
+        check_positive("var_beta", self.var_beta)
         check_option("var_reference", self.var_reference, VAR_REFERENCES)
         check_option("var_logp_reduction", self.var_logp_reduction, REDUCTIONS)
         if not isinstance(self.num_generations, int) or self.num_generations < 2:
@@ -219,25 +216,21 @@ class OnlineVARTrainer(GRPOTrainer):
     @torch.no_grad()
     def _var_log_ratio(self, batch, mode) -> torch.Tensor:
         """q = Σ_t (log π_ref − log π_old) over each local completion's tokens: [n_local] fp32."""
-        prompt_ids, completion_ids = batch["prompt_ids"], batch["completion_ids"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-        keep = completion_ids.size(1)
-        mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
+        input_ids, attention_mask, mask = _sequences(batch)
+        keep = batch["completion_ids"].size(1)
         size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+
+        def logps(model):
+            return self._get_per_token_logps_and_entropies(model, input_ids, attention_mask, keep, batch_size=size)[0]
+
         old = batch.get("old_per_token_logps")
-        if old is None:
-            old, _, _ = self._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, keep,
-                                                                batch_size=size)
+        old = logps(self.model) if old is None else old
         if self.ref_model is not None:
-            ref, _, _ = self._get_per_token_logps_and_entropies(self.ref_model, input_ids, attention_mask, keep,
-                                                                batch_size=size)
+            ref = logps(self.ref_model)
         else:  # PEFT: the base model is the adapter switched off (or the adapter saved as "ref")
             peft_model = self.accelerator.unwrap_model(self.model)
-            name = "ref" if "ref" in peft_model.peft_config else None
-            with _grpo.use_adapter(peft_model, adapter_name=name):
-                ref, _, _ = self._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, keep,
-                                                                    batch_size=size)
+            with _grpo.use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None):
+                ref = logps(self.model)
         return ((ref.float() - old.float()) * mask).sum(dim=1)
 
     # --------------------------------------------------------------------- loss
@@ -245,12 +238,8 @@ class OnlineVARTrainer(GRPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("OnlineVARTrainer does not support returning outputs")
+        input_ids, attention_mask, mask = _sequences(inputs)
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
-        mask = inputs["completion_mask"]
-        if "tool_mask" in inputs:
-            mask = mask * inputs["tool_mask"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         labels = torch.cat([torch.full_like(prompt_ids, -100), completion_ids.masked_fill(mask == 0, -100)], dim=1)
         weights = inputs["var_weights"]
         opts = dict(reduction=self.args.var_logp_reduction, shift_labels=True, temperature=self.temperature)
@@ -273,6 +262,13 @@ class OnlineVARTrainer(GRPOTrainer):
         if head is None or head.module is not lm.get_output_embeddings():
             head = self._var_heads[id(lm)] = LMHead(model)
         return head
+
+
+def _sequences(batch):
+    """(input_ids, attention_mask, completion mask without tool tokens) of a GRPO batch: prompt ⊕ completion."""
+    mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    return input_ids, torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1), mask
 
 
 # ----------------------------------------------------------------------------- reward checks
