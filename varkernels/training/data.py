@@ -206,7 +206,7 @@ def _check_build_inputs(prompts, responses, ref_model, reward, example_rewards, 
     if example_rewards is not None:
         values = list(example_rewards) if not isinstance(example_rewards, torch.Tensor) else example_rewards
         for k, v in enumerate(values if not isinstance(values, torch.Tensor) else []):
-            if v is None or isinstance(v, (str, bytes)):
+            if v is None or isinstance(v, (str, bytes, bool)):
                 raise TypeError(f"example_rewards[{k}] must be a finite float, got {v!r}")
         example_rewards = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
         if example_rewards.numel() != N:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .._validation import REDUCTIONS, check_option, check_positive_int
 from .lm_head import LMHead, _model_device, _vocab_size, output_cache, unwrap_model
-from .rewards import as_scores, classifier_scores, reward_name
+from .rewards import as_scores, classifier_scores, describe_pairs, reward_name
 
 PROGRESS_MIN_PAIRS = 256  # progress=None shows a tqdm bar from this many scored pairs on
 RewardFn = Callable[[list, list], Union[Sequence, torch.Tensor]]
@@ -241,18 +241,10 @@ def paired_logps(
 # ----------------------------------------------------------------------------- rewards
 
 
-def _describe_pair(pairs):
-    def describe(k):
-        i, j = pairs[k]
-        return f"example {i}" if i == j else f"the prompt of example {i} with the response of example {j}"
-
-    return describe
-
-
 def _score_reward_pairs(reward, pairs, prompts, responses, batch_size, bar, pad_token_id) -> torch.Tensor:
     """r(x_i, y_j) for each (i, j) in ``pairs`` (indices into ``prompts`` / ``responses``), float32 on CPU."""
     out = torch.empty(len(pairs), dtype=torch.float32)
-    describe = _describe_pair(pairs)
+    describe = describe_pairs(pairs)
     if not isinstance(reward, torch.nn.Module):
         name = reward_name(reward)
         for start in range(0, len(pairs), batch_size):

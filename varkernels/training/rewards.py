@@ -23,6 +23,17 @@ def _default_describe(k: int) -> str:
     return f"pair {k}"
 
 
+def describe_pairs(pairs: Sequence[tuple], names: Optional[list] = None, response: str = "response") -> Describe:
+    """``describe(k)``: the (prompt i, response j) pair k of ``pairs`` in words, by the examples' ``names``."""
+    name = names.__getitem__ if names is not None else "example {}".format
+
+    def describe(k: int) -> str:
+        i, j = pairs[k]
+        return name(i) if i == j else f"the prompt of {name(i)} with the {response} of {name(j)}"
+
+    return describe
+
+
 def reward_name(func) -> str:
     """The name TRL logs a reward under: a model's ``_name_or_path`` tail, a callable's ``__name__``."""
     if isinstance(func, torch.nn.Module):
@@ -279,18 +290,9 @@ class TextPairRewards:
         self.completion_ids = completion_ids
         self.example_names = example_names or [f"example {k}" for k in range(n)]
 
-    def _describe_pair(self, pairs):
-        def describe(k):
-            i, j = pairs[k]
-            if i == j:
-                return self.example_names[i]
-            return f"the prompt of {self.example_names[i]} with the completion of {self.example_names[j]}"
-
-        return describe
-
     def score_pairs(self, pairs: Sequence[tuple]) -> torch.Tensor:
         pairs = [(int(i), int(j)) for i, j in pairs]
-        describe = self._describe_pair(pairs)
+        describe = describe_pairs(pairs, self.example_names, "completion")
         prompts = [self.prompts[i] for i, _ in pairs]
         completions = [self.completions[j] for _, j in pairs]
         columns = {k: [v[i] for i, _ in pairs] for k, v in self.columns.items()}

@@ -4,7 +4,6 @@ whole groups, computed inside the output embedding's forward): docs/trainer.md, 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import defaultdict
@@ -131,6 +130,8 @@ class VARConfig(TrainingArguments):
     are not arguments of the model's forward but the loss needs them.
     """
 
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]  # JSON strings parsed, as TRL's
+
     beta: float = field(default=1.0, metadata={"help": "VAR temperature β > 0 of the optimal policy."})
     weighting: str = field(default="posterior", metadata={"help": "'posterior' (bounded, default) or 'importance'."})
     logp_reduction: str = field(
@@ -187,8 +188,6 @@ class VARConfig(TrainingArguments):
         for name in ("max_length", "max_prompt_length", "max_completion_length", "scoring_batch_size",
                      "loss_chunk_size"):
             check_positive_int(name, getattr(self, name), allow_none=True)
-        if isinstance(self.model_init_kwargs, str):
-            self.model_init_kwargs = json.loads(self.model_init_kwargs)
         if self.model_init_kwargs is not None and not isinstance(self.model_init_kwargs, dict):
             raise TypeError(f"model_init_kwargs must be a dict or None, got {type(self.model_init_kwargs).__name__}")
 
@@ -314,14 +313,6 @@ class VARTrainer(Trainer):
         elif "reward" in examples.columns and examples.format == "prompt_completion":
             reward = None
             example_rewards = examples.columns["reward"]
-            for k, v in enumerate(example_rewards):
-                if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise ValueError(f"{examples.names[k]}: the 'reward' column must hold a number, got {v!r}")
-            if args.cross_pairs:
-                raise ValueError(
-                    f"{name}: cross_pairs=True needs r(x_i, y_j) for every pair, but the 'reward' column gives only "
-                    "r(x_k, y_k): pass reward_funcs, or leave cross_pairs unset (the (B,) shared-context form)"
-                )
         else:
             raise ValueError(
                 f"{name} holds text: pass reward_funcs (callables on text or reward models, TRL's contract) or give "
