@@ -95,13 +95,8 @@ class VARDataset(torch.utils.data.Dataset):
                 "rewards": self.rewards[g], "ref_logps": self.ref_logps[g]}
 
     def to_hf_dataset(self):
-        """This dataset as a ``datasets.Dataset`` (one row per group, torch format).
-
-        Columns ``input_ids`` / ``attention_mask`` / ``labels`` ([B, T_g] per row) and
-        ``rewards`` / ``ref_logps`` ([B, B] or [B], float32), as :meth:`__getitem__` gives them:
-        for trainers that only take a ``datasets.Dataset`` (TRL's ``SFTTrainer``). Keep
-        ``remove_unused_columns=False`` and :class:`VARCollator` as the data collator.
-        """
+        """This dataset as a ``datasets.Dataset``, one row per group with the columns of :meth:`__getitem__` (torch
+        format), for trainers that take only that (docs/trainer.md, "Drop-in recipe 3: TRL's SFTTrainer")."""
         import datasets
 
         rows = [self[g] for g in range(len(self))]

@@ -15,11 +15,8 @@ import torch
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The causal LM inside DDP / DeepSpeed / FSDP / ``torch.compile`` (accelerate's ``extract_model_from_parallel``)
-    and PEFT (``get_base_model``, which accelerate does not unwrap) wrappers.
-
-    Only for reading ``lm_head``, the config and the forward's signature: the model is still
-    *called* through its wrappers (so DDP's and the sharding engines' hooks fire).
-    """
+    and PEFT (``get_base_model``) wrappers: for reading its head, config and signature; it is still *called*
+    through its wrappers (so their hooks fire)."""
     from accelerate.utils import extract_model_from_parallel  # lazily: the scoring modules need no train extra
 
     model = extract_model_from_parallel(model, keep_torch_compile=False)
@@ -31,12 +28,9 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 class LMHead:
     """How to turn a causal LM's last hidden states into log-probs without [.., T, V] logits.
 
-    ``in_head`` is True when the output embedding is a plain ``nn.Linear`` (also once FSDP2's
-    ``fully_shard`` has given it an ``FSDPLinear`` class; not a LoRA layer) and no logit
-    transform other than a softcap is configured: then :meth:`run_in_head` computes a loss
-    inside the head's forward. ``fused`` (the scoring path, :meth:`forward`) additionally needs a
-    ``logits_to_keep`` argument and a findable decoder (``get_decoder()`` or the
-    ``base_model_prefix`` attribute). Otherwise the model's logits are used.
+    ``in_head``: a plain ``nn.Linear`` output embedding (FSDP2's ``FSDPLinear`` too; not LoRA) and no logit
+    transform but a softcap: :meth:`run_in_head` applies. ``fused`` (:meth:`forward`, scoring) also needs a
+    ``logits_to_keep`` argument and a findable decoder. Otherwise the model's logits are used.
     """
 
     def __init__(self, model: torch.nn.Module):

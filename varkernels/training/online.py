@@ -69,11 +69,8 @@ def online_var_weights(
 
 @dataclass
 class OnlineVARConfig(GRPOConfig):
-    """``GRPOConfig`` plus VAR's options. Every GRPO option keeps its meaning, except those of GRPO's
-    surrogate loss, which online VAR does not use (``loss_type``, ``epsilon*``, ``delta``,
-    ``scale_rewards``, ``importance_sampling_level``, ``multi_objective_aggregation``: ignored) and
-    the ones that would change the loss silently if ignored (rejected when not at their default:
-    ``beta`` ≠ 0, ``entropy_coef`` ≠ 0, ``top_entropy_quantile`` < 1, ``off_policy_mask_threshold``)."""
+    """``GRPOConfig`` plus VAR's options. GRPO's surrogate-loss options are ignored; ``beta`` ≠ 0, ``entropy_coef``
+    ≠ 0, ``top_entropy_quantile`` < 1 and ``off_policy_mask_threshold`` are rejected (docs/online.md)."""
 
     var_beta: float = field(
         default=0.1, metadata={"help": "VAR's β > 0: the target is ∝ π_ref·exp(r/β) (smaller: sharper weights)."}

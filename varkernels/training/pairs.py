@@ -112,15 +112,9 @@ def _pair_logps_separately(model, head, pairs, prompts, responses, reduction, ba
 
 
 def _pair_logps_shared(model, head, pairs, prompts, responses, reduction, batch_size, bar, ignore_index=-100):
-    """log π(y_j | x_i) for each (i, j) in ``pairs`` (sorted by i), each prompt run once.
-
-    Prompts go through the model in left-padded batches of ``batch_size`` with a KV cache (left
-    padding, as in generation, keeps each prompt's tokens next to its continuation, so index
-    distances equal position distances and sliding-window attention stays exact). Each
-    continuation batch takes a deep copy of its prompt batch's cache, selects one cache row per
-    pair (``batch_select_indices``) and runs the responses on top of it with position ids
-    |x_i| + t; the prompt padding stays masked by the attention mask.
-    """
+    """log π(y_j | x_i) for each (i, j) in ``pairs`` (sorted by i), each prompt run once: left-padded prompt
+    batches with a KV cache, then per continuation batch a deep copy of it, one cache row per pair
+    (``batch_select_indices``) and position ids |x_i| + t (docs/trainer.md, "Prefix sharing")."""
     device = _model_device(model)
     out = torch.empty(len(pairs), dtype=torch.float32)
     prompt_ids = sorted({i for i, _ in pairs})
@@ -169,8 +163,9 @@ def _bar(total: int, desc: str, progress: Optional[bool]) -> tqdm:
                 disable=not (progress or (progress is None and total >= PROGRESS_MIN_PAIRS)))
 
 
-def _pairs(n: int, cross: bool) -> list[tuple[int, int]]:
-    return [(i, j) for i in range(n) for j in range(n)] if cross else [(i, i) for i in range(n)]
+def _pairs(idx: Sequence[int], cross: bool) -> list[tuple[int, int]]:
+    """The (prompt, response) index pairs of examples ``idx``: all B² (``cross``), or the B diagonal ones."""
+    return [(i, j) for i in idx for j in idx] if cross else [(i, i) for i in idx]
 
 
 @torch.no_grad()
@@ -186,7 +181,7 @@ def _logps(model, prompts, responses, cross, reduction, share_prefix, batch_size
     model.eval()
     try:
         with _bar(B * B if cross else B, "cross-pair log-probs" if cross else "log-probs", progress) as bar:
-            q = score(model, head, _pairs(B, cross), prompts, responses, reduction, bs, bar)
+            q = score(model, head, _pairs(range(B), cross), prompts, responses, reduction, bs, bar)
     finally:
         model.train(was_training)
     return q.view(B, B) if cross else q
@@ -284,7 +279,7 @@ def _rewards(reward, prompts, responses, cross, batch_size, pad_token_id, progre
     check_token_lists(prompts, responses, vocab_size=vocab, same_length=True)
     B, bs = len(prompts), batch_size or (len(prompts) if cross else 8)
     with _bar(B * B if cross else B, "cross-pair rewards" if cross else "rewards", progress) as bar:
-        r = _score_reward_pairs(reward, _pairs(B, cross), prompts, responses, bs, bar, pad_token_id)
+        r = _score_reward_pairs(reward, _pairs(range(B), cross), prompts, responses, bs, bar, pad_token_id)
     return r.view(B, B) if cross else r
 
 

@@ -270,13 +270,8 @@ def _tokenizer_of(model, i: int):
 
 
 class TextPairRewards:
-    """:class:`RewardFunctions` bound to N text examples; scores (prompt of i, completion of j) pairs.
-
-    What ``VARDataset.build`` calls for the B² cross pairs of a group (``score_pairs``). The pair
-    (i, j) gets the prompt and the columns of example i (a column such as a reference answer
-    belongs to the prompt, as in GRPO, where every completion of a prompt gets its row's columns)
-    and the completion and ``completion_ids`` of example j.
-    """
+    """:class:`RewardFunctions` bound to N text examples: ``score_pairs`` (what ``VARDataset.build`` calls for a
+    group's pairs) gives the pair (i, j) the prompt and the columns of example i and the completion of j."""
 
     def __init__(self, rewards: RewardFunctions, prompts: list, completions: list, *,
                  columns: Optional[dict] = None, completion_ids: Optional[list] = None,

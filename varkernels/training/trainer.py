@@ -39,12 +39,8 @@ logger = logging.getLogger(__name__)
 
 
 def split_groups(batch: dict) -> tuple[int, int, bool]:
-    """(k groups, B per group, cross_pairs) of a collated batch; raises ValueError on bad shapes.
-
-    rewards/ref_logps: [k, B, B] (cross-pair) or [k, B] (shared context); a single group may
-    also come as [B, B] or [B] — the rules of the loss (``varkernels._validation.check_pair_inputs``,
-    which raises TypeError for a non-tensor or a dtype the loss does not take).
-    """
+    """(k groups, B per group, cross_pairs) of a collated batch: rewards/ref_logps [k, B, B] or [k, B] (one group
+    also [B, B] or [B]), by the loss's rules (``_validation.check_pair_inputs``); ValueError on bad shapes."""
     for name in ("input_ids", "labels", "rewards", "ref_logps"):
         if name not in batch:
             raise ValueError(
@@ -219,10 +215,7 @@ class VARTrainer(Trainer):
     by ``args.reward_weights``; without them a ``reward`` column gives one reward per example
     (``cross_pairs=False``). ``processing_class`` defaults to the tokenizer of ``model``'s path.
 
-    Logged (per rank; ``eval_``-prefixed in evaluation): ``var/weights_mean|min|max``, ``var/ess``,
-    ``var/log_z``, ``var/policy_logps``, ``var/ref_logps``, ``var/rewards`` (means of the diagonals),
-    TRL's ``reward`` and ``reward_std`` (the groups' std of R[i, i], averaged) and, in training,
-    ``num_tokens`` (Trainer's ``num_input_tokens_seen``, all ranks).
+    Logged: ``var/*`` (``_METRICS``), TRL's ``reward`` / ``reward_std`` and ``num_tokens`` (docs/trainer.md).
     """
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean: Trainer divides by GA steps
