@@ -143,8 +143,9 @@ class VARConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: rewards/ref_logps must reach the loss."}
     )
-    include_num_input_tokens_seen: Union[str, bool] = field(
-        default="non_padding", metadata={"help": "Trainer's token count, logged as TRL's num_tokens too."}
+    # str, not TrainingArguments' `str | bool`, which TRL's parser reads as a bool (it refuses "non_padding")
+    include_num_input_tokens_seen: str = field(
+        default="non_padding", metadata={"help": "'all' | 'non_padding' | 'no': Trainer's token count (num_tokens)."}
     )
     # --- text datasets (TRL's names where TRL has them)
     group_size: int = field(default=8, metadata={"help": "B >= 2: examples per VAR group (one in-batch Ẑ)."})
