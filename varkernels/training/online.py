@@ -29,9 +29,6 @@ except ImportError as e:  # pragma: no cover - exercised only without the train 
 VAR_REFERENCES = ("policy", "initial")
 
 
-# ----------------------------------------------------------------------------- the weights
-
-
 def online_var_weights(
     rewards: torch.Tensor,
     group_size: int,
@@ -62,9 +59,6 @@ def online_var_weights(
     w = torch.softmax(a.masked_fill(~any_valid, 0.0), dim=1) * n
     w = w.masked_fill(~valid, 0.0)
     return w.reshape(-1)
-
-
-# ----------------------------------------------------------------------------- config
 
 
 @dataclass
@@ -110,9 +104,6 @@ class OnlineVARConfig(GRPOConfig):
                 f"off_policy_mask_threshold must be None for online VAR, got {self.off_policy_mask_threshold!r}"
             )
         super().__post_init__()
-
-
-# ----------------------------------------------------------------------------- trainer
 
 
 class OnlineVARTrainer(GRPOTrainer):
@@ -166,8 +157,6 @@ class OnlineVARTrainer(GRPOTrainer):
                 ref = self.accelerator.prepare_model(ref, evaluation_mode=True)
             self.ref_model = ref
 
-    # --------------------------------------------------------------------- rewards
-
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         # reward models (nn.Module) return logits: a NaN there is an error, not TRL's "None" (callables
@@ -183,8 +172,6 @@ class OnlineVARTrainer(GRPOTrainer):
                     )
         self._var_rewards_per_func = rewards_per_func
         return rewards_per_func
-
-    # --------------------------------------------------------------------- weights
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
@@ -230,8 +217,6 @@ class OnlineVARTrainer(GRPOTrainer):
                 ref = logps(self.model)
         return ((ref.float() - old.float()) * mask).sum(dim=1)
 
-    # --------------------------------------------------------------------- loss
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("OnlineVARTrainer does not support returning outputs")
@@ -266,9 +251,6 @@ def _sequences(batch):
     mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     return input_ids, torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1), mask
-
-
-# ----------------------------------------------------------------------------- reward checks
 
 
 def _is_plain_callable(f) -> bool:

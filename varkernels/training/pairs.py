@@ -21,9 +21,6 @@ PROGRESS_MIN_PAIRS = 256  # progress=None shows a tqdm bar from this many scored
 RewardFn = Callable[[list, list], Union[Sequence, torch.Tensor]]
 
 
-# ----------------------------------------------------------------------------- validation
-
-
 def as_token_lists(seqs):
     """A list of lists of token ids (what a tokenizer returns) as a list of 1-D LongTensors; others unchanged."""
     if isinstance(seqs, (list, tuple)) and seqs and all(
@@ -87,9 +84,6 @@ def _pad(seqs: Sequence[torch.Tensor], side: str, device=None) -> tuple[torch.Te
     ids = pad_sequence([s.long() for s in seqs], batch_first=True, padding_side=side).to(device)
     mask = pad_sequence([torch.ones_like(s, dtype=torch.bool) for s in seqs], batch_first=True, padding_side=side)
     return ids, mask.to(device)
-
-
-# ----------------------------------------------------------------------------- log-probs
 
 
 def _pair_logps_separately(model, head, pairs, prompts, responses, reduction, batch_size, bar, ignore_index=-100):
@@ -231,9 +225,6 @@ def paired_logps(
     Returns float32 [N] on CPU. ``batch_size`` sequences per forward (default 8).
     """
     return _logps(model, prompts, responses, False, reduction, False, batch_size, progress)
-
-
-# ----------------------------------------------------------------------------- rewards
 
 
 def _score_reward_pairs(reward, pairs, prompts, responses, batch_size, bar, pad_token_id) -> torch.Tensor:
