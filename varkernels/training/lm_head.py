@@ -153,12 +153,8 @@ def _is_plain_linear(head) -> bool:
 
 
 class _Join(torch.autograd.Function):
-    """``loss`` unchanged, with the model's output as a second input that gets a zero gradient.
-
-    The stand-in logits come from the loss (see ``_HeadSwap``), so autograd runs the loss's
-    backward only after the output's: the hooks engines register on module outputs (FSDP2's
-    and ZeRO-3's pre-backward all-gathers) fire first.
-    """
+    """``loss`` unchanged, with the model's output as a second input (zero gradient): the stand-in logits come from
+    the loss, so the loss's backward runs after the hooks engines put on module outputs (FSDP2's, ZeRO-3's)."""
 
     @staticmethod
     def forward(ctx, loss, logits):

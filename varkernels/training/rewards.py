@@ -65,15 +65,10 @@ def call_reward_func(func, name: str, *args, **kwargs):
 
 
 def as_scores(values, n: int, *, name: str, describe: Describe = _default_describe) -> torch.Tensor:
-    """A reward function's output as float32 [n], with NaN where it returned ``None``.
-
-    Raises ``ValueError`` / ``TypeError`` naming the function and the example for a wrong length,
-    a value that is not a real number, or a NaN / ±inf.
-    """
-    if isinstance(values, torch.Tensor):
-        values = values.detach().float().reshape(-1).cpu().tolist()
-    elif hasattr(values, "tolist") and not isinstance(values, (list, tuple)):  # numpy arrays
-        values = values.tolist()
+    """A reward function's output as float32 [n], NaN where it returned ``None``; ``ValueError`` / ``TypeError``
+    naming the function and the example for a wrong length, a value that is not a real number, a NaN / ±inf."""
+    if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):  # tensors, numpy arrays
+        values = values.reshape(-1).tolist()
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(
             f"reward function {name!r} must return a list of floats (or None), one per (prompt, completion) pair; "
@@ -124,11 +119,8 @@ def classifier_scores(
     bar=None,
 ) -> torch.Tensor:
     """Scores of a sequence-classification model (``num_labels=1``) for N 1-D token sequences: float32 [N] on CPU.
-
-    Length-sorted, right-padded batches of ``batch_size`` (default N). The pad id is ``pad_token_id``,
-    else the model's ``config.pad_token_id``, else an id that no sequence of the batch holds; it is set
-    as the model's ``pad_token_id`` for the call only (transformers reads the score at the last token
-    that is not the pad id, and refuses batches without one).
+    Length-sorted, right-padded batches of ``batch_size`` (default N), padded with ``pad_token_id``, the model's,
+    or an id no sequence of the batch holds (set for the call only): docs/trainer.md, "Reward functions".
     """
     check_positive_int("batch_size", batch_size, allow_none=True)
     n, lm = len(seqs), unwrap_model(model)
@@ -180,10 +172,10 @@ class RewardFunctions:
             raise ValueError("reward_funcs must hold at least one reward function or model, got an empty list")
         procs = reward_processing_classes
         procs = [None] * len(funcs) if procs is None else list(procs) if isinstance(procs, (list, tuple)) else [procs]
-        if len(procs) != len(funcs):
-            raise ValueError(
-                f"reward_processing_classes must have one entry per reward function ({len(funcs)}), got {len(procs)}"
-            )
+        weights = [1.0] * len(funcs) if reward_weights is None else list(reward_weights)
+        for arg, vals, unit in (("reward_processing_classes", procs, "entry"), ("reward_weights", weights, "weight")):
+            if len(vals) != len(funcs):
+                raise ValueError(f"{arg} must have one {unit} per reward function ({len(funcs)}), got {len(vals)}")
         for i, f in enumerate(funcs):
             if isinstance(f, str):  # as GRPOTrainer loads it
                 from transformers import AutoModelForSequenceClassification
@@ -197,11 +189,6 @@ class RewardFunctions:
                     f"reward_funcs[{i}] must be a callable f(prompts, completions, **kwargs) -> list[float | None], "
                     f"a sequence-classification model or a path to one; got {type(f).__name__}"
                 )
-        weights = [1.0] * len(funcs) if reward_weights is None else list(reward_weights)
-        if len(weights) != len(funcs):
-            raise ValueError(
-                f"reward_weights must have one weight per reward function ({len(funcs)}), got {len(weights)}"
-            )
         for i, w in enumerate(weights):
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
                 raise ValueError(f"reward_weights[{i}] must be a finite number, got {w!r}")
