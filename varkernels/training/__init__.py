@@ -1,16 +1,6 @@
 """Training side of varkernels (needs the ``train`` extra: ``pip install "varkernels[train]"``).
 
-    pairs.py        cross-pair scoring: R[i, j] = r(x_i, y_j), Q[i, j] = log π_ref(y_j | x_i)
-    rewards.py      TRL's reward contract on text: functions, reward models, weights (offline and online)
-    groups.py       fixed groups of B, GroupShuffleSampler, VARCollator (stacks k whole groups)
-    scoring.py      R and Q of each group (user example indices in every error)
-    cache.py        the score files: datasets' Hasher key, checksum, atomic save
-    distributed.py  which rank scores which groups; gathering (torch.distributed collectives)
-    data.py         VARDataset and VARDataset.build (the orchestration of the above)
-    lm_head.py      the causal LM's output head for the fused-linear ops
-    trainer.py      VARConfig / VARTrainer (a transformers.Trainer) and compute_var_loss
-    online.py       OnlineVARConfig / OnlineVARTrainer (on TRL's GRPOTrainer): online VAR
-    cli.py          the varkernels-train command (trl.TrlParser)
+The modules and what each does: the table at the top of docs/trainer.md; online VAR: docs/online.md.
 """
 
 import importlib

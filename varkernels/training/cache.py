@@ -1,12 +1,5 @@
-"""The score cache: ``var-scores-<key>.pt`` per build, keyed by ``datasets``' own ``Hasher``.
-
-The key hashes what the scores depend on with ``datasets.fingerprint.Hasher`` (what ``Dataset.map``
-caches with): the token ids, the reference model's weights (TRL's ``hash_module``), the reward
-(pickled by ``dill`` as ``datasets`` does it: a closure, ``functools.partial`` or callable instance by
-value, a function importable from a module by its name) and the scoring options. A reward that
-cannot be pickled is not cached, with one warning per process. The file holds the key, the groups,
-R, Q and a hash of R and Q: a file that does not load or does not match is scored again (warned).
-Writes go to a temporary file next to it, then ``os.replace`` (a reader sees the old or the new file).
+"""The score cache: ``var-scores-<key>.pt`` per build, keyed by ``datasets.fingerprint.Hasher``, with a checksum
+and an atomic write (docs/trainer.md, "Datasets", item 3).
 """
 
 from __future__ import annotations

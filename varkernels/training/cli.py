@@ -1,15 +1,5 @@
-"""``varkernels-train``: VAR from a model path, a text dataset and reward functions, in TRL's style.
-
-    varkernels-train --model_name_or_path path/to/model --dataset_name data.jsonl \\
-        --reward_funcs my_rewards:length_reward path/to/reward_model --group_size 8 --output_dir out
-    varkernels-train --config var.yaml            # the same keys in YAML; flags given too override it
-
-Arguments are the fields of :class:`ScriptArguments` (TRL's, plus the model and the rewards) and of
-:class:`varkernels.training.VARConfig`, parsed by ``trl.TrlParser``. The dataset is a
-``save_to_disk`` folder, a .json / .jsonl / .csv / .parquet file or a Hub dataset, in TRL's
-prompt/completion or preference format. Each ``--reward_funcs`` entry is ``module:function`` (a module
-importable from the working directory), ``path/to/file.py:function``, or the path of a
-sequence-classification reward model. The trained policy (and its tokenizer) is saved to ``output_dir``.
+"""``varkernels-train``: VAR from a model path, a text dataset and reward functions, in TRL's style
+(``trl.TrlParser`` over :class:`ScriptArguments` and ``VARConfig``): docs/trainer.md, "Command line".
 """
 
 from __future__ import annotations

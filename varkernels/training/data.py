@@ -1,13 +1,5 @@
-"""VAR training sets: fixed groups with their scores, one item per group; ``VARDataset.build``.
-
-docs/design.md §5. The VAR weights of a micro-batch are normalised inside that micro-batch, so the
-micro-batch is a unit of the data. ``VARDataset.build`` groups the N examples once
-(``groups.make_groups``), looks the scores up in the cache (``cache``), splits the scoring of the
-rest over the ranks (``distributed``), scores R and Q per group (``scoring.score_groups``) and
-caches them. One item is one whole group; ``groups.VARCollator`` stacks k groups without mixing them.
-
-Sequences are x_i ⊕ y_i, right-padded; ``labels`` holds the response tokens and ``ignore_index``
-on prompt and padding, in the Hugging Face convention (the loss uses ``shift_labels=True``).
+"""VAR training sets: fixed groups with their scores, one item per group, and ``VARDataset.build``, which
+groups, looks up the cache, scores (split over the ranks) and caches: docs/trainer.md, "Datasets".
 """
 
 from __future__ import annotations
@@ -103,13 +95,8 @@ class VARDataset(torch.utils.data.Dataset):
                 "rewards": self.rewards[g], "ref_logps": self.ref_logps[g]}
 
     def to_hf_dataset(self):
-        """This dataset as a ``datasets.Dataset`` (one row per group, torch format).
-
-        Columns ``input_ids`` / ``attention_mask`` / ``labels`` ([B, T_g] per row) and
-        ``rewards`` / ``ref_logps`` ([B, B] or [B], float32), as :meth:`__getitem__` gives them:
-        for trainers that only take a ``datasets.Dataset`` (TRL's ``SFTTrainer``). Keep
-        ``remove_unused_columns=False`` and :class:`VARCollator` as the data collator.
-        """
+        """This dataset as a ``datasets.Dataset``, one row per group with the columns of :meth:`__getitem__` (torch
+        format), for trainers that take only that (docs/trainer.md, "Drop-in recipe 3: TRL's SFTTrainer")."""
         import datasets
 
         rows = [self[g] for g in range(len(self))]
@@ -214,7 +201,7 @@ def _check_build_inputs(prompts, responses, ref_model, reward, example_rewards, 
     if example_rewards is not None:
         values = list(example_rewards) if not isinstance(example_rewards, torch.Tensor) else example_rewards
         for k, v in enumerate(values if not isinstance(values, torch.Tensor) else []):
-            if v is None or isinstance(v, (str, bytes)):
+            if v is None or isinstance(v, (str, bytes, bool)):
                 raise TypeError(f"example_rewards[{k}] must be a finite float, got {v!r}")
         example_rewards = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
         if example_rewards.numel() != N:

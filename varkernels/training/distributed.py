@@ -1,10 +1,5 @@
-"""Which rank scores which groups, and the gathering of the scores (``torch.distributed`` collectives).
-
-Under ``torch.distributed`` with N ranks, rank r scores groups r, r + N, r + 2N, … and the shares
-are all-gathered (``all_gather_object``), so every rank holds the whole dataset. Every rank must
-therefore enter the build at the same point: on gloo, a ``monitored_barrier`` turns the usual
-mistake (a build inside ``main_process_first()``, where the other ranks wait in a barrier) into an
-error on rank 0 instead of a hang.
+"""Which rank scores which groups (rank r: groups r, r + N, …) and the all-gather of the scores; on gloo a
+``monitored_barrier`` turns a build inside ``main_process_first()`` into an error instead of a hang.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""Fixed VAR groups and how they reach the loss: ``make_groups``, ``VARCollator``, ``GroupShuffleSampler``.
-
-The VAR weights of a micro-batch are normalised inside that micro-batch, so a group of B
-examples is a unit of the data: formed once (seeded), scored once, shuffled as a whole each
-epoch and stacked whole into batches (docs/design.md §5).
+"""Fixed VAR groups and how they reach the loss: ``make_groups``, ``VARCollator``, ``GroupShuffleSampler``. A group
+is a unit of the data (its weights are normalised inside it): docs/design.md §5, docs/trainer.md "Datasets".
 """
 
 from __future__ import annotations
@@ -49,11 +46,8 @@ def make_groups(num_examples: int, group_size: int, *, seed: int = 0, drop_last:
 
 
 class VARCollator:
-    """Stacks k whole groups into one batch: [k·B, T] sequences, [k, B, B] or [k, B] scores.
-
-    Groups are padded to a common length T with ``pad_token_id`` / ``ignore_index``; they are
-    never mixed: the loss normalises each group separately (see ``varkernels.training.trainer``).
-    """
+    """Stacks k whole groups into one batch: [k·B, T] sequences (padded with ``pad_token_id`` / ``ignore_index``),
+    [k, B, B] or [k, B] scores. Groups are never mixed: the loss normalises each separately."""
 
     def __init__(self, pad_token_id: int = 0, ignore_index: int = -100):
         self.pad_token_id, self.ignore_index = pad_token_id, ignore_index
@@ -79,11 +73,8 @@ class VARCollator:
 
 
 class GroupShuffleSampler(torch.utils.data.Sampler):
-    """Group order for a plain PyTorch loop: a fresh seeded permutation of whole groups per epoch.
-
-    Call ``set_epoch(e)`` at the start of each epoch (as with ``DistributedSampler``); the order
-    depends only on (seed, epoch). ``transformers.Trainer`` does the same with its own sampler.
-    """
+    """Group order for a plain PyTorch loop: a seeded permutation of whole groups per epoch, depending only on
+    (seed, epoch); call ``set_epoch(e)`` at the start of each epoch (as with ``DistributedSampler``)."""
 
     def __init__(self, num_groups: int, seed: int = 0):
         self.num_groups, self.seed, self.epoch = num_groups, seed, 0

@@ -1,13 +1,6 @@
-"""The causal LM's output head, as the fused-linear ops need it.
-
-``unwrap_model`` finds the causal LM inside its wrappers; ``LMHead`` decides whether the fused-linear
-path applies (a plain ``nn.Linear`` head, no logit scale) and runs it two ways:
-
-- ``run_in_head`` (training): one forward with the head's ``forward`` replaced by the loss, which gets
-  the final hidden states and the weight *as the head's forward sees it* (whole also under FSDP2 and
-  ZeRO-3, which gather it only there). The head returns a tiny stand-in for the logits whose graph
-  leads into the loss, so the engines' pre-backward hooks on the head's output run first.
-- ``forward`` (no-grad scoring): the decoder's output is captured by a hook, with ``logits_to_keep=1``.
+"""The causal LM's output head, as the fused-linear ops need it: ``unwrap_model`` and ``LMHead``, whose
+``run_in_head`` runs a loss inside the head's forward (training) and ``forward`` captures the decoder's
+hidden states (no-grad scoring). docs/trainer.md, "VARConfig and VARTrainer" and "Cross-pair scoring".
 """
 
 from __future__ import annotations
@@ -22,11 +15,8 @@ import torch
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The causal LM inside DDP / DeepSpeed / FSDP / ``torch.compile`` (accelerate's ``extract_model_from_parallel``)
-    and PEFT (``get_base_model``, which accelerate does not unwrap) wrappers.
-
-    Only for reading ``lm_head``, the config and the forward's signature: the model is still
-    *called* through its wrappers (so DDP's and the sharding engines' hooks fire).
-    """
+    and PEFT (``get_base_model``) wrappers: for reading its head, config and signature; it is still *called*
+    through its wrappers (so their hooks fire)."""
     from accelerate.utils import extract_model_from_parallel  # lazily: the scoring modules need no train extra
 
     model = extract_model_from_parallel(model, keep_torch_compile=False)
@@ -38,12 +28,9 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 class LMHead:
     """How to turn a causal LM's last hidden states into log-probs without [.., T, V] logits.
 
-    ``in_head`` is True when the output embedding is a plain ``nn.Linear`` (also once FSDP2's
-    ``fully_shard`` has given it an ``FSDPLinear`` class; not a LoRA layer) and no logit
-    transform other than a softcap is configured: then :meth:`run_in_head` computes a loss
-    inside the head's forward. ``fused`` (the scoring path, :meth:`forward`) additionally needs a
-    ``logits_to_keep`` argument and a findable decoder (``get_decoder()`` or the
-    ``base_model_prefix`` attribute). Otherwise the model's logits are used.
+    ``in_head``: a plain ``nn.Linear`` output embedding (FSDP2's ``FSDPLinear`` too; not LoRA) and no logit
+    transform but a softcap: :meth:`run_in_head` applies. ``fused`` (:meth:`forward`, scoring) also needs a
+    ``logits_to_keep`` argument and a findable decoder. Otherwise the model's logits are used.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -63,16 +50,6 @@ class LMHead:
         self.in_head = _is_plain_linear(head) and not unsupported_scale
         self.fused = self.in_head and self.keep_arg is not None and self.decoder is not None
         self.vocab_size = _vocab_size(lm)
-
-    # The weight as seen *outside* the head's forward: a shard under FSDP2, a placeholder under
-    # ZeRO-3. Only the no-grad scoring path (plain models) reads these.
-    @property
-    def weight(self):
-        return self.module.weight if self.fused else None
-
-    @property
-    def bias(self):
-        return self.module.bias if self.fused else None
 
     def run_in_head(self, model, inputs: dict, loss_fn):
         """Run ``model(**inputs)`` once with ``loss_fn(hidden, weight, bias)`` in place of the head.
@@ -137,10 +114,9 @@ class LMHead:
         import varkernels
 
         opts = dict(reduction=reduction, shift_labels=shift_labels, softcap=self.softcap, backend=backend)
-        if self.fused:
-            return varkernels.linear_sequence_logps(
-                features, self.weight, labels, bias=self.bias, chunk_size=chunk_size, **opts
-            )
+        if self.fused:  # the weight as seen outside the head's forward: the no-grad scoring path, plain models only
+            return varkernels.linear_sequence_logps(features, self.module.weight, labels, bias=self.module.bias,
+                                                    chunk_size=chunk_size, **opts)
         return varkernels.sequence_logps(features, labels, **opts)
 
 
@@ -177,12 +153,8 @@ def _is_plain_linear(head) -> bool:
 
 
 class _Join(torch.autograd.Function):
-    """``loss`` unchanged, with the model's output as a second input that gets a zero gradient.
-
-    The stand-in logits come from the loss (see ``_HeadSwap``), so autograd runs the loss's
-    backward only after the output's: the hooks engines register on module outputs (FSDP2's
-    and ZeRO-3's pre-backward all-gathers) fire first.
-    """
+    """``loss`` unchanged, with the model's output as a second input (zero gradient): the stand-in logits come from
+    the loss, so the loss's backward runs after the hooks engines put on module outputs (FSDP2's, ZeRO-3's)."""
 
     @staticmethod
     def forward(ctx, loss, logits):
@@ -258,12 +230,10 @@ def _swap_for(module) -> _HeadSwap:
 
 
 def _decoder(lm) -> Optional[torch.nn.Module]:
-    dec = None
-    if hasattr(lm, "get_decoder"):
-        try:
-            dec = lm.get_decoder()
-        except (AttributeError, NotImplementedError):
-            dec = None
+    try:
+        dec = lm.get_decoder()
+    except (AttributeError, NotImplementedError):
+        dec = None
     if dec is None or dec is lm:
         dec = getattr(lm, getattr(lm, "base_model_prefix", "") or "model", None)
     return dec if isinstance(dec, torch.nn.Module) and dec is not lm else None

@@ -1,21 +1,7 @@
-"""Online VAR on TRL's ``GRPOTrainer``: sample G completions per prompt, weight them, train the weighted NLL.
-
-A GRPO user changes ``GRPOConfig`` → ``OnlineVARConfig``, ``GRPOTrainer`` → ``OnlineVARTrainer`` and sets
-``var_beta``; generation, rewards, datasets, PEFT, distribution and logging stay GRPO's (docs/online.md).
-
-1. Weights, per prompt over its whole group (gathered over ranks): w_j = n·softmax_j(r_j/var_beta + q_j)
-   over the n scorable completions (w = 0 where every reward function returned None), r the
-   ``reward_weights``-weighted sum (None terms skipped); q = 0 (``var_reference="policy"``) or
-   q_j = Σ_t log π_ref − log π_old (``"initial"``, π_ref the initial model).
-2. Loss: the weighted NLL −(1/N)·Σ_i w_i·c_i·Σ_t log π_θ(y_i,t | ·) (c_i = 1/n_i for "mean"), by
-   ``varkernels.linear_weighted_nll`` inside the output embedding's forward (no [N, V] logits).
-3. Metrics: GRPO's plus ``var/weights_max`` and ``var/ess``; the completions table's ``advantage``
-   column holds the VAR weights.
-
-Overridden TRL 1.16 methods (each covered by tests/test_online.py): ``__init__``, ``_calculate_rewards``
-(keeps the gathered rewards; rejects NaN / ±inf from reward models), ``_generate_and_score_completions``
-(adds ``var_weights``) and ``compute_loss``; ``_get_per_token_logps_and_entropies`` is called. Callable
-reward functions are wrapped so that NaN / ±inf, or a missing ``**kwargs``, names the function.
+"""Online VAR on TRL's ``GRPOTrainer``: sample G completions per prompt, weight them (w = G·softmax(r/β + q)
+over each prompt's group), train the weighted NLL. What it computes, the checks and the TRL 1.16 methods it
+overrides (``__init__``, ``_calculate_rewards``, ``_generate_and_score_completions``, ``compute_loss``):
+docs/online.md.
 """
 
 from __future__ import annotations
@@ -28,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .._validation import check_option
+from .._validation import REDUCTIONS, check_option, check_positive
 from ..nll import linear_weighted_nll, weighted_nll
 from ..var.weights import group_ess
 from .lm_head import LMHead, unwrap_model
@@ -41,10 +27,6 @@ except ImportError as e:  # pragma: no cover - exercised only without the train 
     raise ImportError('OnlineVARTrainer needs TRL: pip install "varkernels[train]"') from e
 
 VAR_REFERENCES = ("policy", "initial")
-REDUCTIONS = ("mean", "sum")
-
-
-# ----------------------------------------------------------------------------- the weights
 
 
 def online_var_weights(
@@ -79,16 +61,10 @@ def online_var_weights(
     return w.reshape(-1)
 
 
-# ----------------------------------------------------------------------------- config
-
-
 @dataclass
 class OnlineVARConfig(GRPOConfig):
-    """``GRPOConfig`` plus VAR's options. Every GRPO option keeps its meaning, except those of GRPO's
-    surrogate loss, which online VAR does not use (``loss_type``, ``epsilon*``, ``delta``,
-    ``scale_rewards``, ``importance_sampling_level``, ``multi_objective_aggregation``: ignored) and
-    the ones that would change the loss silently if ignored (rejected when not at their default:
-    ``beta`` ≠ 0, ``entropy_coef`` ≠ 0, ``top_entropy_quantile`` < 1, ``off_policy_mask_threshold``)."""
+    """``GRPOConfig`` plus VAR's options. GRPO's surrogate-loss options are ignored; ``beta`` ≠ 0, ``entropy_coef``
+    ≠ 0, ``top_entropy_quantile`` < 1 and ``off_policy_mask_threshold`` are rejected (docs/online.md)."""
 
     var_beta: float = field(
         default=0.1, metadata={"help": "VAR's β > 0: the target is ∝ π_ref·exp(r/β) (smaller: sharper weights)."}
@@ -105,9 +81,7 @@ class OnlineVARConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        if isinstance(self.var_beta, bool) or not isinstance(self.var_beta, (int, float)) \
-                or not math.isfinite(self.var_beta) or self.var_beta <= 0:
-            raise ValueError(f"var_beta must be a finite number > 0 (VAR's β), got {self.var_beta!r}")
+        check_positive("var_beta", self.var_beta)
         check_option("var_reference", self.var_reference, VAR_REFERENCES)
         check_option("var_logp_reduction", self.var_logp_reduction, REDUCTIONS)
         if not isinstance(self.num_generations, int) or self.num_generations < 2:
@@ -130,9 +104,6 @@ class OnlineVARConfig(GRPOConfig):
                 f"off_policy_mask_threshold must be None for online VAR, got {self.off_policy_mask_threshold!r}"
             )
         super().__post_init__()
-
-
-# ----------------------------------------------------------------------------- trainer
 
 
 class OnlineVARTrainer(GRPOTrainer):
@@ -186,8 +157,6 @@ class OnlineVARTrainer(GRPOTrainer):
                 ref = self.accelerator.prepare_model(ref, evaluation_mode=True)
             self.ref_model = ref
 
-    # --------------------------------------------------------------------- rewards
-
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         # reward models (nn.Module) return logits: a NaN there is an error, not TRL's "None" (callables
@@ -203,8 +172,6 @@ class OnlineVARTrainer(GRPOTrainer):
                     )
         self._var_rewards_per_func = rewards_per_func
         return rewards_per_func
-
-    # --------------------------------------------------------------------- weights
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
@@ -233,38 +200,28 @@ class OnlineVARTrainer(GRPOTrainer):
     @torch.no_grad()
     def _var_log_ratio(self, batch, mode) -> torch.Tensor:
         """q = Σ_t (log π_ref − log π_old) over each local completion's tokens: [n_local] fp32."""
-        prompt_ids, completion_ids = batch["prompt_ids"], batch["completion_ids"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-        keep = completion_ids.size(1)
-        mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
+        input_ids, attention_mask, mask = _sequences(batch)
+        keep = batch["completion_ids"].size(1)
         size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+
+        def logps(model):
+            return self._get_per_token_logps_and_entropies(model, input_ids, attention_mask, keep, batch_size=size)[0]
+
         old = batch.get("old_per_token_logps")
-        if old is None:
-            old, _, _ = self._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, keep,
-                                                                batch_size=size)
+        old = logps(self.model) if old is None else old
         if self.ref_model is not None:
-            ref, _, _ = self._get_per_token_logps_and_entropies(self.ref_model, input_ids, attention_mask, keep,
-                                                                batch_size=size)
+            ref = logps(self.ref_model)
         else:  # PEFT: the base model is the adapter switched off (or the adapter saved as "ref")
             peft_model = self.accelerator.unwrap_model(self.model)
-            name = "ref" if "ref" in peft_model.peft_config else None
-            with _grpo.use_adapter(peft_model, adapter_name=name):
-                ref, _, _ = self._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, keep,
-                                                                    batch_size=size)
+            with _grpo.use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None):
+                ref = logps(self.model)
         return ((ref.float() - old.float()) * mask).sum(dim=1)
-
-    # --------------------------------------------------------------------- loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("OnlineVARTrainer does not support returning outputs")
+        input_ids, attention_mask, mask = _sequences(inputs)
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
-        mask = inputs["completion_mask"]
-        if "tool_mask" in inputs:
-            mask = mask * inputs["tool_mask"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         labels = torch.cat([torch.full_like(prompt_ids, -100), completion_ids.masked_fill(mask == 0, -100)], dim=1)
         weights = inputs["var_weights"]
         opts = dict(reduction=self.args.var_logp_reduction, shift_labels=True, temperature=self.temperature)
@@ -289,7 +246,11 @@ class OnlineVARTrainer(GRPOTrainer):
         return head
 
 
-# ----------------------------------------------------------------------------- reward checks
+def _sequences(batch):
+    """(input_ids, attention_mask, completion mask without tool tokens) of a GRPO batch: prompt ⊕ completion."""
+    mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    return input_ids, torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1), mask
 
 
 def _is_plain_callable(f) -> bool:

@@ -1,13 +1,6 @@
-"""Cross-pair scoring: R[i, j] = r(x_i, y_j) and Q[i, j] = log π_ref(y_j | x_i), [B, B] float32 (docs/trainer.md).
-
-``cross_pair_logps`` / ``cross_pair_rewards`` give the matrices, ``paired_logps`` / ``paired_rewards``
-the diagonals; prompts and responses are lists of unpadded 1-D token-id tensors. With
-``share_prefix=True`` the prompts run once, left-padded, with a KV cache; each continuation batch
-takes a deep copy of it (``DynamicCache.update`` concatenates in place), keeps one row per pair
-(``batch_select_indices``) and runs the responses on top with position ids |x_i| + t: B·|x| + B²·|y|
-positions instead of B²·(|x| + |y|). Log-probs never form [B², T, V]: a plain ``nn.Linear`` head goes
-through :func:`varkernels.linear_sequence_logps` on the decoder's hidden states, other heads through
-:func:`varkernels.sequence_logps` on the logits (``final_logit_softcapping`` passed as ``softcap``).
+"""Cross-pair scoring: R[i, j] = r(x_i, y_j) and Q[i, j] = log π_ref(y_j | x_i), [B, B] float32, and their
+diagonals. Prefix sharing (one KV cache per prompt) and the no-logits log-prob path: docs/trainer.md,
+"Cross-pair scoring".
 """
 
 from __future__ import annotations
@@ -22,13 +15,10 @@ from tqdm.auto import tqdm
 
 from .._validation import REDUCTIONS, check_option, check_positive_int
 from .lm_head import LMHead, _model_device, _vocab_size, output_cache, unwrap_model
-from .rewards import as_scores, classifier_scores, reward_name
+from .rewards import as_scores, classifier_scores, describe_pairs, reward_name
 
 PROGRESS_MIN_PAIRS = 256  # progress=None shows a tqdm bar from this many scored pairs on
 RewardFn = Callable[[list, list], Union[Sequence, torch.Tensor]]
-
-
-# ----------------------------------------------------------------------------- validation
 
 
 def as_token_lists(seqs):
@@ -96,9 +86,6 @@ def _pad(seqs: Sequence[torch.Tensor], side: str, device=None) -> tuple[torch.Te
     return ids, mask.to(device)
 
 
-# ----------------------------------------------------------------------------- log-probs
-
-
 def _pair_logps_separately(model, head, pairs, prompts, responses, reduction, batch_size, bar, ignore_index=-100):
     """log π(y_j | x_i) for each (i, j) in ``pairs``: one forward of x_i ⊕ y_j per pair, batched."""
     device = _model_device(model)
@@ -119,15 +106,9 @@ def _pair_logps_separately(model, head, pairs, prompts, responses, reduction, ba
 
 
 def _pair_logps_shared(model, head, pairs, prompts, responses, reduction, batch_size, bar, ignore_index=-100):
-    """log π(y_j | x_i) for each (i, j) in ``pairs`` (sorted by i), each prompt run once.
-
-    Prompts go through the model in left-padded batches of ``batch_size`` with a KV cache (left
-    padding, as in generation, keeps each prompt's tokens next to its continuation, so index
-    distances equal position distances and sliding-window attention stays exact). Each
-    continuation batch takes a deep copy of its prompt batch's cache, selects one cache row per
-    pair (``batch_select_indices``) and runs the responses on top of it with position ids
-    |x_i| + t; the prompt padding stays masked by the attention mask.
-    """
+    """log π(y_j | x_i) for each (i, j) in ``pairs`` (sorted by i), each prompt run once: left-padded prompt
+    batches with a KV cache, then per continuation batch a deep copy of it, one cache row per pair
+    (``batch_select_indices``) and position ids |x_i| + t (docs/trainer.md, "Prefix sharing")."""
     device = _model_device(model)
     out = torch.empty(len(pairs), dtype=torch.float32)
     prompt_ids = sorted({i for i, _ in pairs})
@@ -170,16 +151,36 @@ def _pair_logps_shared(model, head, pairs, prompts, responses, reduction, batch_
     return out
 
 
-def _logps_head(model, prompts, responses, reduction, batch_size) -> LMHead:
-    """The checks of the log-prob scorers (the options, then the token ids against the model's vocabulary)."""
+def _bar(total: int, desc: str, progress: Optional[bool]) -> tqdm:
+    """A tqdm bar over ``total`` pairs; ``progress=None`` shows it from ``PROGRESS_MIN_PAIRS`` pairs on."""
+    return tqdm(total=total, desc=desc, leave=False,
+                disable=not (progress or (progress is None and total >= PROGRESS_MIN_PAIRS)))
+
+
+def _pairs(idx: Sequence[int], cross: bool) -> list[tuple[int, int]]:
+    """The (prompt, response) index pairs of examples ``idx``: all B² (``cross``), or the B diagonal ones."""
+    return [(i, j) for i in idx for j in idx] if cross else [(i, i) for i in idx]
+
+
+@torch.no_grad()
+def _logps(model, prompts, responses, cross, reduction, share_prefix, batch_size, progress) -> torch.Tensor:
+    """``cross_pair_logps`` (``cross``) and ``paired_logps``: the checks, then the pairs' log-probs in eval mode."""
     check_option("reduction", reduction, REDUCTIONS)
     check_positive_int("batch_size", batch_size, allow_none=True)
     head = LMHead(model)
     check_token_lists(prompts, responses, vocab_size=head.vocab_size, same_length=True)
-    return head
+    B, bs = len(prompts), batch_size or (len(prompts) if cross else 8)
+    score = _pair_logps_shared if cross and share_prefix else _pair_logps_separately
+    was_training = model.training
+    model.eval()
+    try:
+        with _bar(B * B if cross else B, "cross-pair log-probs" if cross else "log-probs", progress) as bar:
+            q = score(model, head, _pairs(range(B), cross), prompts, responses, reduction, bs, bar)
+    finally:
+        model.train(was_training)
+    return q.view(B, B) if cross else q
 
 
-@torch.no_grad()
 def cross_pair_logps(
     model: torch.nn.Module,
     prompts: Sequence[torch.Tensor],
@@ -207,24 +208,9 @@ def cross_pair_logps(
     Returns:
         float32 [B, B] on CPU; row i = prompt i, column j = response j.
     """
-    head = _logps_head(model, prompts, responses, reduction, batch_size)
-    B, Bp = len(prompts), len(responses)
-    bs = batch_size or Bp
-    was_training = model.training
-    model.eval()
-    try:
-        pairs = [(i, j) for i in range(B) for j in range(Bp)]
-        bar = tqdm(total=len(pairs), desc="cross-pair log-probs", leave=False,
-                   disable=not (progress or (progress is None and len(pairs) >= PROGRESS_MIN_PAIRS)))
-        score = _pair_logps_shared if share_prefix else _pair_logps_separately
-        q = score(model, head, pairs, prompts, responses, reduction, bs, bar)
-        bar.close()
-        return q.view(B, Bp)
-    finally:
-        model.train(was_training)
+    return _logps(model, prompts, responses, True, reduction, share_prefix, batch_size, progress)
 
 
-@torch.no_grad()
 def paired_logps(
     model: torch.nn.Module,
     prompts: Sequence[torch.Tensor],
@@ -238,41 +224,14 @@ def paired_logps(
 
     Returns float32 [N] on CPU. ``batch_size`` sequences per forward (default 8).
     """
-    head = _logps_head(model, prompts, responses, reduction, batch_size)
-    bs = batch_size or 8
-    pairs = [(i, i) for i in range(len(prompts))]
-    was_training = model.training
-    model.eval()
-    try:
-        bar = tqdm(total=len(pairs), desc="log-probs", leave=False,
-                   disable=not (progress or (progress is None and len(pairs) >= PROGRESS_MIN_PAIRS)))
-        out = _pair_logps_separately(model, head, pairs, prompts, responses, reduction, bs, bar)
-        bar.close()
-        return out
-    finally:
-        model.train(was_training)
-
-
-# ----------------------------------------------------------------------------- rewards
-
-
-def _is_model(reward) -> bool:
-    return isinstance(reward, torch.nn.Module)
-
-
-def _describe_pair(pairs):
-    def describe(k):
-        i, j = pairs[k]
-        return f"example {i}" if i == j else f"the prompt of example {i} with the response of example {j}"
-
-    return describe
+    return _logps(model, prompts, responses, False, reduction, False, batch_size, progress)
 
 
 def _score_reward_pairs(reward, pairs, prompts, responses, batch_size, bar, pad_token_id) -> torch.Tensor:
     """r(x_i, y_j) for each (i, j) in ``pairs`` (indices into ``prompts`` / ``responses``), float32 on CPU."""
     out = torch.empty(len(pairs), dtype=torch.float32)
-    describe = _describe_pair(pairs)
-    if not _is_model(reward):
+    describe = describe_pairs(pairs)
+    if not isinstance(reward, torch.nn.Module):
         name = reward_name(reward)
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
@@ -296,19 +255,25 @@ def _score_reward_pairs(reward, pairs, prompts, responses, batch_size, bar, pad_
     return out
 
 
-def _check_reward_inputs(reward, prompts, responses, batch_size) -> None:
-    """The checks of the reward scorers (the reward, batch_size, the token ids against a reward model's vocabulary)."""
-    if not (_is_model(reward) or callable(reward)):
+@torch.no_grad()
+def _rewards(reward, prompts, responses, cross, batch_size, pad_token_id, progress) -> torch.Tensor:
+    """``cross_pair_rewards`` (``cross``) and ``paired_rewards``: the checks (the token ids against a reward
+    model's vocabulary), then the pairs' rewards."""
+    is_model = isinstance(reward, torch.nn.Module)
+    if not (is_model or callable(reward)):
         raise TypeError(
             "reward must be a transformers sequence-classification model (num_labels=1) or a callable "
             f"fn(prompts, responses) -> scores, got {type(reward).__name__}"
         )
     check_positive_int("batch_size", batch_size, allow_none=True)
-    vocab = _vocab_size(unwrap_model(reward)) if _is_model(reward) else None
+    vocab = _vocab_size(unwrap_model(reward)) if is_model else None
     check_token_lists(prompts, responses, vocab_size=vocab, same_length=True)
+    B, bs = len(prompts), batch_size or (len(prompts) if cross else 8)
+    with _bar(B * B if cross else B, "cross-pair rewards" if cross else "rewards", progress) as bar:
+        r = _score_reward_pairs(reward, _pairs(range(B), cross), prompts, responses, bs, bar, pad_token_id)
+    return r.view(B, B) if cross else r
 
 
-@torch.no_grad()
 def cross_pair_rewards(
     reward: Union[torch.nn.Module, RewardFn],
     prompts: Sequence[torch.Tensor],
@@ -334,18 +299,9 @@ def cross_pair_rewards(
     Returns:
         float32 [B, B] on CPU.
     """
-    _check_reward_inputs(reward, prompts, responses, batch_size)
-    B, Bp = len(prompts), len(responses)
-    bs = batch_size or Bp
-    pairs = [(i, j) for i in range(B) for j in range(Bp)]
-    bar = tqdm(total=len(pairs), desc="cross-pair rewards", leave=False,
-               disable=not (progress or (progress is None and len(pairs) >= PROGRESS_MIN_PAIRS)))
-    r = _score_reward_pairs(reward, pairs, prompts, responses, bs, bar, pad_token_id)
-    bar.close()
-    return r.view(B, Bp)
+    return _rewards(reward, prompts, responses, True, batch_size, pad_token_id, progress)
 
 
-@torch.no_grad()
 def paired_rewards(
     reward: Union[torch.nn.Module, RewardFn],
     prompts: Sequence[torch.Tensor],
@@ -356,11 +312,4 @@ def paired_rewards(
     progress: Optional[bool] = None,
 ) -> torch.Tensor:
     """r(x_i, y_i) for matched lists (the diagonal of R). Returns float32 [N] on CPU."""
-    _check_reward_inputs(reward, prompts, responses, batch_size)
-    bs = batch_size or 8
-    pairs = [(i, i) for i in range(len(prompts))]
-    bar = tqdm(total=len(pairs), desc="rewards", leave=False,
-               disable=not (progress or (progress is None and len(pairs) >= PROGRESS_MIN_PAIRS)))
-    r = _score_reward_pairs(reward, pairs, prompts, responses, bs, bar, pad_token_id)
-    bar.close()
-    return r
+    return _rewards(reward, prompts, responses, False, batch_size, pad_token_id, progress)

@@ -1,25 +1,11 @@
-"""TRL's reward contract on text (GRPOTrainer, TRL 1.16), for the offline and the online VAR trainers.
-
-- a **callable** ``f(prompts, completions, **kwargs) -> list[float | None]`` (strings, or lists of
-  messages for conversational data); ``kwargs`` holds the dataset's other columns, one value per
-  pair, and ``completion_ids`` (the policy's tokens);
-- a **sequence-classification reward model** (``num_labels=1``), an instance or a path, with its own
-  tokenizer (``reward_processing_classes[i]``, else loaded from ``config._name_or_path``); it reads
-  ``prompt + completion`` (conversational: the reward tokenizer's chat template, as GRPO does);
-- a **list** of them, combined as ``Σ_f w_f · r_f`` with ``reward_weights`` (default all 1).
-
-``None`` is TRL's "no reward from this function for this pair" (the weighted sum skips it); a pair
-that no function scores is an error here (:class:`TextPairRewards`: VAR needs every pair of a group).
-NaN, ±inf, a value that is not a number and a list of the wrong length are errors naming the
-function and the example. ``RewardFunctions`` is built once by a trainer; ``per_function`` scores any
-list of (prompt, completion) pairs and ``combine`` weights them.
+"""TRL's reward contract on text (GRPOTrainer, TRL 1.16), for the offline and the online VAR trainers:
+callables ``f(prompts, completions, **kwargs) -> list[float | None]``, sequence-classification reward models
+and lists of them weighted by ``reward_weights``. docs/trainer.md, "Reward functions: TRL's contract".
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import math
 from collections.abc import Sequence
 from typing import Callable, Optional
@@ -35,6 +21,17 @@ Describe = Callable[[int], str]
 
 def _default_describe(k: int) -> str:
     return f"pair {k}"
+
+
+def describe_pairs(pairs: Sequence[tuple], names: Optional[list] = None, response: str = "response") -> Describe:
+    """``describe(k)``: the (prompt i, response j) pair k of ``pairs`` in words, by the examples' ``names``."""
+    name = names.__getitem__ if names is not None else "example {}".format
+
+    def describe(k: int) -> str:
+        i, j = pairs[k]
+        return name(i) if i == j else f"the prompt of {name(i)} with the {response} of {name(j)}"
+
+    return describe
 
 
 def reward_name(func) -> str:
@@ -68,15 +65,10 @@ def call_reward_func(func, name: str, *args, **kwargs):
 
 
 def as_scores(values, n: int, *, name: str, describe: Describe = _default_describe) -> torch.Tensor:
-    """A reward function's output as float32 [n], with NaN where it returned ``None``.
-
-    Raises ``ValueError`` / ``TypeError`` naming the function and the example for a wrong length,
-    a value that is not a real number, or a NaN / ±inf.
-    """
-    if isinstance(values, torch.Tensor):
-        values = values.detach().float().reshape(-1).cpu().tolist()
-    elif hasattr(values, "tolist") and not isinstance(values, (list, tuple)):  # numpy arrays
-        values = values.tolist()
+    """A reward function's output as float32 [n], NaN where it returned ``None``; ``ValueError`` / ``TypeError``
+    naming the function and the example for a wrong length, a value that is not a real number, a NaN / ±inf."""
+    if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):  # tensors, numpy arrays
+        values = values.reshape(-1).tolist()
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(
             f"reward function {name!r} must return a list of floats (or None), one per (prompt, completion) pair; "
@@ -127,11 +119,8 @@ def classifier_scores(
     bar=None,
 ) -> torch.Tensor:
     """Scores of a sequence-classification model (``num_labels=1``) for N 1-D token sequences: float32 [N] on CPU.
-
-    Length-sorted, right-padded batches of ``batch_size`` (default N). The pad id is ``pad_token_id``,
-    else the model's ``config.pad_token_id``, else an id that no sequence of the batch holds; it is set
-    as the model's ``pad_token_id`` for the call only (transformers reads the score at the last token
-    that is not the pad id, and refuses batches without one).
+    Length-sorted, right-padded batches of ``batch_size`` (default N), padded with ``pad_token_id``, the model's,
+    or an id no sequence of the batch holds (set for the call only): docs/trainer.md, "Reward functions".
     """
     check_positive_int("batch_size", batch_size, allow_none=True)
     n, lm = len(seqs), unwrap_model(model)
@@ -183,10 +172,10 @@ class RewardFunctions:
             raise ValueError("reward_funcs must hold at least one reward function or model, got an empty list")
         procs = reward_processing_classes
         procs = [None] * len(funcs) if procs is None else list(procs) if isinstance(procs, (list, tuple)) else [procs]
-        if len(procs) != len(funcs):
-            raise ValueError(
-                f"reward_processing_classes must have one entry per reward function ({len(funcs)}), got {len(procs)}"
-            )
+        weights = [1.0] * len(funcs) if reward_weights is None else list(reward_weights)
+        for arg, vals, unit in (("reward_processing_classes", procs, "entry"), ("reward_weights", weights, "weight")):
+            if len(vals) != len(funcs):
+                raise ValueError(f"{arg} must have one {unit} per reward function ({len(funcs)}), got {len(vals)}")
         for i, f in enumerate(funcs):
             if isinstance(f, str):  # as GRPOTrainer loads it
                 from transformers import AutoModelForSequenceClassification
@@ -200,11 +189,6 @@ class RewardFunctions:
                     f"reward_funcs[{i}] must be a callable f(prompts, completions, **kwargs) -> list[float | None], "
                     f"a sequence-classification model or a path to one; got {type(f).__name__}"
                 )
-        weights = [1.0] * len(funcs) if reward_weights is None else list(reward_weights)
-        if len(weights) != len(funcs):
-            raise ValueError(
-                f"reward_weights must have one weight per reward function ({len(funcs)}), got {len(weights)}"
-            )
         for i, w in enumerate(weights):
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
                 raise ValueError(f"reward_weights[{i}] must be a finite number, got {w!r}")
@@ -256,27 +240,6 @@ class RewardFunctions:
                 raise ValueError(f"reward model {reward_name(model)!r}: the text of pair {k} tokenises to no tokens")
         return classifier_scores(model, seqs, batch_size=self.batch_size)
 
-    def fingerprint(self) -> Optional[str]:
-        """Identity of the functions, models (weights), tokenizers and weights; None if a part has none."""
-        from .cache import fingerprint_reward, fingerprint_value
-
-        parts = []
-        for f, tok in zip(self.funcs, self.processing_classes):
-            parts += [fingerprint_reward(f)] + ([fingerprint_value(tok)] if tok is not None else [])
-        if None in parts:
-            return None
-        parts.append(repr(self.weights.tolist()))
-        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-    def explain_unfingerprintable(self) -> str:
-        from .cache import explain_unfingerprintable
-
-        for f in self.funcs:
-            why = explain_unfingerprintable(f)
-            if why:
-                return f"reward function {reward_name(f)!r}: {why}"
-        return ""
-
 
 def _tokenizer_of(model, i: int):
     path = getattr(getattr(model, "config", None), "_name_or_path", "")
@@ -294,13 +257,8 @@ def _tokenizer_of(model, i: int):
 
 
 class TextPairRewards:
-    """:class:`RewardFunctions` bound to N text examples; scores (prompt of i, completion of j) pairs.
-
-    What ``VARDataset.build`` calls for the B² cross pairs of a group (``score_pairs``). The pair
-    (i, j) gets the prompt and the columns of example i (a column such as a reference answer
-    belongs to the prompt, as in GRPO, where every completion of a prompt gets its row's columns)
-    and the completion and ``completion_ids`` of example j.
-    """
+    """:class:`RewardFunctions` bound to N text examples: ``score_pairs`` (what ``VARDataset.build`` calls for a
+    group's pairs) gives the pair (i, j) the prompt and the columns of example i and the completion of j."""
 
     def __init__(self, rewards: RewardFunctions, prompts: list, completions: list, *,
                  columns: Optional[dict] = None, completion_ids: Optional[list] = None,
@@ -314,18 +272,9 @@ class TextPairRewards:
         self.completion_ids = completion_ids
         self.example_names = example_names or [f"example {k}" for k in range(n)]
 
-    def _describe_pair(self, pairs):
-        def describe(k):
-            i, j = pairs[k]
-            if i == j:
-                return self.example_names[i]
-            return f"the prompt of {self.example_names[i]} with the completion of {self.example_names[j]}"
-
-        return describe
-
     def score_pairs(self, pairs: Sequence[tuple]) -> torch.Tensor:
         pairs = [(int(i), int(j)) for i, j in pairs]
-        describe = self._describe_pair(pairs)
+        describe = describe_pairs(pairs, self.example_names, "completion")
         prompts = [self.prompts[i] for i, _ in pairs]
         completions = [self.completions[j] for _, j in pairs]
         columns = {k: [v[i] for i, _ in pairs] for k, v in self.columns.items()}
@@ -341,16 +290,3 @@ class TextPairRewards:
                 "leaves such a completion out of its statistics; here drop the example or let one function score it)"
             )
         return total
-
-    def fingerprint(self) -> Optional[str]:
-        fp = self.rewards.fingerprint()
-        if fp is None:
-            return None
-        h = hashlib.sha256(fp.encode())
-        h.update(json.dumps([self.prompts, self.completions, self.columns], default=str, sort_keys=True).encode())
-        if self.completion_ids is not None:
-            h.update(json.dumps([list(map(int, c)) for c in self.completion_ids]).encode())
-        return h.hexdigest()
-
-    def explain_unfingerprintable(self) -> str:
-        return self.rewards.explain_unfingerprintable()

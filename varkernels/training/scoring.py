@@ -1,10 +1,5 @@
-"""Scoring of fixed groups: R (rewards) and Q (reference log-probs) per group, one tqdm bar over groups.
-
-Each group of B examples (user indices ``idx``) gets R[i, j] = r(x_idx[i], y_idx[j]) and
-Q[i, j] = log π_ref(y_idx[j] | x_idx[i]) ([B, B]), or their diagonals ([B], the shared-context
-form). Pairs are kept as the user's example indices all the way down, so an error names the
-user's examples (``the prompt of example 3 and the response of example 9``), not positions
-inside a group.
+"""R and Q of each fixed group ([G, B, B] or [G, B]), one tqdm bar over groups. Pairs stay the user's example
+indices all the way down, so an error names the user's examples, not positions inside a group.
 """
 
 from __future__ import annotations
@@ -13,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .lm_head import LMHead
-from .pairs import PROGRESS_MIN_PAIRS, _pair_logps_separately, _pair_logps_shared, _score_reward_pairs
+from .pairs import PROGRESS_MIN_PAIRS, _pair_logps_separately, _pair_logps_shared, _pairs, _score_reward_pairs
 
 
 @torch.no_grad()
@@ -23,31 +18,24 @@ def score_groups(
 ):
     """(R, Q) of shape [G, B, B] (``cross_pairs``) or [G, B], float32 on CPU, for ``groups``."""
     B = len(groups[0])
-    per_group = B * B if cross_pairs else B
-    show = progress or (progress is None and len(groups) * per_group >= PROGRESS_MIN_PAIRS)
+    shape, bs = ((B, B) if cross_pairs else (B,)), batch_size or (B if cross_pairs else 8)
+    show = progress or (progress is None and len(groups) * (B * B if cross_pairs else B) >= PROGRESS_MIN_PAIRS)
     bar = tqdm(total=len(groups), desc="scoring VAR groups", unit="group", leave=False, disable=not show)
-    head = LMHead(ref_model)
+    head, no_bar = LMHead(ref_model), tqdm(disable=True)
+    score = _pair_logps_shared if cross_pairs and share_prefix else _pair_logps_separately
     was_training = ref_model.training
     ref_model.eval()
-    no_bar = tqdm(disable=True)
     R, Q = [], []
     try:
         for idx in groups:
-            if cross_pairs:
-                pairs = [(i, j) for i in idx for j in idx]
-                q = _pair_logps_shared if share_prefix else _pair_logps_separately
-                Q.append(q(ref_model, head, pairs, prompts, responses, reduction, batch_size or B, no_bar).view(B, B))
-            else:
-                pairs = [(k, k) for k in idx]
-                Q.append(_pair_logps_separately(ref_model, head, pairs, prompts, responses, reduction,
-                                                batch_size or 8, no_bar))
+            pairs = _pairs(idx, cross_pairs)
+            Q.append(score(ref_model, head, pairs, prompts, responses, reduction, bs, no_bar).view(shape))
             if example_rewards is not None:
                 R.append(example_rewards[torch.tensor(idx)])
             elif callable(getattr(reward, "score_pairs", None)):  # a reward bound to the examples (text)
-                R.append(reward.score_pairs(pairs).float().reshape(Q[-1].shape))
+                R.append(reward.score_pairs(pairs).float().reshape(shape))
             else:
-                bs = batch_size or (B if cross_pairs else 8)
-                R.append(_score_reward_pairs(reward, pairs, prompts, responses, bs, no_bar, None).view(Q[-1].shape))
+                R.append(_score_reward_pairs(reward, pairs, prompts, responses, bs, no_bar, None).view(shape))
             bar.update(1)
     finally:
         bar.close()

@@ -1,16 +1,5 @@
-"""Text datasets in TRL's formats → token ids for ``VARDataset.build`` (docs/trainer.md, "VARTrainer from text").
-
-Formats (TRL's names), standard or conversational: prompt/completion (one example per row) and
-preference (prompt/chosen/rejected: example 2r is the chosen response, 2r + 1 the rejected one).
-Other columns go to the reward functions (``reward`` is the per-example reward when there are none).
-
-Per example: standard prompts are tokenised with the tokenizer's special tokens, completions
-without; conversational ones are split into prompt and completion text by
-``trl.data_utils.apply_chat_template`` and tokenised without special tokens. EOS is appended to
-the completion unless it ends with it. The prompt keeps its last ``max_prompt_length`` tokens, the
-completion its first ``max_completion_length``, then the completion is cut to fit ``max_length``;
-an example whose completion is left empty is dropped (counted and logged). Prompts and completions
-are tokenised separately because VAR scores every prompt with every completion of its group.
+"""Text datasets in TRL's formats (prompt/completion, preference; standard or conversational) → token ids
+for ``VARDataset.build``: docs/trainer.md, "VARTrainer from text" (tokenisation, EOS, truncation, drops).
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
-"""VAR training with ``transformers``: ``VARConfig``, ``VARTrainer`` and ``compute_var_loss`` (docs/trainer.md).
-
-``VARTrainer`` takes what TRL's trainers take (``model`` as a path or a module, ``ref_model``,
-``processing_class``, ``peft_config``, ``reward_funcs``, text datasets in TRL's formats), tokenises,
-groups, scores and caches the data through :meth:`VARDataset.build`, and trains; a pre-built
-``VARDataset`` is used as it is. A batch is k whole groups (``input_ids`` / ``attention_mask`` /
-``labels`` [k·B, T], ``rewards`` / ``ref_logps`` [k, B, B] or [k, B]). :func:`compute_var_loss` computes
-the loss inside the output embedding's forward (:meth:`LMHead.run_in_head`: the whole weight also
-under FSDP2 / ZeRO-3, no [k·B, T, V] logits), one call for the k groups; the batch loss is the mean of
-the group losses, so for one B the update does not depend on how groups are spread over micro-batches,
-accumulation steps or ranks (docs/design.md §5). A group is never split (that changes its Ẑ).
+"""VAR training with ``transformers``: ``VARConfig``, ``VARTrainer`` and ``compute_var_loss`` (the loss of k
+whole groups, computed inside the output embedding's forward): docs/trainer.md, "VARConfig and VARTrainer".
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import defaultdict
@@ -49,12 +39,8 @@ logger = logging.getLogger(__name__)
 
 
 def split_groups(batch: dict) -> tuple[int, int, bool]:
-    """(k groups, B per group, cross_pairs) of a collated batch; raises ValueError on bad shapes.
-
-    rewards/ref_logps: [k, B, B] (cross-pair) or [k, B] (shared context); a single group may
-    also come as [B, B] or [B] — the rules of the loss (``varkernels._validation.check_pair_inputs``,
-    which raises TypeError for a non-tensor or a dtype the loss does not take).
-    """
+    """(k groups, B per group, cross_pairs) of a collated batch: rewards/ref_logps [k, B, B] or [k, B] (one group
+    also [B, B] or [B]), by the loss's rules (``_validation.check_pair_inputs``); ValueError on bad shapes."""
     for name in ("input_ids", "labels", "rewards", "ref_logps"):
         if name not in batch:
             raise ValueError(
@@ -140,6 +126,8 @@ class VARConfig(TrainingArguments):
     are not arguments of the model's forward but the loss needs them.
     """
 
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]  # JSON strings parsed, as TRL's
+
     beta: float = field(default=1.0, metadata={"help": "VAR temperature β > 0 of the optimal policy."})
     weighting: str = field(default="posterior", metadata={"help": "'posterior' (bounded, default) or 'importance'."})
     logp_reduction: str = field(
@@ -155,8 +143,9 @@ class VARConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: rewards/ref_logps must reach the loss."}
     )
-    include_num_input_tokens_seen: Union[str, bool] = field(
-        default="non_padding", metadata={"help": "Trainer's token count, logged as TRL's num_tokens too."}
+    # str, not TrainingArguments' `str | bool`, which TRL's parser reads as a bool (it refuses "non_padding")
+    include_num_input_tokens_seen: str = field(
+        default="non_padding", metadata={"help": "'all' | 'non_padding' | 'no': Trainer's token count (num_tokens)."}
     )
     # --- text datasets (TRL's names where TRL has them)
     group_size: int = field(default=8, metadata={"help": "B >= 2: examples per VAR group (one in-batch Ẑ)."})
@@ -196,8 +185,6 @@ class VARConfig(TrainingArguments):
         for name in ("max_length", "max_prompt_length", "max_completion_length", "scoring_batch_size",
                      "loss_chunk_size"):
             check_positive_int(name, getattr(self, name), allow_none=True)
-        if isinstance(self.model_init_kwargs, str):
-            self.model_init_kwargs = json.loads(self.model_init_kwargs)
         if self.model_init_kwargs is not None and not isinstance(self.model_init_kwargs, dict):
             raise TypeError(f"model_init_kwargs must be a dict or None, got {type(self.model_init_kwargs).__name__}")
 
@@ -229,10 +216,7 @@ class VARTrainer(Trainer):
     by ``args.reward_weights``; without them a ``reward`` column gives one reward per example
     (``cross_pairs=False``). ``processing_class`` defaults to the tokenizer of ``model``'s path.
 
-    Logged (per rank; ``eval_``-prefixed in evaluation): ``var/weights_mean|min|max``, ``var/ess``,
-    ``var/log_z``, ``var/policy_logps``, ``var/ref_logps``, ``var/rewards`` (means of the diagonals),
-    TRL's ``reward`` and ``reward_std`` (the groups' std of R[i, i], averaged) and, in training,
-    ``num_tokens`` (Trainer's ``num_input_tokens_seen``, all ranks).
+    Logged: ``var/*`` (``_METRICS``), TRL's ``reward`` / ``reward_std`` and ``num_tokens`` (docs/trainer.md).
     """
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean: Trainer divides by GA steps
@@ -323,14 +307,6 @@ class VARTrainer(Trainer):
         elif "reward" in examples.columns and examples.format == "prompt_completion":
             reward = None
             example_rewards = examples.columns["reward"]
-            for k, v in enumerate(example_rewards):
-                if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise ValueError(f"{examples.names[k]}: the 'reward' column must hold a number, got {v!r}")
-            if args.cross_pairs:
-                raise ValueError(
-                    f"{name}: cross_pairs=True needs r(x_i, y_j) for every pair, but the 'reward' column gives only "
-                    "r(x_k, y_k): pass reward_funcs, or leave cross_pairs unset (the (B,) shared-context form)"
-                )
         else:
             raise ValueError(
                 f"{name} holds text: pass reward_funcs (callables on text or reward models, TRL's contract) or give "
