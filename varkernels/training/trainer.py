@@ -363,6 +363,22 @@ class VARTrainer(Trainer):
         ]).float()
         self._var_metrics[mode]["step"].append(vals)  # no host sync here; one .tolist() at log time
 
+    def _track_num_input_tokens(self, inputs):
+        """transformers' token count (``include_num_input_tokens_seen``), except where accelerate's gather cannot
+        run it: under DeepSpeed on CPU (gloo) accelerate counts one process, and its all_gather into a list of
+        that length fails; the rank's count is then summed with ``torch.distributed.all_reduce`` (a Trainer
+        method of transformers 5.x, covered by tests/test_distributed.py's ZeRO-3 test)."""
+        dist = torch.distributed
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if self.accelerator.num_processes == world or self.args.include_num_input_tokens_seen == "no":
+            return super()._track_num_input_tokens(inputs)
+        mask = inputs.get("attention_mask")
+        count = mask.sum() if mask is not None and self.args.include_num_input_tokens_seen == "non_padding" else \
+            torch.tensor(inputs["input_ids"].numel())
+        count = count.to(torch.int64).reshape(1)
+        dist.all_reduce(count)
+        self.state.num_input_tokens_seen += int(count.item())
+
     def log(self, logs: dict, start_time: Optional[float] = None) -> None:
         # Attach to the periodic train / eval logs only, not to the end-of-training summary.
         mode = "eval" if "eval_loss" in logs else "train" if "loss" in logs else None
