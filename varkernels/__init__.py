@@ -6,9 +6,9 @@ Public API (docs/design.md §2):
     sequence_logps(logits, labels, reduction=...)          differentiable, [B] or [B,T] fp32
     linear_sequence_logps(hidden, weight, labels, ...)     differentiable, [B] or [B,T] fp32
     weighted_nll(logits, labels, weights [B] | [B,T], ...)                      -> loss | NLLOutput
-    var_weights(rewards, ref_logps, *, beta, weighting)    the VAR weights [k·B] of fused_var_loss, for any weighted loss
-    patch_causal_lm(model), unpatch_causal_lm(model)       a HF causal LM computing its loss in lm_head (logits=None)
     linear_weighted_nll(hidden, weight, labels, weights, ...)                 the VAR-agnostic core, public
+    var_weights(rewards, ref_logps, *, beta, weighting)    the weights of fused_var_loss, for any weighted loss
+    patch_causal_lm(model), unpatch_causal_lm(model)       a HF causal LM computes its labels= loss in lm_head
     var_loss_reference(...)                                plain PyTorch, the spec in code
     release_grad_buffers(), set_grad_buffer_cache(...), grad_buffer_stats()
                                                            the CPU gradient-buffer cache (README: Use)
