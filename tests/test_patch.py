@@ -54,11 +54,11 @@ def build(arch: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def batch(seed: int = 1) -> dict:
-    """input_ids / attention_mask / labels [B, T]: a prompt (-100), the response, right padding (-100)."""
+def batch(seed: int = 1, rows: int = B) -> dict:
+    """input_ids / attention_mask / labels [rows, T]: a prompt (-100), the response, right padding (-100)."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, V, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.long)
+    ids = torch.randint(0, V, (rows, T), generator=g)
+    mask = torch.ones(rows, T, dtype=torch.long)
     mask[1, 7:] = 0
     labels = ids.clone()
     labels[:, :3] = -100
@@ -321,3 +321,62 @@ def test_trainer_md_own_loop_runs():
     exec(compile(own_loop_block(), "docs/trainer.md own loop", "exec"), namespace)
     assert namespace["out"].logits is None and torch.isfinite(namespace["out"].loss)
     assert is_patched(namespace["policy"])
+
+
+# ----------------------------------------------------------------------------- FSDP2 (2 processes, gloo)
+
+FSDP_ROWS = 4  # 2 rows per rank
+
+
+def _fsdp2_worker(rank, world_size, port, data, weights, out_dir):
+    from test_distributed import _init, _leave
+
+    dist = _init(rank, world_size, port)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        rows = slice(2 * rank, 2 * rank + 2)
+        mine = {k: v[rows] for k, v in data.items()}
+        n_total = int((data["labels"][:, 1:] != -100).sum())
+        # FSDP averages the ranks' gradients: loss_weights (a mean over rows) and the token sum divided by
+        # num_items_in_batch = n_total / world_size (Trainer's convention) give the global batch's loss
+        cases = {"weights": {"loss_weights": weights[rows]},
+                 "num_items": {"num_items_in_batch": torch.tensor(n_total / world_size)}}
+        for name, extra in cases.items():
+            model = patch_causal_lm(build("llama"), backend="torch")
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+            out = model(**mine, **extra)
+            assert out.logits is None
+            out.loss.backward()
+            full = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+            if rank == 0:
+                torch.save(full, f"{out_dir}/{name}.pt")
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _leave(dist)
+
+
+def test_fsdp2_two_ranks_equal_one_process(tmp_path):
+    """fully_shard on the layers and the root of a patched model: the loss runs in lm_head on the gathered
+    weight (outside the forward it is a shard); gradients equal one process on the whole batch."""
+    from test_distributed import _run
+
+    data = batch(rows=FSDP_ROWS)
+    w = torch.rand(FSDP_ROWS, generator=torch.Generator().manual_seed(4)) + 0.5
+    _run(_fsdp2_worker, data, w, str(tmp_path))
+    for name, extra in {"weights": {"loss_weights": w}, "num_items": {}}.items():
+        fsdp = torch.load(tmp_path / f"{name}.pt")
+        _, single = run(patch_causal_lm(build("llama")), **data, **extra)
+        truth = build("llama").double()
+        if name == "weights":
+            truth.zero_grad(set_to_none=True)
+            hidden = truth.model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).last_hidden_state
+            linear_weighted_nll_reference(hidden, truth.lm_head.weight, data["labels"], w.double(),
+                                          shift_labels=True).backward()
+            g_truth = grads(truth)
+        else:
+            _, g_truth = run(truth, **data)
+        assert_all_close(fsdp, single, g_truth, f"FSDP2 {name}")
