@@ -380,3 +380,26 @@ def test_fsdp2_two_ranks_equal_one_process(tmp_path):
         else:
             _, g_truth = run(truth, **data)
         assert_all_close(fsdp, single, g_truth, f"FSDP2 {name}")
+
+
+def test_trainer_with_gradient_accumulation_equals_the_unpatched_model(tmp_path):
+    """transformers.Trainer passes num_items_in_batch (the forward takes **kwargs) and does not divide by
+    the accumulation steps: one SGD step over 2 accumulated micro-batches equals the unpatched model's."""
+    data = batch(rows=4)
+    rows = [{k: v[i] for k, v in data.items()} for i in range(4)]
+    params = {}
+    for patched in (False, True):
+        model = build("llama")
+        if patched:
+            patch_causal_lm(model)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(patched)), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            max_steps=1, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
+            max_grad_norm=0.0, report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
+            dataloader_drop_last=True,
+        )
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+        trainer.train()
+        params[patched] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for n, p in params[False].items():
+        torch.testing.assert_close(params[True][n], p, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
