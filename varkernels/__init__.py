@@ -7,6 +7,8 @@ Public API (docs/design.md §2):
     linear_sequence_logps(hidden, weight, labels, ...)     differentiable, [B] or [B,T] fp32
     weighted_nll(logits, labels, weights [B] | [B,T], ...)                      -> loss | NLLOutput
     linear_weighted_nll(hidden, weight, labels, weights, ...)                 the VAR-agnostic core, public
+    var_weights(rewards, ref_logps, *, beta, weighting)    the weights of fused_var_loss, for any weighted loss
+    patch_causal_lm(model), unpatch_causal_lm(model)       a HF causal LM computes its labels= loss in lm_head
     var_loss_reference(...)                                plain PyTorch, the spec in code
     release_grad_buffers(), set_grad_buffer_cache(...), grad_buffer_stats()
                                                            the CPU gradient-buffer cache (README: Use)
@@ -18,6 +20,7 @@ from .logps import linear_sequence_logps, sequence_logps
 from .nll import NLLOutput, linear_weighted_nll, weighted_nll
 from .reference import linear_var_loss_reference, var_loss_reference
 from .var import VARLoss, fused_linear_var_loss, fused_var_loss
+from .weights import var_weights
 
 __version__ = "0.1.0"
 
@@ -32,6 +35,8 @@ _LAZY = {
     "VARCollator": "training.data",
     "cross_pair_logps": "training.pairs",
     "cross_pair_rewards": "training.pairs",
+    "patch_causal_lm": "patch",
+    "unpatch_causal_lm": "patch",
 }
 
 
@@ -54,6 +59,7 @@ __all__ = [
     "linear_sequence_logps",
     "var_loss_reference",
     "linear_var_loss_reference",
+    "var_weights",
     "release_grad_buffers",
     "set_grad_buffer_cache",
     "grad_buffer_stats",
