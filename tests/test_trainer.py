@@ -297,7 +297,9 @@ def test_peft_lora_policy_trains(tmp_path):
 
 class HeadRecorder:
     """Wraps varkernels.fused_linear_var_loss (what compute_var_loss calls) and watches lm_head's
-    outputs: records the operands' shapes and dtypes, and the last dim of every lm_head output."""
+    outputs: records the hidden states' shape and the dtype the fused head's GEMMs run in for these operands
+    (``head_dtype``: the autocast dtype under autocast) twice, for hidden and weight, and the last dim of every
+    lm_head output."""
 
     def __init__(self, monkeypatch, model):
         import varkernels
@@ -305,8 +307,11 @@ class HeadRecorder:
         self.calls, self.head_outputs = [], []
         original = varkernels.fused_linear_var_loss
 
+        from varkernels.core.autograd import head_dtype
+
         def recording(hidden, weight, *args, **kwargs):
-            self.calls.append((tuple(hidden.shape), hidden.dtype, weight.dtype))
+            gemm = head_dtype(hidden, weight)
+            self.calls.append((tuple(hidden.shape), gemm, gemm))
             return original(hidden, weight, *args, **kwargs)
 
         monkeypatch.setattr(varkernels, "fused_linear_var_loss", recording)
@@ -358,8 +363,8 @@ def _spy(fn, seen):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_head_runs_in_that_dtype(tmp_path, monkeypatch, precision):
     """bf16=True / fp16=True: accelerate wraps the model's forward in autocast, and the loss runs
-    inside lm_head's forward, so the fused head gets hidden states and weight in the autocast
-    dtype; the fp32 master weights get fp32 gradients and move. On CPU accelerate autocasts only
+    inside lm_head's forward, so the fused head runs its GEMMs in the autocast dtype; the fp32 master
+    weights get fp32 gradients (from the fp32 accumulator) and move. On CPU accelerate autocasts only
     bf16 (fp16=True trains in fp32 there), so fp16 is checked the way accelerate applies it on a
     GPU: ``model.forward = autocast(model.forward)``."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]

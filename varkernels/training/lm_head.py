@@ -5,7 +5,6 @@ hidden states (no-grad scoring). docs/trainer.md, "VARConfig and VARTrainer" and
 
 from __future__ import annotations
 
-import functools
 import inspect
 import weakref
 from typing import Optional
@@ -56,8 +55,9 @@ class LMHead:
 
         ``hidden`` is [N, L, H] (the model is called with ``logits_to_keep=0``: every position
         reaches the head); ``weight``/``bias`` are the head's parameters as its forward sees them
-        (whole, also under FSDP2 / ZeRO-3), all three in the dtype of the head's matmul (the autocast
-        dtype under autocast, which is off inside ``loss_fn``). ``loss_fn`` returns a ``VAROutput`` (or a NamedTuple
+        (whole, also under FSDP2 / ZeRO-3), in their own dtypes: under autocast the fused-linear ops run
+        their GEMMs in the autocast dtype as the head's matmul would (docs/design.md §2.2). ``loss_fn``
+        returns a ``VAROutput`` (or a NamedTuple
         whose first field is the scalar loss). Returns it with ``loss`` tied to the model's
         output: its backward runs after the backward hooks the engine put on the head's and the
         root module's outputs. The model is called through its wrappers, so DDP's hooks fire.
@@ -67,7 +67,7 @@ class LMHead:
         swap = _swap_for(self.module)
         if self.keep_arg is not None:
             inputs = {**inputs, self.keep_arg: 0}
-        swap.begin(functools.partial(_in_head_dtype, loss_fn))
+        swap.begin(loss_fn)
         try:
             outputs = model(**inputs)
         finally:
@@ -118,20 +118,6 @@ class LMHead:
             return varkernels.linear_sequence_logps(features, self.module.weight, labels, bias=self.module.bias,
                                                     chunk_size=chunk_size, **opts)
         return varkernels.sequence_logps(features, labels, **opts)
-
-
-def _in_head_dtype(loss_fn, hidden, weight, bias):
-    """``loss_fn`` on the head's operands in the dtype the head's matmul would use: the autocast dtype
-    (``Trainer`` with ``bf16`` / ``fp16``; the casts are differentiable, so the fp32 master weight gets its
-    gradient), else the weight's; autocast is off inside the loss (its fp32 accumulators stay fp32)."""
-    dev = hidden.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        hidden, weight, bias = hidden.to(dt), weight.to(dt), bias.to(dt) if bias is not None else None
-    elif hidden.dtype != weight.dtype:
-        hidden = hidden.to(weight.dtype)
-    with torch.autocast(dev, enabled=False):
-        return loss_fn(hidden, weight, bias)
 
 
 def output_cache(outputs):
