@@ -3,8 +3,10 @@
 A leaf module: it imports nothing of varkernels, so every layer (the ops, the VAR layer, the
 reference, the training side) can use the same rules. The shape rules of rewards / ref_logps
 (:func:`pair_form`, :func:`check_pair_inputs`), the option checks (:func:`check_option`,
-:func:`check_options`) and the number checks (:func:`check_positive`, :func:`check_positive_int`)
-exist here once.
+:func:`check_options`: every keyword option of the ops by name) and the type-and-range checks they are
+made of (:func:`check_bool`, :func:`check_int`, :func:`check_positive`, :func:`check_positive_int`)
+exist here once. They return the value normalised (a numpy scalar as the Python one), because the
+operators' schemas take no numpy types.
 
 Validation follows docs/design.md §2: each bad input raises ``ValueError`` / ``TypeError`` that names the
 argument, what was expected and what was given, and nothing of the caller's is modified before
