@@ -133,6 +133,16 @@ def test_inplace_false_as_a_string_keeps_the_logits(name):
     assert torch.equal(bits(kw["logits"]), bits(logits)), "the caller's logits were overwritten"
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_option_check_precedes_every_backend(backend):
+    """One case per backend: the checks run before dispatch, so no backend sees ``inplace="False"``."""
+    kw = inputs("fused_var_loss")
+    logits = kw["logits"].detach().clone()
+    with pytest.raises(TypeError, match=r"^inplace must be a bool, got 'False' \(str\)$"):
+        fused_var_loss(**kw, inplace="False", backend=backend)
+    assert torch.equal(bits(kw["logits"]), bits(logits)) and kw["logits"].grad is None
+
+
 GOOD = [  # (option, value, the same option as a plain Python value)
     ("inplace", np.bool_(False), False),
     ("return_aux", np.bool_(True), True),
