@@ -18,9 +18,9 @@ import torch
 from ._backend import resolve_backend
 from ._validation import (
     check_linear,
+    check_options,
     check_pair_inputs,
     check_policy_inputs,
-    check_positive,
     check_same_device,
     check_values,
     check_weights,
@@ -66,6 +66,8 @@ def prepare_call(
     rewards: Optional[torch.Tensor] = None,
     ref_logps: Optional[torch.Tensor] = None,
     weights: Optional[torch.Tensor] = None,
+    inplace: bool = False,
+    return_aux: bool = False,
 ) -> Prepared:
     """Every check of a public op, then the prepared call (see the module docstring).
 
@@ -73,16 +75,21 @@ def prepare_call(
         name: "logits" or "hidden", for the messages. x: [B, T, V] logits or [B, T, H] hidden states.
         head: (weight [V, H], bias [V] | None) of the fused-linear form; None for the logits form.
         rewards, ref_logps: the VAR inputs (shapes of ``check_pair_inputs``); weights: of the weighted NLL.
-        The option strings of the losses (reduction, weighting, ...) are checked by the caller first.
+        inplace, return_aux: the op's flags, checked here with the other options (the op reads them itself).
+        The option strings of the losses (reduction, weighting, ...) and beta are checked by the caller first.
     """
+    # every option of the call, once (types and ranges, _validation.check_options), normalised: the
+    # operators' schemas take Python ints and floats, not numpy scalars
+    o = check_options(temperature=temperature, softcap=softcap, ignore_index=ignore_index, chunk_size=chunk_size,
+                      shift_labels=shift_labels, inplace=inplace, return_aux=return_aux)
+    softcap, ignore_index, chunk_size = o["softcap"], o["ignore_index"], o["chunk_size"]
+    shift_labels = o["shift_labels"]
     if head is not None:
         weight, bias = head
-        check_linear(x, weight, bias, chunk_size, grad_accum_dtype)
+        check_linear(x, weight, bias, grad_accum_dtype)
         vocab_size = weight.shape[0]
     else:
         vocab_size = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() == 3 else 0
-    check_positive("temperature", temperature)
-    check_positive("softcap", softcap, allow_none=True)
     check_policy_inputs(name, x, labels, vocab_size)
     k, group, cross = 1, x.shape[0], False
     if rewards is not None or ref_logps is not None:

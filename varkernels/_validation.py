@@ -3,8 +3,10 @@
 A leaf module: it imports nothing of varkernels, so every layer (the ops, the VAR layer, the
 reference, the training side) can use the same rules. The shape rules of rewards / ref_logps
 (:func:`pair_form`, :func:`check_pair_inputs`), the option checks (:func:`check_option`,
-:func:`check_options`) and the number checks (:func:`check_positive`, :func:`check_positive_int`)
-exist here once.
+:func:`check_options`: every keyword option of the ops by name) and the type-and-range checks they are
+made of (:func:`check_bool`, :func:`check_int`, :func:`check_positive`, :func:`check_positive_int`)
+exist here once. They return the value normalised (a numpy scalar as the Python one), because the
+operators' schemas take no numpy types.
 
 Validation follows docs/design.md §2: each bad input raises ``ValueError`` / ``TypeError`` that names the
 argument, what was expected and what was given, and nothing of the caller's is modified before
@@ -52,46 +54,132 @@ class VAROutput(NamedTuple):
     ess: torch.Tensor
 
 
+class OptionTypeError(TypeError, ValueError):
+    """An option of the wrong type: a ``TypeError``, and a ``ValueError`` too because :func:`check_positive_int`
+    and :func:`check_option` raised ``ValueError`` for every bad value before types were told apart (the
+    training side and its callers still catch that)."""
+
+
+FP32_MAX = torch.finfo(torch.float32).max  # 3.4e38
+FP32_TINY = torch.finfo(torch.float32).tiny  # 1.2e-38, the smallest normal float32; 1/FP32_TINY < FP32_MAX
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _numpy_kind(value) -> Optional[str]:
+    """The dtype kind of a numpy scalar ('b' bool, 'i'/'u' int, 'f' float, ...), None for anything else.
+
+    numpy is not imported: a numpy scalar is recognised by its module, so this costs nothing without numpy."""
+    if type(value).__module__ != "numpy" or getattr(value, "ndim", None) != 0:
+        return None
+    return getattr(getattr(value, "dtype", None), "kind", None)
+
+
+def _given(value) -> str:
+    """``'False' (str)``: the value and its type, for the messages of wrong option types."""
+    return f"{value!r} ({type(value).__name__})"
+
+
 def check_option(name: str, value, allowed) -> None:
+    """``value`` is one of the strings ``allowed`` (OptionTypeError for a non-string, ValueError otherwise)."""
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        exc = ValueError if isinstance(value, str) else OptionTypeError
+        raise exc(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
-def check_positive_int(name: str, value, allow_none: bool = False) -> None:
-    """``value`` is a Python int >= 1 (bool is not an int here), or None when ``allow_none``."""
+def check_bool(name: str, value) -> bool:
+    """``value`` is a bool: ``True``/``False`` or a ``numpy.bool_``; returned as a Python bool.
+
+    Nothing else is taken for one — not the ints 0/1, not the strings "False"/"yes" (truthy: ``inplace="False"``
+    would overwrite the logits), not a 0-dim bool tensor (reading it would be a host sync; pass ``t.item()``)."""
+    if isinstance(value, bool):
+        return value
+    if _numpy_kind(value) == "b":
+        return bool(value)
+    hint = ": pass a Python bool (t.item())" if isinstance(value, torch.Tensor) else ""
+    raise TypeError(f"{name} must be a bool, got {_given(value)}{hint}")
+
+
+def check_int(name: str, value, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
+    """``value`` is an int (a numpy integer is one; a bool or a float is not) in [low, high] (default: int64,
+    what the operators take); returned as a Python int. TypeError for another type, ValueError out of range."""
+    if isinstance(value, bool) or not (isinstance(value, int) or _numpy_kind(value) in ("i", "u")):
+        raise TypeError(f"{name} must be an int, got {_given(value)}")
+    value = int(value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be an int in [{low}, {high}], got {value}")
+    return value
+
+
+def check_positive_int(name: str, value, allow_none: bool = False, high: int = INT64_MAX):
+    """``value`` is an int >= 1 (a numpy integer is one; a bool is not) and <= ``high`` (default: int64, what
+    the operators take), or None when ``allow_none``; returned as a Python int (or None).
+
+    A wrong type raises :class:`OptionTypeError` (a TypeError that is also the ValueError this raised before)."""
     if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+        return None
+    kind = f"a positive int{' or None' if allow_none else ''}"
+    if isinstance(value, bool) or not (isinstance(value, int) or _numpy_kind(value) in ("i", "u")):
+        raise OptionTypeError(f"{name} must be {kind}, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    if value > high:
+        raise ValueError(f"{name} must be a positive int <= {high} (int64, what the operators take), got {value!r}")
+    return int(value)
 
 
-OPTION_VALUES = {"weighting": WEIGHTINGS, "logp_reduction": REDUCTIONS, "reduction": REDUCTIONS, "backend": BACKENDS}
+def check_positive(name: str, value, allow_none: bool = False):
+    """``value`` is a real number in [FP32_TINY, FP32_MAX] = [1.2e-38, 3.4e38], or None when ``allow_none``.
 
-
-def check_options(**options) -> None:
-    """Check the keyword options of the losses by name: ``weighting``, ``logp_reduction``, ``reduction``,
-    ``backend`` (one of their strings), ``beta``, ``temperature`` (numbers > 0), ``softcap`` (> 0 or None),
-    ``chunk_size`` (a positive int or None). Other names are not options of the losses (TypeError)."""
-    for name, value in options.items():
-        if name in OPTION_VALUES:
-            check_option(name, value, OPTION_VALUES[name])
-        elif name in ("beta", "temperature"):
-            check_positive(name, value)
-        elif name == "softcap":
-            check_positive(name, value, allow_none=True)
-        elif name == "chunk_size":
-            check_positive_int(name, value, allow_none=True)
-        else:
-            raise TypeError(f"check_options: {name!r} is not a checked option")
-
-
-def check_positive(name: str, value, allow_none: bool = False) -> None:
+    An int or a numpy number is one; a bool, a string or a tensor is not (TypeError). The range is where the
+    value and its inverse are normal float32 numbers: the kernels compute in float32 with 1/temperature,
+    1/beta and 1/softcap, so a value outside it would make a loss of NaN from finite inputs (ValueError).
+    Returned as given (a Python number) or as a float (a numpy number)."""
     if value is None and allow_none:
-        return
-    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) or _numpy_kind(value) in ("i", "u", "f")):
         raise TypeError(f"{name} must be a Python number > 0, got {type(value).__name__} {value!r}")
     if not (value > 0) or value == math.inf:  # NaN fails the first test; comparisons trace under compile
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if not FP32_TINY <= value <= FP32_MAX:
+        raise ValueError(
+            f"{name} must be in [{FP32_TINY:.4g}, {FP32_MAX:.4g}] (it and 1/{name} must be normal float32 "
+            f"numbers: the kernels compute in float32), got {value!r}; "
+            + _RANGE_REMEDIES.get(name, "use a value in that range")
+        )
+    return value if isinstance(value, (int, float)) else float(value)
+
+
+_RANGE_REMEDIES = {
+    "beta": "rescale the rewards instead (r/beta is what counts: divide both by the same factor)",
+    "temperature": "rescale the logits instead (logits/temperature is what counts)",
+    "softcap": "use softcap=None for no cap",
+}
+BOOL_OPTIONS = ("shift_labels", "inplace", "return_aux")
+OPTION_VALUES = {"weighting": WEIGHTINGS, "logp_reduction": REDUCTIONS, "reduction": REDUCTIONS, "backend": BACKENDS}
+
+
+def check_options(**options) -> dict:
+    """Check the keyword options of the ops by name and return them normalised (numpy scalars as Python ones):
+    ``weighting``, ``logp_reduction``, ``reduction``, ``backend`` (one of their strings); ``beta``,
+    ``temperature`` (numbers > 0, :func:`check_positive`), ``softcap`` (the same or None); ``chunk_size`` (a
+    positive int64 or None); ``ignore_index`` (an int64); ``shift_labels``, ``inplace``, ``return_aux``
+    (bools, :func:`check_bool`). Other names are not options of the ops (TypeError)."""
+    out = {}
+    for name, value in options.items():
+        if name in OPTION_VALUES:
+            check_option(name, value, OPTION_VALUES[name])
+        elif name in ("beta", "temperature", "softcap"):
+            value = check_positive(name, value, allow_none=name == "softcap")
+        elif name == "chunk_size":
+            value = check_positive_int(name, value, allow_none=True)
+        elif name == "ignore_index":
+            value = check_int(name, value)
+        elif name in BOOL_OPTIONS:
+            value = check_bool(name, value)
+        else:
+            raise TypeError(f"check_options: {name!r} is not a checked option")
+        out[name] = value
+    return out
 
 
 def _check_tensor(name: str, t, dtypes=None) -> None:
@@ -281,14 +369,16 @@ def shifted_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return shift_left(labels, ignore_index)
 
 
-def check_linear(hidden, weight, bias, chunk_size, grad_accum_dtype=torch.float32) -> None:
-    """Static checks of the fused-linear operands: hidden [B, T, H], weight [V, H], bias [V] or None,
-    and the options of the chunked driver."""
+def check_linear(hidden, weight, bias, grad_accum_dtype=torch.float32) -> None:
+    """Static checks of the fused-linear operands: hidden [B, T, H], weight [V, H] (V >= 1), bias [V] or None,
+    and the accumulator dtype of the chunked driver (chunk_size is an option: :func:`check_options`)."""
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must be non-empty: [V, H] with V >= 1 vocabulary rows, got {tuple(weight.shape)}")
     if hidden.dim() != 3 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"hidden must have shape [B, T, H] with H = weight.shape[1] = {weight.shape[1]}, "
@@ -304,7 +394,6 @@ def check_linear(hidden, weight, bias, chunk_size, grad_accum_dtype=torch.float3
             raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},), got {got}")
         if bias.dtype not in FLOAT_DTYPES:
             raise TypeError(f"bias must be float32, bfloat16 or float16, got {bias.dtype}")
-    check_positive_int("chunk_size", chunk_size, allow_none=True)
     if grad_accum_dtype not in (torch.float32, weight.dtype):
         raise ValueError(
             f"grad_accum_dtype must be torch.float32 or the weight's dtype ({weight.dtype}), got {grad_accum_dtype!r}"

@@ -15,7 +15,8 @@ and the source hash.
    ``$VARKERNELS_CACHE_DIR`` or ``~/.cache/varkernels`` (``$XDG_CACHE_HOME`` honoured), one
    sub-directory per torch version, Python version and machine. The build happens once; an
    exclusive file lock keeps two processes from building at the same time (the second waits,
-   then loads the first one's result).
+   then loads the first one's result). A build says so, where and that it takes minutes in one
+   WARNING log record (``logging.getLogger("varkernels")``), once per process.
 4. No compiler / ninja / Python headers, or a failed build: ONE warning naming the cause and
    ``None`` (``required=False``), or a ``RuntimeError`` with the same message (``required=True``,
    i.e. ``backend="cpu"``). A stale ahead-of-time build replaced by a JIT build is also said in
@@ -62,6 +63,7 @@ log = logging.getLogger("varkernels")
 
 _lock = threading.Lock()
 _state: dict = {}  # "module": the loaded module or None; "error": why it is None; "stale": see _load_aot
+_announced: set = set()  # the build directory once a build has been announced (once per process)
 _on_load: list = []  # callbacks run once the module is loaded (the owner of an operator registers its fake)
 
 
@@ -201,18 +203,44 @@ class _FileLock:
             self.fd = None
 
 
+def _built(build_dir: Path, csrc: Path = CSRC) -> bool:
+    """A JIT build of the current sources is in ``build_dir`` (newer than each of them): loading it is quick."""
+    so = build_dir / f"{MODULE_NAME}.so"
+    try:
+        return all(so.stat().st_mtime >= (csrc / s).stat().st_mtime for s in SOURCES)
+    except OSError:
+        return False
+
+
+def announce_build(build_dir: Path) -> None:
+    """Say that the C++ kernel is being built, where, and that it takes minutes: at WARNING level (shown by
+    default, unlike INFO), the first time in a process; a build already in ``build_dir`` is only logged at
+    INFO. A first build took 5-12 minutes on a loaded machine with nothing shown."""
+    if _built(build_dir) or _announced:
+        log.info("varkernels: loading the JIT build of the C++ CPU kernel in %s", build_dir)
+        return
+    _announced.add(build_dir)
+    log.warning(
+        "varkernels: building the C++ CPU kernel (first use, once per machine and torch version) in %s "
+        "(or waiting there for another process's build); "
+        "this takes 1-2 minutes, longer on a loaded machine. VARKERNELS_VERBOSE_BUILD=1 shows the compiler, "
+        "VARKERNELS_DISABLE_CPP=1 skips it (backend='auto' then takes the PyTorch path).",
+        build_dir,
+    )
+
+
 def _build_jit(verbose: bool = False):
     from torch.utils.cpp_extension import load
 
     build_dir = cache_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
+    announce_build(build_dir)  # before the lock: waiting on another process's build takes minutes too
     with _FileLock(build_dir / ".varkernels-build.lock"):
         # torch's FileBaton ("lock") is left behind if a build is killed, and then every later
         # build waits on it forever; under our lock no other varkernels build can own it.
         stale = build_dir / "lock"
         if stale.exists():
             stale.unlink()
-        log.info("varkernels: JIT-loading the C++ CPU kernel in %s (the first build takes 1-2 min)", build_dir)
         return load(
             name=MODULE_NAME,
             sources=[str(CSRC / s) for s in SOURCES],

@@ -103,7 +103,8 @@ def weighted_nll(
     """
     check_options(reduction=reduction)
     call = prepare_call("logits", logits, labels, ignore_index=ignore_index, shift_labels=shift_labels,
-                        softcap=softcap, temperature=temperature, backend=backend, weights=weights)
+                        softcap=softcap, temperature=temperature, backend=backend, weights=weights,
+                        inplace=inplace, return_aux=return_aux)
     check_inplace(logits, inplace)
     dlp, seq_coef = token_coefficients(weights, call.labels, ignore_index, reduction, shift_labels)
     loss, lp = token_forward(logits, call.flat_labels, dlp, call.opts, inplace=inplace)
@@ -144,7 +145,8 @@ def linear_weighted_nll(
     check_options(reduction=reduction)
     call = prepare_call("hidden", hidden, labels, head=(weight, bias), ignore_index=ignore_index,
                         shift_labels=shift_labels, softcap=softcap, temperature=temperature, backend=backend,
-                        chunk_size=chunk_size, grad_accum_dtype=grad_accum_dtype, weights=weights)
+                        chunk_size=chunk_size, grad_accum_dtype=grad_accum_dtype, weights=weights,
+                        return_aux=return_aux)
     dlp, seq_coef = token_coefficients(weights, call.labels, ignore_index, reduction, shift_labels)
     loss, lp = linear_token_forward(hidden, weight, bias, call.flat_labels, dlp, call.opts)
     return NLLOutput(loss, sequence_values(lp, seq_coef)) if return_aux else loss

@@ -80,7 +80,7 @@ def fused_var_loss(
     check_options(weighting=weighting, logp_reduction=logp_reduction, beta=beta)
     call = prepare_call("logits", logits, labels, ignore_index=ignore_index, shift_labels=shift_labels,
                         softcap=softcap, temperature=temperature, backend=backend, rewards=rewards,
-                        ref_logps=ref_logps)
+                        ref_logps=ref_logps, inplace=inplace, return_aux=return_aux)
     check_inplace(logits, inplace)
     weights, log_z = _var_weights(call, rewards, ref_logps, beta=beta, weighting=weighting)
     dlp, seq_coef = token_coefficients(weights, call.labels, ignore_index, logp_reduction, shift_labels)
@@ -127,7 +127,7 @@ def fused_linear_var_loss(
     call = prepare_call("hidden", hidden, labels, head=(weight, bias), ignore_index=ignore_index,
                         shift_labels=shift_labels, softcap=softcap, temperature=temperature, backend=backend,
                         chunk_size=chunk_size, grad_accum_dtype=grad_accum_dtype, rewards=rewards,
-                        ref_logps=ref_logps)
+                        ref_logps=ref_logps, return_aux=return_aux)
     weights, log_z = _var_weights(call, rewards, ref_logps, beta=beta, weighting=weighting)
     dlp, seq_coef = token_coefficients(weights, call.labels, ignore_index, logp_reduction, shift_labels)
     loss, lp = linear_token_forward(hidden, weight, bias, call.flat_labels, dlp, call.opts)
@@ -137,11 +137,11 @@ def fused_linear_var_loss(
 _VAR_OPTIONS = [
     name for name, p in inspect.signature(fused_var_loss).parameters.items() if p.kind is p.KEYWORD_ONLY
 ]
-_CHECKED = ("beta", "temperature", "softcap", "weighting", "logp_reduction", "backend")
 
 
 class VARLoss(torch.nn.Module):
-    """``nn.Module`` form of :func:`fused_var_loss`; keyword options are checked at construction.
+    """``nn.Module`` form of :func:`fused_var_loss`; keyword options are checked at construction (every one,
+    with the rules of the call: ``VARLoss(inplace="yes")`` is a TypeError), and again by each call.
 
     ``VARLoss(beta=0.5, logp_reduction="sum")(logits, labels, rewards, ref_logps)``.
     """
@@ -151,7 +151,7 @@ class VARLoss(torch.nn.Module):
         unknown = sorted(set(options) - set(_VAR_OPTIONS))
         if unknown:
             raise TypeError(f"VARLoss got unknown options {unknown}; expected some of {_VAR_OPTIONS}")
-        check_options(**{k: v for k, v in options.items() if k in _CHECKED})
+        check_options(**options)
         self.options = options
 
     def forward(self, logits, labels, rewards, ref_logps, **overrides):

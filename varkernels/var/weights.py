@@ -50,7 +50,7 @@ def var_weights_triton_launch(
         r_ptr=rewards, q_ptr=ref_logps, w_ptr=w, log_z_ptr=log_z, B=B,
         stride_rg=srg, stride_rr=srr, stride_rc=src, stride_qg=sqg, stride_qr=sqr, stride_qc=sqc,
         inv_beta=1.0 / beta, log_b=math.log(B),
-        BLOCK_B=triton.next_power_of_2(B), IS_POSTERIOR=posterior,
+        BLOCK_B=triton.next_power_of_2(B), IS_POSTERIOR=posterior, R_IS_F64=rewards.dtype == torch.float64,
         num_warps=4,
     )
     return w, log_z
@@ -70,15 +70,33 @@ on_triton_ops(_register_var_weights_triton)  # registered on first use (varkerne
 
 
 def var_weights_torch(rewards: torch.Tensor, ref_logps: torch.Tensor, beta: float, posterior: bool):
-    """The same maths in PyTorch, in fp32. rewards, ref_logps: [k, B, B] or [k, B]."""
-    R, Q = rewards.detach().float(), ref_logps.detach().float()
+    """The same maths in PyTorch, in fp32. rewards, ref_logps: [k, B, B] or [k, B].
+
+    A row whose R/β overflows float32 (or whose float64 rewards do not fit float32) is computed shifted by
+    c = max_j R[i, j] over its possible pairs (Q > −inf), A' = (R − c)/β + Q ≤ Q (the subtraction in
+    float64 for float64 rewards): the weights are a softmax, unchanged by the shift, and log Ẑ = lse(A') +
+    c/β − log B (±inf when beyond float32). Every other row is computed as written, bit for bit as before;
+    no host sync either way (the rows are chosen with ``torch.where``).
+    """
+    R, Q = rewards.detach(), ref_logps.detach().float()
+    R = R if R.dtype == torch.float64 else R.float()  # float64 rewards are shifted before their fp32 cast
     B = R.shape[1]
     if R.dim() == 2:
         R, Q = R.unsqueeze(1).expand(-1, B, B), Q.unsqueeze(1).expand(-1, B, B)
-    A = R / beta + Q
-    log_z = torch.logsumexp(A, dim=-1) - math.log(B)
-    num = A.diagonal(dim1=-2, dim2=-1) if posterior else R.diagonal(dim1=-2, dim2=-1) / beta
-    return torch.exp(num - log_z).reshape(-1), log_z.reshape(-1)
+    S = R.float() / beta  # R/β; ±inf where it overflows (or R does not fit fp32)
+    A = S + Q
+    possible = Q != -math.inf
+    # a row is shifted when R/β overflowed where it counts (A = R/β − inf = −inf is fine as it is)
+    shift = (A.isnan() | (S.isinf() & possible)).any(dim=-1, keepdim=True)
+    c = torch.where(possible, R, -math.inf).amax(dim=-1, keepdim=True)
+    S = torch.where(shift, (R - torch.where(shift, c, 0)).float() / beta, S)
+    A = torch.where(shift, torch.where(possible, S + Q, -math.inf), A)
+    log_z = torch.logsumexp(A, dim=-1) - math.log(B)  # of the shifted rows' A'
+    num = A.diagonal(dim1=-2, dim2=-1) if posterior else S.diagonal(dim1=-2, dim2=-1)
+    w = torch.exp(num - log_z)
+    shift = shift.squeeze(-1)
+    log_z = torch.where(shift, log_z + (c.squeeze(-1).double() / beta).float(), log_z)
+    return w.reshape(-1), log_z.reshape(-1)
 
 
 def var_weights(rewards, ref_logps, *, groups: int, group_size: int, cross_pairs: bool, beta: float,
