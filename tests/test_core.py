@@ -450,7 +450,7 @@ def test_weight_grad_accumulated_in_the_parameter_dtype(monkeypatch, backend):
     """grad_accum_dtype=weight.dtype: a bf16 [V, H] accumulator (V·H·2 bytes less), one bf16 rounding
     per chunk. Its error is bounded by PyTorch's own plus one bf16 half-ulp of the largest gradient per
     chunk; the fp32 default stays within the tolerance policy (test_fused_linear.py). Measured here
-    (README): 2.5x PyTorch's error with 32 chunks, 1.05x with 8."""
+    (docs/design.md §2.5): 2.5x PyTorch's error with 32 chunks, 1.05x with 8."""
     require_backend(backend)
     seen = []
     _spy_driver(monkeypatch, lambda out: seen.append(out[3].dtype))

@@ -56,7 +56,7 @@ def test_fused_linear_parity(backend, dtype, case):
     h, W, b, y, R, Q = make(3, 11, 33, 1001, bias=bias, pairs=pairs, reduction=case.get("logp_reduction", "mean"))
     ref_kw = {k: v for k, v in case.items() if k != "chunk_size"}
     # The gradient is computed in the forward, before the upstream scale is known: in bf16 it is
-    # rounded once before the scale and once after (README "Numerics"), where autograd rounds
+    # rounded once before the scale and once after (docs/design.md §2.5), where autograd rounds
     # once. So the upstream scale is exercised in fp32 here; bf16 runs with an upstream of 1.
     up = 3.0 if dtype == torch.float32 else 1.0
     truth, tg = run_loss(linear_var_loss_reference, h, W, b, y, R, Q, torch.float64, upstream=up, **ref_kw)
