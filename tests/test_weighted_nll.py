@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 from helpers import DTYPES, IGNORE_INDEX, assert_close, lp_atol, make_labels, make_logits, require_backend
-from test_validation import BAD_INPUTS, assert_untouched, snapshot
+from bad_inputs import BAD_INPUTS, assert_untouched, snapshot
 
 import varkernels
 from varkernels import NLLOutput, linear_weighted_nll, weighted_nll
