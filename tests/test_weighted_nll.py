@@ -13,8 +13,8 @@ import sys
 
 import pytest
 import torch
-from helpers import DTYPES, IGNORE_INDEX, assert_close, lp_atol, make_labels, make_logits, require_backend
 from bad_inputs import BAD_INPUTS, assert_untouched, snapshot
+from helpers import DTYPES, IGNORE_INDEX, assert_close, lp_atol, make_labels, make_logits, require_backend
 
 import varkernels
 from varkernels import NLLOutput, linear_weighted_nll, weighted_nll
@@ -83,19 +83,39 @@ def check_parity(logits, labels, weights, *, backend, dtype, upstream=1.0, **opt
 # Logits form
 # --------------------------------------------------------------------------------------------
 
-SHAPES = [(1, 1, 1000), (3, 9, 1001), (4, 5, 32003)]
+# The weights' form and the reduction only change the per-token coefficients, computed before the backend
+# runs (varkernels/nll.py: token_coefficients): the dtype × backend × shape matrix takes one (form, reduction)
+# per shape, and test_parity_form_and_reduction takes every pair at one shape.
+SHAPES = [(1, 1, 1000, "token", "sum"), (3, 9, 1001, "sequence", "mean")]
+SLOW_SHAPES = [(4, 5, 32003, "token", "mean")]  # a row of 2 to 8 BLOCK_V tiles (test_single_pass covers tiles)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("B,T,V", SHAPES, ids=[f"B{b}-T{t}-V{v}" for b, t, v in SHAPES])
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_parity(dtype, backend, B, T, V, form, reduction):
+def _shape_id(c):
+    return "B{}-T{}-V{}-{}-{}".format(*c)
+
+
+def _parity_case(dtype, backend, B, T, V, form, reduction):
     require_backend(backend)
     labels = make_labels(B, T, V, ignored_rows=(B - 1,) if B > 2 else ())
     logits = make_logits(B, T, V, labels=torch.where(labels == IGNORE_INDEX, 0, labels), requires_grad=False)
     check_parity(logits, labels, make_weights(labels, form), backend=backend, dtype=dtype, reduction=reduction)
+
+
+@pytest.mark.parametrize("B,T,V,form,reduction", [
+    *(pytest.param(*c, id=_shape_id(c)) for c in SHAPES),
+    *(pytest.param(*c, id=_shape_id(c), marks=pytest.mark.slow) for c in SLOW_SHAPES),
+])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_parity(dtype, backend, B, T, V, form, reduction):
+    _parity_case(dtype, backend, B, T, V, form, reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parity_form_and_reduction(backend, form, reduction):
+    _parity_case(torch.float32, backend, 3, 9, 1001, form, reduction)
 
 
 OPTION_CASES = {
@@ -250,22 +270,23 @@ def run_linear(fn, h, W, b, y, weights, dtype, upstream=1.0, **kw):
     return loss, s, [t.grad for t in ts]
 
 
+# Each case takes one weights form and one reduction (they only change the coefficients, see test_parity);
+# together the cases take both of each on every backend and dtype.
 LINEAR_CASES = [
-    dict(),
-    dict(chunk_size=4),  # chunk boundaries in the middle of sequences
-    dict(shift_labels=True, chunk_size=3),
-    dict(softcap=2.5, temperature=0.8, reduction="sum"),
+    dict(form="token", reduction="mean"),
+    dict(form="sequence", reduction="sum", chunk_size=4),  # chunk boundaries in the middle of sequences
+    dict(form="token", reduction="sum", shift_labels=True, chunk_size=3),
+    dict(form="sequence", reduction="mean", softcap=2.5, temperature=0.8),
 ]
 
 
-@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_linear_parity(dtype, backend, form, reduction, case):
+def test_linear_parity(dtype, backend, case):
     require_backend(backend)
-    case = {"reduction": reduction, **case}
+    case = dict(case)
+    form = case.pop("form")
     h, W, b, y = make_linear(3, 11, 33, 1001)
     weights = make_weights(y, form)
     ref_kw = {k: v for k, v in case.items() if k != "chunk_size"}
@@ -359,8 +380,9 @@ def test_weights_that_require_grad_are_an_error(fn):
     weighted_nll(logits, labels, (w * 2).detach())  # what the message says works
 
 
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("fn", ["weighted_nll", "linear_weighted_nll"])
+# per-token weights through the logits form, per-sequence weights through the fused-linear form: both
+# branches of token_coefficients are traced
+@pytest.mark.parametrize("fn,form", [("weighted_nll", "token"), ("linear_weighted_nll", "sequence")])
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_compile_fullgraph_no_breaks_and_eager_parity(backend, fn, form, one_torch_thread):
     require_backend(backend)
@@ -461,12 +483,12 @@ WEIGHT_CASES = [
 CASES = [c for c in BAD_INPUTS if not c[0].startswith(_VAR_ONLY)] + WEIGHT_CASES
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("fn", ["weighted_nll", "linear_weighted_nll"])
 @pytest.mark.parametrize("case,edit,exc,pattern", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(case, edit, exc, pattern, fn, backend):
+def test_bad_input(case, edit, exc, pattern, fn):
     kw = valid_call()
-    kw["backend"] = backend
+    # prepare_call validates before any backend runs (tests/test_validation.py::test_validation_runs_before_dispatch)
+    kw["backend"] = "torch"
     if fn == "weighted_nll":
         kw["inplace"] = True
     edit(kw)
