@@ -23,7 +23,7 @@ The single-pass kernel (rows held on chip, ``_token_kernel_single``) is compiled
 configurations ``token_kernel_config`` gives: V = 32000 and its cap 32768 (one specialisation,
 BLOCK_V = 32768, num_warps = 32), with softcap 16000 and its cap 16384 (BLOCK_V = 16384,
 num_warps = 32), odd V 32003 in fp32 and 16003 in 16-bit dtypes, for every variant and dtype. It
-is launched by ``test_single_pass.launch_token``, the mirror of ``token_triton`` with that table.
+is launched by ``launch_token`` (tests/token_launch.py), the mirror of ``token_triton`` with that table.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import functools
 
 import pytest
 import torch
-from test_single_pass import launch_token
+from token_launch import launch_token
 
 from varkernels.core import _triton_kernels
 from varkernels.core.autograd import scale_triton_launch

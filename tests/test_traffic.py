@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_single_pass import launch_token
+from token_launch import launch_token
 
 from varkernels import fused_var_loss, var_loss_reference
 from varkernels.core import _triton_kernels as K
