@@ -8,6 +8,7 @@ both reductions; the options; VAR as weights → this loss; torch.compile; grad 
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -404,20 +405,36 @@ def test_compile_fullgraph_no_breaks_and_eager_parity(backend, fn, form, one_tor
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
     torch._dynamo.reset()
-    params = [*proj.parameters(), head.weight]
 
-    def loss_and_grads(g):
+    def reference(proj, head):
+        """f with the loss of varkernels.reference: plain PyTorch in fp32 (the yardstick), float64 (the truth)."""
+
+        def g(x, labels, weights):
+            x, weights = x.to(head.weight.dtype), weights.to(head.weight.dtype)
+            h = torch.tanh(proj(x))
+            if fn == "weighted_nll":
+                return weighted_nll_reference(head(h), labels, weights, shift_labels=True)
+            return linear_weighted_nll_reference(h, head.weight, labels, weights, shift_labels=True)
+
+        return g, [*proj.parameters(), head.weight]
+
+    def loss_and_grads(g, params):
         for p in params:
             p.grad = None
         loss = g(x, labels, weights)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in params]
 
-    eager = loss_and_grads(f)
-    compiled = loss_and_grads(torch.compile(f, backend="aot_eager", fullgraph=True))
-    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
-    for a, b in zip(compiled[1], eager[1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    params = [*proj.parameters(), head.weight]
+    eager = loss_and_grads(f, params)
+    compiled = loss_and_grads(torch.compile(f, backend="aot_eager", fullgraph=True), params)
+    ref = loss_and_grads(*reference(proj, head))
+    truth = loss_and_grads(*reference(copy.deepcopy(proj).double(), copy.deepcopy(head).double()))
+    token_floor = lp_atol(token_weights(weights, labels, dict(shift_labels=True)))
+    for label, (loss, grads) in (("compiled", compiled), ("eager", eager)):
+        assert_close(loss, ref[0], truth[0], name=f"{label} loss", atol_floor=token_floor)
+        for name, a, r, t in zip(("proj.weight", "proj.bias", "head.weight"), grads, ref[1], truth[1]):
+            assert_close(a, r, t, name=f"{label} grad of {name}")
 
 
 def test_cpu_backend_loads_its_kernel_in_a_fresh_process():
