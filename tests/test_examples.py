@@ -34,6 +34,7 @@ def cm():
         sys.path.remove(str(EXAMPLES))
 
 
+@pytest.mark.slow  # ~1 min of training every method end to end: CI runs it with -m slow
 def test_compare_methods_quick(tmp_path):
     """Every method trains; one row per setting; trained policies moved away from the reference and
     gained reward; the DPO cross-check ran; the plot exists. Output goes to tmp_path only."""

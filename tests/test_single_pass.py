@@ -105,6 +105,16 @@ def test_parity(dtype, V, mode):
     _check(x, labels, coef, mode=mode)
 
 
+@pytest.mark.parametrize("mode", ["var", "logps_fwd", "logps_bwd"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_parity_tiled_kernel_two_tiles(dtype, mode):
+    """The tiled kernel forced at V = 5000: two BLOCK_V = 4096 tiles, the second mostly masked (the online max
+    and sum across tiles, the masked tail), at a size the interpreter runs quickly; the public ops reach it
+    only for long rows (V > 32768, or 16-bit V > 16384 not a multiple of 8)."""
+    x, labels, coef = _inputs(2, 3, 5000, DTYPES[dtype])
+    _check(x, labels, coef, mode=mode, kernel="tiled")
+
+
 OPTIONS = {
     "softcap-saturating": dict(softcap=8.0),
     "softcap-gentle": dict(softcap=60.0),  # the small-argument branch of tanh
