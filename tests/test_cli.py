@@ -12,8 +12,7 @@ pytest.importorskip("datasets")
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
 yaml = pytest.importorskip("yaml")
 
-from test_text_trainer import reward_model_and_tokenizer  # noqa: E402
-from tiny_text import brute_force_logp, count_topic, llama, rows, tokenizer  # noqa: E402
+from tiny_text import brute_force_logp, count_topic, llama, reward_model_and_tokenizer, rows, tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -23,7 +23,7 @@ The single-pass kernel (rows held on chip, ``_token_kernel_single``) is compiled
 configurations ``token_kernel_config`` gives: V = 32000 and its cap 32768 (one specialisation,
 BLOCK_V = 32768, num_warps = 32), with softcap 16000 and its cap 16384 (BLOCK_V = 16384,
 num_warps = 32), odd V 32003 in fp32 and 16003 in 16-bit dtypes, for every variant and dtype. It
-is launched by ``test_single_pass.launch_token``, the mirror of ``token_triton`` with that table.
+is launched by ``launch_token`` (tests/token_launch.py), the mirror of ``token_triton`` with that table.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import functools
 
 import pytest
 import torch
-from test_single_pass import launch_token
+from token_launch import launch_token
 
 from tools import aot
 from varkernels.core import _triton_kernels
@@ -140,6 +140,27 @@ WEIGHTS_CASES += [(8, "posterior", "matrix", "bf16")]
 SCALE_CASES = [(d, V) for d in DTYPES for V in VOCABS]
 
 
+def _distinct(cases, spec_of, seen: set) -> list:
+    """The cases whose specialisation no case before them has: cases of one specialisation compile to one cubin,
+    so their resource checks are one test (which cases share one is checked by test_vocab_size_is_a_runtime_argument
+    and test_single_pass_cap_is_one_specialisation). Specs come from meta-tensor launches: no GPU, no compile."""
+    out = []
+    for case in cases:
+        spec = spec_of(*case)
+        if spec not in seen:
+            seen.add(spec)
+            out.append(case)
+    return out
+
+
+_SEEN: set = set()
+TOKEN_CHECKED = _distinct(TOKEN_CASES, token_spec, _SEEN)
+TOKEN_EXTRA_CHECKED = _distinct(TOKEN_EXTRA_CASES, token_spec, _SEEN)
+SINGLE_CHECKED = _distinct(SINGLE_CASES, single_spec, _SEEN)
+WEIGHTS_CHECKED = _distinct(WEIGHTS_CASES, weights_spec, _SEEN)
+SCALE_CHECKED = _distinct(SCALE_CASES, scale_spec, _SEEN)
+
+
 @pytest.fixture(scope="module")
 def compiled():
     """{(spec, arch): resources} for every spec of this module, compiled in one batch."""
@@ -164,31 +185,33 @@ def _assert_no_spills(res: dict, spec: aot.KernelSpec):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("variant,dtype,V", TOKEN_CASES)
+@pytest.mark.parametrize("variant,dtype,V", TOKEN_CHECKED)
 def test_token_kernel_no_spills(compiled, variant, dtype, V, arch):
     spec = token_spec(variant, dtype, V)
     _assert_no_spills(compiled[(spec, arch)], spec)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("variant,dtype,V,labels_dtype", TOKEN_EXTRA_CASES)
+@pytest.mark.parametrize("variant,dtype,V,labels_dtype", TOKEN_EXTRA_CHECKED)
 def test_token_kernel_no_spills_odd_vocab_and_int32_labels(compiled, variant, dtype, V, labels_dtype, arch):
     spec = token_spec(variant, dtype, V, labels_dtype)
     _assert_no_spills(compiled[(spec, arch)], spec)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("variant,dtype,V", SINGLE_CASES)
+@pytest.mark.parametrize("variant,dtype,V", SINGLE_CHECKED)
 def test_single_pass_kernel_no_spills(compiled, variant, dtype, V, arch):
     spec = single_spec(variant, dtype, V)
-    ce = dict(spec.constexprs)
-    _, block, num_warps = _triton_kernels.token_kernel_config(V, DTYPES[dtype], softcap=TOKEN_VARIANTS[variant][2])
-    assert (ce["BLOCK_V"], spec.num_warps) == (block, num_warps) and block >= V
     _assert_no_spills(compiled[(spec, arch)], spec)
 
 
 def test_single_pass_cap_is_one_specialisation():
-    """V = 32000 and the cap 32768 (and 16000 / 16384 with softcap) compile to the same cubin."""
+    """V = 32000 and the cap 32768 (and 16000 / 16384 with softcap) compile to the same cubin, and every
+    single-pass launch has the BLOCK_V and num_warps of token_kernel_config."""
+    for variant, dtype, V in SINGLE_CASES:
+        spec = single_spec(variant, dtype, V)
+        _, block, num_warps = _triton_kernels.token_kernel_config(V, DTYPES[dtype], softcap=TOKEN_VARIANTS[variant][2])
+        assert (dict(spec.constexprs)["BLOCK_V"], spec.num_warps) == (block, num_warps) and block >= V
     for variant in TOKEN_VARIANTS:
         for dtype in DTYPES:
             vocabs = SINGLE_VOCABS[TOKEN_VARIANTS[variant][2] is not None]
@@ -196,14 +219,14 @@ def test_single_pass_cap_is_one_specialisation():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("batch,weighting,form,dtype", WEIGHTS_CASES)
+@pytest.mark.parametrize("batch,weighting,form,dtype", WEIGHTS_CHECKED)
 def test_weights_kernel_no_spills(compiled, batch, weighting, form, dtype, arch):
     spec = weights_spec(batch, weighting, form, dtype)
     _assert_no_spills(compiled[(spec, arch)], spec)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("dtype,V", SCALE_CASES)
+@pytest.mark.parametrize("dtype,V", SCALE_CHECKED)
 def test_scale_kernel_no_spills(compiled, dtype, V, arch):
     spec = scale_spec(dtype, V)
     _assert_no_spills(compiled[(spec, arch)], spec)

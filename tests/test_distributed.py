@@ -8,8 +8,6 @@ tests/test_trainer.py.) Workers run with one torch thread and a deadline, so CI 
 """
 
 import os
-import socket
-import time
 
 import pytest
 import torch
@@ -17,8 +15,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
 
+from _distributed import _run  # noqa: E402
 from helpers import assert_close  # noqa: E402
-from test_trainer import V, make_dataset, parity_reward  # noqa: E402
+from tiny_trainer import V, make_dataset, parity_reward  # noqa: E402
 
 from varkernels.reference import linear_var_loss_reference  # noqa: E402
 from varkernels.training.data import VARCollator, VARDataset  # noqa: E402
@@ -74,12 +73,6 @@ def max_diff(actual: dict, expected: dict) -> tuple[float, float]:
 # ----------------------------------------------------------------------------- spawning
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _init(rank, world_size, port):
     import torch.distributed as dist
 
@@ -88,19 +81,6 @@ def _init(rank, world_size, port):
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     return dist
-
-
-def _run(worker, *args, nprocs=2, deadline_s=240):
-    """Start ``worker(rank, nprocs, port, *args)`` in ``nprocs`` processes; fail (never hang) after the deadline."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(worker, args=(nprocs, _free_port(), *args), nprocs=nprocs, join=False)
-    deadline = time.monotonic() + deadline_s
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail(f"{worker.__name__} did not finish within {deadline_s} s")
 
 
 def _leave(dist):

@@ -8,7 +8,7 @@ import gc
 
 import pytest
 import torch
-from helpers import make_labels, make_pairs, require_backend
+from helpers import assert_close, make_labels, make_pairs, require_backend
 
 import varkernels
 from varkernels.core import _grad_buffers
@@ -34,10 +34,16 @@ def _inputs(seed):
     return logits, labels, R, Q
 
 
-def _expected_grad(logits, labels, R, Q):
-    x = logits.detach().clone().requires_grad_()
-    var_loss_reference(x, labels, R, Q).backward()
+def _reference_grad(logits, labels, R, Q, dtype):
+    x = logits.detach().to(dtype).clone().requires_grad_()
+    var_loss_reference(x, labels, R.to(dtype), Q.to(dtype)).backward()
     return x.grad
+
+
+def _assert_grad(grad, logits, labels, R, Q):
+    """The tolerance policy (helpers.assert_close): the fp32 reference is the yardstick, float64 the truth."""
+    ref, truth = (_reference_grad(logits, labels, R, Q, dtype) for dtype in (torch.float32, torch.float64))
+    assert_close(grad, ref, truth, name="logits grad")
 
 
 def _storage_span(t):
@@ -58,7 +64,7 @@ def test_reused_buffer_gives_correct_gradients(backend):
     logits, labels, R, Q = _inputs(0)
     varkernels.fused_var_loss(logits, labels, R, Q, backend=backend).backward()
     first_ptr = logits.grad.data_ptr()
-    torch.testing.assert_close(logits.grad, _expected_grad(logits, labels, R, Q))
+    _assert_grad(logits.grad, logits, labels, R, Q)
     logits.grad.fill_(123.0)  # poison the buffer before it goes back
     logits.grad = None
     gc.collect()
@@ -69,7 +75,7 @@ def test_reused_buffer_gives_correct_gradients(backend):
     varkernels.fused_var_loss(logits2, labels2, R2, Q2, backend=backend).backward()
     assert varkernels.grad_buffer_stats()["hits"] == hits + 1
     assert logits2.grad.data_ptr() == first_ptr  # the same memory, reused
-    torch.testing.assert_close(logits2.grad, _expected_grad(logits2, labels2, R2, Q2))
+    _assert_grad(logits2.grad, logits2, labels2, R2, Q2)
     assert (logits2.grad[0] == 0).all()
 
 
@@ -84,8 +90,8 @@ def test_two_live_gradients_never_share_memory():
     varkernels.fused_var_loss(a, labels_a, Ra, Qa).backward()  # ... and is taken again here
     varkernels.fused_var_loss(b, labels_b, Rb, Qb).backward()
     assert _disjoint(a.grad, b.grad)
-    torch.testing.assert_close(a.grad, _expected_grad(a, labels_a, Ra, Qa))
-    torch.testing.assert_close(b.grad, _expected_grad(b, labels_b, Rb, Qb))
+    _assert_grad(a.grad, a, labels_a, Ra, Qa)
+    _assert_grad(b.grad, b, labels_b, Rb, Qb)
 
     view = b.grad[1]  # b's gradient stays alive through this view only
     kept = view.clone()
@@ -117,7 +123,7 @@ def test_the_switch_turns_the_cache_off():
     before = varkernels.grad_buffer_stats()
     for _ in range(2):
         varkernels.fused_var_loss(logits, labels, R, Q).backward()
-        torch.testing.assert_close(logits.grad, _expected_grad(logits, labels, R, Q))
+        _assert_grad(logits.grad, logits, labels, R, Q)
         logits.grad = None
         gc.collect()
     after = varkernels.grad_buffer_stats()

@@ -435,7 +435,7 @@ def _two_rank_worker(rank, world_size, port, out_dir):
 
 
 def test_two_ranks_weights_use_the_whole_group(tmp_path):
-    from test_distributed import _run  # the spawning helper of the other 2-process tests
+    from _distributed import _run  # the spawning helper of the other 2-process tests
 
     _run(_two_rank_worker, str(tmp_path), deadline_s=240)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))

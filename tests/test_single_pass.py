@@ -3,7 +3,7 @@
 For rows that fit on chip the kernel holds the whole row in registers: one read of the logits,
 one write of the gradient. It takes the arguments of the tiled ``_token_kernel``, so the
 token op's launcher only swaps the kernel and (BLOCK_V, num_warps), which
-``token_kernel_config(V, dtype, softcap=...)`` chooses. ``launch_token`` below mirrors
+``token_kernel_config(V, dtype, softcap=...)`` chooses. ``launch_token`` (tests/token_launch.py) mirrors
 ``varkernels.core.token.token_triton_launch`` with that choice (or a forced kernel); the tests run both
 kernels on the same inputs and check:
 
@@ -21,49 +21,12 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import IGNORE_INDEX, assert_close, exp2_grad_atol, exp2_lp_atol, lp_atol, make_labels, make_logits
+from token_launch import launch_token
 
-from varkernels._backend import triton_interpret
 from varkernels.core import _triton_kernels as K
 from varkernels.reference import token_logps_reference, transform_logits
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def launch_token(x, labels, coef, grad, lse_in, *, softcap=None, temperature=1.0, ignore_index=IGNORE_INDEX,
-                 kernel="auto"):
-    """``token_triton_launch`` of varkernels/core/token.py, with the kernel choice forcible.
-
-    kernel: "auto" (the configuration table), "single" or "tiled" (forced, with the launch
-    parameters the table gives that kernel). Returns (lp [B·T] fp32, lse [B·T] fp32).
-    """
-    import triton
-
-    B, T, V = x.shape
-    N = B * T
-    auto, block, num_warps = K.token_kernel_config(V, x.dtype, softcap=softcap)
-    if kernel == "single":
-        fn, block = K._token_kernel_single, triton.next_power_of_2(V)
-        num_warps = min(32, max(4, block // 1024))  # the interpreter ignores it
-    elif kernel == "tiled":
-        fn, block, num_warps = K._token_kernel, min(triton.next_power_of_2(V), K.MAX_FUSED_SIZE), K.TOKEN_NUM_WARPS
-    else:
-        fn = auto
-    lp = torch.empty(N, dtype=torch.float32, device=x.device)
-    lse = torch.empty(N, dtype=torch.float32, device=x.device)
-    gs = grad.stride() if grad is not None else (0, 0, 0)
-    rne = grad is not None and grad.dtype == torch.bfloat16 and grad.device.type != "cuda" and triton_interpret()
-    fn[(N,)](
-        x_ptr=x, grad_ptr=grad, labels_ptr=labels, coef_ptr=coef, lse_in_ptr=lse_in,
-        lp_ptr=lp, lse_ptr=lse,
-        T=T, V=V,
-        stride_xb=x.stride(0), stride_xt=x.stride(1), stride_xv=x.stride(2),
-        stride_gb=gs[0], stride_gt=gs[1], stride_gv=gs[2],
-        softcap=softcap, inv_temperature=1.0 / temperature, ignore_index=ignore_index,
-        BLOCK_V=block, RNE_BF16=rne,
-        HAS_GRAD=grad is not None, HAS_LSE_IN=lse_in is not None, HAS_SOFTCAP=softcap is not None,
-        num_warps=num_warps,
-    )
-    return lp, lse
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,11 +98,23 @@ def _check(x, labels, coef, *, softcap=None, temperature=1.0, mode="var", kernel
 
 
 @pytest.mark.parametrize("mode", ["var", "logps_fwd", "logps_bwd"])
-@pytest.mark.parametrize("V", [1000, 32003])
+# V = 32003 (a 32768 block) is the same code at a size the interpreter runs slowly; the default run keeps a
+# long row in test_auto_configuration_runs_single_pass and test_parity_options_long_row
+@pytest.mark.parametrize("V", [1000, pytest.param(32003, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_parity(dtype, V, mode):
     x, labels, coef = _inputs(3, 5, V, DTYPES[dtype])
     _check(x, labels, coef, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["var", "logps_fwd", "logps_bwd"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_parity_tiled_kernel_two_tiles(dtype, mode):
+    """The tiled kernel forced at V = 5000: two BLOCK_V = 4096 tiles, the second mostly masked (the online max
+    and sum across tiles, the masked tail), at a size the interpreter runs quickly; the public ops reach it
+    only for long rows (V > 32768, or 16-bit V > 16384 not a multiple of 8)."""
+    x, labels, coef = _inputs(2, 3, 5000, DTYPES[dtype])
+    _check(x, labels, coef, mode=mode, kernel="tiled")
 
 
 OPTIONS = {

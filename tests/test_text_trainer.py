@@ -16,7 +16,7 @@ datasets = pytest.importorskip("datasets")
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
 
 import tiny_text  # noqa: E402
-from tiny_text import brute_force_logp, count_topic, llama, rows, tokenizer  # noqa: E402
+from tiny_text import brute_force_logp, count_topic, llama, reward_model_and_tokenizer, rows, tokenizer  # noqa: E402
 
 from varkernels.training.data import VARDataset  # noqa: E402
 from varkernels.training.trainer import VARConfig, VARTrainer  # noqa: E402
@@ -123,17 +123,6 @@ def test_preference_dataset_each_response_an_example(tmp_path):
     trainer.train()
 
 
-def reward_model_and_tokenizer(pad_token_id=None):
-    """A reward model over another vocabulary (the words reversed, two more) without a pad_token_id."""
-    words = ["<unk>", "<eos>", "<bos>", "<pad>", "x", "y"] + [f"w{i}" for i in reversed(range(26))]
-    tok = tokenizer(words, bos=False, pad=False)
-    torch.manual_seed(5)
-    cfg = transformers.LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, num_labels=1,
-                                   pad_token_id=pad_token_id)
-    return transformers.LlamaForSequenceClassification(cfg).eval(), tok
-
-
 def test_reward_model_with_its_own_tokenizer_batched_without_pad(tmp_path, monkeypatch):
     tok, data = tokenizer(), rows(8, seed=4)
     rm, rm_tok = reward_model_and_tokenizer()
@@ -213,7 +202,7 @@ def test_reward_column_shared_context_and_weights(tmp_path):
 
 
 def test_prebuilt_var_dataset_still_works(tmp_path):
-    from test_trainer import make_dataset, tiny_llama
+    from tiny_trainer import make_dataset, tiny_llama
 
     trainer = VARTrainer(model=tiny_llama(), args=config(tmp_path), train_dataset=make_dataset())
     trainer.train()
@@ -260,7 +249,7 @@ def _short(prompts, completions, **kw):
 
 def test_token_level_errors_name_the_users_example():
     """VARDataset.build on token ids: positions inside a group used to be reported (responses[3], pair (0, 2))."""
-    from test_trainer import V, tiny_llama
+    from tiny_trainer import V, tiny_llama
 
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, V, (3,), generator=g) for _ in range(8)]
@@ -283,7 +272,7 @@ def test_token_level_errors_name_the_users_example():
 
 
 def test_group_size_one_is_an_error(tmp_path):
-    from test_trainer import V, tiny_llama
+    from tiny_trainer import V, tiny_llama
 
     with pytest.raises(ValueError, match=r"group_size must be an int >= 2, got 1.*plain SFT"):
         config(tmp_path, group_size=1)
@@ -467,7 +456,7 @@ def test_a_killed_writer_leaves_no_cache_file_and_nothing_is_swept(tmp_path):
 
 
 def test_token_level_build_takes_lists_of_ids_and_points_text_to_the_trainer():
-    from test_trainer import tiny_llama
+    from tiny_trainer import tiny_llama
 
     ref = tiny_llama().eval()
     ids = [[1, 2, 3], [4, 5], [6], [7, 8]]

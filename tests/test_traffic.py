@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_single_pass import launch_token
+from token_launch import launch_token
 
 from tools.traffic import count_aten_traffic, count_triton_traffic, tensor_bytes
 from varkernels import fused_var_loss, var_loss_reference

@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 trl = pytest.importorskip("trl", reason="test extra: pip install trl")
 pytest.importorskip("datasets", reason="test extra: pip install datasets")
 
-from test_trainer import V, assert_close, make_dataset, tiny_llama  # noqa: E402
+from tiny_trainer import V, assert_close, make_dataset, tiny_llama  # noqa: E402
 
 from varkernels.training.data import VARCollator  # noqa: E402
 from varkernels.training.trainer import compute_var_loss  # noqa: E402

@@ -62,3 +62,16 @@ def brute_force_logp(model, prompt_ids, completion_ids):
         logits = model(torch.cat([prompt_ids, completion_ids])[None]).logits[0].double()
     lp = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], -1).gather(-1, completion_ids[:, None])
     return float(lp.mean())
+
+
+def reward_model_and_tokenizer(pad_token_id=None):
+    """A reward model over another vocabulary (the words reversed, two more) without a pad_token_id."""
+    import transformers
+
+    words = ["<unk>", "<eos>", "<bos>", "<pad>", "x", "y"] + [f"w{i}" for i in reversed(range(26))]
+    tok = tokenizer(words, bos=False, pad=False)
+    torch.manual_seed(5)
+    cfg = transformers.LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, num_labels=1,
+                                   pad_token_id=pad_token_id)
+    return transformers.LlamaForSequenceClassification(cfg).eval(), tok
