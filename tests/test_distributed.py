@@ -15,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
 
-from _distributed import _run  # noqa: E402
+from _distributed import _init, _leave, _run  # noqa: E402
 from helpers import assert_close  # noqa: E402
 from tiny_trainer import V, make_dataset, parity_reward  # noqa: E402
 
@@ -71,22 +71,6 @@ def max_diff(actual: dict, expected: dict) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------- spawning
-
-
-def _init(rank, world_size, port):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    return dist
-
-
-def _leave(dist):
-    dist.barrier()
-    # As in the DDP test: skip interpreter teardown, where destroying the gloo group can deadlock.
-    os._exit(0)
 
 
 # ----------------------------------------------------------------------------- FSDP2

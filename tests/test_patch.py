@@ -329,7 +329,7 @@ FSDP_ROWS = 4  # 2 rows per rank
 
 
 def _fsdp2_worker(rank, world_size, port, data, weights, out_dir):
-    from test_distributed import _init, _leave
+    from _distributed import _init, _leave
 
     dist = _init(rank, world_size, port)
     try:
@@ -362,7 +362,7 @@ def _fsdp2_worker(rank, world_size, port, data, weights, out_dir):
 def test_fsdp2_two_ranks_equal_one_process(tmp_path):
     """fully_shard on the layers and the root of a patched model: the loss runs in lm_head on the gathered
     weight (outside the forward it is a shard); gradients equal one process on the whole batch."""
-    from test_distributed import _run
+    from _distributed import _run
 
     data = batch(rows=FSDP_ROWS)
     w = torch.rand(FSDP_ROWS, generator=torch.Generator().manual_seed(4)) + 0.5
