@@ -191,10 +191,10 @@ def test_weight_grad_gemm_check_catches_a_wrong_accumulation(monkeypatch):
     import varkernels.core.linear as lin
 
     assert gpu_parity.check_weight_grad_gemm(128, 77, 32, torch.bfloat16, "cpu").startswith("cpu")
-    monkeypatch.setattr(lin, "_accumulate_weight_grad", lambda gw, g, h: gw + g.float().t() @ h.float())
+    monkeypatch.setattr(lin, "_accumulate_weight_grad", lambda gw, g, h, backend: gw + g.float().t() @ h.float())
     with pytest.raises(AssertionError, match="in place"):
         gpu_parity.check_weight_grad_gemm(128, 77, 32, torch.bfloat16, "cpu")
-    monkeypatch.setattr(lin, "_accumulate_weight_grad", lambda gw, g, h: gw.addmm_(g.t().float(), h.float(),
+    monkeypatch.setattr(lin, "_accumulate_weight_grad", lambda gw, g, h, backend: gw.addmm_(g.t().float(), h.float(),
                                                                                    alpha=1 + 1e-3))
     with pytest.raises(AssertionError, match="grad_weight accumulator"):
         gpu_parity.check_weight_grad_gemm(128, 77, 32, torch.bfloat16, "cpu")

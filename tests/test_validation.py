@@ -38,7 +38,7 @@ def test_validation_runs_before_dispatch(monkeypatch, backend):
         raise AssertionError(f"a kernel was reached on backend={backend!r} although the input is bad")
 
     monkeypatch.setattr(var_loss, "_var_weights", dispatched)
-    monkeypatch.setattr(var_loss, "nll_forward", dispatched)
+    monkeypatch.setattr(var_loss, "token_forward", dispatched)
     with pytest.raises(AssertionError, match="a kernel was reached"):  # the spies are the ones called
         fused_var_loss(**valid_call(), backend=backend)
     for case, edit, exc, pattern in BAD_INPUTS:

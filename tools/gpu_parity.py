@@ -224,7 +224,7 @@ def check_weight_grad_gemm(N, V, H, dtype, device) -> str:
 
     torch.addmm = spy
     try:
-        out = _accumulate_weight_grad(gw, g, h)
+        out = _accumulate_weight_grad(gw, g, h, "triton" if torch.device(device).type == "cuda" else "torch")
     finally:
         torch.addmm = real_addmm
     branch = "cpu: addmm_ of fp32 copies"
