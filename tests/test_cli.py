@@ -68,7 +68,9 @@ CONSOLE_SCRIPT = "import sys; from varkernels.training.cli import main; sys.exit
 
 
 def test_console_script_exits_0_after_training(tmp_path):
-    """varkernels-train in a fresh process, as the console script runs it: it trains, saves and exits 0."""
+    """varkernels-train in a fresh process, as the console script runs it: it trains, logs its loss (logging_steps
+    defaults to 10), saves, prints where, exits 0; without --use_cpu, and quiet on a machine without a GPU (no
+    pin_memory warning, no DeepSpeed notice)."""
     import os
     import subprocess
 
@@ -77,14 +79,17 @@ def test_console_script_exits_0_after_training(tmp_path):
     tokenizer().save_pretrained(tmp_path / "policy")
     (tmp_path / "rewards.py").write_text(REWARD_MODULE)
     argv = ["--model_name_or_path", "policy", "--dataset_name", "train.jsonl", "--reward_funcs",
-            "rewards.py:count_topic", "--output_dir", "out", "--group_size", "4", "--max_steps", "1",
-            "--per_device_train_batch_size", "1", "--report_to", "none", "--use_cpu", "--save_strategy", "no",
+            "rewards.py:count_topic", "--output_dir", "out", "--group_size", "4", "--max_steps", "10",
+            "--per_device_train_batch_size", "1", "--report_to", "none", "--save_strategy", "no",
             "--disable_tqdm", "true"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT, *argv], cwd=tmp_path, env=env, timeout=300,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "out" / "config.json").exists() and list((tmp_path / "out" / "var_scores").glob("*.pt"))
+    assert [line for line in done.stdout.splitlines() if line.startswith("{'loss'")], done.stdout  # step 10's log
+    assert f"varkernels-train: saved the trained model to {tmp_path / 'out'}" in done.stdout.splitlines()
+    assert "pin_memory" not in done.stderr and "Setting accelerator to CPU" not in done.stdout + done.stderr
 
 
 def test_cli_errors_and_the_console_script():

@@ -285,6 +285,28 @@ def test_config_rejects(tmp_path, kw, match):
         config(tmp_path, **kw)
 
 
+def test_beta_error_says_what_to_do(tmp_path):
+    with pytest.raises(ValueError) as e:
+        config(tmp_path, beta=0.04)
+    msg = str(e.value)
+    assert "got 0.04" in msg and "OnlineVARTrainer has no KL term" in msg and "var_beta" in msg
+    assert "var_reference='initial' (the default)" in msg and "set var_reference" not in msg
+
+
+def test_config_defaults_are_quiet_and_keep_grpos_checkpointing(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = config(tmp_path)
+    assert not [w for w in caught if "checkpointing" in str(w.message)], [str(w.message) for w in caught]
+    assert args.activation_checkpointing is True and args.gradient_checkpointing is True  # GRPO's default
+    assert args.dataloader_pin_memory is False  # use_cpu: nothing to pin for
+    assert config(tmp_path, activation_checkpointing=False).gradient_checkpointing is False
+    with pytest.warns(FutureWarning, match="`gradient_checkpointing` is deprecated"):  # the old name still works
+        assert config(tmp_path, gradient_checkpointing=False).activation_checkpointing is False
+
+
 def test_trainer_rejects_a_grpo_config(toy, tmp_path):
     ref, lang, tok, names = toy
     args = trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=G,

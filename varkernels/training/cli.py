@@ -1,6 +1,5 @@
 """``varkernels-train``: VAR from a model path, a text dataset and reward functions, in TRL's style
-(``trl.TrlParser`` over :class:`ScriptArguments` and ``VARConfig``): docs/trainer.md, "Command line".
-"""
+(``trl.TrlParser`` over :class:`ScriptArguments` and ``VARConfig``): docs/trainer.md, "Command line"."""
 
 from __future__ import annotations
 
@@ -81,7 +80,9 @@ def run(argv=None):
 
 def main(argv=None) -> None:
     """The console script (``sys.exit(main())``): exit status 0 on success."""
-    run(argv)
+    trainer = run(argv)
+    if trainer.is_world_process_zero():
+        print(f"varkernels-train: saved the trained model to {os.path.abspath(trainer.args.output_dir)}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from ..nll import linear_weighted_nll, weighted_nll
 from ..var.weights import group_ess
 from .lm_head import LMHead, unwrap_model
 from .rewards import call_reward_func
+from .trainer import quiet_on_cpu
 
 try:  # the train extra: trl (and transformers)
     from trl import GRPOConfig, GRPOTrainer
@@ -49,10 +50,7 @@ def online_var_weights(
     a = rewards.detach().float().view(-1, group_size) / float(beta)
     if q is not None:
         a = a + q.detach().float().view(-1, group_size)
-    if valid is None:
-        valid = torch.ones_like(a, dtype=torch.bool)
-    else:
-        valid = valid.view(-1, group_size)
+    valid = torch.ones_like(a, dtype=torch.bool) if valid is None else valid.view(-1, group_size)
     a = a.masked_fill(~valid, -math.inf)
     n = valid.sum(dim=1, keepdim=True).to(torch.float32)
     any_valid = n > 0
@@ -71,14 +69,14 @@ class OnlineVARConfig(GRPOConfig):
     )
     var_reference: str = field(
         default="initial",
-        metadata={"help": "'initial' (default: q = log π_ref − log π_old, token sums, the fixed target "
-                  "π_ref·exp(r/β); needs a reference model: a frozen copy of the initial model or the PEFT base) "
-                  "or 'policy' (q = 0, target π_old·exp(r/β); no reference model, but it collapsed in 2 of 12 "
-                  "runs of docs/alignment.md's frontier)."},
+        metadata={"help": "'initial' (default: q = log π_ref − log π_old, the fixed target π_ref·exp(r/β), a frozen "
+                  "reference model) or 'policy' (q = 0, target π_old·exp(r/β), no reference model): docs/online.md."},
     )
     var_logp_reduction: str = field(
         default="mean", metadata={"help": "Per-completion reduction of the NLL: 'mean' over tokens or 'sum'."}
     )
+    # GRPO's default, True, is set in __post_init__ as activation_checkpointing (transformers' non-deprecated name)
+    gradient_checkpointing: Optional[bool] = field(default=None, metadata={"help": "Deprecated alias (transformers)."})
 
     def __post_init__(self):
         check_positive("var_beta", self.var_beta)
@@ -91,9 +89,10 @@ class OnlineVARConfig(GRPOConfig):
             )
         if self.beta != 0.0:
             raise ValueError(
-                f"beta is GRPO's KL coefficient and must be 0.0 for online VAR, got {self.beta!r}: VAR's own "
-                "regularisation is var_beta (the target ∝ π_ref·exp(r/var_beta)); set var_reference='initial' to "
-                "keep the fixed target of the initial model"
+                f"beta is GRPO's KL coefficient and must be 0.0 for online VAR, got {self.beta!r}: OnlineVARTrainer "
+                "has no KL term. VAR's own temperature is var_beta (the target ∝ π_ref·exp(r/var_beta)), and the "
+                "initial model is kept as the reference by var_reference='initial' (the default): leave beta at 0.0 "
+                "and tune var_beta"
             )
         if self.entropy_coef not in (0, 0.0) or getattr(self, "use_adaptive_entropy", False):
             raise ValueError(f"entropy_coef must be 0 for online VAR (no entropy bonus), got {self.entropy_coef!r}")
@@ -103,14 +102,14 @@ class OnlineVARConfig(GRPOConfig):
             raise ValueError(
                 f"off_policy_mask_threshold must be None for online VAR, got {self.off_policy_mask_threshold!r}"
             )
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
         super().__post_init__()
+        quiet_on_cpu(self)
 
 
 class OnlineVARTrainer(GRPOTrainer):
-    """``GRPOTrainer`` whose loss is online VAR's weighted NLL (see the module docstring).
-
-    Same arguments as ``GRPOTrainer``; ``args`` must be an :class:`OnlineVARConfig`.
-    """
+    """``GRPOTrainer`` (same arguments, ``args`` an :class:`OnlineVARConfig`) with online VAR's weighted NLL as loss."""
 
     _tag_names = ["trl", "var", "online-var"]
     _name = "OnlineVAR"
@@ -135,7 +134,7 @@ class OnlineVARTrainer(GRPOTrainer):
                          reward_processing_classes=reward_processing_classes, callbacks=callbacks,
                          optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config,
                          **kwargs)
-        self.reward_funcs = [_checked_reward_func(f, n) if _is_plain_callable(f) else f
+        self.reward_funcs = [f if isinstance(f, torch.nn.Module) else _checked_reward_func(f, n)  # callables
                              for f, n in zip(self.reward_funcs, self.reward_func_names)]
         self._var_rewards_per_func = None
         self._var_heads = {}
@@ -192,7 +191,7 @@ class OnlineVARTrainer(GRPOTrainer):
         self._metrics[mode]["var/ess"].append(float(group_ess(weights, weights.numel() // G)))
         # the completions table's "advantage" column: the VAR weights of this generation batch
         logged = self._logs["advantages"]
-        for _ in range(min(len(weights), len(logged))):
+        for _ in range(min(len(weights), len(logged))):  # a deque
             logged.pop()
         logged.extend(weights.tolist())
         return out
@@ -251,10 +250,6 @@ def _sequences(batch):
     mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     return input_ids, torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1), mask
-
-
-def _is_plain_callable(f) -> bool:
-    return callable(f) and not isinstance(f, torch.nn.Module)
 
 
 def _checked_reward_func(func, name: str):

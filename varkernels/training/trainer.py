@@ -143,6 +143,7 @@ class VARConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: rewards/ref_logps must reach the loss."}
     )
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps (TRL's default; transformers' 500)."})
     # str, not TrainingArguments' `str | bool`, which TRL's parser reads as a bool (it refuses "non_padding")
     include_num_input_tokens_seen: str = field(
         default="non_padding", metadata={"help": "'all' | 'non_padding' | 'no': Trainer's token count (num_tokens)."}
@@ -187,6 +188,20 @@ class VARConfig(TrainingArguments):
             check_positive_int(name, getattr(self, name), allow_none=True)
         if self.model_init_kwargs is not None and not isinstance(self.model_init_kwargs, dict):
             raise TypeError(f"model_init_kwargs must be a dict or None, got {type(self.model_init_kwargs).__name__}")
+        quiet_on_cpu(self)
+
+
+def quiet_on_cpu(args) -> None:
+    """Without an accelerator: no pinned memory (the DataLoader warns it cannot use it) and, unless DeepSpeed is
+    configured, no "Setting accelerator to CPU" from DeepSpeed (imported by accelerate wherever it is installed)."""
+    if args.use_cpu or not torch.accelerator.is_available():
+        args.dataloader_pin_memory = False
+        if not args.deepspeed and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+            logging.getLogger("DeepSpeed").addFilter(_drop_cpu_notice)
+
+
+def _drop_cpu_notice(record) -> bool:
+    return not record.getMessage().startswith("Setting accelerator to CPU")
 
 
 _METRICS = ("weights_mean", "weights_min", "weights_max", "ess", "log_z", "policy_logps", "ref_logps", "rewards")
@@ -195,6 +210,8 @@ _TRL_METRICS = {"reward": 8, "reward_std": 9}
 
 
 def _is_var_data(ds) -> bool:
+    if isinstance(ds, dict):  # several eval datasets
+        return all(_is_var_data(v) for v in ds.values())
     if ds is None or isinstance(ds, (VARDataset, torch.utils.data.Dataset)) and not hasattr(ds, "column_names"):
         return True
     try:
@@ -233,7 +250,7 @@ class VARTrainer(Trainer):
             model = create_model_from_path(model, **(args.model_init_kwargs or {}))
         if isinstance(ref_model, str):
             ref_model = create_model_from_path(ref_model, **(args.model_init_kwargs or {})).eval()
-        text = not (_is_var_data(train_dataset) and _all_var_data(eval_dataset))
+        text = not (_is_var_data(train_dataset) and _is_var_data(eval_dataset))
         path = get_config_model_id(getattr(model, "config", None))
         if text and processing_class is None and path:  # as TRL's trainers: the model's own tokenizer
             processing_class = AutoTokenizer.from_pretrained(path)
@@ -393,12 +410,6 @@ class VARTrainer(Trainer):
         if mode == "train" and self.args.include_num_input_tokens_seen != "no":
             logs["num_tokens"] = self.state.num_input_tokens_seen  # TRL's name for Trainer's count
         super().log(logs, start_time)
-
-
-def _all_var_data(ds) -> bool:
-    if isinstance(ds, dict):
-        return all(_is_var_data(v) for v in ds.values())
-    return _is_var_data(ds)
 
 
 __all__ = ["VARConfig", "VARTrainer", "compute_var_loss", "split_groups", "VARDataset", "VARCollator"]
