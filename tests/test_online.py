@@ -6,6 +6,8 @@
 - a tiny model with a locally built tokenizer trains online on CPU and its held-out reward rises;
 - every overridden (or called) TRL method still exists with the signature online.py was written against;
 - bad input: config values, NaN / ±inf / wrong-length rewards, None (TRL's "unscorable");
+- var_baseline="mean" (centred weights w − 1): the weights against a hand computation (also where the softmax
+  underflows), the metrics, the guard against reused generations, the option's validation, a toy run;
 - 2 processes (gloo): a prompt's 8 completions are split over the ranks, and each rank's weights equal
   those computed from the whole group's rewards.
 """
