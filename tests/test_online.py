@@ -6,6 +6,8 @@
 - a tiny model with a locally built tokenizer trains online on CPU and its held-out reward rises;
 - every overridden (or called) TRL method still exists with the signature online.py was written against;
 - bad input: config values, NaN / ±inf / wrong-length rewards, None (TRL's "unscorable");
+- var_baseline="mean" (centred weights w − 1): the weights against a hand computation (also where the softmax
+  underflows), the metrics, the guard against reused generations, the option's validation, a toy run;
 - 2 processes (gloo): a prompt's 8 completions are split over the ranks, and each rank's weights equal
   those computed from the whole group's rewards.
 """
@@ -403,6 +405,122 @@ def test_none_for_every_function_is_unscorable_weight_zero(toy, tmp_path):
 def test_weights_helper_bad_input():
     with pytest.raises(ValueError, match="multiple of group_size=4"):
         online_var_weights(torch.zeros(6), 4, 0.1)
+
+
+# ----------------------------------------------------------------------------- var_baseline="mean" (issue 27)
+
+# rewards of 3 groups of G in batch order: group 0 with one unscorable completion, group 1 all scorable,
+# group 2 none scorable (None from the only reward function)
+CENTRED_REWARDS = [None, 0.0, 1.0, 0.5, 0.3, 0.1, 0.2, 0.0, None, None, None, None]
+
+
+def hand_weights(rewards, beta):
+    """n·softmax_j(r_j/β) over each group's n scorable completions, 0 for the unscorable (float64, math)."""
+    out = []
+    for g in range(0, len(rewards), G):
+        group = rewards[g: g + G]
+        a = [r / beta for r in group if r is not None]
+        m = max(a, default=0.0)
+        total = sum(math.exp(x - m) for x in a)
+        out += [0.0 if r is None else len(a) * math.exp(r / beta - m) / total for r in group]
+    return out
+
+
+@pytest.mark.parametrize("var_beta", [0.2, 1e-4])
+def test_centred_weights_equal_an_independent_computation(toy, tmp_path, var_beta):
+    """var_baseline="mean": the trained weights are w − 1 over each prompt's scorable completions, 0 for the
+    unscorable ones. At var_beta=1e-4 the fp32 softmax underflows: scorable completions whose weight is exactly 0
+    before centring get exactly −1 (they are not taken for unscorable). var/weights_max and var/ess are those of
+    the uncentred weights; the completions table's advantage column holds the centred ones."""
+    def scripted(prompts, completions, **kw):
+        return CENTRED_REWARDS[: len(completions)]
+
+    ref, lang, tok, names = toy
+    trainer = OnlineVARTrainer(model=copy.deepcopy(ref), reward_funcs=scripted, processing_class=tok,
+                               args=config(tmp_path, per_device_train_batch_size=3 * G, var_beta=var_beta,
+                                           var_baseline="mean"),
+                               train_dataset=dataset(lang, names))
+    batches = []
+    inner = trainer._generate_and_score_completions
+    trainer._generate_and_score_completions = lambda inputs: batches.append(inner(inputs)) or batches[-1]
+    trainer.train()
+    got = batches[0]["var_weights"].double()
+    uncentred = hand_weights(CENTRED_REWARDS, var_beta)
+    want = torch.tensor([0.0 if r is None else w - 1.0 for r, w in zip(CENTRED_REWARDS, uncentred)],
+                        dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+    assert (got[[0, 8, 9, 10, 11]] == 0).all()  # unscorable: exactly 0
+    for g in range(2):  # each group's centred weights sum to 0
+        assert abs(float(got[g * G: (g + 1) * G].sum())) < 1e-5
+    if var_beta == 1e-4:
+        assert uncentred[1] == 0.0 and uncentred[3] == 0.0  # underflowed: 0 before centring …
+        valid = torch.tensor([r is not None for r in CENTRED_REWARDS])
+        helper = online_var_weights(torch.tensor([r or 0.0 for r in CENTRED_REWARDS]), G, var_beta, valid=valid)
+        assert helper[1] == 0.0 and helper[3] == 0.0  # … in online.py's fp32 too
+        assert got[1] == -1.0 and got[3] == -1.0  # and exactly −1 after
+    log = next(h for h in trainer.state.log_history if "var/ess" in h)
+    ess = []
+    for g in range(0, len(uncentred), G):
+        w = uncentred[g: g + G]
+        ess.append(sum(w) ** 2 / sum(x * x for x in w) if any(w) else 0.0)
+    assert log["var/weights_max"] == pytest.approx(max(uncentred), rel=1e-5)  # 3.0 or 4.0, not a centred max
+    assert log["var/ess"] == pytest.approx(sum(ess) / len(ess), rel=1e-5)
+    assert list(trainer._logs["advantages"])[-len(want):] == pytest.approx(want.tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("kw, named", [
+    (dict(num_iterations=2), "num_iterations=2"),
+    (dict(steps_per_generation=2), "steps_per_generation=2"),  # 2 optimizer steps per generation batch
+    (dict(generation_batch_size=4 * G), "generation_batch_size=16"),  # the same, given as the batch size
+    (dict(gradient_accumulation_steps=3, steps_per_generation=2), "gradient_accumulation_steps=3"),  # spans 2 steps
+])
+def test_centred_weights_reject_reused_generations(tmp_path, kw, named):
+    """Centring is right only at the sampling policy: every option that trains a generation batch after an
+    optimizer step (or twice) raises, naming the options; var_baseline='none' takes them all."""
+    with pytest.raises(ValueError, match="var_baseline='mean' needs fresh generations") as e:
+        config(tmp_path, var_baseline="mean", **kw)
+    msg = str(e.value)
+    assert named in msg and "num_iterations=1" in msg and "var_baseline='none'" in msg
+    for option in ("num_iterations", "steps_per_generation", "generation_batch_size", "gradient_accumulation_steps"):
+        assert option in msg, option
+    assert config(tmp_path, **kw).var_baseline == "none"
+
+
+def test_centred_weights_accept_fresh_generations_and_check_again_at_the_trainer(toy, tmp_path):
+    """One generation batch per optimizer step, or several (steps_per_generation dividing the accumulation
+    steps), is fine; options changed on the config after it was made are checked again by the trainer."""
+    for kw in ({}, dict(gradient_accumulation_steps=2), dict(gradient_accumulation_steps=4, steps_per_generation=2)):
+        config(tmp_path, var_baseline="mean", **kw)
+    args = config(tmp_path, var_baseline="mean")
+    args.num_iterations = 2
+    ref, lang, tok, names = toy
+    with pytest.raises(ValueError, match="num_iterations=2"):
+        OnlineVARTrainer(model=copy.deepcopy(ref), reward_funcs=trl_reward(names), args=args,
+                         train_dataset=dataset(lang, names), processing_class=tok)
+
+
+def test_var_baseline_option_is_validated(tmp_path):
+    assert config(tmp_path).var_baseline == "none"  # the default (docs/online.md says why)
+    with pytest.raises(ValueError, match=r"var_baseline must be one of \['none', 'mean'\], got 'centred'"):
+        config(tmp_path, var_baseline="centred")
+    with pytest.raises(TypeError, match=r"var_baseline must be one of \['none', 'mean'\], got None"):
+        config(tmp_path, var_baseline=None)
+
+
+def test_centred_weights_train_online_and_held_out_reward_rises(toy, tmp_path):
+    """The toy run of test_trains_online_and_held_out_reward_rises with var_baseline="mean": the negative
+    weights go through the fused-linear loss and the held-out reward still rises."""
+    ref, lang, tok, names = toy
+    held_out = Language(1).prompts(256)
+    before = sum(reward(held_out, sample(ref, held_out, seed=5))) / len(held_out)
+    policy = copy.deepcopy(ref)
+    args = config(tmp_path, per_device_train_batch_size=16, num_generations=8, max_steps=24, learning_rate=3e-3,
+                  logging_steps=24, var_beta=0.1, var_reference="initial", var_baseline="mean")
+    trainer = OnlineVARTrainer(model=policy, reward_funcs=trl_reward(names), args=args,
+                               train_dataset=dataset(Language(2), names, 64), processing_class=tok)
+    trainer.train()
+    after = sum(reward(held_out, sample(policy, held_out, seed=5))) / len(held_out)
+    assert after > before + 0.05, (before, after)
 
 
 # ----------------------------------------------------------------------------- 2 processes

@@ -1,7 +1,5 @@
-"""Online VAR on TRL's ``GRPOTrainer``: sample G completions per prompt, weight them (w = G·softmax(r/β + q)
-over each prompt's group), train the weighted NLL. What it computes, the checks and the TRL 1.16 methods it
-overrides (``__init__``, ``_calculate_rewards``, ``_generate_and_score_completions``, ``compute_loss``):
-docs/online.md.
+"""Online VAR on TRL's ``GRPOTrainer``: sample G completions per prompt, weight each prompt's group, train the
+weighted NLL. What it computes, the checks and the TRL 1.16 methods it overrides: docs/online.md.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ try:  # the train extra: trl (and transformers)
 except ImportError as e:  # pragma: no cover - exercised only without the train extra
     raise ImportError('OnlineVARTrainer needs TRL: pip install "varkernels[train]"') from e
 
-VAR_REFERENCES = ("policy", "initial")
+VAR_REFERENCES, VAR_BASELINES = ("policy", "initial"), ("none", "mean")
 
 
 def online_var_weights(
@@ -39,8 +37,7 @@ def online_var_weights(
 ) -> torch.Tensor:
     """VAR weights of consecutive groups of ``group_size`` completions: [M] → [M] fp32.
 
-    w_j = n·softmax_j(r_j/β + q_j) within each group, over its ``valid`` (scorable) members,
-    n their number; invalid members get 0 (a group with none valid: all 0).
+    w_j = n·softmax_j(r_j/β + q_j) over each group's n ``valid`` (scorable) members; the others get 0.
     rewards, q: [M] (M a multiple of group_size), q = 0 when None; valid: [M] bool or None.
     """
     if rewards.dim() != 1 or rewards.numel() % group_size:
@@ -51,18 +48,13 @@ def online_var_weights(
     if q is not None:
         a = a + q.detach().float().view(-1, group_size)
     valid = torch.ones_like(a, dtype=torch.bool) if valid is None else valid.view(-1, group_size)
-    a = a.masked_fill(~valid, -math.inf)
-    n = valid.sum(dim=1, keepdim=True).to(torch.float32)
-    any_valid = n > 0
-    w = torch.softmax(a.masked_fill(~any_valid, 0.0), dim=1) * n
-    w = w.masked_fill(~valid, 0.0)
-    return w.reshape(-1)
+    n = valid.sum(dim=1, keepdim=True)  # a group with none valid: softmax of −inf is NaN, replaced by 0
+    return torch.where(n > 0, torch.softmax(a.masked_fill(~valid, -math.inf), dim=1) * n, 0.0).reshape(-1)
 
 
 @dataclass
 class OnlineVARConfig(GRPOConfig):
-    """``GRPOConfig`` plus VAR's options. GRPO's surrogate-loss options are ignored; ``beta`` ≠ 0, ``entropy_coef``
-    ≠ 0, ``top_entropy_quantile`` < 1 and ``off_policy_mask_threshold`` are rejected (docs/online.md)."""
+    """``GRPOConfig`` plus VAR's options; GRPO's surrogate-loss options are ignored or rejected (docs/online.md)."""
 
     var_beta: float = field(
         default=0.1, metadata={"help": "VAR's β > 0: the target is ∝ π_ref·exp(r/β) (smaller: sharper weights)."}
@@ -71,6 +63,10 @@ class OnlineVARConfig(GRPOConfig):
         default="initial",
         metadata={"help": "'initial' (default: q = log π_ref − log π_old, the fixed target π_ref·exp(r/β), a frozen "
                   "reference model) or 'policy' (q = 0, target π_old·exp(r/β), no reference model): docs/online.md."},
+    )
+    var_baseline: str = field(
+        default="none", metadata={"help": "'none' (default) or 'mean': train on w − 1 over each prompt's scorable "
+                                  "completions; needs fresh generations every optimizer step: docs/online.md."},
     )
     var_logp_reduction: str = field(
         default="mean", metadata={"help": "Per-completion reduction of the NLL: 'mean' over tokens or 'sum'."}
@@ -81,6 +77,7 @@ class OnlineVARConfig(GRPOConfig):
     def __post_init__(self):
         check_positive("var_beta", self.var_beta)
         check_option("var_reference", self.var_reference, VAR_REFERENCES)
+        check_option("var_baseline", self.var_baseline, VAR_BASELINES)
         check_option("var_logp_reduction", self.var_logp_reduction, REDUCTIONS)
         if not isinstance(self.num_generations, int) or self.num_generations < 2:
             raise ValueError(
@@ -104,8 +101,20 @@ class OnlineVARConfig(GRPOConfig):
             )
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True
-        super().__post_init__()
+        super().__post_init__()  # sets steps_per_generation from generation_batch_size (or the reverse)
+        self.check_fresh_generations()
         quiet_on_cpu(self)
+
+    def check_fresh_generations(self):
+        """var_baseline="mean" is right at the sampling policy only: no generation batch may span optimizer steps."""
+        spg, ga = self.steps_per_generation, self.gradient_accumulation_steps
+        if self.var_baseline == "mean" and (self.num_iterations != 1 or ga % spg):
+            raise ValueError(
+                f"var_baseline='mean' needs fresh generations at every optimizer step, got num_iterations="
+                f"{self.num_iterations}, steps_per_generation={spg} (generation_batch_size={self.generation_batch_size}"
+                f") and gradient_accumulation_steps={ga}: set num_iterations=1 and a steps_per_generation that divides "
+                "gradient_accumulation_steps (the default: equal), or var_baseline='none'"
+            )
 
 
 class OnlineVARTrainer(GRPOTrainer):
@@ -122,6 +131,7 @@ class OnlineVARTrainer(GRPOTrainer):
             args = OnlineVARConfig(f"{(name or 'model').split('/')[-1]}-OnlineVAR")
         if not isinstance(args, OnlineVARConfig):
             raise TypeError(f"args must be an OnlineVARConfig, got {type(args).__name__}")
+        args.check_fresh_generations()  # again: the options may have been changed since the config was made
         # "initial" needs π_ref, the model as it is now: copy a module before GRPOTrainer patches its forward
         ref = None
         if args.var_reference == "initial" and peft_config is None and isinstance(model, torch.nn.Module) \
@@ -161,14 +171,11 @@ class OnlineVARTrainer(GRPOTrainer):
         # reward models (nn.Module) return logits: a NaN there is an error, not TRL's "None" (callables
         # are checked by their wrapper, which sees None and NaN apart)
         for i, f in enumerate(self.reward_funcs):
-            if isinstance(f, torch.nn.Module):
-                col = rewards_per_func[:, i]
-                if not bool(torch.isfinite(col).all()):
-                    j = int((~torch.isfinite(col)).nonzero()[0][0])
-                    raise ValueError(
-                        f"reward model {self.reward_func_names[i]!r} returned {float(col[j])} for completion {j} of "
-                        "the generation batch (gathered over ranks)"
-                    )
+            bad = (~torch.isfinite(rewards_per_func[:, i])).nonzero()
+            if isinstance(f, torch.nn.Module) and len(bad):
+                j = int(bad[0][0])
+                raise ValueError(f"reward model {self.reward_func_names[i]!r} returned {float(rewards_per_func[j, i])} "
+                                 f"for completion {j} of the generation batch (gathered over ranks)")
         self._var_rewards_per_func = rewards_per_func
         return rewards_per_func
 
@@ -184,12 +191,14 @@ class OnlineVARTrainer(GRPOTrainer):
         if self.args.var_reference == "initial":
             q = self.accelerator.gather(self._var_log_ratio(out, mode))
         weights = online_var_weights(rewards, G, self.args.var_beta, q=q, valid=valid)
+        self._metrics[mode]["var/weights_max"].append(float(weights.max()))  # of the weights before any centring
+        self._metrics[mode]["var/ess"].append(float(group_ess(weights, weights.numel() // G)))
+        if self.args.var_baseline == "mean":  # w − 1 over the scorable completions (not w > 0: exp may underflow)
+            weights = torch.where(valid, weights - 1.0, 0.0)
         n_local = out["completion_ids"].shape[0]
         start = self.accelerator.process_index * n_local
         out["var_weights"] = weights[start: start + n_local].to(out["completion_ids"].device)
-        self._metrics[mode]["var/weights_max"].append(float(weights.max()))
-        self._metrics[mode]["var/ess"].append(float(group_ess(weights, weights.numel() // G)))
-        # the completions table's "advantage" column: the VAR weights of this generation batch
+        # the completions table's "advantage" column: the weights trained on (centred under var_baseline="mean")
         logged = self._logs["advantages"]
         for _ in range(min(len(weights), len(logged))):  # a deque
             logged.pop()
@@ -253,9 +262,7 @@ def _sequences(batch):
 
 
 def _checked_reward_func(func, name: str):
-    """``func`` with its outputs checked: NaN or ±inf raise, naming the function and the completion;
-    None passes (TRL: the function does not apply to that completion). A function without ``**kwargs``
-    gets an error saying to add it (:func:`varkernels.training.rewards.call_reward_func`)."""
+    """``func`` with its outputs checked: NaN or ±inf raise, naming the function and the completion; None passes."""
 
     def check(out, completions):
         for j, r in enumerate(out if isinstance(out, (list, tuple)) else []):

@@ -223,17 +223,9 @@ def _is_var_data(ds) -> bool:
 class VARTrainer(Trainer):
     """``transformers.Trainer`` training a causal LM with the VAR loss, from text or from a ``VARDataset``.
 
-    Arguments have TRL's names and meanings. ``model`` / ``ref_model``: modules or paths (TRL's
-    ``create_model_from_path`` with ``args.model_init_kwargs``); ``ref_model=None`` is the initial policy
-    (under ``disable_adapter()`` with PEFT): every score is computed in ``__init__``, before the first
-    step. ``train_dataset`` / ``eval_dataset``: a :class:`VARDataset`, or text in TRL's prompt/completion or
-    preference format (:mod:`varkernels.training.text`), which becomes a ``VARDataset`` with the tokenised
-    examples as ``.examples``; ``trainer.dropped_examples`` counts the fully masked ones. ``reward_funcs``
-    / ``reward_processing_classes``: TRL's reward contract (:mod:`varkernels.training.rewards`), weighted
-    by ``args.reward_weights``; without them a ``reward`` column gives one reward per example
-    (``cross_pairs=False``). ``processing_class`` defaults to the tokenizer of ``model``'s path.
-
-    Logged: ``var/*`` (``_METRICS``), TRL's ``reward`` / ``reward_std`` and ``num_tokens`` (docs/trainer.md).
+    Arguments have TRL's names and meanings; ``ref_model=None`` is the initial policy, and text datasets are
+    tokenised and scored in ``__init__`` (``trainer.dropped_examples`` counts the fully masked examples).
+    The arguments, the text formats and what is logged: docs/trainer.md, "VARTrainer from text" and after.
     """
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean: Trainer divides by GA steps
