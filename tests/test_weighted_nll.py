@@ -185,7 +185,7 @@ def test_inplace_writes_the_gradient_over_the_logits(backend):
 def test_return_aux_is_a_named_tuple():
     labels = make_labels(2, 4, 30)
     out = weighted_nll(torch.randn(2, 4, 30), labels, torch.ones(2), return_aux=True)
-    assert isinstance(out, NLLOutput) and out._fields == ("loss", "policy_logps")
+    assert isinstance(out, NLLOutput) and out._fields == ("loss", "policy_logps", "entropy")
     plain = weighted_nll(torch.randn(2, 4, 30), labels, torch.ones(2))
     assert isinstance(plain, torch.Tensor) and plain.dtype == torch.float32 and plain.shape == ()
 
