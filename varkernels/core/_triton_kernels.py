@@ -37,6 +37,7 @@ import triton.language as tl
 
 from .._validation import check_positive_int
 
+FLT_LOWEST: tl.constexpr = tl.constexpr(-3.4028234663852886e38)  # lowest finite fp32: 0·FLT_LOWEST is 0
 MAX_FUSED_SIZE = 4096  # BLOCK_V cap: 16 fp32 values per thread at num_warps=8, no spills (see tests/test_compile.py)
 TOKEN_NUM_WARPS = 8
 
@@ -149,10 +150,10 @@ def _token_kernel(
                 b_d = b_z - b_shift
                 b_e = tl.exp2(b_d * LOG2E)
                 b_alpha = tl.exp2((b_m - b_shift) * LOG2E)
-                # a −inf logit has e = 0 and d = −inf: its term is 0 (not 0·−inf); with s = 0 so far
-                # (no finite logit yet) a is 0 and m − m' is not used
-                b_a = (tl.where(b_s > 0.0, (b_a + (b_m - b_shift) * b_s) * b_alpha, 0.0)
-                       + tl.sum(tl.where(b_e > 0.0, b_e * b_d, 0.0), axis=0))
+                # a −inf logit has e = 0 and d = −inf: d is clamped to the lowest float, so its term is 0, not
+                # 0·−inf; so is m − m' while no finite logit has come (m = −inf, s = a = 0: a stays 0)
+                b_a = ((b_a + tl.maximum(b_m - b_shift, FLT_LOWEST) * b_s) * b_alpha
+                       + tl.sum(b_e * tl.maximum(b_d, FLT_LOWEST), axis=0))
                 b_s = b_s * b_alpha + tl.sum(b_e, axis=0)
             else:
                 b_s = b_s * tl.exp2((b_m - b_shift) * LOG2E) + tl.sum(tl.exp2((b_z - b_shift) * LOG2E), axis=0)
@@ -314,13 +315,14 @@ def _token_kernel_single(
         # a row of only −inf logits (masked vocabulary): shift by 0, not by −inf (−inf − −inf = NaN)
         b_shift = tl.where(b_m == float("-inf"), 0.0, b_m)
         if HAS_ENTROPY:
-            # H = log s − Σ e·(z − m) / s; a −inf logit (or the padding) has e = 0: its term is 0, not 0·−inf
+            # H = log s − Σ e·(z − m) / s; a −inf logit (or the padding) has e = 0 and d clamped to the lowest
+            # float: its term is 0, not 0·−inf
             if HAS_SOFTCAP:
                 b_d = tl.fma(b_t, b_k, -b_shift)
             else:
                 b_d = b_z - b_shift
             b_e = tl.exp2(b_d * LOG2E)
-            b_a = tl.sum(tl.where(b_e > 0.0, b_e * b_d, 0.0), axis=0)
+            b_a = tl.sum(b_e * tl.maximum(b_d, FLT_LOWEST), axis=0)
         elif HAS_SOFTCAP:
             b_e = tl.exp2(tl.fma(b_t, b_k, -b_shift) * LOG2E)
         else:
