@@ -3,7 +3,8 @@
 //   torch.ops.varkernels.token_cpu(
 //       x [B,T,V] f32/bf16/f16 any strides, labels [B·T] int64/int32 contiguous,
 //       coef [B·T] f32 | None, grad [B,T,V] | None (written; may be x itself), lse_in [B·T] f32 | None,
-//       softcap: float | None, inv_temperature: float, ignore_index: int)
+//       softcap: float | None, inv_temperature: float, ignore_index: int,
+//       entropy [B·T] f32 | None = None (written: −Σ p·log p per row, 0 where ignored; not with lse_in))
 //     -> (lp [B·T] f32, lse [B·T] f32)
 //
 // Registered with TORCH_LIBRARY_FRAGMENT (schema + CPU kernel), so torch.compile, export and fake
@@ -118,7 +119,8 @@ std::tuple<at::Tensor, at::Tensor> token_op(const at::Tensor& x, const at::Tenso
                                             const c10::optional<at::Tensor>& coef,
                                             const c10::optional<at::Tensor>& grad,
                                             const c10::optional<at::Tensor>& lse_in, c10::optional<double> softcap,
-                                            double inv_temperature, int64_t ignore_index) {
+                                            double inv_temperature, int64_t ignore_index,
+                                            const c10::optional<at::Tensor>& entropy) {
   TORCH_CHECK(x.device().is_cpu(), "token_op: x must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 3, "token_op: x must have shape [B, T, V], got ", x.sizes());
   const int64_t B = x.size(0), T = x.size(1), V = x.size(2), N = B * T;
@@ -173,6 +175,13 @@ std::tuple<at::Tensor, at::Tensor> token_op(const at::Tensor& x, const at::Tenso
     a.coef = coef->data_ptr<float>();
   }
 
+  if (entropy.has_value()) {
+    TORCH_CHECK(!lse_in.has_value(), "token_op: entropy is computed in the logsumexp sweep, which lse_in skips; "
+                                     "pass one of them");
+    check_row_vector(*entropy, "entropy", N, at::kFloat);
+    a.entropy = entropy->data_ptr<float>();
+  }
+
   at::Tensor lp = at::empty({N}, x.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({N}, x.options().dtype(at::kFloat));
   a.lp = lp.data_ptr<float>();
@@ -188,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor> token_op(const at::Tensor& x, const at::Tenso
 TORCH_LIBRARY_FRAGMENT(varkernels, m) {
   m.def(
       "token_cpu(Tensor x, Tensor labels, Tensor? coef, Tensor(a!)? grad, Tensor? lse_in, float? softcap, "
-      "float inv_temperature, int ignore_index) -> (Tensor, Tensor)");
+      "float inv_temperature, int ignore_index, Tensor(b!)? entropy=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(varkernels, CPU, m) { m.impl("token_cpu", &varkernels::token_op); }

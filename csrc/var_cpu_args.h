@@ -34,6 +34,7 @@ struct TokenArgs {
   // per-row outputs, [N] fp32
   float* lp;
   float* lse;
+  float* entropy;  // nullptr: no entropy (never with lse_in)
   // shapes and scalars
   int64_t B, T, V;
   bool has_softcap;

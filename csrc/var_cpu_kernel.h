@@ -4,6 +4,7 @@
 //     lse[n] = logsumexp(z)                        (or lse_in[n]: the sweep is skipped)
 //     lp[n]  = z[y] − lse[n]
 //     g[n,:] = coef[n]·(softmax(z) − onehot(y))·dz/dx          written in grad's dtype
+//     H[n]   = −Σ_v p_v·log p_v = log S − A/S                   only when entropy is given
 //
 // In PyTorch: lp = z.log_softmax(-1).gather(-1, y); g = coef·(−d lp / dx). Ignored rows
 // (y == ignore_index) give lp = lse = 0 and a zero gradient row.
@@ -14,6 +15,8 @@
 //            at block granularity, so every logit goes through exp exactly once.
 //   sweep 2, per block: g_b = e_b·coef·exp(m_b − lse)·dz/dx from the row buffer (L2-resident:
 //            4·V bytes), target entry in fp32, cast and stored to grad.
+// With entropy, sweep 1 also sums a_b = Σ e_b·(z_b − m_b) (same exponentials) into A, shifted by the
+// running max like S: H = lse − Σ p·z = log S − A/S, no value of the size of the logits subtracted.
 // Sweep 2 never reads x, so grad may be x itself (inplace). With lse_in, one sweep: g = coef·
 // exp(z − lse_in)·dz/dx block by block (each block is read before it is overwritten).
 //
@@ -242,6 +245,45 @@ inline double block_exp_sum(const float* p, float m, int64_t n, float* out) {
   return s0.total() + s1.total();
 }
 
+// block_exp_sum with the entropy term: also *a = Σ exp(p − m)·(p − m) (in double). d = p − m is
+// clamped at −88, where vexp clamps it too (so e is bitwise block_exp_sum's) and e is exactly 0: a −inf
+// logit adds 0, not 0·−inf.
+inline double block_exp_sum_ent(const float* p, float m, int64_t n, float* out, double* a) {
+  // the loop of block_exp_sum, the same sums in the same order (lse and lp are bitwise the same)
+  const Vec vm(m), lo(-88.f);
+  DoubleSum s0, s1, a0;
+  int64_t i = 0;
+  for (; i + 4 * kW <= n; i += 4 * kW) {
+    const Vec d0 = at::vec::clamp_min(Vec::loadu(p + i) - vm, lo);
+    const Vec d1 = at::vec::clamp_min(Vec::loadu(p + i + kW) - vm, lo);
+    const Vec d2 = at::vec::clamp_min(Vec::loadu(p + i + 2 * kW) - vm, lo);
+    const Vec d3 = at::vec::clamp_min(Vec::loadu(p + i + 3 * kW) - vm, lo);
+    Vec e0 = vexp(d0);
+    Vec e1 = vexp(d1);
+    Vec e2 = vexp(d2);
+    Vec e3 = vexp(d3);
+    if (out) {
+      e0.store(out + i);
+      e1.store(out + i + kW);
+      e2.store(out + i + 2 * kW);
+      e3.store(out + i + 3 * kW);
+    }
+    s0.add(e0 + e1);
+    s1.add(e2 + e3);
+    a0.add(at::vec::fmadd(e0, d0, e1 * d1) + at::vec::fmadd(e2, d2, e3 * d3));
+  }
+  for (; i < n; i += kW) {
+    const int64_t r = std::min(kW, n - i);
+    const Vec d = Vec::set(Vec(0.f), at::vec::clamp_min(Vec::loadu(p + i, r) - vm, lo), r);
+    Vec e = Vec::set(Vec(0.f), vexp(Vec::loadu(p + i, r) - vm), r);
+    if (out) e.store(out + i, r);
+    s0.add(e);
+    a0.add(e * d);
+  }
+  *a = a0.total();
+  return s0.total() + s1.total();
+}
+
 // out[i] = e[i]·scale (·(1 − t[i]²) when t is non-null), n values; out may be e
 inline void block_scale(const float* e, const float* t, float scale, int64_t n, float* out) {
   const Vec vs(scale);
@@ -323,6 +365,7 @@ void token_row(const TokenArgs& a, const Transform& f, int64_t n, int64_t y, Scr
   } else {
     // sweep 1: online logsumexp over blocks; e_b = exp(z_b − m_b) kept in s.z when has_grad
     double M = -std::numeric_limits<double>::infinity(), S = 0.0;
+    double A = 0.0;  // entropy: Σ e^(z − M)·(z − M), rescaled with S
     for (int64_t v0 = 0, k = 0; v0 < V; v0 += kBlock, ++k) {
       const int64_t len = std::min(kBlock, V - v0);
       const float* zb;
@@ -339,6 +382,21 @@ void token_row(const TokenArgs& a, const Transform& f, int64_t n, int64_t y, Scr
         if (has_grad) std::fill(s.z.data() + v0, s.z.data() + v0 + len, 0.f);
         continue;
       }
+      if (a.entropy) {
+        double ab;
+        const double sb = block_exp_sum_ent(zb, mb, len, has_grad ? s.z.data() + v0 : nullptr, &ab);
+        if (mb > M) {  // shift A from M to mb: e^(M − mb)·(A + (M − mb)·S); nothing to shift while S = 0
+          const double r = std::exp(M - mb);
+          A = (S > 0.0 ? (A + (M - mb) * S) * r : 0.0) + ab;
+          S = S * r + sb;
+          M = mb;
+        } else {
+          const double r = std::exp(double(mb) - M);
+          A += (ab + (double(mb) - M) * sb) * r;
+          S += sb * r;
+        }
+        continue;
+      }
       const double sb = block_exp_sum(zb, mb, len, has_grad ? s.z.data() + v0 : nullptr);
       if (mb > M) {
         S = S * std::exp(M - mb) + sb;
@@ -349,6 +407,7 @@ void token_row(const TokenArgs& a, const Transform& f, int64_t n, int64_t y, Scr
     }
     const double log_s = std::log(S);
     lse = M + log_s;
+    if (a.entropy) a.entropy[n] = static_cast<float>(log_s - A / S);
     // lp = (z_y − M) − log S, not z_y − lse: no cancellation between two rounded values of the
     // size of the logits when the target dominates (p_y → 1, lp → 0)
     a.lp[n] = static_cast<float>((double(zy) - M) - log_s);
@@ -420,6 +479,7 @@ void token_rows(TokenArgs& a) {
           }
           a.lp[n] = 0.f;
           a.lse[n] = 0.f;
+          if (a.entropy) a.entropy[n] = 0.f;
           if (a.grad) {
             const int64_t b = n / a.T, tt = n % a.T;
             zero_row(static_cast<G*>(a.grad) + b * a.sgb + tt * a.sgt, a.sgv, a.V);

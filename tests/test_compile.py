@@ -19,6 +19,10 @@ same specialisation and the same cubin (``test_vocab_size_is_a_runtime_argument`
 Each distinct (kernel, specialisation, arch) is compiled once, by two worker processes, and
 looked up by every test that needs it; 32003 (not a multiple of 16) is a separate compile.
 
+The entropy specialisations (``HAS_ENTROPY``: the token op's optional entropy output) are compiled
+at the single-pass caps and in the tiled kernel, with and without the gradient and softcap
+(``test_entropy_token_kernel_no_spills``, their own fixture).
+
 The single-pass kernel (rows held on chip, ``_token_kernel_single``) is compiled at the
 configurations ``token_kernel_config`` gives: V = 32000 and its cap 32768 (one specialisation,
 BLOCK_V = 32768, num_warps = 32), with softcap 16000 and its cap 16384 (BLOCK_V = 16384,
@@ -106,6 +110,48 @@ def single_spec(variant: str, dtype: str, V: int) -> aot.KernelSpec:
         )
     assert [launch.name for launch in launches] == ["_token_kernel_single"], (variant, dtype, V)
     return _only(launches)
+
+
+# The entropy specialisations (HAS_ENTROPY, the token op's optional ``entropy`` output), launched by the weighted
+# NLL with return_aux (with the gradient) and by the log-prob functions with return_entropy (without): at the
+# single-pass kernel's largest rows and in the tiled kernel.
+ENTROPY_VARIANTS = {"nll_aux_entropy": True, "logps_fwd_entropy": False}  # name: HAS_GRAD
+
+
+@functools.cache
+def entropy_spec(variant: str, softcap, dtype: str, V: int) -> aot.KernelSpec:
+    has_grad = ENTROPY_VARIANTS[variant]
+    N = B * T
+    x = torch.empty(B, T, V, dtype=DTYPES[dtype], device="meta")
+    f32 = dict(dtype=torch.float32, device="meta")
+    with aot.capture_launches(_triton_kernels, *TOKEN_KERNELS) as launches:
+        token_triton_launch(
+            x, torch.empty(N, dtype=torch.int64, device="meta"),
+            torch.empty(N, **f32) if has_grad else None, torch.empty_like(x) if has_grad else None, None,
+            softcap, 1.0, -100, entropy=torch.empty(N, **f32),
+        )
+    spec = _only(launches)
+    assert dict(spec.constexprs)["HAS_ENTROPY"] is True
+    return spec
+
+
+ENTROPY_CASES = [(v, c, d, V) for v in ENTROPY_VARIANTS for c in (None, 30.0) for d in ("fp32", "bf16")
+                 for V in (_triton_kernels.SINGLE_PASS_MAX_V_TIGHT if c else _triton_kernels.SINGLE_PASS_MAX_V, 128256)]
+
+
+@pytest.fixture(scope="module")
+def compiled_entropy():
+    _require_cuobjdump()
+    specs = list(dict.fromkeys(entropy_spec(*c) for c in ENTROPY_CASES))
+    return aot.compile_specs(specs, archs=ARCHS, workers=2)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant,softcap,dtype,V", ENTROPY_CASES)
+def test_entropy_token_kernel_no_spills(compiled_entropy, variant, softcap, dtype, V, arch):
+    """The entropy specialisations fit the configuration table of the default ones (one more block reduction)."""
+    spec = entropy_spec(variant, softcap, dtype, V)
+    _assert_no_spills(compiled_entropy[(spec, arch)], spec)
 
 
 @functools.cache

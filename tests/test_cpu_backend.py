@@ -26,8 +26,9 @@ from varkernels.reference import sequence_logps_reference
 
 
 def token_op(backend, x, labels, coef=None, grad=None, lse_in=None, *, temperature=1.0, **opts):
-    """The core token op with the public ``temperature`` keyword (the op takes 1/τ)."""
-    opts = {"softcap": None, "ignore_index": -100, **opts}
+    """The core token op with the public ``temperature`` keyword (the op takes 1/τ) and the public defaults of
+    softcap and ignore_index (the operators' schemas have none)."""
+    opts = {"softcap": None, "ignore_index": IGNORE_INDEX, **opts}
     return token_kernel(backend)(x, labels, coef, grad, lse_in, inv_temperature=1.0 / temperature, **opts)
 
 

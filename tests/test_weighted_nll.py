@@ -62,7 +62,7 @@ def run(fn, logits, labels, weights, dtype, *, upstream=1.0, **options):
     x = logits.detach().to(dtype).clone().requires_grad_()
     w = weights.double() if dtype == torch.float64 else weights
     out = fn(x, labels, w, return_aux=True, **options)
-    loss, s = out
+    loss, s = out[:2]  # NLLOutput (loss, policy_logps, entropy) or the reference's pair
     (loss if upstream == 1.0 else upstream * loss).backward()
     return loss, s, x.grad
 
@@ -206,7 +206,7 @@ def test_inplace_writes_the_gradient_over_the_logits(backend):
 def test_return_aux_is_a_named_tuple():
     labels = make_labels(2, 4, 30)
     out = weighted_nll(torch.randn(2, 4, 30), labels, torch.ones(2), return_aux=True)
-    assert isinstance(out, NLLOutput) and out._fields == ("loss", "policy_logps")
+    assert isinstance(out, NLLOutput) and out._fields == ("loss", "policy_logps", "entropy")
     plain = weighted_nll(torch.randn(2, 4, 30), labels, torch.ones(2))
     assert isinstance(plain, torch.Tensor) and plain.dtype == torch.float32 and plain.shape == ()
 
@@ -266,7 +266,7 @@ def make_linear(B, T, H, V, *, seed=0):
 def run_linear(fn, h, W, b, y, weights, dtype, upstream=1.0, **kw):
     ts = [t.detach().to(dtype).clone().requires_grad_() for t in (h, W, b)]
     w = weights.double() if dtype == torch.float64 else weights
-    loss, s = fn(ts[0], ts[1], y, w, bias=ts[2], return_aux=True, **kw)
+    loss, s = fn(ts[0], ts[1], y, w, bias=ts[2], return_aux=True, **kw)[:2]
     (upstream * loss).backward()
     return loss, s, [t.grad for t in ts]
 

@@ -11,11 +11,12 @@ from varkernels.core import _triton_kernels as K
 
 
 def launch_token(x, labels, coef, grad, lse_in, *, softcap=None, temperature=1.0, ignore_index=IGNORE_INDEX,
-                 kernel="auto"):
+                 kernel="auto", entropy=None):
     """``token_triton_launch`` of varkernels/core/token.py, with the kernel choice forcible.
 
     kernel: "auto" (the configuration table), "single" or "tiled" (forced, with the launch
-    parameters the table gives that kernel). Returns (lp [B·T] fp32, lse [B·T] fp32).
+    parameters the table gives that kernel). entropy: the optional [B·T] fp32 output (HAS_ENTROPY).
+    Returns (lp [B·T] fp32, lse [B·T] fp32).
     """
     import triton
 
@@ -42,6 +43,7 @@ def launch_token(x, labels, coef, grad, lse_in, *, softcap=None, temperature=1.0
         softcap=softcap, inv_temperature=1.0 / temperature, ignore_index=ignore_index,
         BLOCK_V=block, RNE_BF16=rne,
         HAS_GRAD=grad is not None, HAS_LSE_IN=lse_in is not None, HAS_SOFTCAP=softcap is not None,
+        ent_ptr=entropy, HAS_ENTROPY=entropy is not None,
         num_warps=num_warps,
     )
     return lp, lse

@@ -570,14 +570,15 @@ class _Ctx:
         pass
 
 
-def _linear_op_body(hidden, weight, bias, labels, coef, lse_in, *, want_hidden, want_weight, want_bias, **opts):
+def _linear_op_body(hidden, weight, bias, labels, coef, lse_in, entropy=None, *, want_hidden, want_weight, want_bias,
+                    **opts):
     """The driver operator ``varkernels::linear_token_pass`` replaced by its Python body (``linear_token_pass``),
     whose fake implementation would give only the output shapes: every op of the chunk loop is recorded."""
     from varkernels.core.linear import linear_token_pass
     from varkernels.core.token import TokenOptions
 
     wants = (want_hidden, want_weight, want_bias)
-    return linear_token_pass(hidden, weight, bias, labels, coef, lse_in, wants, TokenOptions(**opts))
+    return linear_token_pass(hidden, weight, bias, labels, coef, lse_in, wants, TokenOptions(**opts), entropy)
 
 
 def varkernels_linear(hidden, weight, labels, coef, *, master_weight=None, chunk_size=None, accum_fp32=True,

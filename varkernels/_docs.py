@@ -35,6 +35,12 @@ FRAGMENTS = {
         "rounded once, at the end) or the weight's dtype (V·H·2 bytes less for bf16/fp16 weights,\n"
         "one rounding per chunk; README gives the measured error)."
     ),
+    "return_entropy": (
+        "return_entropy: also return the policy's entropy, fp32 [B]: per sequence, the mean over its\n"
+        "non-ignored tokens of −Σ_v p_v·log p_v, p the softmax of the transformed logits (softcap,\n"
+        "temperature: the distribution of the log-probs); 0 for a row without tokens; no gradient.\n"
+        "Computed in the logsumexp sweep the log-probs already make (no extra pass over the vocabulary)."
+    ),
     "one_backward": "Computed in the forward, the gradient allows one backward per graph (call again for another).",
 }
 

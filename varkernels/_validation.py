@@ -154,7 +154,7 @@ _RANGE_REMEDIES = {
     "temperature": "rescale the logits instead (logits/temperature is what counts)",
     "softcap": "use softcap=None for no cap",
 }
-BOOL_OPTIONS = ("shift_labels", "inplace", "return_aux")
+BOOL_OPTIONS = ("shift_labels", "inplace", "return_aux", "return_entropy")
 OPTION_VALUES = {"weighting": WEIGHTINGS, "logp_reduction": REDUCTIONS, "reduction": REDUCTIONS, "backend": BACKENDS}
 
 
@@ -162,8 +162,8 @@ def check_options(**options) -> dict:
     """Check the keyword options of the ops by name and return them normalised (numpy scalars as Python ones):
     ``weighting``, ``logp_reduction``, ``reduction``, ``backend`` (one of their strings); ``beta``,
     ``temperature`` (numbers > 0, :func:`check_positive`), ``softcap`` (the same or None); ``chunk_size`` (a
-    positive int64 or None); ``ignore_index`` (an int64); ``shift_labels``, ``inplace``, ``return_aux``
-    (bools, :func:`check_bool`). Other names are not options of the ops (TypeError)."""
+    positive int64 or None); ``ignore_index`` (an int64); ``shift_labels``, ``inplace``, ``return_aux``,
+    ``return_entropy`` (bools, :func:`check_bool`). Other names are not options of the ops (TypeError)."""
     out = {}
     for name, value in options.items():
         if name in OPTION_VALUES:

@@ -8,6 +8,9 @@ softmax with coef = −grad_lp (one sweep instead of two):
 
 Under ``torch.no_grad()`` nothing is saved. ``linear_sequence_logps`` does the same from hidden
 states and an lm_head weight, chunk by chunk, never holding more than a chunk of logits.
+
+``return_entropy=True`` also returns the per-sequence mean token entropy of the policy, computed by
+the token op in the same logsumexp sweep (one more running sum per row, no extra pass).
 """
 
 from __future__ import annotations
@@ -18,8 +21,14 @@ import torch
 
 from ._docs import compose
 from ._prepare import prepare_call
-from ._validation import LOGP_REDUCTIONS, check_option
+from ._validation import LOGP_REDUCTIONS, check_option, check_options
 from .core.autograd import linear_token_forward, token_forward
+
+
+def sequence_entropy(ent: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """[B] fp32 mean over the non-ignored tokens of each row of the token entropies ``ent`` [B·T] (the token
+    op's, 0 at ignored positions); 0 for a row without tokens. ``labels``: [B, T], already shifted."""
+    return reduce_token_logps(ent.view(labels.shape), labels, ignore_index, "mean")
 
 
 def reduce_token_logps(lp: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str):
@@ -43,7 +52,8 @@ def sequence_logps(
     softcap: Optional[float] = None,
     temperature: float = 1.0,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_entropy: bool = False,
+):
     """Log-probs of ``labels`` under ``logits``, differentiable, without [B, T, V] log-probs.
 
     Args:
@@ -53,12 +63,19 @@ def sequence_logps(
         {shift_labels}
         {transforms}
         {backend}
+        {return_entropy}
     Returns:
-        float32 [B] ("mean"/"sum") or [B, T] ("none", 0 at ignored positions).
+        float32 [B] ("mean"/"sum") or [B, T] ("none", 0 at ignored positions); with ``return_entropy=True``
+        the pair ``(logps, entropy)``.
     """
     check_option("reduction", reduction, LOGP_REDUCTIONS)
+    return_entropy = check_options(return_entropy=return_entropy)["return_entropy"]
     call = prepare_call("logits", logits, labels, ignore_index=ignore_index, shift_labels=shift_labels,
                         softcap=softcap, temperature=temperature, backend=backend)
+    if return_entropy:
+        _, lp, ent = token_forward(logits, call.flat_labels, None, call.opts, entropy=True)
+        logps = reduce_token_logps(lp.view(labels.shape), call.labels, ignore_index, reduction)
+        return logps, sequence_entropy(ent, call.labels, ignore_index)
     _, lp = token_forward(logits, call.flat_labels, None, call.opts)
     return reduce_token_logps(lp.view(labels.shape), call.labels, ignore_index, reduction)
 
@@ -78,12 +95,15 @@ def linear_sequence_logps(
     chunk_size: Optional[int] = None,
     grad_accum_dtype: torch.dtype = torch.float32,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_entropy: bool = False,
+):
     """Log-probs of ``labels`` from hidden states [B, T, H] and lm_head weight [V, H] (+ bias [V]).
 
     Differentiable w.r.t. hidden, weight and bias; the forward saves only the per-token
     logsumexp, the backward recomputes each logits chunk. Under ``torch.no_grad()`` nothing is
-    saved (reference scoring). Returns float32 [B] ("mean"/"sum") or [B, T] ("none").
+    saved (reference scoring). Returns float32 [B] ("mean"/"sum") or [B, T] ("none"); with
+    ``return_entropy=True`` the pair ``(logps, entropy)``, entropy as in :func:`sequence_logps`, each
+    chunk's entropy computed by its token op.
 
     Args:
         {hidden}
@@ -93,8 +113,13 @@ def linear_sequence_logps(
         {grad_accum_dtype}
     """
     check_option("reduction", reduction, LOGP_REDUCTIONS)
+    return_entropy = check_options(return_entropy=return_entropy)["return_entropy"]
     call = prepare_call("hidden", hidden, labels, head=(weight, bias), ignore_index=ignore_index,
                         shift_labels=shift_labels, softcap=softcap, temperature=temperature, backend=backend,
                         chunk_size=chunk_size, grad_accum_dtype=grad_accum_dtype)
+    if return_entropy:
+        _, lp, ent = linear_token_forward(hidden, weight, bias, call.flat_labels, None, call.opts, entropy=True)
+        logps = reduce_token_logps(lp.view(labels.shape), call.labels, ignore_index, reduction)
+        return logps, sequence_entropy(ent, call.labels, ignore_index)
     _, lp = linear_token_forward(hidden, weight, bias, call.flat_labels, None, call.opts)
     return reduce_token_logps(lp.view(labels.shape), call.labels, ignore_index, reduction)

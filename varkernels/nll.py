@@ -24,6 +24,7 @@ from ._docs import compose
 from ._prepare import prepare_call
 from ._validation import check_inplace, check_options, shift_left
 from .core.autograd import linear_token_forward, token_forward
+from .logps import sequence_entropy
 
 
 class NLLOutput(NamedTuple):
@@ -33,10 +34,15 @@ class NLLOutput(NamedTuple):
         loss: [] float32 scalar, differentiable w.r.t. the policy.
         policy_logps: [B] float32, c_i·Σ_t lp[i, t]: the sequence log-probs reduced like ``reduction``
             (unweighted, detached; 0 for a row without tokens).
+        entropy: [B] float32, the policy's mean token entropy per sequence, −Σ_v p_v·log p_v averaged over
+            the row's non-ignored tokens whatever ``reduction`` (p: softmax of the transformed logits;
+            detached; 0 for a row without tokens). Computed by the token op in the forward sweep the loss
+            already makes.
     """
 
     loss: torch.Tensor
     policy_logps: torch.Tensor
+    entropy: torch.Tensor
 
 
 def sequence_coefficients(labels: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
@@ -95,7 +101,8 @@ def weighted_nll(
         {shift_labels}
         {transforms}
         {inplace}
-        return_aux: return an ``NLLOutput`` (loss, policy_logps [B] reduced like ``reduction``).
+        return_aux: return an ``NLLOutput`` (loss, policy_logps [B] reduced like ``reduction``, entropy [B]:
+            the per-sequence mean token entropy, from the same sweep).
         {backend}
     Returns:
         float32 scalar loss, or ``NLLOutput``. The logits gradient has the logits' dtype.
@@ -107,8 +114,11 @@ def weighted_nll(
                         inplace=inplace, return_aux=return_aux)
     check_inplace(logits, inplace)
     dlp, seq_coef = token_coefficients(weights, call.labels, ignore_index, reduction, shift_labels)
-    loss, lp = token_forward(logits, call.flat_labels, dlp, call.opts, inplace=inplace)
-    return NLLOutput(loss, sequence_values(lp, seq_coef)) if return_aux else loss
+    if return_aux:
+        loss, lp, ent = token_forward(logits, call.flat_labels, dlp, call.opts, inplace=inplace, entropy=True)
+        return NLLOutput(loss, sequence_values(lp, seq_coef), sequence_entropy(ent, call.labels, ignore_index))
+    loss, _ = token_forward(logits, call.flat_labels, dlp, call.opts, inplace=inplace)
+    return loss
 
 
 @compose
@@ -148,5 +158,8 @@ def linear_weighted_nll(
                         chunk_size=chunk_size, grad_accum_dtype=grad_accum_dtype, weights=weights,
                         return_aux=return_aux)
     dlp, seq_coef = token_coefficients(weights, call.labels, ignore_index, reduction, shift_labels)
-    loss, lp = linear_token_forward(hidden, weight, bias, call.flat_labels, dlp, call.opts)
-    return NLLOutput(loss, sequence_values(lp, seq_coef)) if return_aux else loss
+    if return_aux:
+        loss, lp, ent = linear_token_forward(hidden, weight, bias, call.flat_labels, dlp, call.opts, entropy=True)
+        return NLLOutput(loss, sequence_values(lp, seq_coef), sequence_entropy(ent, call.labels, ignore_index))
+    loss, _ = linear_token_forward(hidden, weight, bias, call.flat_labels, dlp, call.opts)
+    return loss

@@ -147,7 +147,7 @@ def _forward(lm, *args, **kwargs):
     num_items = kwargs.pop("num_items_in_batch", None)
     pre_shifted = kwargs.pop("shift_labels", None)  # HF's loss kwarg: labels already shifted (sequence parallel)
     opts = dict(chunk_size=state["options"]["chunk_size"], backend=state["options"]["backend"],
-                softcap=head.softcap, ignore_index=IGNORE_INDEX, return_aux=True)
+                softcap=head.softcap, ignore_index=IGNORE_INDEX)
 
     def loss_in_head(hidden, weight, bias):
         y = labels.to(hidden.device)
@@ -156,16 +156,16 @@ def _forward(lm, *args, **kwargs):
                                f"[{y.shape[0]}, {y.shape[1]}, H] (labels of shape {tuple(y.shape)})")
         if loss_weights is not None:
             w = loss_weights.to(hidden.device)
-            return linear_weighted_nll(hidden, weight, y, w, bias=bias, reduction="mean", shift_labels=True, **opts)
+            return (linear_weighted_nll(hidden, weight, y, w, bias=bias, reduction="mean", shift_labels=True, **opts),)
         shift = pre_shifted is None
         if not shift:
             y = pre_shifted.to(hidden.device)
         w = _token_mean_weights(y, shift, num_items)
-        return linear_weighted_nll(hidden, weight, y, w, bias=bias, reduction="sum", shift_labels=shift, **opts)
+        return (linear_weighted_nll(hidden, weight, y, w, bias=bias, reduction="sum", shift_labels=shift, **opts),)
 
     call = _Call(original)
-    result = head.run_in_head(call, kwargs, loss_in_head)
-    return _with_loss(result.loss, call.outputs)
+    result = head.run_in_head(call, kwargs, loss_in_head)  # (loss,): no NLLOutput, whose entropy is not needed here
+    return _with_loss(result[0], call.outputs)
 
 
 def _token_mean_weights(labels, shift: bool, num_items):

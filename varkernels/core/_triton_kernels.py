@@ -8,6 +8,12 @@ The core's kernels know nothing of VAR (its weight kernel lives in varkernels/va
       lse[n] = logsumexp(z)                      # sweep 1: online max / sum, exp2 with log2(e)
       lp[n]  = z[y] − lse[n]
       g[n,:] = coef[n] · (softmax(z) − onehot(y)) · dz/dx      # sweep 2, only when HAS_GRAD
+      H[n]   = −Σ_v p_v·log p_v = log s − Σ_v e^(z_v − m)·(z_v − m) / s      # sweep 1, only when HAS_ENTROPY
+
+  The entropy is one more accumulator of sweep 1, a = Σ e^(z − m)·(z − m) (shifted by the running
+  max like s, so that no value of the size of the logits is subtracted), rescaled with s when the max
+  moves: a ← e^(m − m')·(a + (m − m')·s). HAS_ENTROPY is a constexpr: the default specialisations
+  are unchanged. It is not computed with HAS_LSE_IN (the backward's recompute).
 
   In PyTorch: ``lp = z.log_softmax(-1).gather(-1, y)``; ``g = coef * -d lp / dx``.
   With HAS_LSE_IN the saved logsumexp is loaded and sweep 1 skipped: this is the backward of
@@ -31,6 +37,7 @@ import triton.language as tl
 
 from .._validation import check_positive_int
 
+FLT_LOWEST: tl.constexpr = tl.constexpr(-3.4028234663852886e38)  # lowest finite fp32: 0·FLT_LOWEST is 0
 MAX_FUSED_SIZE = 4096  # BLOCK_V cap: 16 fp32 values per thread at num_warps=8, no spills (see tests/test_compile.py)
 TOKEN_NUM_WARPS = 8
 
@@ -92,6 +99,7 @@ def _token_kernel(
     softcap, inv_temperature, ignore_index,  # scalars
     BLOCK_V: tl.constexpr, RNE_BF16: tl.constexpr,
     HAS_GRAD: tl.constexpr, HAS_LSE_IN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ent_ptr=None, HAS_ENTROPY: tl.constexpr = False,  # optional output: [N] fp32 per-row entropy
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     i_n = tl.program_id(0).to(tl.int64)
@@ -104,6 +112,8 @@ def _token_kernel(
     if y == ignore_index:
         tl.store(lp_ptr + i_n, 0.0)
         tl.store(lse_ptr + i_n, 0.0)
+        if HAS_ENTROPY:
+            tl.store(ent_ptr + i_n, 0.0)
         if HAS_GRAD:
             p_g = grad_ptr + i_b * stride_gb + i_t * stride_gt
             for v0 in range(0, V, BLOCK_V):
@@ -124,6 +134,8 @@ def _token_kernel(
         # which made p = softmax(z)[y] near 1 (and its gradient p − 1) ~10× less accurate than PyTorch.
         b_m = float("-inf")
         b_s = 0.0
+        if HAS_ENTROPY:
+            b_a = 0.0  # Σ e^(z − m)·(z − m), shifted like s
         for v0 in range(0, V, BLOCK_V):
             o = v0 + o_v
             m_v = o < V
@@ -134,9 +146,21 @@ def _token_kernel(
             b_m_new = tl.maximum(b_m, tl.max(b_z, axis=0))
             # a tile of only −inf logits (masked vocabulary) so far: shift by 0, not by −inf (−inf − −inf = NaN)
             b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-            b_s = b_s * tl.exp2((b_m - b_shift) * LOG2E) + tl.sum(tl.exp2((b_z - b_shift) * LOG2E), axis=0)
+            if HAS_ENTROPY:
+                b_d = b_z - b_shift
+                b_e = tl.exp2(b_d * LOG2E)
+                b_alpha = tl.exp2((b_m - b_shift) * LOG2E)
+                # a −inf logit has e = 0 and d = −inf: d is clamped to the lowest float, so its term is 0, not
+                # 0·−inf; so is m − m' while no finite logit has come (m = −inf, s = a = 0: a stays 0)
+                b_a = ((b_a + tl.maximum(b_m - b_shift, FLT_LOWEST) * b_s) * b_alpha
+                       + tl.sum(b_e * tl.maximum(b_d, FLT_LOWEST), axis=0))
+                b_s = b_s * b_alpha + tl.sum(b_e, axis=0)
+            else:
+                b_s = b_s * tl.exp2((b_m - b_shift) * LOG2E) + tl.sum(tl.exp2((b_z - b_shift) * LOG2E), axis=0)
             b_m = b_m_new
         b_log_s = tl.log(b_s)
+        if HAS_ENTROPY:
+            tl.store(ent_ptr + i_n, b_log_s - b_a / b_s)  # H = lse − Σ p·z = log s − Σ p·(z − m)
     # lp = (z_y − m) − log s, not z_y − lse: lse is rounded at the magnitude of m (~1e-6 for |m| ≈ 20)
     # while a confident token has lp ≈ 0; PyTorch's log_softmax subtracts in this order too.
     tl.store(lp_ptr + i_n, (b_zy - b_m) - b_log_s)
@@ -200,7 +224,8 @@ def token_kernel_config(V: int, dtype, *, softcap=None):
 
     The limits are what compiles without register spills — cuobjdump's LOCAL 0 *and* STACK 0
     (ptxas puts spill slots in the stack frame: STACK > 0 with LOCAL 0 is still a spill) — for
-    sm_80 and sm_90 with triton 3.9, checked by tests/test_compile.py. At num_warps=32 a thread
+    sm_80 and sm_90 with triton 3.9, checked by tests/test_compile.py; the entropy specialisations
+    (HAS_ENTROPY: one more block reduction, of e·(z − m)) fit the same table. At num_warps=32 a thread
     has at most 64 registers: enough for a 32-value slice of the row (and the one exp value per
     logit kept for the gradient), not for 32 values of tanh's temporaries (16-104 bytes of stack)
     nor for 32 unaligned 16-bit loads' masks on sm_90 (8 bytes).
@@ -231,6 +256,7 @@ def _token_kernel_single(
     softcap, inv_temperature, ignore_index,  # scalars
     BLOCK_V: tl.constexpr, RNE_BF16: tl.constexpr,
     HAS_GRAD: tl.constexpr, HAS_LSE_IN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ent_ptr=None, HAS_ENTROPY: tl.constexpr = False,  # optional output: [N] fp32 per-row entropy
 ):
     """``_token_kernel`` for rows that fit on chip (V ≤ BLOCK_V): same arguments, same results.
 
@@ -257,6 +283,8 @@ def _token_kernel_single(
     if y == ignore_index:
         tl.store(lp_ptr + i_n, 0.0)
         tl.store(lse_ptr + i_n, 0.0)
+        if HAS_ENTROPY:
+            tl.store(ent_ptr + i_n, 0.0)
         if HAS_GRAD:
             p_g = grad_ptr + i_b * stride_gb + i_t * stride_gt
             tl.store(p_g + o_v * stride_gv, tl.zeros([BLOCK_V], dtype=tl.float32), mask=m_v)
@@ -286,12 +314,23 @@ def _token_kernel_single(
             b_m = tl.max(b_z, axis=0)
         # a row of only −inf logits (masked vocabulary): shift by 0, not by −inf (−inf − −inf = NaN)
         b_shift = tl.where(b_m == float("-inf"), 0.0, b_m)
-        if HAS_SOFTCAP:
+        if HAS_ENTROPY:
+            # H = log s − Σ e·(z − m) / s; a −inf logit (or the padding) has e = 0 and d clamped to the lowest
+            # float: its term is 0, not 0·−inf
+            if HAS_SOFTCAP:
+                b_d = tl.fma(b_t, b_k, -b_shift)
+            else:
+                b_d = b_z - b_shift
+            b_e = tl.exp2(b_d * LOG2E)
+            b_a = tl.sum(b_e * tl.maximum(b_d, FLT_LOWEST), axis=0)
+        elif HAS_SOFTCAP:
             b_e = tl.exp2(tl.fma(b_t, b_k, -b_shift) * LOG2E)
         else:
             b_e = tl.exp2((b_z - b_shift) * LOG2E)
         b_sum = tl.sum(b_e, axis=0)
         b_log_s = tl.log(b_sum)
+        if HAS_ENTROPY:
+            tl.store(ent_ptr + i_n, b_log_s - b_a / b_sum)
     # lp = (z_y − m) − log s, not z_y − lse (see _token_kernel)
     tl.store(lp_ptr + i_n, (b_zy - b_m) - b_log_s)
     tl.store(lse_ptr + i_n, b_m + b_log_s)

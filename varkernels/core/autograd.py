@@ -13,7 +13,10 @@ Each path has two gradient modes, chosen by the layer above:
   DPO-style losses and anything whose coefficients depend on lp).
 
 Both return ``(value, lp)``: value is a differentiable fp32 scalar in forward mode (0 otherwise),
-lp [B·T] fp32 is differentiable in backward mode (detached in forward mode).
+lp [B·T] fp32 is differentiable in backward mode (detached in forward mode). Asked for the entropy
+(``entropy=True``), they return ``(value, lp, entropy)``: entropy [B·T] fp32, −Σ_v p_v·log p_v of each
+token row's softmax of the transformed logits (0 for ignored rows), no gradient, written by the token op
+in the forward's logsumexp sweep (either mode: both forwards make that sweep).
 
 Grad mode: the gradient is computed and kept only when grad mode is on and an input requires grad
 (``needs_grad``, decided by the caller outside the Function, where grad mode is visible). Under
@@ -91,6 +94,14 @@ def _saved_once(ctx, op_name: str) -> tuple:
         ) from e
 
 
+def _with_entropy(ctx, value: torch.Tensor, lp: torch.Tensor, ent: Optional[torch.Tensor]) -> tuple:
+    """A Function's outputs: (value, lp), or (value, lp, entropy) with the entropy marked non-differentiable."""
+    if ent is None:
+        return value, lp
+    ctx.mark_non_differentiable(ent)
+    return value, lp, ent
+
+
 def _weighted_value(dlp: torch.Tensor, lp: torch.Tensor, rows: int) -> torch.Tensor:
     """Σ_n dlp[n]·lp[n], summed per sequence row first (a fixed order: deterministic)."""
     return (dlp * lp).view(rows, -1).sum(dim=1).sum()
@@ -103,15 +114,17 @@ class TokenFunction(torch.autograd.Function):
     """(value, lp) from logits [B, T, V]; see the module docstring for the two modes."""
 
     @staticmethod
-    def forward(ctx, x, labels, dlp, opts, inplace, needs_grad):
+    def forward(ctx, x, labels, dlp, opts, inplace, needs_grad, want_entropy=False):
         B = x.shape[0]
         ctx.opts, ctx.forward_mode = opts, dlp is not None
         xd = x.detach()
+        ent = torch.empty(labels.shape[0], dtype=torch.float32, device=x.device) if want_entropy else None
         if dlp is not None:
             grad = None
             if needs_grad:
                 grad = xd if inplace else grad_buffer_like(xd)  # already-touched pages (_grad_buffers.py)
-            lp, _ = token_kernel(opts.backend)(xd, labels, kernel_coef(dlp), grad, None, **opts.token_args())
+            lp, _ = token_kernel(opts.backend)(xd, labels, kernel_coef(dlp), grad, None, **opts.token_args(),
+                                               entropy=ent)
             if grad is not None:
                 if inplace and not torch.compiler.is_compiling():
                     # The kernels write through raw pointers: tell autograd that x changed, so a node
@@ -120,24 +133,24 @@ class TokenFunction(torch.autograd.Function):
                 ctx.save_for_backward(grad)
             value = _weighted_value(dlp, lp, B)
             ctx.mark_non_differentiable(lp)
-            return value, lp
-        lp, lse = token_kernel(opts.backend)(xd, labels, None, None, None, **opts.token_args())
+            return _with_entropy(ctx, value, lp, ent)
+        lp, lse = token_kernel(opts.backend)(xd, labels, None, None, None, **opts.token_args(), entropy=ent)
         if needs_grad:
             ctx.save_for_backward(x, labels, lse)
         value = lp.new_zeros(())
         ctx.mark_non_differentiable(value)
-        return value, lp
+        return _with_entropy(ctx, value, lp, ent)
 
     @staticmethod
-    def backward(ctx, grad_value, grad_lp):
+    def backward(ctx, grad_value, grad_lp, *_grad_entropy):
         if ctx.forward_mode:
             (grad,) = _saved_once(ctx, "token op (forward-mode gradient)")
-            return scale_grad_(grad, grad_value, ctx.opts.backend), None, None, None, None, None
+            return scale_grad_(grad, grad_value, ctx.opts.backend), None, None, None, None, None, None
         x, labels, lse = ctx.saved_tensors
         grad = torch.empty_like(x)
         coef = kernel_coef(grad_lp.reshape(-1).to(torch.float32).contiguous())
         token_kernel(ctx.opts.backend)(x.detach(), labels, coef, grad, lse, **ctx.opts.token_args())
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def token_forward(
@@ -147,12 +160,14 @@ def token_forward(
     opts: TokenOptions,
     *,
     inplace: bool = False,
+    entropy: bool = False,
 ):
-    """(value, lp [B·T]) of the logits form; labels, dlp (d value / d lp): [B·T] contiguous (see the module
-    docstring); opts: the call's :class:`~varkernels.core.token.TokenOptions`."""
+    """(value, lp [B·T]) of the logits form, or (value, lp, entropy [B·T]) with ``entropy=True``; labels, dlp
+    (d value / d lp): [B·T] contiguous (see the module docstring); opts: the call's
+    :class:`~varkernels.core.token.TokenOptions`."""
     require_cpu_op(opts.backend)
     needs_grad = torch.is_grad_enabled() and x.requires_grad
-    return TokenFunction.apply(x, labels, dlp, opts, inplace, needs_grad)
+    return TokenFunction.apply(x, labels, dlp, opts, inplace, needs_grad, entropy)
 
 
 # ---------------------------------------------------------------------------------- fused-linear form
@@ -195,8 +210,9 @@ class LinearTokenFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, dlp, opts, wants, gemm_dtype):
+    def forward(ctx, hidden, weight, bias, labels, dlp, opts, wants, gemm_dtype, want_entropy=False):
         B = hidden.shape[0]
+        ent = torch.empty(labels.shape[0], dtype=torch.float32, device=hidden.device) if want_entropy else None
         ctx.opts, ctx.forward_mode, ctx.wants, ctx.gemm_dtype = opts, dlp is not None, wants, gemm_dtype
         ctx.device_type = hidden.device.type
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
@@ -208,7 +224,7 @@ class LinearTokenFunction(torch.autograd.Function):
             # (the deferred weight gradient is stored in the GEMM dtype: only when that is the weight's own)
             if coef is not None and weight.dtype == gemm_dtype and linear_cpu.forward_pass_applies(hd, wd, wants, opts):
                 with _autocast_off(hd.device.type):
-                    deferred = linear_cpu.forward_pass(hd, wd, bd, labels, coef, wants, opts)
+                    deferred = linear_cpu.forward_pass(hd, wd, bd, labels, coef, wants, opts, ent)
             ctx.deferred = deferred is not None
             if deferred is not None:
                 lp, _, gh, gb, kept = deferred
@@ -217,24 +233,24 @@ class LinearTokenFunction(torch.autograd.Function):
                 with _autocast_off(hd.device.type):
                     lp, _, gh, gw, gb = torch.ops.varkernels.linear_token_pass(
                         hd, wd, bd, labels, coef, None, want_hidden=want_h, want_weight=want_w, want_bias=want_b,
-                        **opts._asdict())
+                        **opts._asdict(), entropy=ent)
                 if any(wants):
                     ctx.save_for_backward(gh, gw, gb)
             value = _weighted_value(dlp, lp, B)
             ctx.mark_non_differentiable(lp)
-            return value, lp
+            return _with_entropy(ctx, value, lp, ent)
         with _autocast_off(hd.device.type):
             lp, lse, *_ = torch.ops.varkernels.linear_token_pass(
                 hd, wd, bd, labels, None, None, want_hidden=False, want_weight=False, want_bias=False,
-                **opts._asdict())
+                **opts._asdict(), entropy=ent)
         if any(wants):
             ctx.save_for_backward(hidden, weight, bias, labels, lse)
         value = lp.new_zeros(())
         ctx.mark_non_differentiable(value)
-        return value, lp
+        return _with_entropy(ctx, value, lp, ent)
 
     @staticmethod
-    def backward(ctx, grad_value, grad_lp):
+    def backward(ctx, grad_value, grad_lp, *_grad_entropy):
         with _autocast_off(ctx.device_type):  # the forward's products, whatever autocast state this runs in
             return LinearTokenFunction._backward(ctx, grad_value, grad_lp)
 
@@ -254,7 +270,7 @@ class LinearTokenFunction(torch.autograd.Function):
                 else scale_grad_(g, grad_value, ctx.opts.backend).to(dt) if want and g.numel() else None
                 for g, dt, want in zip(grads, ctx.dtypes, wants)
             ]
-            return (*out, None, None, None, None, None)
+            return (*out, None, None, None, None, None, None)
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         coef = kernel_coef(grad_lp.reshape(-1).to(torch.float32).contiguous())
         want_h, want_w, want_b = wants
@@ -263,7 +279,7 @@ class LinearTokenFunction(torch.autograd.Function):
             _cast(hidden, gemm), _cast(weight, gemm), _cast(bias, gemm), labels, coef, lse,
             want_hidden=want_h, want_weight=want_w, want_bias=want_b, **ctx.opts._asdict())
         out = [g.to(dt) if want and g.numel() else None for g, dt, want in zip((gh, gw, gb), ctx.dtypes, wants)]
-        return (*out, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None)
 
 
 def linear_token_forward(
@@ -273,10 +289,12 @@ def linear_token_forward(
     labels: torch.Tensor,
     dlp: Optional[torch.Tensor],
     opts: TokenOptions,
+    *,
+    entropy: bool = False,
 ):
-    """(value, lp [B·T]) of the fused-linear form (see the module docstring); ``opts.chunk_size`` rows per
-    chunk, ``opts.accum_fp32``: the weight/bias gradients accumulate in fp32 or in the GEMM dtype
-    (:func:`head_dtype`: the autocast dtype under autocast)."""
+    """(value, lp [B·T]) of the fused-linear form, or (value, lp, entropy [B·T]) with ``entropy=True`` (see the
+    module docstring); ``opts.chunk_size`` rows per chunk, ``opts.accum_fp32``: the weight/bias gradients
+    accumulate in fp32 or in the GEMM dtype (:func:`head_dtype`: the autocast dtype under autocast)."""
     require_cpu_op(opts.backend)
     grad_on = torch.is_grad_enabled()
     wants = (
@@ -284,4 +302,5 @@ def linear_token_forward(
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
-    return LinearTokenFunction.apply(hidden, weight, bias, labels, dlp, opts, wants, head_dtype(hidden, weight))
+    return LinearTokenFunction.apply(hidden, weight, bias, labels, dlp, opts, wants, head_dtype(hidden, weight),
+                                     entropy)

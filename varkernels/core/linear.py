@@ -17,7 +17,9 @@ rounding per chunk (README: its measured error).
 
 Extra memory is O(chunk·V + V·H): one logits chunk plus the fp32 weight-gradient accumulator,
 never [B, T, V]. The gradients are produced only when ``coef`` is given (and only those asked
-for); with ``lse_in`` the token op skips its logsumexp sweep (backward of the log-prob mode).
+for); with ``lse_in`` the token op skips its logsumexp sweep (backward of the log-prob mode). With an
+``entropy`` output ([B·T] fp32, written; not with ``lse_in``) each chunk's token op also writes its rows'
+entropy, in the same sweep (ignored rows: 0).
 
 Registered as the operator ``varkernels::linear_token_pass`` (a ``torch.library.custom_op`` with a
 fake implementation): under ``torch.compile`` the whole loop is one node of the graph, so its
@@ -80,10 +82,12 @@ def linear_token_pass(
     lse_in: Optional[torch.Tensor],
     wants: tuple,
     opts: TokenOptions,
+    entropy: Optional[torch.Tensor] = None,
 ):
     """One chunked pass. hidden [B, T, H]; weight [V, H]; bias [V] | None; labels [B·T];
     coef (the kernels' convention, see token.py), lse_in [B·T] fp32 | None; wants: (hidden, weight, bias)
-    gradients asked for; opts: the call's :class:`TokenOptions`.
+    gradients asked for; opts: the call's :class:`TokenOptions`; entropy: [B·T] fp32 written (the token op's
+    per-row entropy, 0 for ignored rows) or None.
 
     Returns (lp [B·T] fp32, lse [B·T] fp32, grad_hidden [B, T, H] | [0], grad_weight [V, H] fp32 | [0],
     grad_bias [V] fp32 | [0]); a gradient is an empty [0] tensor unless ``coef`` is given and it is wanted.
@@ -97,6 +101,8 @@ def linear_token_pass(
     has_grad = coef is not None
     lp = torch.zeros(N, dtype=torch.float32, device=dev)
     lse = torch.zeros(N, dtype=torch.float32, device=dev)
+    if entropy is not None:
+        entropy.zero_()  # rows compacted away (ignored) are 0
     gh = torch.zeros_like(hidden) if has_grad and want_hidden else hidden.new_empty(0)
     acc = torch.float32 if opts.accum_fp32 else weight.dtype
     gw = torch.zeros(V, H, dtype=acc, device=dev) if has_grad and want_weight else hidden.new_empty(0)
@@ -134,12 +140,16 @@ def linear_token_pass(
             h_c = take(h_flat)
         logits_c = torch.addmm(bias, h_c, w_t) if bias is not None else h_c @ w_t
         x = logits_c.unsqueeze(0)
+        ent_c = None if entropy is None else torch.empty(n, dtype=torch.float32, device=dev)
         lp_c, lse_c = kernel(
             x, take(labels).contiguous(), take(coef).contiguous() if has_grad else None,
             x if has_grad else None, take(lse_in).contiguous() if lse_in is not None else None, **opts.token_args(),
+            entropy=ent_c,
         )
         put(lp, lp_c)
         put(lse, lse_c)
+        if ent_c is not None:
+            put(entropy, ent_c)
         if not has_grad:
             del logits_c, x
             continue
@@ -157,7 +167,7 @@ def linear_token_pass(
     return lp, lse, gh, gw, gb
 
 
-@custom_op("varkernels::linear_token_pass", mutates_args=())
+@custom_op("varkernels::linear_token_pass", mutates_args={"entropy"})
 def _linear_token_pass_op(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -165,6 +175,7 @@ def _linear_token_pass_op(
     labels: torch.Tensor,
     coef: Optional[torch.Tensor],
     lse_in: Optional[torch.Tensor],
+    entropy: Optional[torch.Tensor] = None,
     *,
     want_hidden: bool,
     want_weight: bool,
@@ -178,14 +189,18 @@ def _linear_token_pass_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The driver as an operator. Call it with the options record flattened by keyword:
     ``torch.ops.varkernels.linear_token_pass(hidden, weight, bias, labels, coef, lse_in, want_hidden=...,
-    want_weight=..., want_bias=..., **opts._asdict())``; coef in the kernels' convention (``kernel_coef``)."""
+    want_weight=..., want_bias=..., **opts._asdict())``; coef in the kernels' convention (``kernel_coef``);
+    ``entropy``: an optional [B·T] fp32 output (written), as the token op's (a positional argument: the schema
+    allows no keyword-only tensors)."""
     opts = TokenOptions(backend=backend, softcap=softcap, inv_temperature=inv_temperature,
                         ignore_index=ignore_index, chunk_size=chunk_size, accum_fp32=accum_fp32)
-    return linear_token_pass(hidden, weight, bias, labels, coef, lse_in, (want_hidden, want_weight, want_bias), opts)
+    return linear_token_pass(hidden, weight, bias, labels, coef, lse_in, (want_hidden, want_weight, want_bias), opts,
+                             entropy)
 
 
 @_linear_token_pass_op.register_fake
-def _(hidden, weight, bias, labels, coef, lse_in, *, want_hidden, want_weight, want_bias, accum_fp32, **_opts):
+def _(hidden, weight, bias, labels, coef, lse_in, entropy=None, *, want_hidden, want_weight, want_bias, accum_fp32,
+      **_opts):
     B, T, H = hidden.shape
     V = weight.shape[0]
     f32 = torch.float32

@@ -78,7 +78,7 @@ def _stored_parts(storage: torch.Tensor, extra: torch.Tensor, n: int) -> tuple:
     return storage.view(-1)[: V * n1].view(V, n1), extra
 
 
-def forward_pass(hidden, weight, bias, labels, coef, wants, opts: TokenOptions):
+def forward_pass(hidden, weight, bias, labels, coef, wants, opts: TokenOptions, entropy=None):
     """Forward mode of the fused-linear form with a bf16/fp16 weight, without a [V, H] fp32 accumulator.
 
     The chunked driver (core/linear.py) keeps grad_weight in an fp32 [V, H] accumulator from the forward to the
@@ -91,7 +91,8 @@ def forward_pass(hidden, weight, bias, labels, coef, wants, opts: TokenOptions):
     V·max(n − H, 0)·2 bytes, one [chunk, V] logits block and the gathered rows h [n, H], never more than the
     accumulator's; no GEMM reads or writes a [V, H] accumulator per chunk.
 
-    Arguments as the driver's (``coef`` given, in the kernels' convention). Returns None when n = 0 or n > 2·H
+    Arguments as the driver's (``coef`` given, in the kernels' convention; ``entropy``: [B·T] fp32 written, or
+    None; left untouched when None is returned). Returns None when n = 0 or n > 2·H
     (the caller then runs the chunked driver), else (lp [B·T] fp32, lse [B·T] fp32, grad_hidden [B, T, H] | [0],
     grad_bias [V] fp32 | [0], :class:`DeferredWeightGrad`); grad_hidden and grad_bias chunk by chunk.
     """
@@ -114,6 +115,8 @@ def forward_pass(hidden, weight, bias, labels, coef, wants, opts: TokenOptions):
     lse = torch.zeros(B * T, dtype=f32, device=dev)
     gh = torch.zeros_like(hidden) if want_hidden else hidden.new_empty(0)
     gb = torch.zeros(V, dtype=f32, device=dev) if want_bias and bias is not None else hidden.new_empty(0)
+    if entropy is not None:
+        entropy.zero_()  # ignored rows
     chunk = min(opts.chunk_size, n)
     block = torch.empty(chunk, V, dtype=weight.dtype, device=dev)  # one logits block, reused
     w_t = weight.t()
@@ -127,9 +130,12 @@ def forward_pass(hidden, weight, bias, labels, coef, wants, opts: TokenOptions):
         else:
             torch.mm(h_rows[rows], w_t, out=x)
         x3 = x.unsqueeze(0)
-        lp_c, lse_c = kernel(x3, lab[rows], cf[rows], x3, None, **opts.token_args())
+        ent_c = None if entropy is None else torch.empty(m, dtype=f32, device=dev)
+        lp_c, lse_c = kernel(x3, lab[rows], cf[rows], x3, None, **opts.token_args(), entropy=ent_c)
         lp[idx[rows]] = lp_c  # x now holds the gradient w.r.t. these logits
         lse[idx[rows]] = lse_c
+        if ent_c is not None:
+            entropy[idx[rows]] = ent_c
         if gh.numel():
             gh[b_i[rows], t_i[rows]] = x @ weight
         if gb.numel():

@@ -6,16 +6,23 @@ For every token row n of x [B, T, V] (any strides) with label y = labels[n]:
     lse[n] = logsumexp(z)                          (or lse_in[n]: the first sweep is skipped)
     lp[n]  = z[y] − lse[n]                         0 where y == ignore_index
     grad[n, :] = coef[n]·(softmax(z) − onehot(y))·dz/dx     only when ``grad`` is given
+    entropy[n] = −Σ_v p_v·log p_v, p = softmax(z)           only when ``entropy`` is given (0 where ignored)
 
 In PyTorch: ``lp = z.log_softmax(-1).gather(-1, y)`` and ``grad = −coef·d lp/dx``. ``grad`` is
 written in its own dtype and may be x itself (the same view): the gradient then overwrites the
 logits. The op knows nothing of what the coefficients mean: the layers above choose them.
 
-Operators (schema shared by the three, ``grad`` is the only argument written)::
+Operators (schema shared by the three, ``grad`` and ``entropy`` are the only arguments written)::
 
     varkernels::token_<backend>(Tensor x, Tensor labels, Tensor? coef, Tensor(a!)? grad,
                                 Tensor? lse_in, float? softcap, float inv_temperature,
-                                int ignore_index) -> (Tensor lp, Tensor lse)
+                                int ignore_index, Tensor(b!)? entropy=None) -> (Tensor lp, Tensor lse)
+
+``entropy`` is an optional output argument, [B·T] fp32 contiguous on x's device, written when given:
+the entropy of softmax(z) (of the transformed logits), computed in the logsumexp sweep from one more
+running sum, Σ e^(z − m)·(z − m), at no extra pass. Not given (the default), the kernels are the ones
+without it (a constexpr switch in Triton, a template flag in C++). It cannot be combined with ``lse_in``
+(that mode skips the logsumexp sweep).
 
 * ``token_triton`` — ``torch.library.triton_op`` around the Triton token kernels (``wrap_triton``),
   so Inductor sees them: the single-pass ``_token_kernel_single`` for rows that fit on chip
@@ -73,9 +80,22 @@ def kernel_coef(dlp: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if dlp is None else dlp.neg()
 
 
-def _fake_token(x, labels, coef, grad, lse_in, softcap, inv_temperature, ignore_index):
+def _fake_token(x, labels, coef, grad, lse_in, softcap, inv_temperature, ignore_index, entropy=None):
     n = x.shape[0] * x.shape[1]
     return x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32)
+
+
+def check_entropy_out(entropy: Optional[torch.Tensor], x: torch.Tensor, lse_in: Optional[torch.Tensor]) -> None:
+    """The token op's ``entropy`` output: [B·T] fp32 contiguous on x's device, and not with ``lse_in``."""
+    if entropy is None:
+        return
+    if lse_in is not None:
+        raise ValueError("token op: entropy is computed in the logsumexp sweep, which lse_in skips; pass one of them")
+    n = x.shape[0] * x.shape[1]
+    if entropy.dtype != torch.float32 or entropy.shape != (n,) or not entropy.is_contiguous() or (
+            entropy.device != x.device):
+        raise ValueError(f"token op: entropy must be a contiguous float32 [B*T] = [{n}] tensor on {x.device}, got "
+                         f"{entropy.dtype} of shape {tuple(entropy.shape)} on {entropy.device}")
 
 
 def rne_bf16(out) -> bool:
@@ -96,11 +116,11 @@ def token_triton_launch(
     softcap: Optional[float],
     inv_temperature: float,
     ignore_index: int,
+    entropy: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-
-
     from ._triton_kernels import token_kernel_config
 
+    check_entropy_out(entropy, x, lse_in)
     B, T, V = x.shape
     # rows that fit on chip: the single-pass kernel (one read, one write); else the tiled two-sweep one
     kernel, block_v, num_warps = token_kernel_config(V, x.dtype, softcap=softcap)
@@ -120,13 +140,14 @@ def token_triton_launch(
         BLOCK_V=block_v,
         RNE_BF16=rne_bf16(grad),
         HAS_GRAD=grad is not None, HAS_LSE_IN=lse_in is not None, HAS_SOFTCAP=softcap is not None,
+        ent_ptr=entropy, HAS_ENTROPY=entropy is not None,
         num_warps=num_warps,
     )
     return lp, lse
 
 
 def _register_token_triton() -> None:
-    op = triton_op("varkernels::token_triton", mutates_args={"grad"})(token_triton_launch)  # imports triton
+    op = triton_op("varkernels::token_triton", mutates_args={"grad", "entropy"})(token_triton_launch)  # imports triton
     op.register_fake(_fake_token)
 
 
@@ -149,7 +170,7 @@ def _transform(x: torch.Tensor, softcap: Optional[float], inv_temperature: float
     return z, dz
 
 
-@custom_op("varkernels::token_torch", mutates_args={"grad"})
+@custom_op("varkernels::token_torch", mutates_args={"grad", "entropy"})
 def token_torch(
     x: torch.Tensor,
     labels: torch.Tensor,
@@ -159,7 +180,9 @@ def token_torch(
     softcap: Optional[float],
     inv_temperature: float,
     ignore_index: int,
+    entropy: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    check_entropy_out(entropy, x, lse_in)
     B, T, V = x.shape
     N = B * T
     lp = torch.zeros(N, dtype=torch.float32, device=x.device)
@@ -174,6 +197,8 @@ def token_torch(
             if not bool(valid.any()):
                 if grad is not None:
                     grad[b, t0:t1].zero_()
+                if entropy is not None:
+                    entropy[n0:n1].zero_()
                 continue
             ys = torch.where(valid, y, 0).unsqueeze(1)
             x_c = x[b, t0:t1]
@@ -193,6 +218,10 @@ def token_torch(
             c_lp = zm.gather(1, ys).squeeze(1) - log_s.squeeze(1)
             lp[n0:n1] = torch.where(valid, c_lp, 0.0)
             lse[n0:n1] = torch.where(valid, c_lse, 0.0)
+            if entropy is not None:  # H = Σ −p·log p (entr: 0 at p = 0, a −inf logit)
+                p_ent = torch.softmax(zm, dim=1)
+                entropy[n0:n1] = torch.where(valid, torch.special.entr(p_ent, out=p_ent).sum(dim=1), 0.0)
+                del p_ent
             if grad is None:
                 continue
             p = zm.sub_(log_s).exp_()  # softmax, in zm's buffer
@@ -237,9 +266,10 @@ def require_cpu_op(backend: str) -> None:
 def token_kernel(backend: str):
     """The registered token op of ``backend`` ("triton" | "cpu" | "torch", already resolved), looked up at
     the call (a test may stand in for it). Call it as ``token_kernel(backend)(x, labels, coef, grad, lse_in,
-    softcap=..., inv_temperature=..., ignore_index=...)``: x [B, T, V]; labels [B·T] int64/int32 contiguous;
-    coef (``kernel_coef``), lse_in: [B·T] fp32 contiguous or None; grad: [B, T, V] written (may be x) or None.
-    Returns (lp [B·T] fp32, lse [B·T] fp32)."""
+    softcap=..., inv_temperature=..., ignore_index=..., entropy=None)``: x [B, T, V]; labels [B·T] int64/int32
+    contiguous; coef (``kernel_coef``), lse_in: [B·T] fp32 contiguous or None; grad: [B, T, V] written (may be x)
+    or None; entropy: [B·T] fp32 contiguous written (not with lse_in) or None. Returns (lp [B·T] fp32, lse [B·T]
+    fp32)."""
     if backend == "triton":
         load_triton_ops()
     return getattr(torch.ops.varkernels, "token_" + backend)
