@@ -226,9 +226,11 @@ def test_trains_online_and_held_out_reward_rises(toy, tmp_path):
     after = sum(reward(held_out, sample(policy, held_out, seed=5))) / len(held_out)
     assert after > before + 0.05, (before, after)
     log = next(h for h in trainer.state.log_history if "loss" in h)
-    for key in ("reward", "reward_std", "completions/mean_length", "num_tokens", "var/weights_max", "var/ess"):
+    for key in ("reward", "reward_std", "completions/mean_length", "num_tokens", "var/weights_max", "var/ess",
+                "entropy"):
         assert key in log, key
     assert 1.0 <= log["var/ess"] <= 8.0 and 1.0 <= log["var/weights_max"] <= 8.0
+    assert 0.0 < log["entropy"] <= math.log(policy.config.vocab_size)  # nats, of the policy's next-token distribution
     assert log["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-4)  # the VAR loss, not a surrogate
     assert log["loss"] > 0.1  # a weighted NLL of sampled tokens (GRPO's surrogate would be ≈ 0)
 

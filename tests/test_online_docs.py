@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_trainer_docs import quick_start as trainer_quick_start
+from doc_blocks import quick_start as trainer_quick_start
 
 ROOT = Path(__file__).resolve().parent.parent
 ONLINE_MD = ROOT / "docs" / "online.md"

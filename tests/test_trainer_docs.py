@@ -1,22 +1,13 @@
 """docs/trainer.md opens with the text quick start, and it runs as printed (like README's blocks in test_readme.py)."""
 
-import re
 import time
 from pathlib import Path
 
 import pytest
+from doc_blocks import quick_start
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINER_MD = ROOT / "docs" / "trainer.md"
-
-
-def quick_start() -> str:
-    text = TRAINER_MD.read_text(encoding="utf-8")
-    sections = re.split(r"^## ", text, flags=re.M)
-    assert sections[1].startswith("Quick start: a text dataset and a reward function"), sections[1][:80]
-    blocks = re.findall(r"^```python\n(.*?)^```", sections[1], flags=re.S | re.M)
-    assert len(blocks) == 1
-    return blocks[0]
 
 
 def test_quick_start_fits_on_one_screen():

@@ -234,17 +234,18 @@ class OnlineVARTrainer(GRPOTrainer):
         weights = inputs["var_weights"]
         opts = dict(reduction=self.args.var_logp_reduction, shift_labels=True, temperature=self.temperature)
         head = self._var_head(model)
-        if head.in_head:
-            def loss_fn(hidden, weight, bias):  # in the autocast dtype under GRPOConfig's default bf16=True
-                return (linear_weighted_nll(hidden, weight, labels, weights, bias=bias, softcap=head.softcap, **opts),)
+        opts = {**opts, "softcap": head.softcap, "return_aux": True}
+        if head.in_head:  # NLLOutput(loss, policy_logps, entropy): the entropy comes from the loss's own sweep
+            def loss_fn(hidden, weight, bias):
+                return linear_weighted_nll(hidden, weight, labels, weights, bias=bias, **opts)
 
-            loss = head.run_in_head(model, {"input_ids": input_ids, "attention_mask": attention_mask}, loss_fn)[0]
+            out = head.run_in_head(model, {"input_ids": input_ids, "attention_mask": attention_mask}, loss_fn)
         else:  # a LoRA / quantised head: the model's logits
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-            loss = weighted_nll(logits, labels, weights, softcap=head.softcap, **opts)
-        if self.model.training:
-            loss = loss / self.current_gradient_accumulation_steps
-        return loss
+            out = weighted_nll(logits, labels, weights, **opts)
+        mode = "train" if self.model.training else "eval"  # GRPO's entropy metric: mean over completions
+        self._metrics[mode]["entropy"].append(self.accelerator.gather(out.entropy.mean()).nanmean().item())
+        return out.loss / self.current_gradient_accumulation_steps if self.model.training else out.loss
 
     def _var_head(self, model) -> LMHead:
         lm = unwrap_model(model)
