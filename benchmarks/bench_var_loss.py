@@ -15,12 +15,11 @@ Timing (_harness.measure_interleaved): one warm-up call and one peak-memory call
 ``--reps`` rounds in which every provider runs once, in turn. A busy phase of the shared machine
 therefore hits every provider alike, and the ratios stay comparable where back-to-back timing of
 one provider after another swings by 2x. Printed: median and the 20th-80th percentile range of wall
-time, the ratio to naive (naive median / provider median: > 1 is faster), and the ratio to three
-unfused sweeps (_harness.floor_sweeps: one max sweep + one exp sweep + one scale sweep over the logits,
-timed in the same rounds; what an unfused PyTorch loss must at least do, not a lower bound: the fused
-kernel does less and beats it). The CSV keeps its column names floor_s / x_floor for them.
-Peak memory: extra resident memory of one call beyond what is
-resident before it, gradient included (_harness.peak_memory_bytes), also as a multiple of the logits.
+time, the ratio to naive (naive median / provider median: > 1 is faster), and the ratio to three unfused
+sweeps over the logits (_harness.floor_sweeps: max, exp, scale, timed in the same rounds; a reference, not a
+lower bound: the fused kernel beats it; CSV columns floor_s / x_floor). Peak memory: extra resident memory
+of one call beyond what is resident before it, gradient included (_harness.peak_memory_bytes), also as a
+multiple of the logits.
 The fused providers' gradient buffer comes from varkernels' CPU gradient-buffer cache
 (varkernels/core/_grad_buffers.py): between calls the cache holds the freed gradient's buffer, which is
 therefore resident before each call; "held" is what it holds after the run, and "footprint" = peak extra

@@ -48,9 +48,10 @@ def run(f, tensors, labels, weights, dtype, **kw):
     ts = [t.detach().to(dtype).clone().requires_grad_() for t in tensors]
     w = weights.double() if dtype == torch.float64 else weights
     if len(ts) == 1:
-        loss, s = f(ts[0], labels, w, return_aux=True, **kw)
+        out = f(ts[0], labels, w, return_aux=True, **kw)
     else:
-        loss, s = f(ts[0], ts[1], labels, w, bias=ts[2], return_aux=True, **kw)
+        out = f(ts[0], ts[1], labels, w, bias=ts[2], return_aux=True, **kw)
+    loss, s = out[:2]  # NLLOutput(loss, policy_logps, entropy), or the reference's (loss, policy_logps)
     loss.backward()
     return loss, s, [t.grad for t in ts]
 
