@@ -68,6 +68,7 @@ def prepare_call(
     weights: Optional[torch.Tensor] = None,
     inplace: bool = False,
     return_aux: bool = False,
+    return_entropy: bool = False,
 ) -> Prepared:
     """Every check of a public op, then the prepared call (see the module docstring).
 
@@ -75,13 +76,15 @@ def prepare_call(
         name: "logits" or "hidden", for the messages. x: [B, T, V] logits or [B, T, H] hidden states.
         head: (weight [V, H], bias [V] | None) of the fused-linear form; None for the logits form.
         rewards, ref_logps: the VAR inputs (shapes of ``check_pair_inputs``); weights: of the weighted NLL.
-        inplace, return_aux: the op's flags, checked here with the other options (the op reads them itself).
+        inplace, return_aux, return_entropy: the op's flags, checked here with the other options (the op reads
+            them itself).
         The option strings of the losses (reduction, weighting, ...) and beta are checked by the caller first.
     """
     # every option of the call, once (types and ranges, _validation.check_options), normalised: the
     # operators' schemas take Python ints and floats, not numpy scalars
     o = check_options(temperature=temperature, softcap=softcap, ignore_index=ignore_index, chunk_size=chunk_size,
-                      shift_labels=shift_labels, inplace=inplace, return_aux=return_aux)
+                      shift_labels=shift_labels, inplace=inplace, return_aux=return_aux,
+                      return_entropy=return_entropy)
     softcap, ignore_index, chunk_size = o["softcap"], o["ignore_index"], o["chunk_size"]
     shift_labels = o["shift_labels"]
     if head is not None:

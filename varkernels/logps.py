@@ -21,7 +21,7 @@ import torch
 
 from ._docs import compose
 from ._prepare import prepare_call
-from ._validation import LOGP_REDUCTIONS, check_option, check_options
+from ._validation import LOGP_REDUCTIONS, check_option
 from .core.autograd import linear_token_forward, token_forward
 
 
@@ -29,6 +29,14 @@ def sequence_entropy(ent: torch.Tensor, labels: torch.Tensor, ignore_index: int)
     """[B] fp32 mean over the non-ignored tokens of each row of the token entropies ``ent`` [B·T] (the token
     op's, 0 at ignored positions); 0 for a row without tokens. ``labels``: [B, T], already shifted."""
     return reduce_token_logps(ent.view(labels.shape), labels, ignore_index, "mean")
+
+
+def _reduced(out: tuple, call, labels: torch.Tensor, reduction: str, return_entropy: bool):
+    """The log-prob functions' result from the core's (value, lp[, entropy]): logps reduced like ``reduction``,
+    with ``return_entropy`` the pair (logps, per-sequence mean entropy)."""
+    ignore_index = call.opts.ignore_index
+    logps = reduce_token_logps(out[1].view(labels.shape), call.labels, ignore_index, reduction)
+    return (logps, sequence_entropy(out[2], call.labels, ignore_index)) if return_entropy else logps
 
 
 def reduce_token_logps(lp: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str):
@@ -69,15 +77,10 @@ def sequence_logps(
         the pair ``(logps, entropy)``.
     """
     check_option("reduction", reduction, LOGP_REDUCTIONS)
-    return_entropy = check_options(return_entropy=return_entropy)["return_entropy"]
     call = prepare_call("logits", logits, labels, ignore_index=ignore_index, shift_labels=shift_labels,
-                        softcap=softcap, temperature=temperature, backend=backend)
-    if return_entropy:
-        _, lp, ent = token_forward(logits, call.flat_labels, None, call.opts, entropy=True)
-        logps = reduce_token_logps(lp.view(labels.shape), call.labels, ignore_index, reduction)
-        return logps, sequence_entropy(ent, call.labels, ignore_index)
-    _, lp = token_forward(logits, call.flat_labels, None, call.opts)
-    return reduce_token_logps(lp.view(labels.shape), call.labels, ignore_index, reduction)
+                        softcap=softcap, temperature=temperature, backend=backend, return_entropy=return_entropy)
+    out = token_forward(logits, call.flat_labels, None, call.opts, entropy=bool(return_entropy))
+    return _reduced(out, call, labels, reduction, return_entropy)
 
 
 @compose
@@ -113,13 +116,8 @@ def linear_sequence_logps(
         {grad_accum_dtype}
     """
     check_option("reduction", reduction, LOGP_REDUCTIONS)
-    return_entropy = check_options(return_entropy=return_entropy)["return_entropy"]
     call = prepare_call("hidden", hidden, labels, head=(weight, bias), ignore_index=ignore_index,
                         shift_labels=shift_labels, softcap=softcap, temperature=temperature, backend=backend,
-                        chunk_size=chunk_size, grad_accum_dtype=grad_accum_dtype)
-    if return_entropy:
-        _, lp, ent = linear_token_forward(hidden, weight, bias, call.flat_labels, None, call.opts, entropy=True)
-        logps = reduce_token_logps(lp.view(labels.shape), call.labels, ignore_index, reduction)
-        return logps, sequence_entropy(ent, call.labels, ignore_index)
-    _, lp = linear_token_forward(hidden, weight, bias, call.flat_labels, None, call.opts)
-    return reduce_token_logps(lp.view(labels.shape), call.labels, ignore_index, reduction)
+                        chunk_size=chunk_size, grad_accum_dtype=grad_accum_dtype, return_entropy=return_entropy)
+    out = linear_token_forward(hidden, weight, bias, call.flat_labels, None, call.opts, entropy=bool(return_entropy))
+    return _reduced(out, call, labels, reduction, return_entropy)

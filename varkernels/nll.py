@@ -72,6 +72,12 @@ def sequence_values(lp: torch.Tensor, seq_coef: torch.Tensor) -> torch.Tensor:
     return lp.detach().view(seq_coef.shape[0], -1).sum(dim=1) * seq_coef
 
 
+def _output(out: tuple, seq_coef: torch.Tensor, call) -> NLLOutput:
+    """``NLLOutput`` from the core's (loss, lp, entropy) of a prepared call."""
+    loss, lp, ent = out
+    return NLLOutput(loss, sequence_values(lp, seq_coef), sequence_entropy(ent, call.labels, call.opts.ignore_index))
+
+
 @compose
 def weighted_nll(
     logits: torch.Tensor,
@@ -113,12 +119,9 @@ def weighted_nll(
                         softcap=softcap, temperature=temperature, backend=backend, weights=weights,
                         inplace=inplace, return_aux=return_aux)
     check_inplace(logits, inplace)
-    dlp, seq_coef = token_coefficients(weights, call.labels, ignore_index, reduction, shift_labels)
-    if return_aux:
-        loss, lp, ent = token_forward(logits, call.flat_labels, dlp, call.opts, inplace=inplace, entropy=True)
-        return NLLOutput(loss, sequence_values(lp, seq_coef), sequence_entropy(ent, call.labels, ignore_index))
-    loss, _ = token_forward(logits, call.flat_labels, dlp, call.opts, inplace=inplace)
-    return loss
+    dlp, seq_coef = token_coefficients(weights, call.labels, call.opts.ignore_index, reduction, shift_labels)
+    out = token_forward(logits, call.flat_labels, dlp, call.opts, inplace=inplace, entropy=bool(return_aux))
+    return _output(out, seq_coef, call) if return_aux else out[0]
 
 
 @compose
@@ -157,9 +160,6 @@ def linear_weighted_nll(
                         shift_labels=shift_labels, softcap=softcap, temperature=temperature, backend=backend,
                         chunk_size=chunk_size, grad_accum_dtype=grad_accum_dtype, weights=weights,
                         return_aux=return_aux)
-    dlp, seq_coef = token_coefficients(weights, call.labels, ignore_index, reduction, shift_labels)
-    if return_aux:
-        loss, lp, ent = linear_token_forward(hidden, weight, bias, call.flat_labels, dlp, call.opts, entropy=True)
-        return NLLOutput(loss, sequence_values(lp, seq_coef), sequence_entropy(ent, call.labels, ignore_index))
-    loss, _ = linear_token_forward(hidden, weight, bias, call.flat_labels, dlp, call.opts)
-    return loss
+    dlp, seq_coef = token_coefficients(weights, call.labels, call.opts.ignore_index, reduction, shift_labels)
+    out = linear_token_forward(hidden, weight, bias, call.flat_labels, dlp, call.opts, entropy=bool(return_aux))
+    return _output(out, seq_coef, call) if return_aux else out[0]

@@ -83,7 +83,7 @@ def fused_var_loss(
                         ref_logps=ref_logps, inplace=inplace, return_aux=return_aux)
     check_inplace(logits, inplace)
     weights, log_z = _var_weights(call, rewards, ref_logps, beta=beta, weighting=weighting)
-    dlp, seq_coef = token_coefficients(weights, call.labels, ignore_index, logp_reduction, shift_labels)
+    dlp, seq_coef = token_coefficients(weights, call.labels, call.opts.ignore_index, logp_reduction, shift_labels)
     loss, lp = token_forward(logits, call.flat_labels, dlp, call.opts, inplace=inplace)
     return _output(loss, lp, seq_coef, weights, log_z, call.groups, return_aux)
 
@@ -129,7 +129,7 @@ def fused_linear_var_loss(
                         chunk_size=chunk_size, grad_accum_dtype=grad_accum_dtype, rewards=rewards,
                         ref_logps=ref_logps, return_aux=return_aux)
     weights, log_z = _var_weights(call, rewards, ref_logps, beta=beta, weighting=weighting)
-    dlp, seq_coef = token_coefficients(weights, call.labels, ignore_index, logp_reduction, shift_labels)
+    dlp, seq_coef = token_coefficients(weights, call.labels, call.opts.ignore_index, logp_reduction, shift_labels)
     loss, lp = linear_token_forward(hidden, weight, bias, call.flat_labels, dlp, call.opts)
     return _output(loss, lp, seq_coef, weights, log_z, call.groups, return_aux)
 
