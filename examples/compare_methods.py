@@ -2,9 +2,10 @@
 
 Three suites (``--suite``): ``ablation`` (below: offline VAR's B / weighting / form against SFT and DPO,
 alignment.csv), ``frontier`` (every method at three or four settings of its main knob, TRL's
-``GRPOTrainer`` and ``OnlineVARTrainer`` included, learning rates from a validation sweep,
-alignment_frontier.csv; see ``run_frontier``) and ``timing`` (the online methods' wall time in
-interleaved rounds, alignment_timing.csv). ``all`` (default) runs the first two.
+``GRPOTrainer`` and ``OnlineVARTrainer`` included, the online methods at two learning rates and the
+offline ones at the rate of a validation sweep, alignment_frontier.csv; see ``run_frontier``) and
+``timing`` (the online methods' wall time in interleaved rounds, alignment_timing.csv). ``all``
+(default) runs the first two.
 
 The toy task of ``toy_alignment.py`` (``examples/_toy.py``): a tiny Llama pre-trained on a synthetic
 language is the reference π_ref; the reward of a response is the fraction of its content tokens
@@ -40,7 +41,7 @@ tokenizes the pairs; SFT: nothing to score).
 
 Run (the rows of benchmarks/results/alignment.csv; 8-11 minutes wall on the shared 2-core machine, 4 CPU-minutes):
     python examples/compare_methods.py --suite ablation
-The frontier (alignment_frontier.csv / .png, alignment_time.png; 16 minutes here) and the timing:
+The frontier (alignment_frontier.csv / .png, alignment_time.png; docs/alignment.md gives its run time) and the timing:
     python examples/compare_methods.py --suite frontier
     python examples/compare_methods.py --suite timing
 CI smoke run (every method of both suites trains, one seed, few steps; into --out or a temporary directory):
@@ -449,13 +450,27 @@ FRONTIER = {
     ("var-online", "policy"): ("beta", (0.03, 0.1, 0.3, 1.0), 0.1),
     ("var-online", "initial"): ("beta", (0.03, 0.1, 0.3, 1.0), 0.1),
     ("var-online", "initial sum"): ("beta", (0.03, 0.1, 0.3, 1.0), 0.1),  # var_logp_reduction="sum"
+    ("var-online", "initial centred"): ("beta", (0.01, 0.03, 0.1), 0.03),  # var_baseline="mean"
 }
-LR_GRID = (1e-3, 3e-3, 1e-2)
+ONLINE = ("grpo", "var-online")  # run at every learning rate of --online-lrs, no sweep
+LR_GRID = (1e-3, 3e-3, 1e-2)  # the offline methods' sweep
+ONLINE_LRS = (1e-3, 3e-3)
 FRONTIER_COLUMNS = [
     "stage", "method", "variant", "knob", "value", "lr", "seed", "reward", "kl", "val_reward", "seconds",
     "gen_seconds", "score_seconds", "train_seconds", "prep_seconds", "steps", "status", "var_weights_max", "var_ess",
-    "curve", "date", "threads", "load_1min", "torch", "transformers", "trl",
+    "curve", "date", "threads", "load_1min", "torch", "transformers", "trl", "revision",
 ]
+
+
+def revision() -> str:
+    """The checkout's short commit, with "-dirty" when tracked files differ from it ("" outside git)."""
+    import subprocess
+
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    return head + ("-dirty" if head and git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def toy_text(names, ids) -> str:
@@ -521,7 +536,8 @@ class EvalAt(transformers.TrainerCallback):
 
 def train_online(setup, args, seed, tmp, method, variant, value, curve_steps=()):
     """TRL's GRPOTrainer (``value``: its KL coefficient ``beta``) or OnlineVARTrainer (``value``: var_beta,
-    ``variant``: var_reference) on the training prompts: ``args.steps`` steps of 2 prompts × K completions."""
+    ``variant``: var_reference, then "sum" for var_logp_reduction="sum" or "centred" for var_baseline="mean")
+    on the training prompts: ``args.steps`` steps of 2 prompts × K completions."""
     import datasets
     from trl import GRPOConfig, GRPOTrainer
 
@@ -534,9 +550,10 @@ def train_online(setup, args, seed, tmp, method, variant, value, curve_steps=())
     if method == "grpo":
         config, cls = GRPOConfig(**common, beta=float(value)), GRPOTrainer
     else:
-        reference, *reduction = variant.split()  # "initial", "policy", "initial sum"
+        reference, *extra = variant.split()  # "initial", "policy", "initial sum", "initial centred"
         config = OnlineVARConfig(**common, var_beta=float(value), var_reference=reference,
-                                 var_logp_reduction=reduction[0] if reduction else "mean")
+                                 var_logp_reduction="sum" if "sum" in extra else "mean",
+                                 var_baseline="mean" if "centred" in extra else "none")
         cls = OnlineVARTrainer
     t0 = time.perf_counter()
     trainer = quiet(cls(model=setup.reference_dir(), reward_funcs=trl_reward(names), args=config, train_dataset=data,
@@ -583,14 +600,15 @@ def train_method(setup, args, seed, tmp, method, variant, knob, value, lr, curve
 
 
 def run_frontier(args) -> Path:
-    """Each method at every setting of its main knob, 3 seeds, with the learning rate chosen per method by
-    a sweep (seed 0, the method's sweep setting, highest mean reward on the validation prompts)."""
+    """Each method at every setting of its main knob, 3 seeds. The online methods (GRPO, online VAR) run at
+    every learning rate of ``--online-lrs``; the offline ones at the learning rate chosen per method by a
+    sweep (seed 0, the method's sweep setting, highest mean reward on the validation prompts)."""
     csv_path, say = _output(args, "alignment_frontier.csv")
 
     setup = Setup(args)
     say(f"reference pre-trained (loss {setup.pretrain_loss:.3f}); {len(setup.prompts)} training prompts, "
         f"{len(setup.val_prompts)} validation prompts, {len(setup.eval_prompts)} held-out prompts")
-    base = env_info(args)
+    base = {**env_info(args), "revision": revision()}
     lr_grid = args.lr_grid
     methods = [m for m in FRONTIER if args.methods is None or m[0] in args.methods]
     def scaled(knob, v):
@@ -627,9 +645,9 @@ def run_frontier(args) -> Path:
         for seed in range(args.seeds):
             record(setup.reference, seed, stage="frontier", method="reference", variant="", knob="", value="",
                    seconds=0.0)
-        chosen, sweep_rows = {}, {}
+        chosen, sweep_rows = {m: tuple(args.online_lrs) for m in methods if m[0] in ONLINE}, {}
         with tempfile.TemporaryDirectory() as tmp:
-            for key in methods:  # the learning-rate sweep: seed 0, middle setting
+            for key in (m for m in methods if m not in chosen):  # offline learning-rate sweep: seed 0, middle setting
                 knob, values, mid = knobs[key]
                 best = None
                 for lr in lr_grid:
@@ -645,21 +663,21 @@ def run_frontier(args) -> Path:
                 if best is None:
                     say(f"{' '.join(k for k in key if k)}: every learning rate failed; method skipped")
                     continue
-                chosen[key] = best[1]
+                chosen[key] = (best[1],)
                 say(f"{' '.join(k for k in key if k)}: learning rate {best[1]:g} (validation reward {best[0]:.3f})")
             for seed in range(args.seeds):
                 for key in (m for m in methods if m in chosen):
                     knob, values, mid = knobs[key]
-                    lr = chosen[key]
-                    for value in values:
-                        if seed == 0 and value == mid:  # the sweep's run: same seed and setting
-                            row = {k: v for k, v in sweep_rows[(key, lr)].items() if k in FRONTIER_COLUMNS}
-                            row["stage"] = "frontier"
-                            writer.writerow({k: row.get(k, "") for k in FRONTIER_COLUMNS})
-                            f.flush()
-                            continue
-                        policy, row = attempt(seed, key, knob, value, lr)
-                        record(policy, seed, stage="frontier", **row)
+                    for lr in chosen[key]:
+                        for value in values:
+                            if (key, lr) in sweep_rows and seed == 0 and value == mid:  # the sweep's run
+                                row = {k: v for k, v in sweep_rows[(key, lr)].items() if k in FRONTIER_COLUMNS}
+                                row["stage"] = "frontier"
+                                writer.writerow({k: row.get(k, "") for k in FRONTIER_COLUMNS})
+                                f.flush()
+                                continue
+                            policy, row = attempt(seed, key, knob, value, lr)
+                            record(policy, seed, stage="frontier", **row)
     say(f"rows written to {csv_path}")
     report_frontier(csv_path, csv_path.parent)
     return csv_path
@@ -736,6 +754,16 @@ def _label(row) -> str:
     return " ".join(x for x in (row["method"], row["variant"]) if x)
 
 
+def _series(row) -> str:
+    """``_label`` with the learning rate for the online methods, which run at several."""
+    return f"{_label(row)} lr {float(row['lr']):g}" if row["method"] in ONLINE else _label(row)
+
+
+def _series_order(row) -> tuple:
+    order = ["reference"] + list(dict.fromkeys(m for m, _ in FRONTIER))
+    return order.index(row["method"]), row["variant"], float(row["lr"] or 0) if row["method"] in ONLINE else 0.0
+
+
 def frontier_tables(rows: list[dict]) -> str:
     """The learning-rate sweep, the frontier (mean ± std over seeds per setting) and the time split."""
     ok = [r for r in rows if r["status"] == "ok"]
@@ -748,13 +776,12 @@ def frontier_tables(rows: list[dict]) -> str:
     ref = {r["seed"]: float(r["reward"]) for r in ok if r["method"] == "reference"}
     groups: dict = {}
     for r in (r for r in ok if r["stage"] == "frontier"):
-        groups.setdefault((r["method"], r["variant"], r["knob"], r["value"]), []).append(r)
+        groups.setdefault((_series(r), r["knob"], r["value"]), []).append(r)
     out += ["", "| method | knob = value | lr | runs | reward | Δreward vs ref | KL(π‖π_ref) | train s | generation s "
             "| scoring s | update s | VAR ESS |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    order = ["reference"] + list(dict.fromkeys(m for m, _ in FRONTIER))
-    for key in sorted(groups, key=lambda k: (order.index(k[0]), k[1], float(k[3] or 0))):
+    for key in sorted(groups, key=lambda k: (*_series_order(groups[k][0]), float(k[2] or 0))):
         g = groups[key]
-        if key[0] == "reference":
+        if g[0]["method"] == "reference":
             out.append(f"| reference | – | – | {len(g)} | {_pm([float(r['reward']) for r in g], 3)} | 0 | 0.00 "
                        "| – | – | – | – | – |")
             continue
@@ -764,7 +791,7 @@ def frontier_tables(rows: list[dict]) -> str:
             return _pm(vals, digits) if vals else "–"
 
         delta = [float(r["reward"]) - ref[r["seed"]] for r in g if r["seed"] in ref]
-        out.append(f"| {_label(g[0])} | {key[2]} = {key[3]} | {float(g[0]['lr']):g} | {len(g)} | "
+        out.append(f"| {_label(g[0])} | {key[1]} = {key[2]} | {float(g[0]['lr']):g} | {len(g)} | "
                    f"{col('reward', 3)} | {_pm(delta, 3)} | {col('kl', 2)} | {col('seconds')} | {col('gen_seconds')} "
                    f"| {col('score_seconds')} | {col('train_seconds')} | {col('var_ess', 2)} |")
     return "\n".join(out)
@@ -776,7 +803,7 @@ def time_to_reward(rows: list[dict], target: float, stage: str = "frontier") -> 
     reference's reward at 0 s; None if never reached). ``stage``: rows whose stage starts with it."""
     out: dict = {}
     for r in rows:
-        if not r["stage"].startswith(stage) or r["status"] != "ok" or r["method"] not in ("grpo", "var-online"):
+        if not r["stage"].startswith(stage) or r["status"] != "ok" or r["method"] not in ONLINE:
             continue
         evals = (p.split(":") for p in r["curve"].split(";") if p)
         pts = [(0.0, None)] + [(float(t), float(rw)) for _, t, rw, _ in evals]
@@ -788,87 +815,132 @@ def time_to_reward(rows: list[dict], target: float, stage: str = "frontier") -> 
             if r1 >= target:
                 hit = t0 + (t1 - t0) * ((target - r0) / (r1 - r0) if r1 > r0 else 1.0)
                 break
-        out.setdefault((_label(r), r["knob"], r["value"]), []).append(hit)
+        out.setdefault((_series(r), r["knob"], r["value"]), []).append(hit)
     return out
 
 
+COLORS = {"sft": "tab:blue", "dpo": "tab:orange", "var per-prompt B=8": "tab:green", "grpo": "tab:purple",
+          "var-online policy": "tab:red", "var-online initial": "tab:brown", "var-online initial sum": "tab:pink",
+          "var-online initial centred": "tab:cyan"}
+
+
 def plot_frontier(rows: list[dict], out_dir: Path) -> None:
+    """alignment_frontier.png: reward against KL, one panel per learning rate of the online methods (the
+    offline methods, at their swept rate, in every panel); alignment_time.png: reward against training
+    time of the online runs, one panel per learning rate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"sft": "tab:blue", "dpo": "tab:orange", "var per-prompt B=8": "tab:green", "grpo": "tab:purple",
-              "var-online policy": "tab:red", "var-online initial": "tab:brown", "var-online initial sum": "tab:pink"}
     ok = [r for r in rows if r["status"] == "ok" and r["stage"] == "frontier"]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    online_lrs = sorted({float(r["lr"]) for r in ok if r["method"] in ONLINE}) or [None]
     ref = [r for r in ok if r["method"] == "reference"]
-    if ref:
-        ax.scatter([0.0], [statistics.mean(float(r["reward"]) for r in ref)], marker="*", s=150, color="black",
-                   label="reference")
-    for label, c in colors.items():
-        pts = {}
-        for r in (r for r in ok if _label(r) == label):
-            pts.setdefault(float(r["value"]), []).append((float(r["kl"]), float(r["reward"])))
-        if not pts:
-            continue
-        vals = sorted(pts)
-        kl = [statistics.mean(p[0] for p in pts[v]) for v in vals]
-        rw = [statistics.mean(p[1] for p in pts[v]) for v in vals]
-        err = [statistics.stdev(p[1] for p in pts[v]) if len(pts[v]) > 1 else 0.0 for v in vals]
-        ax.errorbar(kl, rw, yerr=err, marker="o", color=c, label=label, capsize=3, alpha=0.85)
-        knob = next(r["knob"] for r in ok if _label(r) == label)
-        for v, x, y in zip(vals, kl, rw):
-            ax.annotate(f"{knob}={v:g}", (x, y), fontsize=6, xytext=(3, -9), textcoords="offset points", color=c)
-    ax.set_xlabel("KL(π‖π_ref), nats per response (estimated on the evaluation samples)")
-    ax.set_ylabel("mean reward on held-out prompts")
-    ax.set_title("Toy alignment: reward–KL frontier (mean ± std over seeds per setting)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    fig, axes = plt.subplots(1, len(online_lrs), figsize=(7 * len(online_lrs), 5.5), sharey=True, squeeze=False)
+    for ax, lr in zip(axes[0], online_lrs):
+        if ref:
+            ax.scatter([0.0], [statistics.mean(float(r["reward"]) for r in ref)], marker="*", s=150, color="black",
+                       label="reference")
+        for label, c in COLORS.items():
+            sel = [r for r in ok if _label(r) == label and (r["method"] not in ONLINE or float(r["lr"]) == lr)]
+            pts = {}
+            for r in sel:
+                pts.setdefault(float(r["value"]), []).append((float(r["kl"]), float(r["reward"])))
+            if not pts:
+                continue
+            vals = sorted(pts)
+            kl = [statistics.mean(p[0] for p in pts[v]) for v in vals]
+            rw = [statistics.mean(p[1] for p in pts[v]) for v in vals]
+            err = [statistics.stdev(p[1] for p in pts[v]) if len(pts[v]) > 1 else 0.0 for v in vals]
+            ax.errorbar(kl, rw, yerr=err, marker="o", color=c, label=label, capsize=3, alpha=0.85,
+                        linestyle="-" if sel[0]["method"] in ONLINE else ":")
+            for v, x, y in zip(vals, kl, rw):
+                ax.annotate(f"{sel[0]['knob']}={v:g}", (x, y), fontsize=6, xytext=(3, -9), textcoords="offset points",
+                            color=c)
+        ax.set_xlabel("KL(π‖π_ref), nats per response (estimated on the evaluation samples)")
+        ax.set_title(f"online methods at lr {lr:g} (dotted: offline, swept lr)" if lr else "reward–KL frontier",
+                     fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("mean reward on held-out prompts")
+    fig.suptitle("Toy alignment: reward–KL frontier (mean ± std over seeds per setting)")
     fig.tight_layout()
     fig.savefig(out_dir / "alignment_frontier.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for label in ("grpo", "var-online policy", "var-online initial", "var-online initial sum"):
-        runs = [r for r in ok if _label(r) == label]
-        for k, value in enumerate(sorted({float(r["value"]) for r in runs})):
-            sel = [r for r in runs if float(r["value"]) == value]
-            curves = []
-            for r in sel:
-                pts = [(float(t), float(rw)) for _, t, rw, _ in (p.split(":") for p in r["curve"].split(";") if p)]
-                curves.append(pts + [(float(r["seconds"]), float(r["reward"]))])
-            n = min(len(c) for c in curves)
-            t = [statistics.mean(c[i][0] for c in curves) for i in range(n)]
-            y = [statistics.mean(c[i][1] for c in curves) for i in range(n)]
-            ax.plot(t, y, marker=".", color=colors[label], linestyle=("-", "--", ":", "-.")[k % 4], alpha=0.85,
-                    label=f"{label} {sel[0]['knob']}={value:g}")
-    ax.set_xlabel("training wall time, s (generation + scoring + update; evaluation excluded)")
-    ax.set_ylabel("mean reward on held-out prompts")
-    ax.set_title("Time to reward: online VAR against GRPO (mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(online_lrs), figsize=(7 * len(online_lrs), 5.5), sharey=True, squeeze=False)
+    for ax, lr in zip(axes[0], online_lrs):
+        for label in (k for k in COLORS if k.split()[0] in ONLINE):
+            runs = [r for r in ok if _label(r) == label and float(r["lr"]) == lr]
+            for k, value in enumerate(sorted({float(r["value"]) for r in runs})):
+                sel = [r for r in runs if float(r["value"]) == value]
+                curves = []
+                for r in sel:
+                    pts = [(float(t), float(rw)) for _, t, rw, _ in (p.split(":") for p in r["curve"].split(";") if p)]
+                    curves.append(pts + [(float(r["seconds"]), float(r["reward"]))])
+                n = min(len(c) for c in curves)
+                t = [statistics.mean(c[i][0] for c in curves) for i in range(n)]
+                y = [statistics.mean(c[i][1] for c in curves) for i in range(n)]
+                ax.plot(t, y, marker=".", color=COLORS[label], linestyle=("-", "--", ":", "-.")[k % 4], alpha=0.85,
+                        label=f"{label} {sel[0]['knob']}={value:g}")
+        ax.set_xlabel("training wall time, s (generation + scoring + update; evaluation excluded)")
+        ax.set_title(f"lr {lr:g}" if lr else "", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    axes[0][0].set_ylabel("mean reward on held-out prompts")
+    fig.suptitle("Time to reward: online VAR against GRPO (mean over seeds)")
     fig.tight_layout()
     fig.savefig(out_dir / "alignment_time.png", dpi=120)
     plt.close(fig)
 
 
-def reward_within_kl(rows: list[dict], budgets=(1.0, 2.0, 4.0, 8.0)) -> str:
-    """Markdown: per method, the best mean reward (over seeds) among its settings whose mean KL is within
-    each budget — the frontier read at matched KL ("–": no setting that close to π_ref)."""
-    ok = [r for r in rows if r["status"] == "ok" and r["stage"] == "frontier" and r["method"] != "reference"]
+def best_within_kl(rows: list[dict], budget: float) -> dict:
+    """Per series (``_series``): the setting with the best mean reward (over seeds) among those whose mean KL
+    is within ``budget``, as (mean reward, its std, setting, mean KL); a series with none is left out."""
     points: dict = {}
-    for r in ok:
-        points.setdefault(_label(r), {}).setdefault(r["value"], []).append((float(r["kl"]), float(r["reward"])))
+    for r in rows:
+        if r["status"] == "ok" and r["stage"] == "frontier" and r["method"] != "reference":
+            points.setdefault(_series(r), {}).setdefault(r["value"], []).append((float(r["kl"]), float(r["reward"])))
+    out = {}
+    for series, settings in points.items():
+        means = [(statistics.mean(p[1] for p in v), statistics.stdev(p[1] for p in v) if len(v) > 1 else 0.0, k,
+                  statistics.mean(p[0] for p in v)) for k, v in settings.items()]
+        inside = [m for m in means if m[3] <= budget]
+        if inside:
+            out[series] = max(inside, key=lambda m: m[0])
+    return out
+
+
+def reward_within_kl(rows: list[dict], budgets=(1.0, 2.0, 4.0, 8.0)) -> str:
+    """Markdown: per method (and online learning rate), the best mean reward ± its std over seeds among the
+    settings whose mean KL is within each budget — the frontier read at matched KL ("–": no setting that
+    close to π_ref)."""
+    ok = sorted((r for r in rows if r["status"] == "ok" and r["stage"] == "frontier" and r["method"] != "reference"),
+                key=_series_order)
+    best = {b: best_within_kl(rows, b) for b in budgets}
     out = ["| method | " + " | ".join(f"KL ≤ {b:g}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
-    for label, settings in points.items():
-        means = [(statistics.mean(p[0] for p in v), statistics.mean(p[1] for p in v), k) for k, v in settings.items()]
-        cells = []
-        for b in budgets:
-            inside = [m for m in means if m[0] <= b]
-            best = max(inside, key=lambda m: m[1]) if inside else None
-            cells.append(f"{best[1]:.3f} ({best[2]}, KL {best[0]:.2f})" if best else "–")
-        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    for series in dict.fromkeys(_series(r) for r in ok):
+        cells = [f"{m[0]:.3f} ± {m[1]:.3f} ({m[2]}, KL {m[3]:.2f})" if (m := best[b].get(series)) else "–"
+                 for b in budgets]
+        out.append(f"| {series} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def against_grpo(rows: list[dict], budget: float = 4.0) -> str:
+    """Each online VAR series against the best GRPO series (over its learning rates) at matched KL (≤ ``budget``):
+    the difference of their best mean rewards and whether it is within that GRPO setting's std over seeds."""
+    best = best_within_kl(rows, budget)
+    grpo = [(s, m) for s, m in best.items() if s.startswith("grpo")]
+    if not grpo:
+        return f"(no GRPO setting within KL {budget:g})"
+    gs, g = max(grpo, key=lambda x: x[1][0])
+    out = [f"best GRPO within KL {budget:g}: {gs} {g[0]:.3f} ± {g[1]:.3f} (setting {g[2]}, KL {g[3]:.2f})"]
+    for s, m in best.items():
+        if s.startswith("var-online"):
+            d = m[0] - g[0]
+            side = "within" if abs(d) <= g[1] else ("above" if d > 0 else "below") + " by more than"
+            out.append(f"  {s}: {m[0]:.3f} ± {m[1]:.3f} (setting {m[2]}, KL {m[3]:.2f}), {d:+.3f} against GRPO: "
+                       f"{side} one GRPO std")
     return "\n".join(out)
 
 
@@ -877,6 +949,8 @@ def report_frontier(csv_path, out_dir=None) -> None:
     print(frontier_tables(rows))
     print("\nBest mean reward within a KL budget (setting, its mean KL):\n")
     print(reward_within_kl(rows))
+    print()
+    print(against_grpo(rows))
     for target in (0.7, 0.8, 0.9):
         print(f"\ntraining seconds to a held-out reward of {target} (mean over seeds; n/r: not reached):")
         for key, hits in time_to_reward(rows, target).items():
@@ -885,7 +959,9 @@ def report_frontier(csv_path, out_dir=None) -> None:
             print(f"  {key[0]} {key[1]}={key[2]}: {cell} ({len(got)}/{len(hits)} seeds reached it)")
     for r in rows:
         if r["status"] != "ok":
-            print(f"failed: {_label(r)} {r['knob']}={r['value']} seed {r['seed']}: {r['status']}")
+            print(f"failed: {_series(r)} {r['knob']}={r['value']} seed {r['seed']}: {r['status']}")
+    revs = sorted({r.get("revision") or "?" for r in rows})
+    print(f"revision: {', '.join(revs)}" + ("  (rows from more than one revision)" if len(revs) > 1 else ""))
     out_dir = Path(out_dir) if out_dir else Path(csv_path).parent
     plot_frontier(rows, out_dir)
     print(f"plots: {out_dir / 'alignment_frontier.png'}, {out_dir / 'alignment_time.png'}")
@@ -1018,8 +1094,10 @@ def main(argv=None) -> None:
                          "from a sweep (alignment_frontier.csv); all: both (default); timing: the online methods' "
                          "wall time, interleaved rounds (alignment_timing.csv; --seeds rounds)")
     ap.add_argument("--lr-grid", type=float, nargs="+", default=None,
-                    help=f"frontier suite: learning rates of the sweep (default {' '.join(map(str, LR_GRID))}; "
-                         "--quick: --lr)")
+                    help=f"frontier suite: learning rates of the offline methods' sweep (default "
+                         f"{' '.join(map(str, LR_GRID))}; --quick: --lr)")
+    ap.add_argument("--online-lrs", type=float, nargs="+", default=ONLINE_LRS,
+                    help=f"frontier suite: the online methods run at each (default {' '.join(map(str, ONLINE_LRS))})")
     ap.add_argument("--methods", nargs="+", default=None, choices=sorted({m for m, _ in FRONTIER}),
                     help="frontier suite: only these methods (default all)")
     args = ap.parse_args(argv)
@@ -1035,8 +1113,9 @@ def main(argv=None) -> None:
         return
     if args.lr_grid is None:
         args.lr_grid = (args.lr,) if args.quick else LR_GRID
-    if not all(lr > 0 for lr in args.lr_grid):
-        ap.error(f"--lr-grid: learning rates must be > 0, got {args.lr_grid}")
+    for name in ("lr_grid", "online_lrs"):
+        if not all(lr > 0 for lr in getattr(args, name)):
+            ap.error(f"--{name.replace('_', '-')}: learning rates must be > 0, got {getattr(args, name)}")
     defaults = dict(seeds=(3, 1), steps=(120, 8), train_prompts=(256, 64), eval_prompts=(512, 128),
                     pretrain_steps=(300, 120), warmup=(10, 2))
     for name, (full, quick) in defaults.items():
