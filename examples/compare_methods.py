@@ -46,6 +46,9 @@ The frontier (alignment_frontier.csv / .png, alignment_time.png; docs/alignment.
     python examples/compare_methods.py --suite timing
 CI smoke run (every method of both suites trains, one seed, few steps; into --out or a temporary directory):
     python examples/compare_methods.py --quick --out /tmp/alignment
+Rows that moved between two frontier runs (tests/test_examples.py checks a --quick run against
+benchmarks/results/alignment_frontier_quick.csv this way):
+    python examples/compare_methods.py --compare OLD.csv NEW.csv
 Table (markdown, mean ± std per setting) and plot from a CSV, without training:
     python examples/compare_methods.py --report benchmarks/results/alignment.csv
 """
@@ -824,10 +827,29 @@ COLORS = {"sft": "tab:blue", "dpo": "tab:orange", "var per-prompt B=8": "tab:gre
           "var-online initial centred": "tab:cyan"}
 
 
+def _curve(ax, sel: list[dict], color, label, linestyle, annotate=True) -> None:
+    """One method's points (mean KL, mean reward ± std over seeds per setting), joined in knob order."""
+    pts = {}
+    for r in sel:
+        pts.setdefault(float(r["value"]), []).append((float(r["kl"]), float(r["reward"])))
+    if not pts:
+        return
+    vals = sorted(pts)
+    kl = [statistics.mean(p[0] for p in pts[v]) for v in vals]
+    rw = [statistics.mean(p[1] for p in pts[v]) for v in vals]
+    err = [statistics.stdev(p[1] for p in pts[v]) if len(pts[v]) > 1 else 0.0 for v in vals]
+    ax.errorbar(kl, rw, yerr=err, marker="o", color=color, label=label, capsize=3, alpha=0.85, linestyle=linestyle)
+    for v, x, y in zip(vals, kl, rw):
+        if annotate:
+            ax.annotate(f"{sel[0]['knob']}={v:g}", (x, y), fontsize=6, xytext=(3, -9), textcoords="offset points",
+                        color=color)
+
+
 def plot_frontier(rows: list[dict], out_dir: Path) -> None:
     """alignment_frontier.png: reward against KL, one panel per learning rate of the online methods (the
-    offline methods, at their swept rate, in every panel); alignment_time.png: reward against training
-    time of the online runs, one panel per learning rate."""
+    offline methods, at their swept rate, in every panel), and a close-up of GRPO and online VAR "initial"
+    (default and centred weights, every learning rate) around KL 4; alignment_time.png: reward against
+    training time of the online runs, one panel per learning rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -836,33 +858,35 @@ def plot_frontier(rows: list[dict], out_dir: Path) -> None:
     ok = [r for r in rows if r["status"] == "ok" and r["stage"] == "frontier"]
     online_lrs = sorted({float(r["lr"]) for r in ok if r["method"] in ONLINE}) or [None]
     ref = [r for r in ok if r["method"] == "reference"]
-    fig, axes = plt.subplots(1, len(online_lrs), figsize=(7 * len(online_lrs), 5.5), sharey=True, squeeze=False)
+    close = ("grpo", "var-online initial", "var-online initial centred")
+    zoom = online_lrs[0] is not None and any(_label(r) in close for r in ok)
+    n = len(online_lrs) + zoom
+    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 5.5), squeeze=False)
     for ax, lr in zip(axes[0], online_lrs):
         if ref:
             ax.scatter([0.0], [statistics.mean(float(r["reward"]) for r in ref)], marker="*", s=150, color="black",
                        label="reference")
         for label, c in COLORS.items():
             sel = [r for r in ok if _label(r) == label and (r["method"] not in ONLINE or float(r["lr"]) == lr)]
-            pts = {}
-            for r in sel:
-                pts.setdefault(float(r["value"]), []).append((float(r["kl"]), float(r["reward"])))
-            if not pts:
-                continue
-            vals = sorted(pts)
-            kl = [statistics.mean(p[0] for p in pts[v]) for v in vals]
-            rw = [statistics.mean(p[1] for p in pts[v]) for v in vals]
-            err = [statistics.stdev(p[1] for p in pts[v]) if len(pts[v]) > 1 else 0.0 for v in vals]
-            ax.errorbar(kl, rw, yerr=err, marker="o", color=c, label=label, capsize=3, alpha=0.85,
-                        linestyle="-" if sel[0]["method"] in ONLINE else ":")
-            for v, x, y in zip(vals, kl, rw):
-                ax.annotate(f"{sel[0]['knob']}={v:g}", (x, y), fontsize=6, xytext=(3, -9), textcoords="offset points",
-                            color=c)
-        ax.set_xlabel("KL(π‖π_ref), nats per response (estimated on the evaluation samples)")
+            _curve(ax, sel, c, label, "-" if sel and sel[0]["method"] in ONLINE else ":")
         ax.set_title(f"online methods at lr {lr:g} (dotted: offline, swept lr)" if lr else "reward–KL frontier",
                      fontsize=10)
+    if zoom:
+        ax = axes[0][-1]
+        styles = {lr: ("-", "--", ":", "-.")[k % 4] for k, lr in enumerate(sorted(online_lrs, reverse=True))}
+        for label in close:
+            for lr in online_lrs:
+                sel = [r for r in ok if _label(r) == label and float(r["lr"]) == lr]
+                _curve(ax, sel, COLORS[label], f"{label} lr {lr:g}", styles[lr])
+        ax.axvline(4.0, color="grey", linewidth=0.8)
+        ax.set_xlim(1.5, 5.0)
+        ax.set_ylim(0.8, 1.0)
+        ax.set_title("close-up at KL ≤ 5: GRPO and online VAR \"initial\", both learning rates", fontsize=10)
+    for ax in axes[0]:
+        ax.set_xlabel("KL(π‖π_ref), nats per response (estimated on the evaluation samples)")
+        ax.set_ylabel("mean reward on held-out prompts")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    axes[0][0].set_ylabel("mean reward on held-out prompts")
     fig.suptitle("Toy alignment: reward–KL frontier (mean ± std over seeds per setting)")
     fig.tight_layout()
     fig.savefig(out_dir / "alignment_frontier.png", dpi=120)
@@ -942,6 +966,38 @@ def against_grpo(rows: list[dict], budget: float = 4.0) -> str:
             out.append(f"  {s}: {m[0]:.3f} ± {m[1]:.3f} (setting {m[2]}, KL {m[3]:.2f}), {d:+.3f} against GRPO: "
                        f"{side} one GRPO std")
     return "\n".join(out)
+
+
+ROW_KEY = ("stage", "method", "variant", "knob", "value", "lr", "seed")
+ROW_VALUES = ("status", "reward", "kl", "val_reward")
+
+
+def moved_rows(committed: list[dict], fresh: list[dict]) -> list[str]:
+    """The rows of two frontier CSVs that differ: one line per row whose status, reward, KL or validation
+    reward is not the same (floats compared exactly: the runs are deterministic), or that only one has."""
+    def index(rows):
+        return {tuple(r[k] for k in ROW_KEY): r for r in rows}
+
+    def same(a, b):
+        if a == b:
+            return True
+        try:
+            x, y = float(a), float(b)
+        except ValueError:
+            return False
+        return x == y or (math.isnan(x) and math.isnan(y))
+
+    old, new = index(committed), index(fresh)
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        name = " ".join(f"{k}={v}" for k, v in zip(ROW_KEY, key) if v != "")
+        if key not in new or key not in old:
+            out.append(f"{name}: only in the {'committed' if key in old else 'new'} rows")
+            continue
+        diffs = [f"{k} {old[key][k]} -> {new[key][k]}" for k in ROW_VALUES if not same(old[key][k], new[key][k])]
+        if diffs:
+            out.append(f"{name}: " + ", ".join(diffs))
+    return out
 
 
 def report_frontier(csv_path, out_dir=None) -> None:
@@ -1075,6 +1131,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="directory for alignment.csv / alignment.png (default: "
                     "benchmarks/results; with --quick a new temporary directory)")
     ap.add_argument("--report", metavar="CSV", help="print the table of CSV and redraw its plot; no training")
+    ap.add_argument("--compare", nargs=2, metavar=("OLD_CSV", "NEW_CSV"),
+                    help="print the rows of two frontier CSVs whose status, reward, KL or validation reward differ "
+                         "(exit status 1 if any); no training")
     ap.add_argument("--seeds", type=int, default=None, help="training seeds 0..n-1 (default 3; --quick 1)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 120; --quick 8)")
     ap.add_argument("--train-prompts", type=int, default=None, help="default 256; --quick 64")
@@ -1101,6 +1160,13 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", nargs="+", default=None, choices=sorted({m for m, _ in FRONTIER}),
                     help="frontier suite: only these methods (default all)")
     args = ap.parse_args(argv)
+    if args.compare:
+        for path in args.compare:
+            if not Path(path).is_file():
+                ap.error(f"--compare: no such CSV file: {path}")
+        moved = moved_rows(*map(_read, args.compare))
+        print("\n".join(moved) or "no row moved")
+        return 1 if moved else None
     if args.report:
         if not Path(args.report).is_file():
             ap.error(f"--report: no such CSV file: {args.report}")
