@@ -16,11 +16,13 @@ from .._validation import REDUCTIONS, check_option, check_positive
 from ..nll import linear_weighted_nll, weighted_nll
 from ..var.weights import group_ess
 from .lm_head import LMHead, unwrap_model
-from .rewards import call_reward_func
+from .rewards import as_scores, call_reward_func
 from .trainer import quiet_on_cpu
 
 try:  # the train extra: trl (and transformers)
+    from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
+    from trl.data_utils import is_conversational
     from trl.trainer import grpo_trainer as _grpo
 except ImportError as e:  # pragma: no cover - exercised only without the train extra
     raise ImportError('OnlineVARTrainer needs TRL: pip install "varkernels[train]"') from e
@@ -44,12 +46,14 @@ def online_var_weights(
         raise ValueError(
             f"rewards must be [M] with M a multiple of group_size={group_size}, got {tuple(rewards.shape)}"
         )
-    a = rewards.detach().float().view(-1, group_size) / float(beta)
+    r = rewards.detach().double().view(-1, group_size)
+    valid = torch.ones_like(r, dtype=torch.bool) if valid is None else valid.view(-1, group_size)
+    # softmax is shift-invariant: (r − the group's best)/β ≤ 0 cannot overflow at any β > 0 (float64 rewards)
+    a = (r - r.masked_fill(~valid, -math.inf).amax(dim=1, keepdim=True)) / float(beta)
     if q is not None:
-        a = a + q.detach().float().view(-1, group_size)
-    valid = torch.ones_like(a, dtype=torch.bool) if valid is None else valid.view(-1, group_size)
+        a = a + q.detach().double().view(-1, group_size)
     n = valid.sum(dim=1, keepdim=True)  # a group with none valid: softmax of −inf is NaN, replaced by 0
-    return torch.where(n > 0, torch.softmax(a.masked_fill(~valid, -math.inf), dim=1) * n, 0.0).reshape(-1)
+    return torch.where(n > 0, torch.softmax(a.masked_fill(~valid, -math.inf), dim=1) * n, 0.0).reshape(-1).float()
 
 
 @dataclass
@@ -132,6 +136,8 @@ class OnlineVARTrainer(GRPOTrainer):
         if not isinstance(args, OnlineVARConfig):
             raise TypeError(f"args must be an OnlineVARConfig, got {type(args).__name__}")
         args.check_fresh_generations()  # again: the options may have been changed since the config was made
+        _check_prompts(train_dataset, "train_dataset")
+        _check_prompts(eval_dataset, "eval_dataset")
         # "initial" needs π_ref, the model as it is now: copy a module before GRPOTrainer patches its forward
         ref = None
         if args.var_reference == "initial" and peft_config is None and isinstance(model, torch.nn.Module) \
@@ -262,28 +268,40 @@ def _sequences(batch):
     return input_ids, torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1), mask
 
 
+def _check_prompts(dataset, arg: str):
+    """Before any generation: rows, and a ``prompt`` column of non-blank strings or conversations (one scan of the
+    column: seconds for millions of rows). A dict: each dataset; a streaming dataset is left to TRL."""
+    for k, d in dataset.items() if isinstance(dataset, dict) else ():
+        _check_prompts(d, f"{arg}[{k!r}]")
+    if not isinstance(dataset, Dataset):
+        return
+    if not len(dataset) or "prompt" not in dataset.column_names:
+        raise ValueError(f"{arg} must have rows and a 'prompt' column (TRL's prompt-only format) to sample "
+                         f"completions for; got {len(dataset)} rows, columns {dataset.column_names}")
+    for i, p in enumerate(dataset["prompt"]):
+        if not (p.strip() if isinstance(p, str) else isinstance(p, list) and p and is_conversational({"prompt": p})):
+            raise ValueError(f"{arg} row {i}: 'prompt' must be a non-blank string or a non-empty list of chat "
+                             f"messages ({{'role': ..., 'content': ...}}), got {type(p).__name__} {p!r:.80}")
+
+
 def _checked_reward_func(func, name: str):
-    """``func`` with its outputs checked: NaN or ±inf raise, naming the function and the completion; None passes."""
+    """``func`` with its output read by ``as_scores`` as TRL reads it (a list, numpy array or tensor; None: unscorable)
+    and returned as a list of float | None; NaN, ±inf, strings or a scalar raise, naming ``func`` and the completion."""
 
     def check(out, completions):
-        for j, r in enumerate(out if isinstance(out, (list, tuple)) else []):
-            if r is not None and not math.isfinite(float(r)):
-                text = completions[j] if completions is not None and j < len(completions) else "?"
-                raise ValueError(
-                    f"reward function {name!r} returned {r} for completion {j} of the batch ({text!r}); a reward "
-                    "must be a finite number, or None where the function does not apply"
-                )
-        return out
+        scores = as_scores(out, len(completions), name=name,
+                           describe=lambda j: f"completion {j} of the batch ({completions[j]!r:.200})")
+        return [None if math.isnan(r) else r for r in scores.tolist()]
 
     if _grpo.is_async_callable(func):  # TRL's own test, so the wrapper is awaited where func would be
         @functools.wraps(func)
         async def checked_async(*args, **kwargs):
-            return check(await call_reward_func(func, name, *args, **kwargs), kwargs.get("completions"))
+            return check(await call_reward_func(func, name, *args, **kwargs), kwargs["completions"])
 
         return checked_async
 
     @functools.wraps(func)
     def checked(*args, **kwargs):
-        return check(call_reward_func(func, name, *args, **kwargs), kwargs.get("completions"))
+        return check(call_reward_func(func, name, *args, **kwargs), kwargs["completions"])
 
     return checked

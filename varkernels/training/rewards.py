@@ -19,10 +19,6 @@ from .lm_head import _model_device, _vocab_size, unwrap_model
 Describe = Callable[[int], str]
 
 
-def _default_describe(k: int) -> str:
-    return f"pair {k}"
-
-
 def describe_pairs(pairs: Sequence[tuple], names: Optional[list] = None, response: str = "response") -> Describe:
     """``describe(k)``: the (prompt i, response j) pair k of ``pairs`` in words, by the examples' ``names``."""
     name = names.__getitem__ if names is not None else "example {}".format
@@ -64,7 +60,7 @@ def call_reward_func(func, name: str, *args, **kwargs):
         ) from e
 
 
-def as_scores(values, n: int, *, name: str, describe: Describe = _default_describe) -> torch.Tensor:
+def as_scores(values, n: int, *, name: str, describe: Describe = "pair {}".format) -> torch.Tensor:
     """A reward function's output as float32 [n], NaN where it returned ``None``; ``ValueError`` / ``TypeError``
     naming the function and the example for a wrong length, a value that is not a real number, a NaN / ±inf."""
     if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):  # tensors, numpy arrays
@@ -84,11 +80,9 @@ def as_scores(values, n: int, *, name: str, describe: Describe = _default_descri
         if v is None:
             out[k] = math.nan
             continue
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
-            v = v.item()
-        elif hasattr(v, "item") and not isinstance(v, (str, bytes)) and getattr(v, "size", 1) == 1:
-            v = v.item()  # numpy scalars
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if hasattr(v, "item") and not isinstance(v, (str, bytes)) and math.prod(getattr(v, "shape", ())) == 1:
+            v = v.item()  # a one-element tensor, a numpy number
+        if not isinstance(v, (int, float)):  # a bool is 0 or 1, as for TRL
             raise TypeError(
                 f"reward function {name!r} returned {type(v).__name__} {v!r:.60} for {describe(k)}; "
                 "expected a real number (or None for 'no reward')"
@@ -201,7 +195,7 @@ class RewardFunctions:
         return len(self.funcs)
 
     def per_function(self, prompts: list, completions: list, *, columns: Optional[dict] = None,
-                     completion_ids: Optional[list] = None, describe: Describe = _default_describe) -> torch.Tensor:
+                     completion_ids: Optional[list] = None, describe: Describe = "pair {}".format) -> torch.Tensor:
         """[N, F] float32: reward function f on pair n, NaN where it returned None."""
         n = len(prompts)
         if len(completions) != n:
