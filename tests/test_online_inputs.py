@@ -76,7 +76,7 @@ def test_non_finite_reward_in_an_array_raises_naming_function_and_completion(toy
     (lambda n: 0.5, TypeError, r"reward function 'bad_type' must return a list of floats .* got float"),
     (lambda n: torch.tensor(0.5), ValueError, r"reward function 'bad_type' returned 1 rewards for 8"),
     (lambda n: {"score": 0.5}, TypeError, r"reward function 'bad_type' must return a list of floats .* got dict"),
-])
+], ids=["strings", "scalar", "0-d tensor", "dict"])
 def test_reward_of_the_wrong_type_raises_naming_the_function(toy, tmp_path, output, error, match):
     """On main: TRL's raw conversion errors ('too many dimensions 'str'', ''float' object is not iterable')."""
     def bad_type(prompts, completions, **kw):
@@ -139,7 +139,7 @@ def _rows(prompts, i, value):
     (lambda p: {"prompt": list(range(len(p)))}, r"train_dataset row 0: .* got int 0"),
     (lambda p: {"prompt": _rows([[{"role": "user", "content": x}] for x in p], 3, [])},
      r"train_dataset row 3: .* non-empty list of chat messages .* got list \[\]"),
-])
+], ids=["no prompt column", "no rows", "all empty", "blank row", "None row", "ints", "empty conversation"])
 def test_bad_dataset_raises_when_the_trainer_is_made(toy, tmp_path, make_ds, match):
     """On main the trainer was made: a missing column gave KeyError 'prompt' and empty prompts IndexError in
     the first generation, int prompts a tokenizer error without the row; None and blank prompts and an empty

@@ -66,34 +66,25 @@ def as_scores(values, n: int, *, name: str, describe: Describe = "pair {}".forma
     if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):  # tensors, numpy arrays
         values = values.reshape(-1).tolist()
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(
-            f"reward function {name!r} must return a list of floats (or None), one per (prompt, completion) pair; "
-            f"got {type(values).__name__}"
-        )
+        raise TypeError(f"reward function {name!r} must return a list of floats (or None), one per (prompt, "
+                        f"completion) pair; got {type(values).__name__}")
     if len(values) != n:
-        raise ValueError(
-            f"reward function {name!r} returned {len(values)} rewards for {n} (prompt, completion) pairs; it must "
-            "return one score per pair (None for 'no reward')"
-        )
-    out = torch.empty(n, dtype=torch.float32)
+        raise ValueError(f"reward function {name!r} returned {len(values)} rewards for {n} (prompt, completion) "
+                         "pairs; it must return one score per pair (None for 'no reward')")
+    out = [math.nan] * n
     for k, v in enumerate(values):
         if v is None:
-            out[k] = math.nan
             continue
         if hasattr(v, "item") and not isinstance(v, (str, bytes)) and math.prod(getattr(v, "shape", ())) == 1:
             v = v.item()  # a one-element tensor, a numpy number
         if not isinstance(v, (int, float)):  # a bool is 0 or 1, as for TRL
-            raise TypeError(
-                f"reward function {name!r} returned {type(v).__name__} {v!r:.60} for {describe(k)}; "
-                "expected a real number (or None for 'no reward')"
-            )
+            raise TypeError(f"reward function {name!r} returned {type(v).__name__} {v!r:.60} for {describe(k)}; "
+                            "expected a real number (or None for 'no reward')")
         if not math.isfinite(v):
-            raise ValueError(
-                f"reward function {name!r} returned a non-finite score {v} for {describe(k)}; return a finite "
-                "float, or None when the function gives no reward for this pair"
-            )
+            raise ValueError(f"reward function {name!r} returned a non-finite score {v} for {describe(k)}; return a "
+                             "finite float, or None when the function gives no reward for this pair")
         out[k] = float(v)
-    return out
+    return torch.tensor(out, dtype=torch.float32)
 
 
 def _absent_id(seqs: Sequence[torch.Tensor], vocab_size: Optional[int]) -> int:
