@@ -5,6 +5,7 @@ the weights stay finite at the smallest var_beta the config takes.
 """
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -51,21 +52,21 @@ def constant(prompts, completions, **kw):
 # ----------------------------------------------------------------------------- reward outputs
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -1e39])
 @pytest.mark.parametrize("form", ["numpy", "tensor"])
 def test_non_finite_reward_in_an_array_raises_naming_function_and_completion(toy, tmp_path, form, bad):
     """On main a list raised, but an array's NaN / -inf was taken as unscorable and +inf gave 'weights must be
-    finite' from the loss."""
+    finite' from the loss; -1e39 is -inf in the float32 the rewards are kept in (a float64 array's value)."""
     seen = []
 
     def arr_reward(prompts, completions, **kw):
         seen.append(list(completions))
         r = [bad if j == 3 else 0.5 for j in range(len(completions))]
-        return np.array(r) if form == "numpy" else torch.tensor(r)
+        return np.array(r) if form == "numpy" else torch.tensor(r, dtype=torch.float64)
 
     trainer = make(toy, tmp_path, arr_reward)
-    with pytest.raises(ValueError, match=rf"reward function 'arr_reward' returned a non-finite score {bad} for "
-                                         r"completion 3 of the batch") as e:
+    want = f"reward function 'arr_reward' returned a non-finite score {bad!r} for completion 3 of the batch"
+    with pytest.raises(ValueError, match=re.escape(want)) as e:
         trainer.train()
     assert repr(seen[0][3])[:200] in str(e.value)  # the completion's text
 
