@@ -179,8 +179,8 @@ def test_no_complete_checkpoint_is_a_clear_error(tmp_path, var_data):
     for n in (1, 2):
         (tmp_path / f"checkpoint-{n}").mkdir()
     (tmp_path / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2, "log_hi')
-    with pytest.raises(ValueError, match=r"no complete checkpoint in output_dir=.*incomplete.*"
-                                         r"checkpoint-2, checkpoint-1"):
+    with pytest.raises(ValueError, match=r"no complete checkpoint \(with a readable trainer_state.json\) in "
+                                         rf"output_dir='{tmp_path}'; incomplete: checkpoint-2, checkpoint-1$"):
         var_trainer(tmp_path, 2, var_data).train(resume_from_checkpoint=True)
 
 

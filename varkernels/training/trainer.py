@@ -8,7 +8,7 @@ import json
 import logging
 import os
 from collections import defaultdict
-from contextlib import nullcontext, suppress
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -234,18 +234,19 @@ class CompleteCheckpoints:
             n = next((i for i, path in enumerate(found) if _complete(path)), None)
             skipped = ", ".join(os.path.basename(path) for path in found[:n])
             if n is None:
-                raise ValueError(f"resume_from_checkpoint=True: no complete checkpoint in output_dir="
-                                 f"{self.args.output_dir!r} (incomplete: {skipped or 'none'})")
+                raise ValueError(f"resume_from_checkpoint=True: no complete checkpoint (with a readable "
+                                 f"{TRAINER_STATE_NAME}) in output_dir={self.args.output_dir!r}; incomplete: "
+                                 f"{skipped or 'none'}")
             resume_from_checkpoint = found[n]
             logger.log(logging.WARNING if n else logging.INFO, "resume_from_checkpoint=True: resuming from %s%s",
-                       found[n], f"; skipped the newer {skipped}: incomplete (a save cut short)" if n else "")
+                       found[n], f"; skipped the newer {skipped}: no readable {TRAINER_STATE_NAME} (a save cut "
+                       "short)" if n else "")
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    def _save_checkpoint(self, model, trial):  # into a complete folder: its old state must not outlive a cut
-        if self.args.should_save:
-            with suppress(FileNotFoundError):
-                os.remove(os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-"
-                                       f"{self.state.global_step}", TRAINER_STATE_NAME))
+    def _save_checkpoint(self, model, trial):
+        if self.args.should_save:  # an old trainer_state.json there would make a save cut short look complete
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            Path(self._get_output_dir(trial), folder, TRAINER_STATE_NAME).unlink(missing_ok=True)
         super()._save_checkpoint(model, trial)
 
 
