@@ -19,7 +19,7 @@ from ..nll import linear_weighted_nll, weighted_nll
 from ..var.weights import group_ess
 from .lm_head import LMHead, unwrap_model
 from .rewards import call_reward_func
-from .trainer import quiet_on_cpu
+from .trainer import CompleteCheckpoints, quiet_on_cpu
 
 try:  # the train extra: trl (and transformers)
     from trl import GRPOConfig, GRPOTrainer
@@ -124,7 +124,7 @@ class OnlineVARConfig(GRPOConfig):
             )
 
 
-class OnlineVARTrainer(GRPOTrainer):
+class OnlineVARTrainer(CompleteCheckpoints, GRPOTrainer):
     """``GRPOTrainer`` (same arguments, ``args`` an :class:`OnlineVARConfig`) with online VAR's weighted NLL as loss."""
 
     _tag_names = ["trl", "var", "online-var"]

@@ -4,11 +4,13 @@ whole groups, computed inside the output embedding's forward): docs/trainer.md, 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -17,6 +19,8 @@ from .._extras import missing_extra
 
 try:
     from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
     from trl.trainer.utils import create_model_from_path, get_config_model_id
 except ImportError as e:  # the scoring and data modules of varkernels.training work without it
     raise missing_extra(e.name or "transformers", "train", "varkernels.training.trainer") from e
@@ -220,7 +224,40 @@ def _is_var_data(ds) -> bool:
         return True
 
 
-class VARTrainer(Trainer):
+class CompleteCheckpoints:
+    """Mixin of both trainers: ``resume_from_checkpoint=True`` takes the newest complete checkpoint (docs/trainer.md,
+    "Checkpoints"). Trainer writes trainer_state.json last: a folder without a readable one is a save cut short."""
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            found = sort_checkpoints(self.args.output_dir)[::-1]  # newest first
+            n = next((i for i, path in enumerate(found) if _complete(path)), None)
+            skipped = ", ".join(os.path.basename(path) for path in found[:n])
+            if n is None:
+                raise ValueError(f"resume_from_checkpoint=True: no complete checkpoint (with a readable "
+                                 f"{TRAINER_STATE_NAME}) in output_dir={self.args.output_dir!r}; incomplete: "
+                                 f"{skipped or 'none'}")
+            resume_from_checkpoint = found[n]
+            logger.log(logging.WARNING if n else logging.INFO, "resume_from_checkpoint=True: resuming from %s%s",
+                       found[n], f"; skipped the newer {skipped}: no readable {TRAINER_STATE_NAME} (a save cut "
+                       "short)" if n else "")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        if self.args.should_save:  # an old trainer_state.json there would make a save cut short look complete
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            Path(self._get_output_dir(trial), folder, TRAINER_STATE_NAME).unlink(missing_ok=True)
+        super()._save_checkpoint(model, trial)
+
+
+def _complete(checkpoint: str) -> bool:
+    try:
+        return isinstance(json.loads(Path(checkpoint, TRAINER_STATE_NAME).read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
+
+
+class VARTrainer(CompleteCheckpoints, Trainer):
     """``transformers.Trainer`` training a causal LM with the VAR loss, from text or from a ``VARDataset``.
 
     Arguments have TRL's names and meanings; ``ref_model=None`` is the initial policy, and text datasets are
