@@ -179,6 +179,9 @@ def test_fsdp2_two_ranks_equal_one_process(results):
     for n in truth:
         assert_close(fsdp[n], single[n], truth[n], name=f"FSDP2 online: grad of {n}")
     assert max(float(g.abs().max()) for g in fsdp.values()) > 1e-3  # a real gradient
+    abs_d = max(float((fsdp[n] - single[n]).abs().max()) for n in truth)
+    rel_d = max(float((fsdp[n] - single[n]).abs().max() / single[n].abs().max()) for n in truth)
+    print(f"FSDP2 online: max abs / rel difference from one process {abs_d:.2g} / {rel_d:.2g}")
 
 
 def test_fsdp_options_on_cpu_warn_that_accelerate_runs_ddp(results):
