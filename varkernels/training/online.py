@@ -108,7 +108,15 @@ class OnlineVARConfig(GRPOConfig):
             )
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True
-        super().__post_init__()  # sets steps_per_generation from generation_batch_size (or the reverse)
+        try:
+            super().__post_init__()  # sets steps_per_generation from generation_batch_size (or the reverse)
+        finally:  # GRPO gathers over accelerate's processes (GRPOConfig's batch checks count them too): one count
+            dist, state = torch.distributed, getattr(self, "distributed_state", None)
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            if state is not None and state.num_processes != world:
+                raise ValueError(f"accelerate counts {state.num_processes} process(es) but torch.distributed has "
+                                 f"{world} (DeepSpeed without an accelerator): GRPO's generation would fail in its "
+                                 "all_gather. Online training on CPU: DDP (use_cpu=True, no deepspeed); docs/online.md")
         self.check_fresh_generations()
         quiet_on_cpu(self)
 
