@@ -248,6 +248,7 @@ TRL_METHODS = {  # what online.py overrides (o) or calls (c), with the parameter
     "compute_loss": ("o", ["self", "model", "inputs", "return_outputs", "num_items_in_batch"]),
     "_get_per_token_logps_and_entropies": ("c", ["self", "model", "input_ids", "attention_mask", "logits_to_keep",
                                                  "batch_size"]),
+    "get_high_entropy_mask": ("c", ["self", "entropies", "mask", "threshold"]),
 }
 
 
@@ -269,6 +270,9 @@ def test_trl_methods_online_var_relies_on_still_exist():
     # the generation batch's keys compute_loss reads are produced by GRPO (checked by the tests above
     # running TRL's own loop); and GRPO scales for gradient accumulation itself, as compute_loss does
     assert GRPOTrainer.loss_is_scaled_for_ga is True
+    from trl.trainer import grpo_trainer  # the reference-model sync (sync_ref_model) online.py adds itself
+
+    assert list(inspect.signature(grpo_trainer.SyncRefModelCallback).parameters) == ["ref_model", "accelerator"]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -283,7 +287,6 @@ def test_trl_methods_online_var_relies_on_still_exist():
     (dict(var_reference="ref"), "var_reference"),
     (dict(var_logp_reduction="max"), "var_logp_reduction"),
     (dict(entropy_coef=0.01), "entropy_coef must be 0"),
-    (dict(top_entropy_quantile=0.5), "top_entropy_quantile"),
 ])
 def test_config_rejects(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
