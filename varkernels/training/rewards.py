@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from .._validation import check_positive_int
+from .._validation import FP32_MAX, check_positive_int
 from .lm_head import _model_device, _vocab_size, unwrap_model
 
 Describe = Callable[[int], str]
@@ -80,9 +80,9 @@ def as_scores(values, n: int, *, name: str, describe: Describe = "pair {}".forma
         if not isinstance(v, (int, float)):  # a bool is 0 or 1, as for TRL
             raise TypeError(f"reward function {name!r} returned {type(v).__name__} {v!r:.60} for {describe(k)}; "
                             "expected a real number (or None for 'no reward')")
-        if not math.isfinite(v):
+        if not abs(v) <= FP32_MAX:  # NaN, ±inf, or inf as the float32 the rewards are kept in
             raise ValueError(f"reward function {name!r} returned a non-finite score {v} for {describe(k)}; return a "
-                             "finite float, or None when the function gives no reward for this pair")
+                             "finite float (float32: |r| <= 3.4e38), or None when it gives no reward for this pair")
         out[k] = float(v)
     return torch.tensor(out, dtype=torch.float32)
 
