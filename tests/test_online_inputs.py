@@ -124,6 +124,17 @@ def test_trainer_at_the_smallest_var_beta_trains_on_finite_weights(toy, tmp_path
     assert math.isfinite(loss) and loss != 0
 
 
+
+def test_non_finite_log_ratio_raises_naming_q(toy, tmp_path):
+    """A reference model that gives NaN log-probabilities (here: a NaN in its output embedding): the error names
+    q and the completion, before any loss; on main: 'weights must be finite' from the loss, naming neither."""
+    trainer = make(toy, tmp_path, constant, var_reference="initial")
+    with torch.no_grad():
+        trainer.accelerator.unwrap_model(trainer.ref_model).get_output_embeddings().weight[:, 0] = math.nan
+    with pytest.raises(FloatingPointError, match=r"q = .* of completion 0 of the generation batch is nan"):
+        trainer.train()
+
+
 # ----------------------------------------------------------------------------- the dataset
 
 

@@ -218,6 +218,11 @@ class OnlineVARTrainer(CompleteCheckpoints, GRPOTrainer):
         q = None
         if self.args.var_reference == "initial":
             q = self.accelerator.gather(self._var_log_ratio(out, mode))
+            bad = (q.isnan() | (q == math.inf)).nonzero()  # −inf is legal: π_ref rules the completion out (w = 0)
+            if len(bad):
+                raise FloatingPointError(f"q = Σ_t (log π_ref − log π_old) of completion {int(bad[0])} of the "
+                                         f"generation batch is {float(q[bad[0]])}: the policy or the reference model "
+                                         "gave a non-finite log-probability (check their weights and dtype)")
         weights = online_var_weights(rewards, G, self.args.var_beta, q=q, valid=valid)
         self._metrics[mode]["var/weights_max"].append(float(weights.max()))  # of the weights before any centring
         self._metrics[mode]["var/ess"].append(float(group_ess(weights, weights.numel() // G)))
