@@ -195,6 +195,37 @@ def test_nll_output_entropy(backend, form):
     assert out.entropy[3] == 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["logits", "linear"])
+def test_per_token_entropy_with_reduction_none(backend, form):
+    """reduction="none": the entropy per token [B, T] like the log-probs (shifted with the labels, 0 where the
+    label is ignored), what GRPO's top_entropy_quantile filter needs (OnlineVARTrainer); its row means are
+    the entropy of reduction="mean"."""
+    require_backend(backend)
+    kw = TRANSFORMS["softcap_temp"]
+    g = torch.Generator().manual_seed(4)
+    B, T, H, V = 3, 7, 24, 600
+    labels = make_labels(B, T, V, ignored_rows=(1,), generator=g)
+    if form == "logits":
+        x = torch.randn(B, T, V, generator=g).mul_(3)
+        logits, args, fn = x, (x,), sequence_logps
+    else:
+        h, W = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g)
+        logits, args, fn = h @ W.t(), (h, W), linear_sequence_logps
+    with torch.no_grad():
+        lp, ent = fn(*args, labels, reduction="none", return_entropy=True, shift_labels=True, backend=backend, **kw)
+        _, mean = fn(*args, labels, reduction="mean", return_entropy=True, shift_labels=True, backend=backend, **kw)
+    y = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    valid = y != IGNORE_INDEX
+    z = transform_logits(logits, kw["softcap"], kw["temperature"])
+    truth = torch.where(valid, token_entropy_reference(z.double()), 0.0)
+    ref = torch.where(valid, token_entropy_reference(z.float()), 0.0)
+    assert ent.shape == lp.shape == (B, T) and ent.dtype == torch.float32
+    assert_close(ent, ref, truth, name="per-token entropy")
+    assert torch.all(ent[~valid] == 0) and torch.all(ent[valid] > 0)
+    torch.testing.assert_close(ent.sum(1) / valid.sum(1).clamp(min=1), mean, rtol=1e-6, atol=1e-7)
+
+
 # --------------------------------------------------------------------------------------------
 # asking for the entropy changes nothing else
 

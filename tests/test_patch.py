@@ -403,3 +403,49 @@ def test_trainer_with_gradient_accumulation_equals_the_unpatched_model(tmp_path)
         params[patched] = {n: p.detach().clone() for n, p in model.named_parameters()}
     for n, p in params[False].items():
         torch.testing.assert_close(params[True][n], p, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+
+def test_trainer_with_gradient_accumulation_scales_loss_weights_by_token_share(tmp_path):
+    """With loss_weights, Trainer passes num_items_in_batch and so neither divides by the accumulation steps:
+    each micro-batch's weighted mean counts by its share of the accumulated target tokens. One SGD step over
+    2 accumulated micro-batches equals the step on Σ_m (n_m / n)·mean_m (n_m: 9 and 14 target tokens here),
+    and the whole batch's step when the micro-batches hold as many tokens each."""
+    w = torch.tensor([0.5, 1.5, 2.0, 1.0])
+    halves = (slice(0, 2), slice(2, 4))
+
+    def one_step(data, accumulation):
+        rows = [{**{k: v[i] for k, v in data.items()}, "loss_weights": w[i]} for i in range(4)]
+        model = patch_causal_lm(build("llama"))
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(accumulation)), per_device_train_batch_size=4 // accumulation,
+            gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.5, optim="sgd",
+            lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, report_to=[], save_strategy="no",
+            disable_tqdm=True, use_cpu=True, dataloader_drop_last=True, remove_unused_columns=False,
+        )
+        transformers.Trainer(model=model, args=args, train_dataset=rows).train()
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def replay(data):
+        model = build("llama")
+        n = [int((data["labels"][m, 1:] != -100).sum()) for m in halves]
+        loss = 0.0
+        for n_m, m in zip(n, halves):
+            hidden = model.model(input_ids=data["input_ids"][m], attention_mask=data["attention_mask"][m])
+            loss = loss + n_m / sum(n) * varkernels.linear_weighted_nll(
+                hidden.last_hidden_state, model.lm_head.weight, data["labels"][m], w[m], shift_labels=True)
+        loss.backward()
+        with torch.no_grad():
+            return {k: p - 0.5 * p.grad if p.grad is not None else p.clone() for k, p in model.named_parameters()}
+
+    def check(got, expected, name):
+        for n, p in expected.items():
+            torch.testing.assert_close(got[n], p, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{name} {n}: {m}")
+
+    uneven = batch(rows=4)
+    even = {"input_ids": uneven["input_ids"], "attention_mask": torch.ones_like(uneven["attention_mask"])}
+    even["labels"] = even["input_ids"].masked_fill(torch.arange(T) < 3, -100)  # 6 target tokens a row
+    check(one_step(uneven, 2), replay(uneven), "uneven")
+    accumulated = one_step(even, 2)
+    check(accumulated, replay(even), "even")
+    check(accumulated, one_step(even, 1), "even, one micro-batch")

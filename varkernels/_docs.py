@@ -39,6 +39,7 @@ FRAGMENTS = {
         "return_entropy: also return the policy's entropy, fp32 [B]: per sequence, the mean over its\n"
         "non-ignored tokens of −Σ_v p_v·log p_v, p the softmax of the transformed logits (softcap,\n"
         "temperature: the distribution of the log-probs); 0 for a row without tokens; no gradient.\n"
+        "With reduction=\"none\" it is per token instead, fp32 [B, T] like the log-probs (0 where ignored).\n"
         "Computed in the logsumexp sweep the log-probs already make (no extra pass over the vocabulary)."
     ),
     "one_backward": "Computed in the forward, the gradient allows one backward per graph (call again for another).",

@@ -33,10 +33,13 @@ def sequence_entropy(ent: torch.Tensor, labels: torch.Tensor, ignore_index: int)
 
 def _reduced(out: tuple, call, labels: torch.Tensor, reduction: str, return_entropy: bool):
     """The log-prob functions' result from the core's (value, lp[, entropy]): logps reduced like ``reduction``,
-    with ``return_entropy`` the pair (logps, per-sequence mean entropy)."""
+    with ``return_entropy`` the pair (logps, entropy): per token under "none", else the per-sequence mean."""
     ignore_index = call.opts.ignore_index
     logps = reduce_token_logps(out[1].view(labels.shape), call.labels, ignore_index, reduction)
-    return (logps, sequence_entropy(out[2], call.labels, ignore_index)) if return_entropy else logps
+    if not return_entropy:
+        return logps
+    return logps, out[2].view(labels.shape) if reduction == "none" else sequence_entropy(out[2], call.labels,
+                                                                                          ignore_index)
 
 
 def reduce_token_logps(lp: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str):

@@ -14,7 +14,9 @@ model's output class with ``loss`` set and ``logits=None`` — no [B, T, V] logi
   ``reduction="sum"`` and the per-sequence weight N / n (N rows, n target tokens of the batch).
 - with ``loss_weights`` ([B] per sequence or [B, T] per token, aligned with ``labels``):
   ``linear_weighted_nll(..., loss_weights, reduction="mean", shift_labels=True)`` — e.g. VAR with
-  ``loss_weights=var_weights(rewards, ref_logps)``. ``num_items_in_batch`` does not apply to it (ignored).
+  ``loss_weights=var_weights(rewards, ref_logps)``. With ``num_items_in_batch`` (``Trainer``) it is scaled by
+  the micro-batch's share of the accumulated batch's target tokens, so that the accumulated loss is the
+  token-weighted average of the micro-batches' means (their mean when they hold as many tokens each).
 
 Without ``labels`` the model runs exactly as unpatched (logits returned). The patch replaces the causal LM's
 ``forward`` by an instance attribute (a bound method, so ``copy.deepcopy`` binds it to the copy) and keeps
@@ -156,7 +158,8 @@ def _forward(lm, *args, **kwargs):
                                f"[{y.shape[0]}, {y.shape[1]}, H] (labels of shape {tuple(y.shape)})")
         if loss_weights is not None:
             w = loss_weights.to(hidden.device)
-            return (linear_weighted_nll(hidden, weight, y, w, bias=bias, reduction="mean", shift_labels=True, **opts),)
+            loss = linear_weighted_nll(hidden, weight, y, w, bias=bias, reduction="mean", shift_labels=True, **opts)
+            return (loss * _token_share(y, num_items),)
         shift = pre_shifted is None
         if not shift:
             y = pre_shifted.to(hidden.device)
@@ -166,6 +169,16 @@ def _forward(lm, *args, **kwargs):
     call = _Call(original)
     result = head.run_in_head(call, kwargs, loss_in_head)  # (loss,): no NLLOutput, whose entropy is not needed here
     return _with_loss(result[0], call.outputs)
+
+
+def _token_share(labels, num_items):
+    """1 without ``num_items_in_batch``; with it (``Trainer``, which then neither divides by the accumulation
+    steps nor averages over ranks), this micro-batch's share n / num_items_in_batch of the accumulated batch's
+    target tokens: the micro-batches' weighted means then add up to their token-weighted average."""
+    if num_items is None:
+        return 1.0
+    n = (labels[:, 1:] != IGNORE_INDEX).sum().to(torch.float32)
+    return n / torch.as_tensor(num_items, dtype=torch.float32, device=labels.device)
 
 
 def _token_mean_weights(labels, shift: bool, num_items):
@@ -229,11 +242,12 @@ def _fallback(lm, head, state, original, kwargs, loss_weights):
     if loss_weights is None:
         return original(**kwargs)
     labels = kwargs.pop("labels")
-    kwargs.pop("num_items_in_batch", None)
+    num_items = kwargs.pop("num_items_in_batch", None)
     outputs = original(**kwargs)
     logits = outputs[0] if isinstance(outputs, tuple) else outputs.logits
-    loss = weighted_nll(logits, labels.to(logits.device), loss_weights.to(logits.device), reduction="mean",
-                        shift_labels=True, ignore_index=IGNORE_INDEX, backend=state["options"]["backend"])
+    y = labels.to(logits.device)
+    loss = weighted_nll(logits, y, loss_weights.to(logits.device), reduction="mean", shift_labels=True,
+                        ignore_index=IGNORE_INDEX, backend=state["options"]["backend"]) * _token_share(y, num_items)
     return _with_loss(loss, outputs, keep_logits=True)
 
 

@@ -50,7 +50,7 @@ class LMHead:
         self.fused = self.in_head and self.keep_arg is not None and self.decoder is not None
         self.vocab_size = _vocab_size(lm)
 
-    def run_in_head(self, model, inputs: dict, loss_fn):
+    def run_in_head(self, model, inputs: dict, loss_fn, with_outputs: bool = False):
         """Run ``model(**inputs)`` once with ``loss_fn(hidden, weight, bias)`` in place of the head.
 
         ``hidden`` is [N, L, H] (the model is called with ``logits_to_keep=0``: every position
@@ -60,7 +60,8 @@ class LMHead:
         returns a ``VAROutput`` (or a NamedTuple
         whose first field is the scalar loss). Returns it with ``loss`` tied to the model's
         output: its backward runs after the backward hooks the engine put on the head's and the
-        root module's outputs. The model is called through its wrappers, so DDP's hooks fire.
+        root module's outputs (with ``with_outputs``: the pair (it, the model's outputs)). The model
+        is called through its wrappers, so DDP's hooks fire.
         """
         if not self.in_head:
             raise RuntimeError("run_in_head needs a plain nn.Linear output embedding (LMHead.in_head)")
@@ -84,7 +85,8 @@ class LMHead:
         if not isinstance(logits, torch.Tensor):
             raise RuntimeError(f"{type(unwrap_model(model)).__name__} returned no logits tensor")
         loss = _Join.apply(result[0], logits)
-        return result._replace(loss=loss) if hasattr(result, "_replace") else (loss, *result[1:])
+        result = result._replace(loss=loss) if hasattr(result, "_replace") else (loss, *result[1:])
+        return (result, outputs) if with_outputs else result
 
     def forward(self, model, **inputs):
         """Run ``model`` (through any wrapper, so DDP hooks fire); return (features, outputs).

@@ -4,6 +4,7 @@ weighted NLL. What it computes, the checks and the TRL 1.16 methods it overrides
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -13,14 +14,17 @@ from typing import Optional
 import torch
 
 from .._validation import REDUCTIONS, check_option, check_positive
+from ..logps import linear_sequence_logps, sequence_logps
 from ..nll import linear_weighted_nll, weighted_nll
 from ..var.weights import group_ess
 from .lm_head import LMHead, unwrap_model
-from .rewards import call_reward_func
-from .trainer import quiet_on_cpu
+from .rewards import as_scores, call_reward_func
+from .trainer import CompleteCheckpoints, quiet_on_cpu
 
 try:  # the train extra: trl (and transformers)
+    from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
+    from trl.data_utils import is_conversational
     from trl.trainer import grpo_trainer as _grpo
 except ImportError as e:  # pragma: no cover - exercised only without the train extra
     raise ImportError('OnlineVARTrainer needs TRL: pip install "varkernels[train]"') from e
@@ -38,18 +42,18 @@ def online_var_weights(
     """VAR weights of consecutive groups of ``group_size`` completions: [M] → [M] fp32.
 
     w_j = n·softmax_j(r_j/β + q_j) over each group's n ``valid`` (scorable) members; the others get 0.
-    rewards, q: [M] (M a multiple of group_size), q = 0 when None; valid: [M] bool or None.
+    rewards, q: [M] (M a multiple of group_size), q = 0 when None; valid: [M] bool or None. In float64, with r less
+    its group's best (softmax is shift-invariant): (r − max r)/β ≤ 0 does not overflow at any β > 0.
     """
     if rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ValueError(
-            f"rewards must be [M] with M a multiple of group_size={group_size}, got {tuple(rewards.shape)}"
-        )
-    a = rewards.detach().float().view(-1, group_size) / float(beta)
+        raise ValueError(f"rewards must be [M], M a multiple of group_size={group_size}, got {tuple(rewards.shape)}")
+    r = rewards.detach().double().view(-1, group_size)
+    valid = torch.ones_like(r, dtype=torch.bool) if valid is None else valid.view(-1, group_size)
+    a = (r - r.masked_fill(~valid, -math.inf).amax(dim=1, keepdim=True)) / float(beta)
     if q is not None:
-        a = a + q.detach().float().view(-1, group_size)
-    valid = torch.ones_like(a, dtype=torch.bool) if valid is None else valid.view(-1, group_size)
+        a = a + q.detach().double().view(-1, group_size)
     n = valid.sum(dim=1, keepdim=True)  # a group with none valid: softmax of −inf is NaN, replaced by 0
-    return torch.where(n > 0, torch.softmax(a.masked_fill(~valid, -math.inf), dim=1) * n, 0.0).reshape(-1)
+    return torch.where(n > 0, torch.softmax(a.masked_fill(~valid, -math.inf), dim=1) * n, 0.0).reshape(-1).float()
 
 
 @dataclass
@@ -91,17 +95,30 @@ class OnlineVARConfig(GRPOConfig):
                 "initial model is kept as the reference by var_reference='initial' (the default): leave beta at 0.0 "
                 "and tune var_beta"
             )
-        if self.entropy_coef not in (0, 0.0) or getattr(self, "use_adaptive_entropy", False):
-            raise ValueError(f"entropy_coef must be 0 for online VAR (no entropy bonus), got {self.entropy_coef!r}")
-        if self.top_entropy_quantile != 1.0:
-            raise ValueError(f"top_entropy_quantile must be 1.0 for online VAR, got {self.top_entropy_quantile!r}")
+        if self.entropy_coef not in (0, 0.0) or self.use_adaptive_entropy:
+            raise ValueError(
+                f"entropy_coef must be 0 and use_adaptive_entropy False for online VAR, got {self.entropy_coef!r} and "
+                f"{self.use_adaptive_entropy!r}: the loss's gradient is computed in its forward by kernels that give "
+                "the entropy but not its gradient, so there is no entropy bonus (top_entropy_quantile works)"
+            )
+        if self.sync_ref_model and self.var_reference != "initial":
+            raise ValueError(f"sync_ref_model=True syncs the reference model of var_reference='initial', got "
+                             f"var_reference={self.var_reference!r}, which keeps none")
         if self.off_policy_mask_threshold is not None:
             raise ValueError(
                 f"off_policy_mask_threshold must be None for online VAR, got {self.off_policy_mask_threshold!r}"
             )
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True
-        super().__post_init__()  # sets steps_per_generation from generation_batch_size (or the reverse)
+        try:
+            super().__post_init__()  # sets steps_per_generation from generation_batch_size (or the reverse)
+        finally:  # GRPO gathers over accelerate's processes (GRPOConfig's batch checks count them too): one count
+            dist, state = torch.distributed, getattr(self, "distributed_state", None)
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            if state is not None and state.num_processes != world:
+                raise ValueError(f"accelerate counts {state.num_processes} process(es) but torch.distributed has "
+                                 f"{world} (DeepSpeed without an accelerator): GRPO's generation would fail in its "
+                                 "all_gather. Online training on CPU: DDP (use_cpu=True, no deepspeed); docs/online.md")
         self.check_fresh_generations()
         quiet_on_cpu(self)
 
@@ -117,13 +134,13 @@ class OnlineVARConfig(GRPOConfig):
             )
 
 
-class OnlineVARTrainer(GRPOTrainer):
+class OnlineVARTrainer(CompleteCheckpoints, GRPOTrainer):
     """``GRPOTrainer`` (same arguments, ``args`` an :class:`OnlineVARConfig`) with online VAR's weighted NLL as loss."""
 
     _tag_names = ["trl", "var", "online-var"]
     _name = "OnlineVAR"
 
-    def __init__(self, model, reward_funcs, args: Optional[OnlineVARConfig] = None, train_dataset=None,
+    def __init__(self, model, reward_funcs=None, args: Optional[OnlineVARConfig] = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, reward_processing_classes=None, callbacks=None,
                  optimizers=(None, None), quantization_config=None, peft_config=None, **kwargs):
         if args is None:
@@ -132,6 +149,8 @@ class OnlineVARTrainer(GRPOTrainer):
         if not isinstance(args, OnlineVARConfig):
             raise TypeError(f"args must be an OnlineVARConfig, got {type(args).__name__}")
         args.check_fresh_generations()  # again: the options may have been changed since the config was made
+        _check_prompts(train_dataset, "train_dataset")
+        _check_prompts(eval_dataset, "eval_dataset")
         # "initial" needs π_ref, the model as it is now: copy a module before GRPOTrainer patches its forward
         ref = None
         if args.var_reference == "initial" and peft_config is None and isinstance(model, torch.nn.Module) \
@@ -139,11 +158,15 @@ class OnlineVARTrainer(GRPOTrainer):
             ref = copy.deepcopy(model)
             # a forward patched by an earlier TRL trainer is bound to the original model: use the class's
             ref.__dict__.pop("forward", None)
-        super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class,
-                         reward_processing_classes=reward_processing_classes, callbacks=callbacks,
-                         optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config,
-                         **kwargs)
+        sync, args.sync_ref_model = args.sync_ref_model, False  # GRPO refuses it at beta=0: added below
+        try:
+            super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=processing_class,
+                             reward_processing_classes=reward_processing_classes, callbacks=callbacks,
+                             optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config,
+                             **kwargs)
+        finally:
+            args.sync_ref_model = sync
         self.reward_funcs = [f if isinstance(f, torch.nn.Module) else _checked_reward_func(f, n)  # callables
                              for f, n in zip(self.reward_funcs, self.reward_func_names)]
         self._var_rewards_per_func = None
@@ -165,6 +188,11 @@ class OnlineVARTrainer(GRPOTrainer):
             else:
                 ref = self.accelerator.prepare_model(ref, evaluation_mode=True)
             self.ref_model = ref
+        if args.sync_ref_model:  # π_ref ← α·π_θ + (1 − α)·π_ref as GRPO's: the target moves (docs/online.md)
+            if self.ref_model is None:
+                raise ValueError("sync_ref_model=True needs a reference model; under PEFT the reference is the "
+                                 "adapter switched off, which cannot be synced: set sync_ref_model=False")
+            self.add_callback(_grpo.SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -190,6 +218,11 @@ class OnlineVARTrainer(GRPOTrainer):
         q = None
         if self.args.var_reference == "initial":
             q = self.accelerator.gather(self._var_log_ratio(out, mode))
+            bad = (q.isnan() | (q == math.inf)).nonzero()  # −inf is legal: π_ref rules the completion out (w = 0)
+            if len(bad):
+                raise FloatingPointError(f"q = Σ_t (log π_ref − log π_old) of completion {int(bad[0])} of the "
+                                         f"generation batch is {float(q[bad[0]])}: the policy or the reference model "
+                                         "gave a non-finite log-probability (check their weights and dtype)")
         weights = online_var_weights(rewards, G, self.args.var_beta, q=q, valid=valid)
         self._metrics[mode]["var/weights_max"].append(float(weights.max()))  # of the weights before any centring
         self._metrics[mode]["var/ess"].append(float(group_ess(weights, weights.numel() // G)))
@@ -231,21 +264,39 @@ class OnlineVARTrainer(GRPOTrainer):
         input_ids, attention_mask, mask = _sequences(inputs)
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         labels = torch.cat([torch.full_like(prompt_ids, -100), completion_ids.masked_fill(mask == 0, -100)], dim=1)
-        weights = inputs["var_weights"]
-        opts = dict(reduction=self.args.var_logp_reduction, shift_labels=True, temperature=self.temperature)
-        head = self._var_head(model)
-        opts = {**opts, "softcap": head.softcap, "return_aux": True}
-        if head.in_head:  # NLLOutput(loss, policy_logps, entropy): the entropy comes from the loss's own sweep
-            def loss_fn(hidden, weight, bias):
-                return linear_weighted_nll(hidden, weight, labels, weights, bias=bias, **opts)
+        head, P = self._var_head(model), prompt_ids.size(1)
+        opts = dict(shift_labels=True, temperature=self.temperature, softcap=head.softcap)
+        inputs_ = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.aux_loss_enabled:  # MoE: the model returns its load-balancing loss
+            inputs_["output_router_logits"] = True
 
-            out = head.run_in_head(model, {"input_ids": input_ids, "attention_mask": attention_mask}, loss_fn)
+        def var_loss(nll, logps, *args, **kw):  # NLLOutput(loss, policy_logps, entropy): entropy from the same sweep
+            weights = inputs["var_weights"]
+            if self.top_entropy_quantile < 1.0:  # GRPO's high-entropy tokens, known before the loss's forward
+                with torch.no_grad():  # per-token entropy [N, L], the shifted labels' positions
+                    ent = logps(*args, labels, reduction="none", return_entropy=True, **kw, **opts)[1]
+                keep = self.get_high_entropy_mask(ent[:, P - 1:-1], mask, 1 - self.top_entropy_quantile)
+                weights = torch.cat([torch.zeros_like(prompt_ids, dtype=torch.float32), weights[:, None] * keep], 1)
+            return nll(*args, labels, weights, reduction=self.args.var_logp_reduction, return_aux=True, **kw, **opts)
+
+        if head.in_head:
+            def loss_fn(hidden, weight, bias):  # cast_lm_head_to_fp32: as GRPO, the head in float32 outside autocast
+                fp32 = self.args.cast_lm_head_to_fp32
+                with torch.autocast(hidden.device.type, enabled=False) if fp32 else contextlib.nullcontext():
+                    hidden, weight, bias = (t.float() if fp32 and t is not None else t for t in (hidden, weight, bias))
+                    return var_loss(linear_weighted_nll, linear_sequence_logps, hidden, weight, bias=bias)
+
+            out, outputs = head.run_in_head(model, inputs_, loss_fn, with_outputs=True)
         else:  # a LoRA / quantised head: the model's logits
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-            out = weighted_nll(logits, labels, weights, **opts)
+            outputs = model(**inputs_)
+            out = var_loss(weighted_nll, sequence_logps, outputs.logits)
         mode = "train" if self.model.training else "eval"  # GRPO's entropy metric: mean over completions
         self._metrics[mode]["entropy"].append(self.accelerator.gather(out.entropy.mean()).nanmean().item())
-        return out.loss / self.current_gradient_accumulation_steps if self.model.training else out.loss
+        loss = out.loss
+        if self.aux_loss_enabled:  # as GRPO adds it (and logs it)
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+        return loss / self.current_gradient_accumulation_steps if self.model.training else loss
 
     def _var_head(self, model) -> LMHead:
         lm = unwrap_model(model)
@@ -262,28 +313,38 @@ def _sequences(batch):
     return input_ids, torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1), mask
 
 
+def _check_prompts(dataset, arg: str):
+    """Before any generation: rows, and a ``prompt`` column of non-blank strings or conversations (one read of the
+    column: 0.5 s for 1M short strings). A dict: each dataset; a streaming dataset is left to TRL."""
+    for k, d in dataset.items() if isinstance(dataset, dict) else ():
+        _check_prompts(d, f"{arg}[{k!r}]")
+    if isinstance(dataset, Dataset) and (not len(dataset) or "prompt" not in dataset.column_names):
+        raise ValueError(f"{arg} must have rows and a 'prompt' column (TRL's prompt-only format) to sample "
+                         f"completions for; got {len(dataset)} rows, columns {dataset.column_names}")
+    for i, p in enumerate(dataset["prompt"][:] if isinstance(dataset, Dataset) else ()):  # [:]: a list, fast
+        if not (p.strip() if isinstance(p, str) else isinstance(p, list) and p and is_conversational({"prompt": p})):
+            raise ValueError(f"{arg} row {i}: 'prompt' must be a non-blank string or a non-empty list of chat "
+                             f"messages ({{'role': ..., 'content': ...}}), got {type(p).__name__} {p!r:.80}")
+
+
 def _checked_reward_func(func, name: str):
-    """``func`` with its outputs checked: NaN or ±inf raise, naming the function and the completion; None passes."""
+    """``func`` with its output read by ``as_scores`` as TRL reads it (a list, numpy array or tensor; None: unscorable)
+    and returned as a list of float | None; NaN, ±inf, strings or a scalar raise, naming ``func`` and the completion."""
 
     def check(out, completions):
-        for j, r in enumerate(out if isinstance(out, (list, tuple)) else []):
-            if r is not None and not math.isfinite(float(r)):
-                text = completions[j] if completions is not None and j < len(completions) else "?"
-                raise ValueError(
-                    f"reward function {name!r} returned {r} for completion {j} of the batch ({text!r}); a reward "
-                    "must be a finite number, or None where the function does not apply"
-                )
-        return out
+        scores = as_scores(out, len(completions), name=name,
+                           describe=lambda j: f"completion {j} of the batch ({completions[j]!r:.200})")
+        return [None if math.isnan(r) else r for r in scores.tolist()]
 
     if _grpo.is_async_callable(func):  # TRL's own test, so the wrapper is awaited where func would be
         @functools.wraps(func)
         async def checked_async(*args, **kwargs):
-            return check(await call_reward_func(func, name, *args, **kwargs), kwargs.get("completions"))
+            return check(await call_reward_func(func, name, *args, **kwargs), kwargs["completions"])
 
         return checked_async
 
     @functools.wraps(func)
     def checked(*args, **kwargs):
-        return check(call_reward_func(func, name, *args, **kwargs), kwargs.get("completions"))
+        return check(call_reward_func(func, name, *args, **kwargs), kwargs["completions"])
 
     return checked

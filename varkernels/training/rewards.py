@@ -13,14 +13,10 @@ from typing import Callable, Optional
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from .._validation import check_positive_int
+from .._validation import FP32_MAX, check_positive_int
 from .lm_head import _model_device, _vocab_size, unwrap_model
 
 Describe = Callable[[int], str]
-
-
-def _default_describe(k: int) -> str:
-    return f"pair {k}"
 
 
 def describe_pairs(pairs: Sequence[tuple], names: Optional[list] = None, response: str = "response") -> Describe:
@@ -64,42 +60,31 @@ def call_reward_func(func, name: str, *args, **kwargs):
         ) from e
 
 
-def as_scores(values, n: int, *, name: str, describe: Describe = _default_describe) -> torch.Tensor:
+def as_scores(values, n: int, *, name: str, describe: Describe = "pair {}".format) -> torch.Tensor:
     """A reward function's output as float32 [n], NaN where it returned ``None``; ``ValueError`` / ``TypeError``
     naming the function and the example for a wrong length, a value that is not a real number, a NaN / ±inf."""
     if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):  # tensors, numpy arrays
         values = values.reshape(-1).tolist()
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(
-            f"reward function {name!r} must return a list of floats (or None), one per (prompt, completion) pair; "
-            f"got {type(values).__name__}"
-        )
+        raise TypeError(f"reward function {name!r} must return a list of floats (or None), one per (prompt, "
+                        f"completion) pair; got {type(values).__name__}")
     if len(values) != n:
-        raise ValueError(
-            f"reward function {name!r} returned {len(values)} rewards for {n} (prompt, completion) pairs; it must "
-            "return one score per pair (None for 'no reward')"
-        )
-    out = torch.empty(n, dtype=torch.float32)
+        raise ValueError(f"reward function {name!r} returned {len(values)} rewards for {n} (prompt, completion) "
+                         "pairs; it must return one score per pair (None for 'no reward')")
+    out = [math.nan] * n
     for k, v in enumerate(values):
         if v is None:
-            out[k] = math.nan
             continue
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
-            v = v.item()
-        elif hasattr(v, "item") and not isinstance(v, (str, bytes)) and getattr(v, "size", 1) == 1:
-            v = v.item()  # numpy scalars
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(
-                f"reward function {name!r} returned {type(v).__name__} {v!r:.60} for {describe(k)}; "
-                "expected a real number (or None for 'no reward')"
-            )
-        if not math.isfinite(v):
-            raise ValueError(
-                f"reward function {name!r} returned a non-finite score {v} for {describe(k)}; return a finite "
-                "float, or None when the function gives no reward for this pair"
-            )
+        if hasattr(v, "item") and not isinstance(v, (str, bytes)) and math.prod(getattr(v, "shape", ())) == 1:
+            v = v.item()  # a one-element tensor, a numpy number
+        if not isinstance(v, (int, float)):  # a bool is 0 or 1, as for TRL
+            raise TypeError(f"reward function {name!r} returned {type(v).__name__} {v!r:.60} for {describe(k)}; "
+                            "expected a real number (or None for 'no reward')")
+        if not abs(v) <= FP32_MAX:  # NaN, ±inf, or inf as the float32 the rewards are kept in
+            raise ValueError(f"reward function {name!r} returned a non-finite score {v} for {describe(k)}; return a "
+                             "finite float (float32: |r| <= 3.4e38), or None when it gives no reward for this pair")
         out[k] = float(v)
-    return out
+    return torch.tensor(out, dtype=torch.float32)
 
 
 def _absent_id(seqs: Sequence[torch.Tensor], vocab_size: Optional[int]) -> int:
@@ -201,7 +186,7 @@ class RewardFunctions:
         return len(self.funcs)
 
     def per_function(self, prompts: list, completions: list, *, columns: Optional[dict] = None,
-                     completion_ids: Optional[list] = None, describe: Describe = _default_describe) -> torch.Tensor:
+                     completion_ids: Optional[list] = None, describe: Describe = "pair {}".format) -> torch.Tensor:
         """[N, F] float32: reward function f on pair n, NaN where it returned None."""
         n = len(prompts)
         if len(completions) != n:

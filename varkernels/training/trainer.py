@@ -4,11 +4,14 @@ whole groups, computed inside the output embedding's forward): docs/trainer.md, 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import warnings
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -17,6 +20,8 @@ from .._extras import missing_extra
 
 try:
     from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
     from trl.trainer.utils import create_model_from_path, get_config_model_id
 except ImportError as e:  # the scoring and data modules of varkernels.training work without it
     raise missing_extra(e.name or "transformers", "train", "varkernels.training.trainer") from e
@@ -192,10 +197,14 @@ class VARConfig(TrainingArguments):
 
 
 def quiet_on_cpu(args) -> None:
-    """Without an accelerator: no pinned memory (the DataLoader warns it cannot use it) and, unless DeepSpeed is
-    configured, no "Setting accelerator to CPU" from DeepSpeed (imported by accelerate wherever it is installed)."""
+    """Without an accelerator: no pinned memory (the DataLoader warns it cannot use it), a warning if FSDP is asked
+    for and, unless DeepSpeed is configured, no "Setting accelerator to CPU" from DeepSpeed (imported by accelerate)."""
     if args.use_cpu or not torch.accelerator.is_available():
         args.dataloader_pin_memory = False
+        if args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":  # accelerate: on accelerators
+            warnings.warn("FSDP was asked for, but on CPU accelerate does not shard (DDP over several processes): to "
+                          "shard on CPU apply torch.distributed.fsdp.fully_shard yourself and call the loss in your "
+                          "own loop (docs/trainer.md, 'Distributed, sharded and compiled training')", stacklevel=4)
         if not args.deepspeed and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
             logging.getLogger("DeepSpeed").addFilter(_drop_cpu_notice)
 
@@ -220,7 +229,40 @@ def _is_var_data(ds) -> bool:
         return True
 
 
-class VARTrainer(Trainer):
+class CompleteCheckpoints:
+    """Mixin of both trainers: ``resume_from_checkpoint=True`` takes the newest complete checkpoint (docs/trainer.md,
+    "Checkpoints"). Trainer writes trainer_state.json last: a folder without a readable one is a save cut short."""
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            found = sort_checkpoints(self.args.output_dir)[::-1]  # newest first
+            n = next((i for i, path in enumerate(found) if _complete(path)), None)
+            skipped = ", ".join(os.path.basename(path) for path in found[:n])
+            if n is None:
+                raise ValueError(f"resume_from_checkpoint=True: no complete checkpoint (with a readable "
+                                 f"{TRAINER_STATE_NAME}) in output_dir={self.args.output_dir!r}; incomplete: "
+                                 f"{skipped or 'none'}")
+            resume_from_checkpoint = found[n]
+            logger.log(logging.WARNING if n else logging.INFO, "resume_from_checkpoint=True: resuming from %s%s",
+                       found[n], f"; skipped the newer {skipped}: no readable {TRAINER_STATE_NAME} (a save cut "
+                       "short)" if n else "")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        if self.args.should_save:  # an old trainer_state.json there would make a save cut short look complete
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            Path(self._get_output_dir(trial), folder, TRAINER_STATE_NAME).unlink(missing_ok=True)
+        super()._save_checkpoint(model, trial)
+
+
+def _complete(checkpoint: str) -> bool:
+    try:
+        return isinstance(json.loads(Path(checkpoint, TRAINER_STATE_NAME).read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
+
+
+class VARTrainer(CompleteCheckpoints, Trainer):
     """``transformers.Trainer`` training a causal LM with the VAR loss, from text or from a ``VARDataset``.
 
     Arguments have TRL's names and meanings; ``ref_model=None`` is the initial policy, and text datasets are
@@ -267,16 +309,13 @@ class VARTrainer(Trainer):
                 data_collator = VARCollator(pad_token_id=pad if pad is not None else 0)
             else:
                 ds = train_dataset if train_dataset is not None else eval_dataset
-                data_collator = VARCollator(
-                    pad_token_id=getattr(ds, "pad_token_id", 0), ignore_index=getattr(ds, "ignore_index", -100)
-                )
+                data_collator = VARCollator(pad_token_id=getattr(ds, "pad_token_id", 0),
+                                            ignore_index=getattr(ds, "ignore_index", -100))
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
-        self.ref_model = ref_model
-        self.reward_funcs = None
+        self.ref_model, self.reward_funcs = ref_model, None
         self.dropped_examples: dict = {}
-        if text:
-            # scored here, after Trainer has put the model on its device
+        if text:  # scored here, after Trainer has put the model on its device
             if reward_funcs is not None:
                 self.reward_funcs = RewardFunctions(
                     reward_funcs, args.reward_weights, reward_processing_classes,
@@ -308,14 +347,12 @@ class VARTrainer(Trainer):
         )
         self.dropped_examples[name] = examples.dropped
         if self.reward_funcs is not None:
-            reward = TextPairRewards(
+            reward, example_rewards = TextPairRewards(
                 self.reward_funcs, examples.prompt_texts, examples.completion_texts, columns=examples.columns,
                 completion_ids=[c.tolist() for c in examples.completions], example_names=examples.names,
-            )
-            example_rewards = None
+            ), None
         elif "reward" in examples.columns and examples.format == "prompt_completion":
-            reward = None
-            example_rewards = examples.columns["reward"]
+            reward, example_rewards = None, examples.columns["reward"]
         else:
             raise ValueError(
                 f"{name} holds text: pass reward_funcs (callables on text or reward models, TRL's contract) or give "
@@ -327,9 +364,7 @@ class VARTrainer(Trainer):
             )
         ref = self.ref_model if self.ref_model is not None else policy
         initial = self.ref_model is None and hasattr(policy, "disable_adapter")
-        cache_dir = None
-        if args.score_cache:
-            cache_dir = args.score_cache_dir or os.path.join(args.output_dir, "var_scores")
+        cache_dir = (args.score_cache_dir or os.path.join(args.output_dir, "var_scores")) if args.score_cache else None
         pad = self.data_collator.pad_token_id if isinstance(self.data_collator, VARCollator) else 0
         with policy.disable_adapter() if initial else nullcontext():
             ds = VARDataset.build(
@@ -354,10 +389,8 @@ class VARTrainer(Trainer):
         return (out.loss, out) if return_outputs else out.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            return self.compute_loss(model, self._prepare_inputs(inputs)).detach(), None, None
 
     def _record(self, mode: str, out: VAROutput, inputs: dict) -> None:
         w = out.weights.detach()
@@ -373,17 +406,14 @@ class VARTrainer(Trainer):
         self._var_metrics[mode]["step"].append(vals)  # no host sync here; one .tolist() at log time
 
     def _track_num_input_tokens(self, inputs):
-        """transformers' token count (``include_num_input_tokens_seen``), except where accelerate's gather cannot
-        run it: under DeepSpeed on CPU (gloo) accelerate counts one process, and its all_gather into a list of
-        that length fails; the rank's count is then summed with ``torch.distributed.all_reduce`` (a Trainer
-        method of transformers 5.x, covered by tests/test_distributed.py's ZeRO-3 test)."""
-        dist = torch.distributed
+        """transformers' token count, except under DeepSpeed on CPU (gloo), where accelerate counts one process and
+        its gather fails: there the ranks' counts are summed by all_reduce (tests/test_distributed.py, ZeRO-3)."""
+        dist, how = torch.distributed, self.args.include_num_input_tokens_seen
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if self.accelerator.num_processes == world or self.args.include_num_input_tokens_seen == "no":
+        if how == "no" or self.accelerator.num_processes == world:
             return super()._track_num_input_tokens(inputs)
         mask = inputs.get("attention_mask")
-        count = mask.sum() if mask is not None and self.args.include_num_input_tokens_seen == "non_padding" else \
-            torch.tensor(inputs["input_ids"].numel())
+        count = mask.sum() if mask is not None and how == "non_padding" else torch.tensor(inputs["input_ids"].numel())
         count = count.to(torch.int64).reshape(1)
         dist.all_reduce(count)
         self.state.num_input_tokens_seen += int(count.item())
