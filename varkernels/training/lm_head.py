@@ -51,17 +51,11 @@ class LMHead:
         self.vocab_size = _vocab_size(lm)
 
     def run_in_head(self, model, inputs: dict, loss_fn, with_outputs: bool = False):
-        """Run ``model(**inputs)`` once with ``loss_fn(hidden, weight, bias)`` in place of the head.
-
-        ``hidden`` is [N, L, H] (the model is called with ``logits_to_keep=0``: every position
-        reaches the head); ``weight``/``bias`` are the head's parameters as its forward sees them
-        (whole, also under FSDP2 / ZeRO-3), in their own dtypes: under autocast the fused-linear ops run
-        their GEMMs in the autocast dtype as the head's matmul would (docs/design.md §2.2). ``loss_fn``
-        returns a ``VAROutput`` (or a NamedTuple
-        whose first field is the scalar loss). Returns it with ``loss`` tied to the model's
-        output: its backward runs after the backward hooks the engine put on the head's and the
-        root module's outputs (with ``with_outputs``: the pair (it, the model's outputs)). The model
-        is called through its wrappers, so DDP's hooks fire.
+        """Run ``model(**inputs)`` (through its wrappers) once with ``loss_fn(hidden, weight, bias)`` in place of
+        the head: hidden [N, L, H] (``logits_to_keep=0``), the head's parameters whole (FSDP2, ZeRO-3) and in their
+        own dtypes. ``loss_fn`` returns a ``VAROutput`` or a NamedTuple whose first field is the scalar loss; it is
+        returned with the loss tied to the model's output, so that the loss's backward runs after the engines'
+        hooks (docs/trainer.md, "VARConfig and VARTrainer"). ``with_outputs``: (it, the model's outputs).
         """
         if not self.in_head:
             raise RuntimeError("run_in_head needs a plain nn.Linear output embedding (LMHead.in_head)")
@@ -135,9 +129,7 @@ def _is_plain_linear(head) -> bool:
     """An ``nn.Linear`` as built (LoRA / quantised layers are other classes), or FSDP2's
     ``FSDPLinear`` (``fully_shard`` swaps the class for one deriving from FSDPModule and it)."""
     cls = type(head)
-    if cls is torch.nn.Linear:
-        return True
-    return cls.__name__ == "FSDPLinear" and cls.__bases__[-1:] == (torch.nn.Linear,)
+    return cls is torch.nn.Linear or (cls.__name__ == "FSDPLinear" and cls.__bases__[-1:] == (torch.nn.Linear,))
 
 
 class _Join(torch.autograd.Function):

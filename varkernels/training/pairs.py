@@ -33,11 +33,8 @@ def as_token_lists(seqs):
 def check_token_lists(
     prompts, responses, *, vocab_size: Optional[int] = None, same_length: bool = False
 ) -> None:
-    """Raise ``ValueError``/``TypeError`` naming the argument for malformed prompt/response lists.
-
-    Each must be a non-empty list of non-empty 1-D integer tensors with ids in [0, vocab_size).
-    ``same_length=True`` also requires ``len(prompts) == len(responses)``.
-    """
+    """``ValueError``/``TypeError`` naming the argument unless each list is a non-empty list of non-empty 1-D integer
+    tensors with ids in [0, vocab_size) (``same_length``: and the two lists have one length)."""
     for name, seqs in (("prompts", prompts), ("responses", responses)):
         if isinstance(seqs, torch.Tensor) or not isinstance(seqs, Sequence):
             hint = ""
@@ -194,17 +191,11 @@ def cross_pair_logps(
     """Reference log-probs of every response under every prompt: Q[i, j] = log π(y_j | x_i).
 
     Args:
-        model: a causal LM (``transformers`` ``*ForCausalLM``, possibly PEFT/DDP-wrapped), in eval mode.
-        prompts: B 1-D integer tensors x_i (unpadded, non-empty).
-        responses: B 1-D integer tensors y_j (unpadded, non-empty): response j belongs to prompt j.
-        reduction: "mean" (per response token, the VAR default) or "sum"; must match the
-            ``logp_reduction`` of the loss.
-        share_prefix: run each prompt once and reuse its KV cache for all continuations
-            (needs a model returning a ``transformers`` ``Cache`` with ``batch_select_indices``).
-            False scores every concatenated pair separately (same values up to float rounding).
-        batch_size: sequences per forward: prompts, then (prompt, response) continuations when
-            sharing the prefix; whole concatenated pairs otherwise. Default B (one row of Q).
-        progress: tqdm bar over pairs; ``None`` shows one from 256 pairs on.
+        model: a causal LM (``transformers`` ``*ForCausalLM``, possibly PEFT/DDP-wrapped).
+        prompts, responses: B unpadded, non-empty 1-D integer tensors each; response j belongs to prompt j.
+        reduction: "mean" or "sum" over response tokens; must match the ``logp_reduction`` of the loss.
+        share_prefix, batch_size, progress: one KV cache per prompt, sequences per forward (default B) and
+            the tqdm bar: docs/trainer.md, "Cross-pair scoring".
     Returns:
         float32 [B, B] on CPU; row i = prompt i, column j = response j.
     """
@@ -286,16 +277,11 @@ def cross_pair_rewards(
     """Rewards of every response under every prompt: R[i, j] = r(x_i, y_j).
 
     Args:
-        reward: either
-            - a ``transformers`` sequence-classification model with ``num_labels=1`` that reads
-              the token ids x_i ⊕ y_j (same tokenizer as the policy). Sequences are right-padded
-              with ``pad_token_id`` (default ``reward.config.pad_token_id``); a model with none is
-              still batched (:func:`varkernels.training.rewards.classifier_scores`); or
-            - a callable ``fn(prompts: list[Tensor], responses: list[Tensor]) -> scores`` scoring
-              the pairs position by position (a list, array or tensor of len(prompts) floats).
-        prompts, responses: lists of 1-D integer tensors (non-empty).
+        reward: a sequence-classification model (``num_labels=1``) reading the token ids x_i ⊕ y_j, right-padded
+            with ``pad_token_id`` (default its config's), or a callable ``fn(prompts, responses) -> scores`` on
+            token ids scoring the pairs position by position: docs/trainer.md, "Cross-pair scoring".
+        prompts, responses, progress: as for :func:`cross_pair_logps`.
         batch_size: pairs per reward call (default B, one row of the matrix).
-        progress: tqdm bar over pairs; ``None`` shows one from 256 pairs on.
     Returns:
         float32 [B, B] on CPU.
     """

@@ -74,15 +74,12 @@ def compute_var_loss(
     """VAR loss of a batch of k whole groups; the building block of ``VARTrainer.compute_loss``.
 
     Args:
-        model: a causal LM (``*ForCausalLM``), possibly wrapped (DDP, a DeepSpeed engine, PEFT,
-            ``torch.compile``) or sharded (FSDP2 ``fully_shard``): it is called through the
-            wrapper, so the engine's hooks fire.
-        batch: ``input_ids`` / ``attention_mask`` / ``labels`` [k·B, T] (labels = the response
-            tokens, ``ignore_index`` elsewhere, unshifted) and ``rewards`` / ``ref_logps``
-            [k, B, B] or [k, B].
-        use_fused_linear: hidden states + ``fused_linear_var_loss`` (no [k·B, T, V] logits).
-            False, or a model whose head is not a plain ``nn.Linear`` (LoRA on ``lm_head``,
-            a logit scale), computes the model's logits and uses ``fused_var_loss``.
+        model: a causal LM, possibly wrapped (DDP, DeepSpeed, PEFT, ``torch.compile``) or sharded (FSDP2), called
+            through its wrappers so that their hooks fire.
+        batch: ``input_ids`` / ``attention_mask`` / ``labels`` [k·B, T] (labels = the response tokens, unshifted,
+            ``ignore_index`` elsewhere) and ``rewards`` / ``ref_logps`` [k, B, B] or [k, B].
+        use_fused_linear: the loss inside the head (no logits; docs/trainer.md, "VARConfig and VARTrainer");
+            False, or a head that is not a plain ``nn.Linear``: the model's logits and ``fused_var_loss``.
     Returns:
         ``VAROutput``: ``loss`` = mean over the k groups of the group losses (float32 scalar);
         ``weights`` / ``log_z`` / ``policy_logps`` [k·B]; ``ess`` = mean of the k groups' ESS.
