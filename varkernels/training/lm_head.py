@@ -35,18 +35,15 @@ class LMHead:
     def __init__(self, model: torch.nn.Module):
         lm = unwrap_model(model)
         config = getattr(lm, "config", None)
-        self.softcap = getattr(config, "final_logit_softcapping", None) if config is not None else None
-        head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.module = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
         params = inspect.signature(lm.forward).parameters
         self.keep_arg = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in params), None)
         # transformers ≥ 5.24 renamed the forward's past_key_values to cache (the old name warns)
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.decoder = _decoder(lm)
-        unsupported_scale = config is not None and any(
-            getattr(config, a, None) not in (None, 1.0) for a in ("logit_scale", "logits_scaling")
-        )
-        self.module = head
-        self.in_head = _is_plain_linear(head) and not unsupported_scale
+        unsupported_scale = any(getattr(config, a, None) not in (None, 1.0) for a in ("logit_scale", "logits_scaling"))
+        self.in_head = _is_plain_linear(self.module) and not unsupported_scale
         self.fused = self.in_head and self.keep_arg is not None and self.decoder is not None
         self.vocab_size = _vocab_size(lm)
 
@@ -83,10 +80,8 @@ class LMHead:
         return (result, outputs) if with_outputs else result
 
     def forward(self, model, **inputs):
-        """Run ``model`` (through any wrapper, so DDP hooks fire); return (features, outputs).
-
-        features: [N, L, H] last hidden states when ``fused``, else [N, L, V] logits.
-        """
+        """(features, outputs) of ``model(**inputs)``, run through its wrappers (so DDP hooks fire): features are
+        the [N, L, H] last hidden states when ``fused``, else the [N, L, V] logits."""
         if self.cache_arg != "past_key_values" and "past_key_values" in inputs:
             inputs[self.cache_arg] = inputs.pop("past_key_values")
         if not self.fused:
@@ -165,10 +160,8 @@ class _HeadSwap:
 
     def __init__(self, module):
         self._module = weakref.ref(module)  # the registry below is keyed weakly by the module
-        self.fn = None
+        self.fn = self.result = self.saved = None
         self.calls = 0
-        self.result = None
-        self.saved = None
         self.forward = torch._dynamo.disable(self._forward, recursive=True)
 
     @property

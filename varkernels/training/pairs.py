@@ -211,10 +211,8 @@ def paired_logps(
     batch_size: Optional[int] = None,
     progress: Optional[bool] = None,
 ) -> torch.Tensor:
-    """log π(y_i | x_i) for matched lists (the diagonal of Q; the (B,) shared-context form).
-
-    Returns float32 [N] on CPU. ``batch_size`` sequences per forward (default 8).
-    """
+    """log π(y_i | x_i) for matched lists (the diagonal of Q; the (B,) shared-context form): float32 [N] on CPU.
+    ``batch_size``: sequences per forward (default 8)."""
     return _logps(model, prompts, responses, False, reduction, False, batch_size, progress)
 
 

@@ -144,11 +144,9 @@ def classifier_scores(
 
 
 class RewardFunctions:
-    """``reward_funcs`` / ``reward_weights`` / ``reward_processing_classes`` as TRL's GRPOTrainer takes them.
-
-    ``model_init_kwargs`` go to ``from_pretrained`` for the functions given as paths; ``batch_size``
-    sequences per reward-model forward (default: all pairs of a call).
-    """
+    """``reward_funcs`` / ``reward_weights`` / ``reward_processing_classes`` as TRL's GRPOTrainer takes them;
+    ``model_init_kwargs`` go to ``from_pretrained`` for the functions given as paths, and ``batch_size`` is the
+    number of sequences per reward-model forward (default: all pairs of a call)."""
 
     def __init__(self, reward_funcs, reward_weights=None, reward_processing_classes=None, *,
                  model_init_kwargs: Optional[dict] = None, batch_size: Optional[int] = None):

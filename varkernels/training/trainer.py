@@ -121,12 +121,9 @@ def compute_var_loss(
 
 @dataclass
 class VARConfig(TrainingArguments):
-    """``TrainingArguments`` plus the VAR loss options and, for text datasets, TRL's data options.
-
-    ``per_device_train_batch_size`` counts whole groups of B examples (B = ``group_size``, or the
-    pre-built dataset's). ``remove_unused_columns`` defaults to False: ``rewards`` / ``ref_logps``
-    are not arguments of the model's forward but the loss needs them.
-    """
+    """``TrainingArguments`` plus the VAR loss options and, for text datasets, TRL's data options (docs/trainer.md).
+    ``per_device_train_batch_size`` counts whole groups of B examples (B = ``group_size``, or the pre-built
+    dataset's); ``remove_unused_columns`` stays False, so that ``rewards`` / ``ref_logps`` reach the loss."""
 
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]  # JSON strings parsed, as TRL's
 
