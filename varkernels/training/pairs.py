@@ -30,9 +30,7 @@ def as_token_lists(seqs):
     return seqs
 
 
-def check_token_lists(
-    prompts, responses, *, vocab_size: Optional[int] = None, same_length: bool = False
-) -> None:
+def check_token_lists(prompts, responses, *, vocab_size: Optional[int] = None, same_length: bool = False) -> None:
     """``ValueError``/``TypeError`` naming the argument unless each list is a non-empty list of non-empty 1-D integer
     tensors with ids in [0, vocab_size) (``same_length``: and the two lists have one length)."""
     for name, seqs in (("prompts", prompts), ("responses", responses)):
@@ -41,18 +39,14 @@ def check_token_lists(
             if isinstance(seqs, torch.Tensor) and seqs.dim() == 2:
                 hint = (" (a padded [N, T] tensor: pass the unpadded rows, [row[m.bool()] for row, m in "
                         "zip(input_ids, attention_mask)])")
-            raise TypeError(
-                f"{name} must be a list of 1-D LongTensors of token ids, got {type(seqs).__name__}{hint}"
-            )
+            raise TypeError(f"{name} must be a list of 1-D LongTensors of token ids, got {type(seqs).__name__}{hint}")
         if len(seqs) == 0:
             raise ValueError(f"{name} must be a non-empty list, got an empty one")
         for k, s in enumerate(seqs):
             if not isinstance(s, torch.Tensor):
                 hint = (" (text: train with VARTrainer(train_dataset=..., processing_class=tokenizer), which "
                         "tokenises TRL's dataset formats)") if isinstance(s, str) else ""
-                raise TypeError(
-                    f"{name}[{k}] must be a 1-D torch.Tensor of token ids, got {type(s).__name__}{hint}"
-                )
+                raise TypeError(f"{name}[{k}] must be a 1-D torch.Tensor of token ids, got {type(s).__name__}{hint}")
             if s.dim() != 1:
                 raise ValueError(f"{name}[{k}] must be 1-D (unpadded token ids), got shape {tuple(s.shape)}")
             if s.dtype.is_floating_point or s.dtype.is_complex or s.dtype == torch.bool:
@@ -91,10 +85,8 @@ def _pair_logps_separately(model, head, pairs, prompts, responses, reduction, ba
         chunk = pairs[start : start + batch_size]
         seqs = [torch.cat([prompts[i].long(), responses[j].long()]) for i, j in chunk]
         ids, mask = _pad(seqs, "right", device)
-        labels = torch.full_like(ids, ignore_index)
-        for k, (i, j) in enumerate(chunk):
-            p, r = prompts[i].numel(), responses[j].numel()
-            labels[k, p : p + r] = ids[k, p : p + r]
+        starts = torch.tensor([prompts[i].numel() for i, _ in chunk], device=device).unsqueeze(1)
+        labels = torch.where(mask & (torch.arange(ids.shape[1], device=device) >= starts), ids, ignore_index)
         feats, _ = head.forward(model, input_ids=ids, attention_mask=mask.long(), use_cache=False)
         lp = head.logps(feats, labels, reduction=reduction, shift_labels=True)
         out[start : start + len(chunk)] = lp.float().cpu()
@@ -219,9 +211,8 @@ def paired_logps(
 def _score_reward_pairs(reward, pairs, prompts, responses, batch_size, bar, pad_token_id) -> torch.Tensor:
     """r(x_i, y_j) for each (i, j) in ``pairs`` (indices into ``prompts`` / ``responses``), float32 on CPU."""
     out = torch.empty(len(pairs), dtype=torch.float32)
-    describe = describe_pairs(pairs)
+    describe, name = describe_pairs(pairs), reward_name(reward)
     if not isinstance(reward, torch.nn.Module):
-        name = reward_name(reward)
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
             vals = reward([prompts[i] for i, _ in chunk], [responses[j] for _, j in chunk])
@@ -239,7 +230,6 @@ def _score_reward_pairs(reward, pairs, prompts, responses, batch_size, bar, pad_
         out = classifier_scores(reward, seqs, batch_size=batch_size, pad_token_id=pad_token_id, bar=bar)
     if not torch.isfinite(out).all():
         k = int((~torch.isfinite(out)).nonzero()[0])
-        name = reward_name(reward)
         raise ValueError(f"reward {name!r} returned a non-finite score {out[k].item()} for {describe(k)}")
     return out
 
