@@ -78,30 +78,21 @@ def _is_messages(x) -> bool:
     return isinstance(x, (list, tuple)) and bool(x) and is_conversational({"prompt": list(x)})
 
 
-def tokenize_examples(
-    dataset,
-    processing_class,
-    *,
-    max_length: Optional[int] = None,
-    max_prompt_length: Optional[int] = None,
-    max_completion_length: Optional[int] = None,
-    vocab_size: Optional[int] = None,
-    name: str = "train_dataset",
-    chat_template_kwargs: Optional[dict] = None,
-) -> TextExamples:
+def tokenize_examples(dataset, processing_class, *, max_length: Optional[int] = None,
+                      max_prompt_length: Optional[int] = None, max_completion_length: Optional[int] = None,
+                      vocab_size: Optional[int] = None, name: str = "train_dataset",
+                      chat_template_kwargs: Optional[dict] = None) -> TextExamples:
     """Tokenise a TRL-format text dataset (module docstring); one :class:`TextExamples` entry per example."""
     tok = processing_class
     if tok is None:
         raise ValueError(f"{name} holds text: pass processing_class (the policy's tokenizer) to tokenise it")
-    fmt = dataset_format(column_names(dataset), name)
+    columns = column_names(dataset)
+    fmt = dataset_format(columns, name)
     eos = tok.eos_token_id
-    out = TextExamples(format=fmt)
+    extra_cols = [c for c in columns if c not in _TEXT_COLUMNS]
+    out = TextExamples(format=fmt, columns={c: [] for c in extra_cols})
     kw = dict(chat_template_kwargs or {})
-    extra_cols = None
     for r, row in enumerate(_rows(dataset)):
-        if extra_cols is None:
-            extra_cols = [c for c in row if c not in _TEXT_COLUMNS]
-            out.columns = {c: [] for c in extra_cols}
         prompt = row["prompt"]
         conversational = _is_messages(prompt)
         out.conversational |= conversational
