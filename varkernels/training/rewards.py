@@ -95,14 +95,8 @@ def _absent_id(seqs: Sequence[torch.Tensor], vocab_size: Optional[int]) -> int:
 
 
 @torch.no_grad()
-def classifier_scores(
-    model: torch.nn.Module,
-    seqs: Sequence[torch.Tensor],
-    *,
-    batch_size: Optional[int] = None,
-    pad_token_id: Optional[int] = None,
-    bar=None,
-) -> torch.Tensor:
+def classifier_scores(model: torch.nn.Module, seqs: Sequence[torch.Tensor], *, batch_size: Optional[int] = None,
+                      pad_token_id: Optional[int] = None, bar=None) -> torch.Tensor:
     """Scores of a sequence-classification model (``num_labels=1``) for N 1-D token sequences: float32 [N] on CPU.
     Length-sorted, right-padded batches of ``batch_size`` (default N), padded with ``pad_token_id``, the model's,
     or an id no sequence of the batch holds (set for the call only): docs/trainer.md, "Reward functions".

@@ -333,8 +333,7 @@ class VARTrainer(CompleteCheckpoints, Trainer):
         """A text dataset → tokenised examples → ``VARDataset.build`` (scored and cached); others as they are."""
         if _is_var_data(dataset):
             return dataset
-        args, tok = self.args, self.processing_class
-        policy = self.model
+        args, tok, policy = self.args, self.processing_class, self.model
         examples = tokenize_examples(
             dataset, tok, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
             max_completion_length=args.max_completion_length, vocab_size=LMHead(policy).vocab_size, name=name,
@@ -378,8 +377,7 @@ class VARTrainer(CompleteCheckpoints, Trainer):
             model, inputs, beta=args.beta, weighting=args.weighting, logp_reduction=args.logp_reduction,
             use_fused_linear=args.use_fused_linear, chunk_size=args.loss_chunk_size, backend=args.loss_backend,
         )
-        mode = "train" if model.training else "eval"
-        self._record(mode, out, inputs)
+        self._record("train" if model.training else "eval", out, inputs)
         return (out.loss, out) if return_outputs else out.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
