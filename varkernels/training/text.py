@@ -86,13 +86,15 @@ def tokenize_examples(dataset, processing_class, *, max_length: Optional[int] = 
     tok = processing_class
     if tok is None:
         raise ValueError(f"{name} holds text: pass processing_class (the policy's tokenizer) to tokenise it")
-    columns = column_names(dataset)
-    fmt = dataset_format(columns, name)
+    fmt = dataset_format(column_names(dataset), name)
     eos = tok.eos_token_id
-    extra_cols = [c for c in columns if c not in _TEXT_COLUMNS]
-    out = TextExamples(format=fmt, columns={c: [] for c in extra_cols})
+    out = TextExamples(format=fmt)
     kw = dict(chat_template_kwargs or {})
+    extra_cols = None
     for r, row in enumerate(_rows(dataset)):
+        if extra_cols is None:
+            extra_cols = [c for c in row if c not in _TEXT_COLUMNS]
+            out.columns = {c: [] for c in extra_cols}
         prompt = row["prompt"]
         conversational = _is_messages(prompt)
         out.conversational |= conversational

@@ -208,8 +208,8 @@ def _drop_cpu_notice(record) -> bool:
 
 
 _METRICS = ("weights_mean", "weights_min", "weights_max", "ess", "log_z", "policy_logps", "ref_logps", "rewards")
-# TRL's names for the same quantities (GRPOTrainer): the mean reward and the mean of the groups' reward std
-_TRL_METRICS = {"reward": 8, "reward_std": 9}
+# TRL's names (GRPOTrainer): the mean reward (= var/rewards) and the mean of the groups' reward std
+_TRL_METRICS = {"reward": 7, "reward_std": 8}
 
 
 def _is_var_data(ds) -> bool:
@@ -257,12 +257,10 @@ def _complete(checkpoint: str) -> bool:
 
 
 class VARTrainer(CompleteCheckpoints, Trainer):
-    """``transformers.Trainer`` training a causal LM with the VAR loss, from text or from a ``VARDataset``.
-
-    Arguments have TRL's names and meanings; ``ref_model=None`` is the initial policy, and text datasets are
-    tokenised and scored in ``__init__`` (``trainer.dropped_examples`` counts the fully masked examples).
-    The arguments, the text formats and what is logged: docs/trainer.md, "VARTrainer from text" and after.
-    """
+    """``transformers.Trainer`` training a causal LM with the VAR loss, from text or from a ``VARDataset``. Arguments
+    have TRL's names and meanings (``ref_model=None``: the initial policy); text datasets are tokenised and scored in
+    ``__init__`` (``trainer.dropped_examples`` counts the fully masked examples). The arguments, the text formats and
+    what is logged: docs/trainer.md, "VARTrainer from text" and after."""
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean: Trainer divides by GA steps
 
@@ -391,9 +389,8 @@ class VARTrainer(CompleteCheckpoints, Trainer):
         diag_q = Q.diagonal(dim1=-2, dim2=-1) if Q.dim() == 3 else Q
         diag_r = diag_r.float().reshape(-1, diag_r.shape[-1])  # [k, B]
         vals = torch.stack([
-            w.mean(), w.min(), w.max(), out.ess.detach(), out.log_z.detach().mean(),
-            out.policy_logps.detach().mean(), diag_q.float().mean(), diag_r.mean(),
-            diag_r.mean(), diag_r.std(dim=1).mean(),
+            w.mean(), w.min(), w.max(), out.ess.detach(), out.log_z.detach().mean(), out.policy_logps.detach().mean(),
+            diag_q.float().mean(), diag_r.mean(), diag_r.std(dim=1).mean(),
         ]).float()
         self._var_metrics[mode]["step"].append(vals)  # no host sync here; one .tolist() at log time
 
