@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from .._validation import REDUCTIONS, check_option, check_pair_inputs
+from .._validation import REDUCTIONS, check_option, check_pair_inputs, check_positive_int
 from . import distributed as _dist
 from . import scoring
 from .cache import load_scores, save_scores, score_key
@@ -128,6 +128,7 @@ class VARDataset(torch.utils.data.Dataset):
                 every rank calls ``build`` at the same point, never inside ``main_process_first()``.
         """
         prompts, responses = as_token_lists(prompts), as_token_lists(responses)
+        check_positive_int("batch_size", batch_size, allow_none=True)  # -1 would score nothing, silently
         cross_pairs, example_rewards = _check_build_inputs(
             prompts, responses, ref_model, reward, example_rewards, group_size, cross_pairs, reduction
         )
