@@ -370,6 +370,9 @@ def test_dataset_shared_context_form():
         VARDataset.build(prompts, responses, ref_model=model, reward=parity_reward, example_rewards=rewards)
     with pytest.raises(ValueError, match=r"len\(prompts\)=8 and len\(responses\)=7"):
         VARDataset.build(prompts, responses[:7], ref_model=model, example_rewards=rewards)
+    for bad in (-1, 0):  # on main: scores read from memory never written (the scoring loop never ran)
+        with pytest.raises(ValueError, match=f"batch_size must be a positive int or None, got {bad}"):
+            VARDataset.build(prompts, responses, ref_model=model, example_rewards=rewards, batch_size=bad)
 
 
 def test_dataset_rewards_shapes_follow_the_loss_rules():

@@ -9,6 +9,8 @@ benchmarks/, run from the repository root (pytest's ``pythonpath``, benchmarks/_
 * ``costmodel`` — roofline ESTIMATES of time and peak memory, traced from the CUDA code path on fake
   CUDA tensors (with its fake-CUDA shim).
 * ``memory`` — peak extra memory of a CPU call from the resident set's high-water mark.
+* ``trl_grpo_tests`` — run a TRL checkout's own ``GRPOTrainer`` tests against ``trl.GRPOTrainer`` and
+  against ``OnlineVARTrainer``, offline, on locally built tiny stand-ins of the Hub's test checkpoints.
 
 Nothing here needs a GPU, and nothing here measures time: every GPU time it prints is a roofline
 estimate from counted bytes and a stated bandwidth.

@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from .._validation import REDUCTIONS, check_option, check_pair_inputs
+from .._validation import REDUCTIONS, check_option, check_pair_inputs, check_positive_int
 from . import distributed as _dist
 from . import scoring
 from .cache import load_scores, save_scores, score_key
@@ -33,15 +33,12 @@ class VARDataset(torch.utils.data.Dataset):
     Args:
         prompts, responses: N 1-D integer tensors each (unpadded, non-empty).
         groups: G lists of example indices (usually from :func:`make_groups`).
-        rewards: [G, B, B] (R[g, i, j] = r(x_i, y_j) within group g) or [G, B] (shared context).
-        ref_logps: same shape as ``rewards``.
-        pad_token_id: id used to pad ``input_ids`` (masked out by ``attention_mask``).
-        ignore_index: label of prompt and padding positions.
-        reduction: how ``ref_logps`` were reduced ("mean" / "sum"), if known; ``VARTrainer``
-            checks it against its ``logp_reduction``.
+        rewards, ref_logps: [G, B, B] (R[g, i, j] = r(x_i, y_j) within group g) or [G, B] (shared context).
+        pad_token_id, ignore_index: the pad of ``input_ids`` (masked out) and the label of prompt and padding.
+        reduction: how ``ref_logps`` were reduced ("mean" / "sum"), if known; ``VARTrainer`` checks it.
 
-    Item g is a dict of ``input_ids`` / ``attention_mask`` / ``labels`` [B, T_g] and
-    ``rewards`` / ``ref_logps`` [B, B] or [B]. Use :meth:`build` to score and cache.
+    Item g: ``input_ids`` / ``attention_mask`` / ``labels`` [B, T_g] and ``rewards`` / ``ref_logps`` [B, B] or [B].
+    Use :meth:`build` to score and cache.
     """
 
     def __init__(self, prompts: Sequence[torch.Tensor], responses: Sequence[torch.Tensor],
@@ -112,33 +109,26 @@ class VARDataset(torch.utils.data.Dataset):
         model_fingerprint: Optional[str] = None, reward_fingerprint: Optional[str] = None, pad_token_id: int = 0,
         ignore_index: int = -100, progress: Optional[bool] = None, distributed: Optional[bool] = None,
     ) -> VARDataset:
-        """Group, score and cache a VAR training set.
+        """Group, score and cache a VAR training set: docs/trainer.md, "Datasets", describes each step.
 
         Args:
             prompts, responses: N 1-D integer tensors (or lists of token ids) each; example k is
                 (prompts[k], responses[k]). Text goes through ``VARTrainer``, which ends here.
             ref_model: the frozen reference causal LM (Q comes from it, no gradients).
-            reward: a sequence-classification reward model, a callable ``fn(prompts, responses)`` on
-                token ids (:func:`varkernels.training.pairs.cross_pair_rewards`), or an object with
-                ``score_pairs(pairs of example indices)`` (:class:`varkernels.training.rewards.TextPairRewards`).
-            example_rewards: N per-example rewards r(x_k, y_k) instead of ``reward`` (the (B,) form).
-            group_size, seed: B >= 2 examples per group, seeded grouping (:func:`make_groups`); the
-                N mod B examples left over are dropped.
-            cross_pairs: [B, B] R and Q per group (B² scorings) or the (B,) shared-context form.
-                Default True, False with ``example_rewards``.
+            reward: a sequence-classification reward model or a callable ``fn(prompts, responses)`` on token
+                ids (as for :func:`.pairs.cross_pair_rewards`), or an object with ``score_pairs(pairs of example
+                indices)`` (:class:`.rewards.TextPairRewards`); or ``example_rewards``, N rewards r(x_k, y_k).
+            group_size, seed: B >= 2 examples per group, seeded (:func:`make_groups`; N mod B examples dropped).
+            cross_pairs: R and Q [G, B, B] (default) or [G, B] (shared context; the default with example_rewards).
             reduction: "mean" or "sum" for Q; must equal the trainer's ``logp_reduction``.
-            share_prefix, batch_size: passed to :func:`cross_pair_logps`.
-            cache_dir: where the scores are cached (None: no cache), keyed by :func:`.cache.score_key`;
-                a file that does not load or match is scored again (warned). Written by local rank 0.
-            model_fingerprint, reward_fingerprint: identities used instead of hashing the reference's
-                weights / ``Hasher.hash(reward)``. A reward that cannot be hashed is not cached (warned once).
-            progress: a tqdm bar over groups; None shows it from 256 scored pairs on.
-            distributed: split the scoring over the ranks of ``torch.distributed`` (rank r scores
-                groups r, r + N, ...; all-gathered, so every rank returns the same dataset). None: when
-                a process group is initialised. Every rank must call ``build`` at the same point: not
-                inside ``main_process_first()``, where the other ranks wait in a barrier.
+            share_prefix, batch_size, progress: as for :func:`.pairs.cross_pair_logps` (the bar counts groups).
+            cache_dir: the score cache (None: none); ``model_fingerprint`` / ``reward_fingerprint`` stand in
+                for the hashes of the reference's weights / the reward in its key.
+            distributed: split the scoring over the ranks (None: when a process group is initialised): then
+                every rank calls ``build`` at the same point, never inside ``main_process_first()``.
         """
         prompts, responses = as_token_lists(prompts), as_token_lists(responses)
+        check_positive_int("batch_size", batch_size, allow_none=True)  # -1 would score nothing, silently
         cross_pairs, example_rewards = _check_build_inputs(
             prompts, responses, ref_model, reward, example_rewards, group_size, cross_pairs, reduction
         )

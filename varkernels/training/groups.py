@@ -28,12 +28,9 @@ def check_group_size(group_size) -> None:
 
 
 def make_groups(num_examples: int, group_size: int, *, seed: int = 0, drop_last: bool = True) -> list[list[int]]:
-    """Split example indices 0..N-1 into fixed groups of ``group_size`` (a seeded permutation).
-
-    The same (N, group_size, seed) always gives the same groups. With ``drop_last=True`` the
-    N mod B examples left over are dropped (every micro-batch has the same B, which the
-    gradient-accumulation and DDP equivalences need); otherwise the last group is smaller.
-    """
+    """Example indices 0..N-1 in fixed groups of ``group_size``: a permutation seeded by ``seed``, so the same
+    arguments give the same groups. ``drop_last``: the N mod B left over are dropped (every micro-batch has one B,
+    as gradient accumulation and DDP need: docs/trainer.md, "Datasets"); otherwise the last group is smaller."""
     check_positive_int("group_size", group_size)
     if not isinstance(num_examples, int) or num_examples < group_size:
         raise ValueError(

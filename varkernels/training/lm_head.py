@@ -35,33 +35,24 @@ class LMHead:
     def __init__(self, model: torch.nn.Module):
         lm = unwrap_model(model)
         config = getattr(lm, "config", None)
-        self.softcap = getattr(config, "final_logit_softcapping", None) if config is not None else None
-        head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.module = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
         params = inspect.signature(lm.forward).parameters
         self.keep_arg = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in params), None)
         # transformers ≥ 5.24 renamed the forward's past_key_values to cache (the old name warns)
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.decoder = _decoder(lm)
-        unsupported_scale = config is not None and any(
-            getattr(config, a, None) not in (None, 1.0) for a in ("logit_scale", "logits_scaling")
-        )
-        self.module = head
-        self.in_head = _is_plain_linear(head) and not unsupported_scale
+        unsupported_scale = any(getattr(config, a, None) not in (None, 1.0) for a in ("logit_scale", "logits_scaling"))
+        self.in_head = _is_plain_linear(self.module) and not unsupported_scale
         self.fused = self.in_head and self.keep_arg is not None and self.decoder is not None
         self.vocab_size = _vocab_size(lm)
 
     def run_in_head(self, model, inputs: dict, loss_fn, with_outputs: bool = False):
-        """Run ``model(**inputs)`` once with ``loss_fn(hidden, weight, bias)`` in place of the head.
-
-        ``hidden`` is [N, L, H] (the model is called with ``logits_to_keep=0``: every position
-        reaches the head); ``weight``/``bias`` are the head's parameters as its forward sees them
-        (whole, also under FSDP2 / ZeRO-3), in their own dtypes: under autocast the fused-linear ops run
-        their GEMMs in the autocast dtype as the head's matmul would (docs/design.md §2.2). ``loss_fn``
-        returns a ``VAROutput`` (or a NamedTuple
-        whose first field is the scalar loss). Returns it with ``loss`` tied to the model's
-        output: its backward runs after the backward hooks the engine put on the head's and the
-        root module's outputs (with ``with_outputs``: the pair (it, the model's outputs)). The model
-        is called through its wrappers, so DDP's hooks fire.
+        """Run ``model(**inputs)`` (through its wrappers) once with ``loss_fn(hidden, weight, bias)`` in place of
+        the head: hidden [N, L, H] (``logits_to_keep=0``), the head's parameters whole (FSDP2, ZeRO-3) and in their
+        own dtypes. ``loss_fn`` returns a ``VAROutput`` or a NamedTuple whose first field is the scalar loss; it is
+        returned with the loss tied to the model's output, so that the loss's backward runs after the engines'
+        hooks (docs/trainer.md, "VARConfig and VARTrainer"). ``with_outputs``: (it, the model's outputs).
         """
         if not self.in_head:
             raise RuntimeError("run_in_head needs a plain nn.Linear output embedding (LMHead.in_head)")
@@ -89,10 +80,8 @@ class LMHead:
         return (result, outputs) if with_outputs else result
 
     def forward(self, model, **inputs):
-        """Run ``model`` (through any wrapper, so DDP hooks fire); return (features, outputs).
-
-        features: [N, L, H] last hidden states when ``fused``, else [N, L, V] logits.
-        """
+        """(features, outputs) of ``model(**inputs)``, run through its wrappers (so DDP hooks fire): features are
+        the [N, L, H] last hidden states when ``fused``, else the [N, L, V] logits."""
         if self.cache_arg != "past_key_values" and "past_key_values" in inputs:
             inputs[self.cache_arg] = inputs.pop("past_key_values")
         if not self.fused:
@@ -135,9 +124,7 @@ def _is_plain_linear(head) -> bool:
     """An ``nn.Linear`` as built (LoRA / quantised layers are other classes), or FSDP2's
     ``FSDPLinear`` (``fully_shard`` swaps the class for one deriving from FSDPModule and it)."""
     cls = type(head)
-    if cls is torch.nn.Linear:
-        return True
-    return cls.__name__ == "FSDPLinear" and cls.__bases__[-1:] == (torch.nn.Linear,)
+    return cls is torch.nn.Linear or (cls.__name__ == "FSDPLinear" and cls.__bases__[-1:] == (torch.nn.Linear,))
 
 
 class _Join(torch.autograd.Function):
@@ -173,10 +160,8 @@ class _HeadSwap:
 
     def __init__(self, module):
         self._module = weakref.ref(module)  # the registry below is keyed weakly by the module
-        self.fn = None
+        self.fn = self.result = self.saved = None
         self.calls = 0
-        self.result = None
-        self.saved = None
         self.forward = torch._dynamo.disable(self._forward, recursive=True)
 
     @property

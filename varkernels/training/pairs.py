@@ -30,32 +30,23 @@ def as_token_lists(seqs):
     return seqs
 
 
-def check_token_lists(
-    prompts, responses, *, vocab_size: Optional[int] = None, same_length: bool = False
-) -> None:
-    """Raise ``ValueError``/``TypeError`` naming the argument for malformed prompt/response lists.
-
-    Each must be a non-empty list of non-empty 1-D integer tensors with ids in [0, vocab_size).
-    ``same_length=True`` also requires ``len(prompts) == len(responses)``.
-    """
+def check_token_lists(prompts, responses, *, vocab_size: Optional[int] = None, same_length: bool = False) -> None:
+    """``ValueError``/``TypeError`` naming the argument unless each list is a non-empty list of non-empty 1-D integer
+    tensors with ids in [0, vocab_size) (``same_length``: and the two lists have one length)."""
     for name, seqs in (("prompts", prompts), ("responses", responses)):
         if isinstance(seqs, torch.Tensor) or not isinstance(seqs, Sequence):
             hint = ""
             if isinstance(seqs, torch.Tensor) and seqs.dim() == 2:
                 hint = (" (a padded [N, T] tensor: pass the unpadded rows, [row[m.bool()] for row, m in "
                         "zip(input_ids, attention_mask)])")
-            raise TypeError(
-                f"{name} must be a list of 1-D LongTensors of token ids, got {type(seqs).__name__}{hint}"
-            )
+            raise TypeError(f"{name} must be a list of 1-D LongTensors of token ids, got {type(seqs).__name__}{hint}")
         if len(seqs) == 0:
             raise ValueError(f"{name} must be a non-empty list, got an empty one")
         for k, s in enumerate(seqs):
             if not isinstance(s, torch.Tensor):
                 hint = (" (text: train with VARTrainer(train_dataset=..., processing_class=tokenizer), which "
                         "tokenises TRL's dataset formats)") if isinstance(s, str) else ""
-                raise TypeError(
-                    f"{name}[{k}] must be a 1-D torch.Tensor of token ids, got {type(s).__name__}{hint}"
-                )
+                raise TypeError(f"{name}[{k}] must be a 1-D torch.Tensor of token ids, got {type(s).__name__}{hint}")
             if s.dim() != 1:
                 raise ValueError(f"{name}[{k}] must be 1-D (unpadded token ids), got shape {tuple(s.shape)}")
             if s.dtype.is_floating_point or s.dtype.is_complex or s.dtype == torch.bool:
@@ -94,10 +85,8 @@ def _pair_logps_separately(model, head, pairs, prompts, responses, reduction, ba
         chunk = pairs[start : start + batch_size]
         seqs = [torch.cat([prompts[i].long(), responses[j].long()]) for i, j in chunk]
         ids, mask = _pad(seqs, "right", device)
-        labels = torch.full_like(ids, ignore_index)
-        for k, (i, j) in enumerate(chunk):
-            p, r = prompts[i].numel(), responses[j].numel()
-            labels[k, p : p + r] = ids[k, p : p + r]
+        starts = torch.tensor([prompts[i].numel() for i, _ in chunk], device=device).unsqueeze(1)
+        labels = torch.where(mask & (torch.arange(ids.shape[1], device=device) >= starts), ids, ignore_index)
         feats, _ = head.forward(model, input_ids=ids, attention_mask=mask.long(), use_cache=False)
         lp = head.logps(feats, labels, reduction=reduction, shift_labels=True)
         out[start : start + len(chunk)] = lp.float().cpu()
@@ -194,17 +183,11 @@ def cross_pair_logps(
     """Reference log-probs of every response under every prompt: Q[i, j] = log π(y_j | x_i).
 
     Args:
-        model: a causal LM (``transformers`` ``*ForCausalLM``, possibly PEFT/DDP-wrapped), in eval mode.
-        prompts: B 1-D integer tensors x_i (unpadded, non-empty).
-        responses: B 1-D integer tensors y_j (unpadded, non-empty): response j belongs to prompt j.
-        reduction: "mean" (per response token, the VAR default) or "sum"; must match the
-            ``logp_reduction`` of the loss.
-        share_prefix: run each prompt once and reuse its KV cache for all continuations
-            (needs a model returning a ``transformers`` ``Cache`` with ``batch_select_indices``).
-            False scores every concatenated pair separately (same values up to float rounding).
-        batch_size: sequences per forward: prompts, then (prompt, response) continuations when
-            sharing the prefix; whole concatenated pairs otherwise. Default B (one row of Q).
-        progress: tqdm bar over pairs; ``None`` shows one from 256 pairs on.
+        model: a causal LM (``transformers`` ``*ForCausalLM``, possibly PEFT/DDP-wrapped).
+        prompts, responses: B unpadded, non-empty 1-D integer tensors each; response j belongs to prompt j.
+        reduction: "mean" or "sum" over response tokens; must match the ``logp_reduction`` of the loss.
+        share_prefix, batch_size, progress: one KV cache per prompt, sequences per forward (default B) and
+            the tqdm bar: docs/trainer.md, "Cross-pair scoring".
     Returns:
         float32 [B, B] on CPU; row i = prompt i, column j = response j.
     """
@@ -220,19 +203,16 @@ def paired_logps(
     batch_size: Optional[int] = None,
     progress: Optional[bool] = None,
 ) -> torch.Tensor:
-    """log π(y_i | x_i) for matched lists (the diagonal of Q; the (B,) shared-context form).
-
-    Returns float32 [N] on CPU. ``batch_size`` sequences per forward (default 8).
-    """
+    """log π(y_i | x_i) for matched lists (the diagonal of Q; the (B,) shared-context form): float32 [N] on CPU.
+    ``batch_size``: sequences per forward (default 8)."""
     return _logps(model, prompts, responses, False, reduction, False, batch_size, progress)
 
 
 def _score_reward_pairs(reward, pairs, prompts, responses, batch_size, bar, pad_token_id) -> torch.Tensor:
     """r(x_i, y_j) for each (i, j) in ``pairs`` (indices into ``prompts`` / ``responses``), float32 on CPU."""
     out = torch.empty(len(pairs), dtype=torch.float32)
-    describe = describe_pairs(pairs)
+    describe, name = describe_pairs(pairs), reward_name(reward)
     if not isinstance(reward, torch.nn.Module):
-        name = reward_name(reward)
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
             vals = reward([prompts[i] for i, _ in chunk], [responses[j] for _, j in chunk])
@@ -250,7 +230,6 @@ def _score_reward_pairs(reward, pairs, prompts, responses, batch_size, bar, pad_
         out = classifier_scores(reward, seqs, batch_size=batch_size, pad_token_id=pad_token_id, bar=bar)
     if not torch.isfinite(out).all():
         k = int((~torch.isfinite(out)).nonzero()[0])
-        name = reward_name(reward)
         raise ValueError(f"reward {name!r} returned a non-finite score {out[k].item()} for {describe(k)}")
     return out
 
@@ -286,16 +265,11 @@ def cross_pair_rewards(
     """Rewards of every response under every prompt: R[i, j] = r(x_i, y_j).
 
     Args:
-        reward: either
-            - a ``transformers`` sequence-classification model with ``num_labels=1`` that reads
-              the token ids x_i ⊕ y_j (same tokenizer as the policy). Sequences are right-padded
-              with ``pad_token_id`` (default ``reward.config.pad_token_id``); a model with none is
-              still batched (:func:`varkernels.training.rewards.classifier_scores`); or
-            - a callable ``fn(prompts: list[Tensor], responses: list[Tensor]) -> scores`` scoring
-              the pairs position by position (a list, array or tensor of len(prompts) floats).
-        prompts, responses: lists of 1-D integer tensors (non-empty).
+        reward: a sequence-classification model (``num_labels=1``) reading the token ids x_i ⊕ y_j, right-padded
+            with ``pad_token_id`` (default its config's), or a callable ``fn(prompts, responses) -> scores`` on
+            token ids scoring the pairs position by position: docs/trainer.md, "Cross-pair scoring".
+        prompts, responses, progress: as for :func:`cross_pair_logps`.
         batch_size: pairs per reward call (default B, one row of the matrix).
-        progress: tqdm bar over pairs; ``None`` shows one from 256 pairs on.
     Returns:
         float32 [B, B] on CPU.
     """

@@ -95,14 +95,8 @@ def _absent_id(seqs: Sequence[torch.Tensor], vocab_size: Optional[int]) -> int:
 
 
 @torch.no_grad()
-def classifier_scores(
-    model: torch.nn.Module,
-    seqs: Sequence[torch.Tensor],
-    *,
-    batch_size: Optional[int] = None,
-    pad_token_id: Optional[int] = None,
-    bar=None,
-) -> torch.Tensor:
+def classifier_scores(model: torch.nn.Module, seqs: Sequence[torch.Tensor], *, batch_size: Optional[int] = None,
+                      pad_token_id: Optional[int] = None, bar=None) -> torch.Tensor:
     """Scores of a sequence-classification model (``num_labels=1``) for N 1-D token sequences: float32 [N] on CPU.
     Length-sorted, right-padded batches of ``batch_size`` (default N), padded with ``pad_token_id``, the model's,
     or an id no sequence of the batch holds (set for the call only): docs/trainer.md, "Reward functions".
@@ -144,11 +138,9 @@ def classifier_scores(
 
 
 class RewardFunctions:
-    """``reward_funcs`` / ``reward_weights`` / ``reward_processing_classes`` as TRL's GRPOTrainer takes them.
-
-    ``model_init_kwargs`` go to ``from_pretrained`` for the functions given as paths; ``batch_size``
-    sequences per reward-model forward (default: all pairs of a call).
-    """
+    """``reward_funcs`` / ``reward_weights`` / ``reward_processing_classes`` as TRL's GRPOTrainer takes them;
+    ``model_init_kwargs`` go to ``from_pretrained`` for the functions given as paths, and ``batch_size`` is the
+    number of sequences per reward-model forward (default: all pairs of a call)."""
 
     def __init__(self, reward_funcs, reward_weights=None, reward_processing_classes=None, *,
                  model_init_kwargs: Optional[dict] = None, batch_size: Optional[int] = None):

@@ -78,17 +78,10 @@ def _is_messages(x) -> bool:
     return isinstance(x, (list, tuple)) and bool(x) and is_conversational({"prompt": list(x)})
 
 
-def tokenize_examples(
-    dataset,
-    processing_class,
-    *,
-    max_length: Optional[int] = None,
-    max_prompt_length: Optional[int] = None,
-    max_completion_length: Optional[int] = None,
-    vocab_size: Optional[int] = None,
-    name: str = "train_dataset",
-    chat_template_kwargs: Optional[dict] = None,
-) -> TextExamples:
+def tokenize_examples(dataset, processing_class, *, max_length: Optional[int] = None,
+                      max_prompt_length: Optional[int] = None, max_completion_length: Optional[int] = None,
+                      vocab_size: Optional[int] = None, name: str = "train_dataset",
+                      chat_template_kwargs: Optional[dict] = None) -> TextExamples:
     """Tokenise a TRL-format text dataset (module docstring); one :class:`TextExamples` entry per example."""
     tok = processing_class
     if tok is None:

@@ -74,15 +74,12 @@ def compute_var_loss(
     """VAR loss of a batch of k whole groups; the building block of ``VARTrainer.compute_loss``.
 
     Args:
-        model: a causal LM (``*ForCausalLM``), possibly wrapped (DDP, a DeepSpeed engine, PEFT,
-            ``torch.compile``) or sharded (FSDP2 ``fully_shard``): it is called through the
-            wrapper, so the engine's hooks fire.
-        batch: ``input_ids`` / ``attention_mask`` / ``labels`` [k·B, T] (labels = the response
-            tokens, ``ignore_index`` elsewhere, unshifted) and ``rewards`` / ``ref_logps``
-            [k, B, B] or [k, B].
-        use_fused_linear: hidden states + ``fused_linear_var_loss`` (no [k·B, T, V] logits).
-            False, or a model whose head is not a plain ``nn.Linear`` (LoRA on ``lm_head``,
-            a logit scale), computes the model's logits and uses ``fused_var_loss``.
+        model: a causal LM, possibly wrapped (DDP, DeepSpeed, PEFT, ``torch.compile``) or sharded (FSDP2), called
+            through its wrappers so that their hooks fire.
+        batch: ``input_ids`` / ``attention_mask`` / ``labels`` [k·B, T] (labels = the response tokens, unshifted,
+            ``ignore_index`` elsewhere) and ``rewards`` / ``ref_logps`` [k, B, B] or [k, B].
+        use_fused_linear: the loss inside the head (no logits; docs/trainer.md, "VARConfig and VARTrainer");
+            False, or a head that is not a plain ``nn.Linear``: the model's logits and ``fused_var_loss``.
     Returns:
         ``VAROutput``: ``loss`` = mean over the k groups of the group losses (float32 scalar);
         ``weights`` / ``log_z`` / ``policy_logps`` [k·B]; ``ess`` = mean of the k groups' ESS.
@@ -124,12 +121,9 @@ def compute_var_loss(
 
 @dataclass
 class VARConfig(TrainingArguments):
-    """``TrainingArguments`` plus the VAR loss options and, for text datasets, TRL's data options.
-
-    ``per_device_train_batch_size`` counts whole groups of B examples (B = ``group_size``, or the
-    pre-built dataset's). ``remove_unused_columns`` defaults to False: ``rewards`` / ``ref_logps``
-    are not arguments of the model's forward but the loss needs them.
-    """
+    """``TrainingArguments`` plus the VAR loss options and, for text datasets, TRL's data options (docs/trainer.md).
+    ``per_device_train_batch_size`` counts whole groups of B examples (B = ``group_size``, or the pre-built
+    dataset's); ``remove_unused_columns`` stays False, so that ``rewards`` / ``ref_logps`` reach the loss."""
 
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]  # JSON strings parsed, as TRL's
 
@@ -214,8 +208,8 @@ def _drop_cpu_notice(record) -> bool:
 
 
 _METRICS = ("weights_mean", "weights_min", "weights_max", "ess", "log_z", "policy_logps", "ref_logps", "rewards")
-# TRL's names for the same quantities (GRPOTrainer): the mean reward and the mean of the groups' reward std
-_TRL_METRICS = {"reward": 8, "reward_std": 9}
+# TRL's names (GRPOTrainer): the mean reward (= var/rewards) and the mean of the groups' reward std
+_TRL_METRICS = {"reward": 7, "reward_std": 8}
 
 
 def _is_var_data(ds) -> bool:
@@ -263,12 +257,10 @@ def _complete(checkpoint: str) -> bool:
 
 
 class VARTrainer(CompleteCheckpoints, Trainer):
-    """``transformers.Trainer`` training a causal LM with the VAR loss, from text or from a ``VARDataset``.
-
-    Arguments have TRL's names and meanings; ``ref_model=None`` is the initial policy, and text datasets are
-    tokenised and scored in ``__init__`` (``trainer.dropped_examples`` counts the fully masked examples).
-    The arguments, the text formats and what is logged: docs/trainer.md, "VARTrainer from text" and after.
-    """
+    """``transformers.Trainer`` training a causal LM with the VAR loss, from text or from a ``VARDataset``. Arguments
+    have TRL's names and meanings (``ref_model=None``: the initial policy); text datasets are tokenised and scored in
+    ``__init__`` (``trainer.dropped_examples`` counts the fully masked examples). The arguments, the text formats and
+    what is logged: docs/trainer.md, "VARTrainer from text" and after."""
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean: Trainer divides by GA steps
 
@@ -339,8 +331,7 @@ class VARTrainer(CompleteCheckpoints, Trainer):
         """A text dataset → tokenised examples → ``VARDataset.build`` (scored and cached); others as they are."""
         if _is_var_data(dataset):
             return dataset
-        args, tok = self.args, self.processing_class
-        policy = self.model
+        args, tok, policy = self.args, self.processing_class, self.model
         examples = tokenize_examples(
             dataset, tok, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
             max_completion_length=args.max_completion_length, vocab_size=LMHead(policy).vocab_size, name=name,
@@ -384,8 +375,7 @@ class VARTrainer(CompleteCheckpoints, Trainer):
             model, inputs, beta=args.beta, weighting=args.weighting, logp_reduction=args.logp_reduction,
             use_fused_linear=args.use_fused_linear, chunk_size=args.loss_chunk_size, backend=args.loss_backend,
         )
-        mode = "train" if model.training else "eval"
-        self._record(mode, out, inputs)
+        self._record("train" if model.training else "eval", out, inputs)
         return (out.loss, out) if return_outputs else out.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -399,9 +389,8 @@ class VARTrainer(CompleteCheckpoints, Trainer):
         diag_q = Q.diagonal(dim1=-2, dim2=-1) if Q.dim() == 3 else Q
         diag_r = diag_r.float().reshape(-1, diag_r.shape[-1])  # [k, B]
         vals = torch.stack([
-            w.mean(), w.min(), w.max(), out.ess.detach(), out.log_z.detach().mean(),
-            out.policy_logps.detach().mean(), diag_q.float().mean(), diag_r.mean(),
-            diag_r.mean(), diag_r.std(dim=1).mean(),
+            w.mean(), w.min(), w.max(), out.ess.detach(), out.log_z.detach().mean(), out.policy_logps.detach().mean(),
+            diag_q.float().mean(), diag_r.mean(), diag_r.std(dim=1).mean(),
         ]).float()
         self._var_metrics[mode]["step"].append(vals)  # no host sync here; one .tolist() at log time
 
