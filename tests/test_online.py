@@ -60,7 +60,7 @@ def config(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=2 * G, num_generations=G,
                 max_completion_length=MAX_NEW, max_steps=1, learning_rate=1e-3, logging_steps=1, report_to=[],
                 use_cpu=True, save_strategy="no", disable_tqdm=True, bf16=False, var_beta=0.2, seed=0,
-                var_reference="policy", var_baseline="none")  # the weights w; the centred ones are tested below
+                var_reference="policy")
     return OnlineVARConfig(**{**base, **kw})
 
 
@@ -507,11 +507,7 @@ def test_centred_weights_accept_fresh_generations_and_check_again_at_the_trainer
 
 
 def test_var_baseline_option_is_validated(tmp_path):
-    plain = dict(output_dir=str(tmp_path), per_device_train_batch_size=2 * G, num_generations=G, use_cpu=True,
-                 report_to=[])
-    assert OnlineVARConfig(**plain).var_baseline == "mean"  # the default (docs/online.md says why)
-    with pytest.raises(ValueError, match=r"num_iterations=2.*or var_baseline='none' \(the default is 'mean'\)"):
-        OnlineVARConfig(**plain, num_iterations=2)  # a GRPO config that reuses generations is told what to set
+    assert config(tmp_path).var_baseline == "none"  # the default (docs/online.md says why)
     with pytest.raises(ValueError, match=r"var_baseline must be one of \['none', 'mean'\], got 'centred'"):
         config(tmp_path, var_baseline="centred")
     with pytest.raises(TypeError, match=r"var_baseline must be one of \['none', 'mean'\], got None"):
@@ -595,8 +591,7 @@ def test_two_ranks_weights_use_the_whole_group(tmp_path):
     rewards = r0["rewards"] + r1["rewards"]
     a = [x / 0.2 for x in rewards]
     e = [math.exp(x - max(a)) for x in a]
-    # the default var_baseline="mean": w − 1, w normalised (and centred) over the whole group across the ranks
-    want = torch.tensor([8 * x / sum(e) - 1 for x in e], dtype=torch.float64)
+    want = torch.tensor([8 * x / sum(e) for x in e], dtype=torch.float64)
     got = torch.cat([r0["weights"], r1["weights"]]).double()
     torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
     # the weights a rank would form from its own 4 completions differ (the test can fail)

@@ -46,7 +46,7 @@ ZERO3 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps"
 def online_args(out_dir, **kw):
     base = dict(output_dir=out_dir, per_device_train_batch_size=2, num_generations=G, max_completion_length=MAX_NEW,
                 max_steps=1, learning_rate=1e-3, report_to=[], save_strategy="no", disable_tqdm=True, bf16=False,
-                var_beta=0.2, seed=0, var_reference="policy", var_baseline="none")  # the weights w, uncentred
+                var_beta=0.2, seed=0, var_reference="policy")
     return OnlineVARConfig(**{**base, **kw})
 
 

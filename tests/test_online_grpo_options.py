@@ -36,7 +36,7 @@ def config(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=2 * G, num_generations=G,
                 max_completion_length=6, max_steps=1, learning_rate=1e-3, logging_steps=1, report_to=[],
                 use_cpu=True, save_strategy="no", disable_tqdm=True, bf16=False, var_beta=0.5, seed=0,
-                var_reference="policy", var_baseline="none")  # the weights w, uncentred
+                var_reference="policy")
     return OnlineVARConfig(**{**base, **kw})
 
 

@@ -39,8 +39,7 @@ def make(toy, tmp_path, reward, train_dataset=None, trainer_kw=(), **kw):
     tok, prompts = toy
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=2 * G, num_generations=G,
                 max_completion_length=MAX_NEW, max_steps=1, learning_rate=1e-3, report_to=[], use_cpu=True,
-                save_strategy="no", disable_tqdm=True, bf16=False, var_beta=0.2, seed=0, var_reference="policy",
-                var_baseline="none")  # the weights w, uncentred
+                save_strategy="no", disable_tqdm=True, bf16=False, var_beta=0.2, seed=0, var_reference="policy")
     ds = datasets.Dataset.from_dict({"prompt": prompts}) if train_dataset is None else train_dataset
     return OnlineVARTrainer(model=tiny_llama(), reward_funcs=reward, args=OnlineVARConfig(**{**base, **kw}),
                             train_dataset=ds, processing_class=tok, **dict(trainer_kw))

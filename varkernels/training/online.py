@@ -69,7 +69,7 @@ class OnlineVARConfig(GRPOConfig):
                   "reference model) or 'policy' (q = 0, target π_old·exp(r/β), no reference model): docs/online.md."},
     )
     var_baseline: str = field(
-        default="mean", metadata={"help": "'none' or 'mean' (default): train on w − 1 over each prompt's scorable "
+        default="none", metadata={"help": "'none' (default) or 'mean': train on w − 1 over each prompt's scorable "
                                   "completions; needs fresh generations every optimizer step: docs/online.md."},
     )
     var_logp_reduction: str = field(
@@ -130,7 +130,7 @@ class OnlineVARConfig(GRPOConfig):
                 f"var_baseline='mean' needs fresh generations at every optimizer step, got num_iterations="
                 f"{self.num_iterations}, steps_per_generation={spg} (generation_batch_size={self.generation_batch_size}"
                 f") and gradient_accumulation_steps={ga}: set num_iterations=1 and a steps_per_generation that divides "
-                "gradient_accumulation_steps (the default: equal), or var_baseline='none' (the default is 'mean')"
+                "gradient_accumulation_steps (the default: equal), or var_baseline='none'"
             )
 
 
