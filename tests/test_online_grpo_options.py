@@ -276,6 +276,25 @@ def test_top_entropy_quantile_weights_only_the_high_entropy_tokens(tmp_path, pat
     assert abs(float(loss_and_grads(unfiltered, batch)[0]) - float(loss)) > 1e-3  # the filter changes the loss
 
 
+def test_entropy_metric_is_grpos_token_mean(tmp_path):
+    """GRPO logs the mean entropy over all completion tokens (long completions count more); on main the mean
+    over completions of their own token means. Checked against full logits in plain PyTorch."""
+    trainer, batches = trainer_with_batches(tiny_text.llama(), config(tmp_path, learning_rate=1e-12))
+    trainer.train()
+    batch, model = batches[0], trainer.model
+    for i, length in enumerate((1, 2, 4)):  # completions of different lengths (ended early, padded)
+        batch["completion_mask"][i, length:] = 0
+    trainer._metrics["train"].clear()
+    loss_and_grads(trainer, batch)
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits[:, batch["prompt_ids"].shape[1] - 1:-1]
+                                 .double(), -1)
+    ent, cm = -(logp.exp() * logp).sum(-1), batch["completion_mask"].double()
+    assert trainer._metrics["train"]["entropy"][-1] == pytest.approx(float((ent * cm).sum() / cm.sum()), rel=1e-5)
+
+
 @pytest.mark.parametrize("kw", [dict(entropy_coef=0.01), dict(use_adaptive_entropy=True)])
 def test_entropy_bonus_is_refused_with_the_reason(tmp_path, kw):
     with pytest.raises(ValueError, match="entropy_coef must be 0 and use_adaptive_entropy False .* the entropy "

@@ -290,8 +290,10 @@ class OnlineVARTrainer(CompleteCheckpoints, GRPOTrainer):
         else:  # a LoRA / quantised head: the model's logits
             outputs = model(**inputs_)
             out = var_loss(weighted_nll, sequence_logps, outputs.logits)
-        mode = "train" if self.model.training else "eval"  # GRPO's entropy metric: mean over completions
-        self._metrics[mode]["entropy"].append(self.accelerator.gather(out.entropy.mean()).nanmean().item())
+        mode = "train" if self.model.training else "eval"  # GRPO's entropy metric: token mean over every rank
+        n = mask.sum(dim=1).float()  # out.entropy: [N] each completion's mean over its n tokens
+        totals = self.accelerator.reduce(torch.stack([torch.where(n > 0, out.entropy * n, 0.0).sum(), n.sum()]), "sum")
+        self._metrics[mode]["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
         loss = out.loss
         if self.aux_loss_enabled:  # as GRPO adds it (and logs it)
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
