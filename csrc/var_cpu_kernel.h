@@ -217,47 +217,21 @@ struct DoubleSum {
 #endif
 };
 
-// Σ exp(p − m) over n values; the exponentials go to out (which may be p) when non-null
-inline double block_exp_sum(const float* p, float m, int64_t n, float* out) {
-  const Vec vm(m);
-  DoubleSum s0, s1;
-  int64_t i = 0;
-  for (; i + 4 * kW <= n; i += 4 * kW) {  // four independent exp chains in flight
-    Vec e0 = vexp(Vec::loadu(p + i) - vm);
-    Vec e1 = vexp(Vec::loadu(p + i + kW) - vm);
-    Vec e2 = vexp(Vec::loadu(p + i + 2 * kW) - vm);
-    Vec e3 = vexp(Vec::loadu(p + i + 3 * kW) - vm);
-    if (out) {
-      e0.store(out + i);
-      e1.store(out + i + kW);
-      e2.store(out + i + 2 * kW);
-      e3.store(out + i + 3 * kW);
-    }
-    s0.add(e0 + e1);
-    s1.add(e2 + e3);
-  }
-  for (; i < n; i += kW) {
-    const int64_t r = std::min(kW, n - i);
-    Vec e = Vec::set(Vec(0.f), vexp(Vec::loadu(p + i, r) - vm), r);
-    if (out) e.store(out + i, r);
-    s0.add(e);
-  }
-  return s0.total() + s1.total();
-}
-
-// block_exp_sum with the entropy term: also *a = Σ exp(p − m)·(p − m) (in double). d = p − m is
-// clamped at −88, where vexp clamps it too (so e is bitwise block_exp_sum's) and e is exactly 0: a −inf
-// logit adds 0, not 0·−inf.
-inline double block_exp_sum_ent(const float* p, float m, int64_t n, float* out, double* a) {
-  // the loop of block_exp_sum, the same sums in the same order (lse and lp are bitwise the same)
+// Σ exp(p − m) over n values; the exponentials go to out (which may be p) when non-null. kEntropy adds
+// the entropy term *a = Σ exp(p − m)·(p − m) (in double), from the same loop, the same sums in the same
+// order (lse and lp are bitwise the same). There d = p − m is clamped at −88, where vexp clamps it too
+// (so e is bitwise the same) and e is exactly 0: a −inf logit adds 0, not 0·−inf.
+template <bool kEntropy>
+inline double block_exp_sum_impl(const float* p, float m, int64_t n, float* out, double* a) {
   const Vec vm(m), lo(-88.f);
+  const auto diff = [&](const Vec& x) { return kEntropy ? at::vec::clamp_min(x - vm, lo) : x - vm; };
   DoubleSum s0, s1, a0;
   int64_t i = 0;
-  for (; i + 4 * kW <= n; i += 4 * kW) {
-    const Vec d0 = at::vec::clamp_min(Vec::loadu(p + i) - vm, lo);
-    const Vec d1 = at::vec::clamp_min(Vec::loadu(p + i + kW) - vm, lo);
-    const Vec d2 = at::vec::clamp_min(Vec::loadu(p + i + 2 * kW) - vm, lo);
-    const Vec d3 = at::vec::clamp_min(Vec::loadu(p + i + 3 * kW) - vm, lo);
+  for (; i + 4 * kW <= n; i += 4 * kW) {  // four independent exp chains in flight
+    const Vec d0 = diff(Vec::loadu(p + i));
+    const Vec d1 = diff(Vec::loadu(p + i + kW));
+    const Vec d2 = diff(Vec::loadu(p + i + 2 * kW));
+    const Vec d3 = diff(Vec::loadu(p + i + 3 * kW));
     Vec e0 = vexp(d0);
     Vec e1 = vexp(d1);
     Vec e2 = vexp(d2);
@@ -270,18 +244,26 @@ inline double block_exp_sum_ent(const float* p, float m, int64_t n, float* out, 
     }
     s0.add(e0 + e1);
     s1.add(e2 + e3);
-    a0.add(at::vec::fmadd(e0, d0, e1 * d1) + at::vec::fmadd(e2, d2, e3 * d3));
+    if constexpr (kEntropy) a0.add(at::vec::fmadd(e0, d0, e1 * d1) + at::vec::fmadd(e2, d2, e3 * d3));
   }
   for (; i < n; i += kW) {
     const int64_t r = std::min(kW, n - i);
-    const Vec d = Vec::set(Vec(0.f), at::vec::clamp_min(Vec::loadu(p + i, r) - vm, lo), r);
-    Vec e = Vec::set(Vec(0.f), vexp(Vec::loadu(p + i, r) - vm), r);
+    const Vec x = Vec::loadu(p + i, r);  // read before out, which may be p, is written
+    Vec e = Vec::set(Vec(0.f), vexp(x - vm), r);
     if (out) e.store(out + i, r);
     s0.add(e);
-    a0.add(e * d);
+    if constexpr (kEntropy) a0.add(e * Vec::set(Vec(0.f), diff(x), r));
   }
-  *a = a0.total();
+  if constexpr (kEntropy) *a = a0.total();
   return s0.total() + s1.total();
+}
+
+inline double block_exp_sum(const float* p, float m, int64_t n, float* out) {
+  return block_exp_sum_impl<false>(p, m, n, out, nullptr);
+}
+
+inline double block_exp_sum_ent(const float* p, float m, int64_t n, float* out, double* a) {
+  return block_exp_sum_impl<true>(p, m, n, out, a);
 }
 
 // out[i] = e[i]·scale (·(1 − t[i]²) when t is non-null), n values; out may be e
